@@ -1,0 +1,220 @@
+"""The primitives: for each, its type rule and its vector-Jacobian product, side by side.
+
+`infer` gives an op's result type (or raises ShapeError with a message for the checker);
+`VJP[op](b, node, args, out, g)` builds, with Builder `b`, the gradient contribution of each
+argument of the forward `node`, given the ids in `b` of its arguments (`args`), of its value
+(`out`) and of the gradient of its value (`g`); None where an argument gets no gradient.
+
+Activations are one table, `ACTIVATIONS`: their VJP, and how each backend spells them. Adding one
+is adding a row there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .ir import Builder, Type
+from .shapes import Size, numel, shape_str
+
+
+class ShapeError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Activation:
+    vjp: Callable  # (b, x, y, g) -> gradient of x; x the argument, y the value
+    numpy: str  # expression in {x}, for arrays; may use the helpers in backends/numpy_runtime
+    triton: str  # expression in {x}, for tl tensors (float32)
+
+
+def _sigmoid_vjp(b, x, y, g):
+    return b.add("mul", (g, b.add("mul", (y, b.add("sub", (b.const(1), y))))))
+
+
+def _tanh_vjp(b, x, y, g):
+    return b.add("mul", (g, b.add("sub", (b.const(1), b.add("mul", (y, y))))))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation(_sigmoid_vjp, "sigmoid({x})", "tl.sigmoid({x})"),
+    "tanh": Activation(_tanh_vjp, "np.tanh({x})", "_tanh({x})"),
+    "relu": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("step", (x,)))),
+                       "np.maximum({x}, 0)", "tl.maximum({x}, 0.0)"),
+    "exp": Activation(lambda b, x, y, g: b.add("mul", (g, y)), "np.exp({x})", "tl.exp({x})"),
+    "log": Activation(lambda b, x, y, g: b.add("div", (g, x)), "np.log({x})", "tl.log({x})"),
+    "softplus": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("sigmoid", (x,)))),
+                           "np.logaddexp(0, {x})", "_softplus({x})"),
+    # step is relu's derivative; it has no gradient of its own (no double backward).
+    "step": Activation(lambda b, x, y, g: None, "({x} > 0).astype({x}.dtype)", "tl.where({x} > 0, 1.0, 0.0)"),
+}
+
+ELEMENTWISE = ("add", "sub", "mul", "div")
+# Ops whose batched arguments are summed over rows: over batch inside a step, over time x batch
+# when the scheduler runs them after the loop.
+REDUCTIONS = ("outer_sum", "sum_rows", "sum_all")
+
+
+def infer(op: str, args: list[Type], attrs: tuple) -> Type:
+    if op in ELEMENTWISE:
+        a, b = args
+        if a.shape != b.shape and a.shape != () and b.shape != ():
+            raise ShapeError(f"shapes {shape_str(a.shape)} and {shape_str(b.shape)} differ")
+        if (a.batched and len(b.shape) > 1) or (b.batched and len(a.shape) > 1):
+            raise ShapeError("a matrix cannot be combined elementwise with a per-example vector")
+        return Type(a.shape if a.shape != () else b.shape, a.batched or b.batched)
+    if op == "neg" or op in ACTIVATIONS:
+        return args[0]
+    if op == "softmax":
+        if len(args[0].shape) != 1:
+            raise ShapeError(f"softmax needs a vector, got {shape_str(args[0].shape)}")
+        return args[0]
+    if op == "softmax_vjp":
+        return args[0]
+    if op == "matvec":
+        w, v = args
+        if len(w.shape) != 2 or w.batched:
+            raise ShapeError(f"the left side of @ must be a matrix, got {shape_str(w.shape)}"
+                             + ("; use contract(W, a, b) for a three-index weight" if len(w.shape) == 3 else ""))
+        if len(v.shape) != 1:
+            raise ShapeError(f"the right side of @ must be a vector, got {shape_str(v.shape)}")
+        if w.shape[1] != v.shape[0]:
+            raise ShapeError(f"matrix {shape_str(w.shape)} @ vector {shape_str(v.shape)}: "
+                             f"{w.shape[1]} columns but {v.shape[0]} entries")
+        return Type((w.shape[0],), v.batched)
+    if op == "matvec_t":
+        w, g = args
+        return Type((w.shape[1],), g.batched)
+    if op == "outer_sum":
+        g, v = args
+        return Type((g.shape[0], v.shape[0]), False)
+    if op == "sum_rows":
+        return Type(args[0].shape, False)
+    if op == "sum_all":
+        return Type((), False)
+    if op == "concat":
+        if any(len(a.shape) == 0 for a in args):
+            raise ShapeError("cannot concatenate scalars")
+        if len({a.shape[1:] for a in args}) > 1:
+            raise ShapeError("concatenated values differ in their trailing dimensions: "
+                             + ", ".join(shape_str(a.shape) for a in args))
+        if len({a.batched for a in args}) > 1:
+            raise ShapeError("cannot concatenate a per-example value with a parameter")
+        total = Size.of(0)
+        for a in args:
+            total = total + a.shape[0]
+        return Type((total,) + args[0].shape[1:], args[0].batched)
+    if op == "slice":
+        start, stop = attrs
+        return Type((stop - start,) + args[0].shape[1:], args[0].batched)
+    if op == "zeros":
+        shape, batched = attrs
+        return Type(shape, batched)
+    if op == "reshape":
+        return Type(attrs[0], args[0].batched)
+    if op == "outer":
+        a, b = args
+        if len(a.shape) != 1 or len(b.shape) != 1:
+            raise ShapeError("contract(W, a, b) needs vectors a and b")
+        return Type((a.shape[0] * b.shape[0],), a.batched or b.batched)
+    if op in ("outer_vjp_a", "outer_vjp_b"):
+        n, k = attrs
+        return Type((n if op == "outer_vjp_a" else k,), args[0].batched)
+    raise AssertionError(f"no type rule for op {op!r}")
+
+
+def fold(b: Builder, op: str, args: tuple, attrs: tuple) -> int | None:
+    """Algebraic simplifications applied as nodes are built: x*1, x+0, x-0, --x, slice of all."""
+    nodes = b.nodes
+
+    def const(i):
+        return nodes[i].attrs[0] if nodes[i].op == "const" else None
+
+    if op == "mul":
+        x, y = args
+        if const(y) == 1.0 and nodes[x].type.shape != () :
+            return x
+        if const(x) == 1.0 and nodes[y].type.shape != ():
+            return y
+    if op in ("add", "sub") and const(args[1]) == 0.0 and nodes[args[0]].type.shape != ():
+        return args[0]
+    if op == "add" and const(args[0]) == 0.0 and nodes[args[1]].type.shape != ():
+        return args[1]
+    if op == "neg" and nodes[args[0]].op == "neg":
+        return nodes[args[0]].args[0]
+    if op == "slice" and attrs[0] == Size.of(0) and attrs[1] == nodes[args[0]].type.shape[0]:
+        return args[0]
+    return None
+
+
+def unbroadcast(b: Builder, g: int, to: Type) -> int:
+    """Sum a gradient down to the type of the value it is for (bias gradients sum over rows)."""
+    gt = b.type(g)
+    if gt.batched and not to.batched:
+        return b.add("sum_all" if to.shape == () else "sum_rows", (g,))
+    if gt.shape != () and to.shape == ():
+        return b.add("sum_all", (g,))
+    return g
+
+
+def _elementwise_vjp(b: Builder, node, args, n: int, g: int):
+    x, y = args
+    tx, ty = b.type(x), b.type(y)
+    if node.op == "add":
+        return unbroadcast(b, g, tx), unbroadcast(b, g, ty)
+    if node.op == "sub":
+        return unbroadcast(b, g, tx), unbroadcast(b, b.add("neg", (g,)), ty)
+    if node.op == "mul":
+        return unbroadcast(b, b.add("mul", (g, y)), tx), unbroadcast(b, b.add("mul", (g, x)), ty)
+    # div: d(x/y) = g/y, -g*x/y^2 = -(g/y)*(x/y)
+    gy = b.add("div", (g, y))
+    return unbroadcast(b, gy, tx), unbroadcast(b, b.add("neg", (b.add("mul", (gy, n)),)), ty)
+
+
+def _activation_vjp(b: Builder, node, args, n: int, g: int):
+    return (ACTIVATIONS[node.op].vjp(b, args[0], n, g),)
+
+
+def _matvec_vjp(b: Builder, node, args, n: int, g: int):
+    w, v = args
+    return b.add("outer_sum", (g, v)), b.add("matvec_t", (w, g))
+
+
+def _concat_vjp(b: Builder, node, args, n: int, g: int):
+    start, grads = Size.of(0), []
+    for a in args:
+        stop = start + b.type(a).shape[0]
+        grads.append(b.add("slice", (g,), (start, stop)))
+        start = stop
+    return tuple(grads)
+
+
+def _outer_vjp(b: Builder, node, args, n: int, g: int):
+    x, y = args
+    sizes = (b.type(x).shape[0], b.type(y).shape[0])
+    return b.add("outer_vjp_a", (g, y), sizes), b.add("outer_vjp_b", (g, x), sizes)
+
+
+def _reshape_vjp(b: Builder, node, args, n: int, g: int):
+    return (b.add("reshape", (g,), (b.type(args[0]).shape,)),)
+
+
+def _softmax_vjp(b: Builder, node, args, n: int, g: int):
+    return (b.add("softmax_vjp", (g, n)),)
+
+
+# `slice` has no entry: autodiff gathers the gradients of all slices of one value into a single
+# concatenation (the VJP of `split`) instead of padding each one with zeros.
+VJP: dict[str, Callable] = {
+    **{op: _elementwise_vjp for op in ELEMENTWISE},
+    **{op: _activation_vjp for op in ACTIVATIONS},
+    "neg": lambda b, node, args, n, g: (b.add("neg", (g,)),),
+    "matvec": _matvec_vjp,
+    "concat": _concat_vjp,
+    "outer": _outer_vjp,
+    "reshape": _reshape_vjp,
+    "softmax": _softmax_vjp,
+}
+
+# Functions a spec may call, with their arity (split and contract are lowered specially).
+FUNCTIONS = {name: 1 for name in ACTIVATIONS if name != "step"} | {"softmax": 1, "split": 2, "contract": 3, "concat": None}

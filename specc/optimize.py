@@ -1,0 +1,167 @@
+"""Stage 5: graph -> optimised graph. Each pass is a function from a Graph to a Graph.
+
+- fuse_products: matrix products that share their vector operand become one product with the
+  matrices stacked (W_ir @ x, W_iz @ x, W_in @ x -> [W_ir; W_iz; W_in] @ x), then sliced.
+- reassociate_sums: a chain of additions is reordered so that the terms fixed for the sequence
+  come first, then those that depend only on the inputs, then those that depend on the state;
+  the scheduler can then hoist the largest input-only partial sum (W x + b_ih + b_hh) out of
+  the time loop.
+- common subexpressions are shared by the Builder as any graph is rebuilt; dead values are
+  dropped by `eliminate_dead`.
+Hoisting itself (what runs before, inside and after the time loop) is decided in schedule.py.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .ir import LEAVES, Builder, Graph
+from .shapes import Size
+
+
+def rebuild(g: Graph, visit=None, keep=None) -> Graph:
+    """Copy `g` node by node through a Builder; `visit(b, i, node, args)` may replace a node.
+
+    `keep` (a set of old ids) limits the copy to those nodes; roles pointing elsewhere are dropped.
+    """
+    b = Builder()
+    new: dict[int, int] = {}
+    for i, node in enumerate(g.nodes):
+        if keep is not None and i not in keep:
+            continue
+        args = tuple(new[a] for a in node.args)
+        out = visit(b, i, node, args) if visit else None
+        if out is None:
+            out = b.add(node.op, args, node.attrs, node.name, node.line,
+                        type=node.type if node.op in LEAVES else None)
+            if node.name:
+                b.name(out, node.name, node.line)
+        new[i] = out
+
+    def keep_pairs(pairs):
+        return tuple((name, new[i]) for name, i in pairs if i in new)
+
+    return Graph(tuple(b.nodes), keep_pairs(g.inputs),
+                 tuple((name, new[leaf], new[nxt]) for name, leaf, nxt in g.carries),
+                 keep_pairs(g.params), keep_pairs(g.outputs), keep_pairs(g.reduced))
+
+
+def eliminate_dead(g: Graph, keep_leaves: bool = True) -> Graph:
+    live = set()
+    stack = g.results() + [leaf for _, leaf, _ in g.carries]
+    if keep_leaves:
+        stack += [i for _, i in g.inputs] + [i for _, i in g.params]
+    while stack:
+        i = stack.pop()
+        if i not in live:
+            live.add(i)
+            stack.extend(g.nodes[i].args)
+    return rebuild(g, keep=live)
+
+
+def depends_on_carry(g: Graph) -> list[bool]:
+    dep = []
+    for node in g.nodes:
+        dep.append(node.op == "carry" or any(dep[a] for a in node.args))
+    return dep
+
+
+def reassociate_sums(g: Graph) -> Graph:
+    users = g.users()
+    dep = depends_on_carry(g)
+
+    def interior(i: int) -> bool:
+        node = g.nodes[i]
+        if node.op != "add" or node.name or len(users[i]) != 1:
+            return False
+        parent = g.nodes[users[i][0]]
+        return parent.op == "add" and parent.type == node.type
+
+    def terms(i: int) -> list[int]:
+        node = g.nodes[i]
+        out = []
+        for a in node.args:
+            out.extend(terms(a) if interior(a) else [a])
+        return out
+
+    def rank(i: int) -> int:
+        t = g.nodes[i].type
+        return 0 if not t.batched else (2 if dep[i] else 1)
+
+    def visit(b: Builder, i, node, args):
+        if node.op != "add" or interior(i):
+            return None
+        old_terms = terms(i)
+        if len(old_terms) < 3 and [rank(t) for t in old_terms] == sorted(rank(t) for t in old_terms):
+            return None
+        ordered = sorted(old_terms, key=rank)
+        acc = remap[ordered[0]]
+        for t in ordered[1:]:
+            acc = b.add("add", (acc, remap[t]), line=node.line)
+        b.name(acc, node.name, node.line)
+        return acc
+
+    # rebuild() hands visit the new ids of a node's direct arguments only; the terms of a chain
+    # lie deeper, so keep the whole old->new map here.
+    remap: dict[int, int] = {}
+
+    def visit_and_record(b, i, node, args):
+        out = visit(b, i, node, args)
+        if out is None:
+            out = b.add(node.op, args, node.attrs, node.name, node.line,
+                        type=node.type if node.op in LEAVES else None)
+            if node.name:
+                b.name(out, node.name, node.line)
+        remap[i] = out
+        return out
+
+    return eliminate_dead(rebuild(g, visit_and_record))
+
+
+def fuse_products(g: Graph) -> Graph:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(g.nodes):
+        if node.op == "matvec" and g.nodes[node.args[0]].op == "param":
+            groups[node.args[1]].append(i)
+    fused = {}
+    for v, members in groups.items():
+        weights = list(dict.fromkeys(g.nodes[m].args[0] for m in members))
+        if len(weights) > 1:
+            for m in members:
+                fused[m] = weights
+    if not fused:
+        return g
+    made: dict[tuple, tuple[int, dict[int, tuple[Size, Size]]]] = {}
+    remap: dict[int, int] = {}
+
+    def visit(b: Builder, i, node, args):
+        if i not in fused:
+            out = None
+        else:
+            weights = fused[i]
+            key = (node.args[1], tuple(weights))
+            if key not in made:
+                stacked = b.add("concat", tuple(remap[w] for w in weights), line=node.line)
+                product = b.add("matvec", (stacked, args[1]), line=node.line)
+                offsets, at = {}, Size.of(0)
+                for w in weights:
+                    rows = g.nodes[w].type.shape[0]
+                    offsets[w] = (at, at + rows)
+                    at = at + rows
+                made[key] = (product, offsets)
+            product, offsets = made[key]
+            out = b.add("slice", (product,), offsets[node.args[0]], node.name, node.line)
+        if out is None:
+            out = b.add(node.op, args, node.attrs, node.name, node.line,
+                        type=node.type if node.op in LEAVES else None)
+        if node.name:
+            b.name(out, node.name, node.line)
+        remap[i] = out
+        return out
+
+    return eliminate_dead(rebuild(g, visit))
+
+
+def optimize(g: Graph, keep_leaves: bool = True) -> Graph:
+    g = fuse_products(g)
+    g = reassociate_sums(g)
+    return eliminate_dead(g, keep_leaves=keep_leaves)

@@ -1,0 +1,72 @@
+"""The pipeline, one stage after another: text -> AST -> checked cell -> step IR -> optimised
+step IR -> backward step IR -> schedules -> generated module source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import assemble
+from .autodiff import differentiate
+from .check import CheckedCell, check
+from .errors import SpecError
+from .ir import Graph
+from .library import spec_file
+from .lower import lower
+from .optimize import optimize
+from .parse import parse
+from .schedule import Schedule, schedule
+
+
+@dataclass(frozen=True)
+class Compiled:
+    cell: CheckedCell
+    forward: Graph  # optimised step IR
+    backward: Graph  # optimised backward step IR
+    forward_schedule: Schedule
+    backward_schedule: Schedule
+    source: str  # the generated Python module
+
+
+def read_spec(spec: str | Path) -> tuple[str, str]:
+    """(text, file name) of a spec given as a path, a library name ("lstm") or spec text."""
+    if isinstance(spec, Path):
+        return spec.read_text(encoding="utf-8"), str(spec)
+    if "{" in spec or "\n" in spec:
+        return spec, "<spec>"
+    library = spec_file(spec)
+    if library is not None:
+        return library.read_text(encoding="utf-8"), f"specs/{spec}.rnn"
+    path = Path(spec)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(spec)
+    raise SpecError(f"no spec file '{spec}' and no spec of that name in the library")
+
+
+def pick_cell(cells: list[CheckedCell], name: str | None, file: str) -> CheckedCell:
+    if name is None:
+        if len(cells) == 1:
+            return cells[0]
+        raise SpecError(f"{file} defines cells {', '.join(c.name for c in cells)}; choose one with cell=NAME")
+    for c in cells:
+        if c.name == name:
+            return c
+    raise SpecError(f"{file} has no cell '{name}'; it defines {', '.join(c.name for c in cells)}")
+
+
+def compile_cell(cell: CheckedCell, text: str, file: str) -> Compiled:
+    fwd = optimize(lower(cell))
+    bwd = optimize(differentiate(fwd), keep_leaves=False)
+    # Forward values the backward pass reads, other than the parameters it is handed anyway.
+    saved = sorted({int(k[1:]) for k, _ in bwd.inputs + bwd.params
+                    if k.startswith("%") and fwd.nodes[int(k[1:])].op != "param"})
+    fs = schedule(fwd, also_keep=frozenset(saved))
+    bs = schedule(bwd)
+    source = assemble.module_source(cell, fs, bs, saved, text, file)
+    return Compiled(cell, fwd, bwd, fs, bs, source)
+
+
+def compile_spec(spec: str | Path, cell: str | None = None) -> Compiled:
+    text, file = read_spec(spec)
+    checked = pick_cell(check(parse(text, file)), cell, file)
+    return compile_cell(checked, text, file)

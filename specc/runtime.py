@@ -1,0 +1,207 @@
+"""The runtime: a compiled cell as a torch.nn.Module whose gradients come from the generated BPTT.
+
+This module and the generated code are all that a module written by `specc compile` imports.
+"""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    # Shares memory with t when t is a contiguous CPU tensor: no copy on the way in.
+    return t.detach().contiguous().numpy()
+
+
+class _Scan(torch.autograd.Function):
+    """The whole sequence as one autograd node: forward and backward are the generated code."""
+
+    @staticmethod
+    def forward(ctx, module, n_inputs, n_states, *tensors):
+        prog, dims = module.program, module.dims
+        arrays = [_to_numpy(t) for t in tensors]
+        T, B = module._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
+        outs, finals, saved = prog.forward(*arrays, T=T, B=B, train=True, **dims)
+        ctx.module, ctx.saved_arrays, ctx.sizes = module, saved, (n_inputs, n_states, T, B)
+        ctx.params = arrays[n_inputs + n_states:]
+        # Final states are views into the state buffers that backward reads: hand out copies.
+        return tuple(torch.from_numpy(a) for a in outs) + tuple(torch.from_numpy(a.copy()) for a in finals)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        module = ctx.module
+        prog, dims = module.program, module.dims
+        n_inputs, n_states, T, B = ctx.sizes
+        sizes = module.sizes
+        dtype = ctx.params[0].dtype if ctx.params else np.float64
+        n_out = len(prog.OUTPUTS)
+        d_outs = []
+        for g, name in zip(grads[:n_out], prog.OUTPUTS):
+            size = sizes["outputs"][name][0]
+            d_outs.append(np.zeros((T, B, size), dtype=dtype) if g is None else _to_numpy(g))
+        d_finals = []
+        for g, name in zip(grads[n_out:], prog.STATES):
+            size = sizes["states"][name][0]
+            d_finals.append(np.zeros((B, size), dtype=dtype) if g is None else _to_numpy(g))
+        d_inputs, d_inits, d_params = prog.backward(ctx.saved_arrays, *d_outs, *d_finals, *ctx.params,
+                                                    T=T, B=B, **dims)
+        out = [torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)]
+        return (None, None, None, *out)
+
+
+class CellModule(nn.Module):
+    """A compiled cell over whole sequences: `outputs, final_state = module(x, state)`, as nn.LSTM.
+
+    x is (T, B, I), or (B, T, I) with batch_first, or (T, I) for one unbatched sequence.
+    outputs is a (T, B, O) tensor (a tuple of them when the cell has several outputs);
+    final_state is a (B, H) tensor (a tuple, in the spec's order, when it has several states).
+    """
+
+    def __init__(self, program: types.ModuleType, dims: dict, batch_first: bool = False,
+                 backend: str = "auto", dtype: torch.dtype | None = None):
+        super().__init__()
+        missing = [d for d in program.DIMS if d not in dims]
+        unknown = [d for d in dims if d not in program.DIMS]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"dimension{'s' if len(missing) > 1 else ''} {', '.join(missing)} not bound; "
+                             f"pass {', '.join(d + '=...' for d in missing)}")
+            if unknown:
+                parts.append(f"no dimension {', '.join(unknown)} (the dimensions are {', '.join(program.DIMS)})")
+            raise TypeError(f"cell '{program.CELL}': " + "; ".join(parts))
+        for k, v in dims.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"cell '{program.CELL}': dimension {k} must be a positive whole number, got {v!r}")
+        if backend not in ("auto", "numpy"):
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or 'numpy'")
+        self.program = program
+        self.dims = dict(dims)
+        self.batch_first = batch_first
+        self.backend = backend
+        self.sizes = program.sizes(**self.dims)
+        for kind in ("params", "states", "inputs", "outputs"):
+            for name, shape in self.sizes[kind].items():
+                if any(int(s) != s or s < 1 for s in shape):
+                    raise ValueError(f"cell '{program.CELL}': with {self._dims_text()}, {name} would have shape "
+                                     f"{tuple(shape)}; every size must be a positive whole number")
+        self.sizes = {k: {n: tuple(int(s) for s in shape) for n, shape in v.items()} for k, v in self.sizes.items()}
+        dtype = dtype or torch.get_default_dtype()
+        for name, shape in self.sizes["params"].items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
+        self.reset_parameters()
+
+    def _dims_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.dims.items())
+
+    def extra_repr(self) -> str:
+        return f"{self.program.CELL}, {self._dims_text()}" + (", batch_first=True" if self.batch_first else "")
+
+    def reset_parameters(self) -> None:
+        self.program.init_params({n: getattr(self, n) for n in self.program.PARAMS}, **self.dims)
+
+    def _steps_and_batch(self, inputs, states):
+        if inputs:
+            return inputs[0].shape[0], inputs[0].shape[1]
+        return self._steps, states[0].shape[0]
+
+    def initial_state(self, batch: int, dtype=None, device=None) -> tuple[torch.Tensor, ...]:
+        fill = self.program.state_fill(**self.dims)
+        dtype = dtype or self._dtype()
+        return tuple(torch.full((batch, self.sizes["states"][n][0]), fill[n], dtype=dtype, device=device)
+                     for n in self.program.STATES)
+
+    def _dtype(self):
+        for p in self.parameters():
+            return p.dtype
+        return torch.get_default_dtype()
+
+    def forward(self, x=None, state=None, steps: int | None = None):
+        """x: the input sequence (a tuple of them for a cell with several inputs, None for none)."""
+        prog = self.program
+        name = prog.CELL
+        inputs = () if x is None else ((x,) if isinstance(x, torch.Tensor) else tuple(x))
+        if len(inputs) != len(prog.INPUTS):
+            raise TypeError(f"cell '{name}' takes {len(prog.INPUTS)} input sequence(s) "
+                            f"({', '.join(prog.INPUTS) or 'none'}), got {len(inputs)}")
+        dtype = self._dtype()
+        unbatched = bool(inputs) and inputs[0].dim() == 2
+        xs = []
+        for x, iname in zip(inputs, prog.INPUTS):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"input {iname} must be a tensor, got {type(x).__name__}")
+            if x.dim() == 2 and unbatched:
+                x = x.unsqueeze(1)
+            elif x.dim() == 3 and self.batch_first:
+                x = x.transpose(0, 1)
+            if x.dim() != 3:
+                raise ValueError(f"input {iname} must be (T, B, {self.sizes['inputs'][iname][0]})"
+                                 f"{' with batch_first=False' if not self.batch_first else ''}, got shape {tuple(x.shape)}")
+            want = self.sizes["inputs"][iname][0]
+            if x.shape[2] != want:
+                raise ValueError(f"input {iname} has {x.shape[2]} features; cell '{name}' was made with "
+                                 f"{want} ({self._dims_text()})")
+            xs.append(x)
+        if xs and any(x.shape[:2] != xs[0].shape[:2] for x in xs):
+            raise ValueError("all input sequences must have the same length and batch size")
+        if not xs and steps is None:
+            raise TypeError(f"cell '{name}' has no inputs: pass steps=T (and a state, for the batch size)")
+        self._steps = steps
+        batch = xs[0].shape[1] if xs else None
+        states = self._check_state(state, batch, unbatched)
+        if batch is None:
+            batch = states[0].shape[0]
+        if xs and xs[0].shape[0] == 0:
+            raise ValueError("the input sequence is empty (T = 0)")
+        tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
+        for t in tensors:
+            if t.dtype != dtype:
+                raise TypeError(f"cell '{name}' has {dtype} parameters but got a {t.dtype} tensor; "
+                                f"convert one to the other (module.double() or x.float())")
+            if t.device.type != "cpu":
+                raise RuntimeError(f"the numpy backend runs on the CPU, but got a tensor on {t.device}")
+        if dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"the numpy backend computes in float32 or float64, not {dtype}")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            results = _Scan.apply(self, len(xs), len(states), *tensors)
+        else:
+            # Inference: nothing is kept for a backward pass.
+            arrays = [_to_numpy(t) for t in tensors]
+            T = xs[0].shape[0] if xs else steps
+            outs, finals, _ = prog.forward(*arrays, T=T, B=batch, train=False, **self.dims)
+            results = tuple(torch.from_numpy(a) for a in outs) + tuple(torch.from_numpy(a.copy()) for a in finals)
+        outs, finals = results[:len(prog.OUTPUTS)], results[len(prog.OUTPUTS):]
+        if unbatched:
+            outs = tuple(o.squeeze(1) for o in outs)
+            finals = tuple(f.squeeze(0) for f in finals)
+        elif self.batch_first:
+            outs = tuple(o.transpose(0, 1) for o in outs)
+        return (outs[0] if len(outs) == 1 else outs), (finals[0] if len(finals) == 1 else finals)
+
+    def _check_state(self, state, batch, unbatched):
+        prog = self.program
+        if state is None:
+            if batch is None:
+                raise TypeError(f"cell '{prog.CELL}' has no inputs: pass its initial state")
+            return list(self.initial_state(batch))
+        states = [state] if isinstance(state, torch.Tensor) else list(state)
+        if len(states) != len(prog.STATES):
+            raise ValueError(f"cell '{prog.CELL}' has {len(prog.STATES)} state(s) ({', '.join(prog.STATES)}), "
+                             f"got {len(states)}")
+        out = []
+        for s, sname in zip(states, prog.STATES):
+            size = self.sizes["states"][sname][0]
+            if unbatched and s.dim() == 1:
+                s = s.unsqueeze(0)
+            if s.dim() != 2 or s.shape[1] != size or (batch is not None and s.shape[0] != batch):
+                raise ValueError(f"state {sname} must be ({batch if batch is not None else 'B'}, {size}), "
+                                 f"got shape {tuple(s.shape)}")
+            out.append(s)
+        return out

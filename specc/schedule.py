@@ -1,0 +1,74 @@
+"""Stage 6: where each value of a scan body is computed, relative to the time loop.
+
+  const   fixed for the sequence (parameters and values made only from them): once, up front
+  pre     depends on the inputs but not on the carried state: for all steps at once, before the
+          loop, as (T*B, features) arrays, so W @ x over the sequence is one matrix product
+  loop    depends on the carried state and feeds the next carried value: inside the loop
+  post    depends on the carried state but feeds no carried value (an output layer, the input
+          gradient): for all steps at once, after the loop, from values the loop kept
+  reduce  a sum over batch of per-step values (a weight gradient): after the loop, over time and
+          batch at once, so dW = sum_t g_t v_t^T is one matrix product, not T small ones
+  final   fixed-size values made from reductions (the slices of a stacked weight's gradient)
+
+A loop value is `kept` (written into a (T*B, features) buffer) when something outside the loop
+needs it: a post or reduce value, a per-step output, or the backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ir import Graph
+from .ops import REDUCTIONS
+
+REGIONS = ("const", "pre", "loop", "post", "reduce", "final")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    graph: Graph
+    region: tuple[str, ...]  # one per node
+    kept: frozenset[int]  # loop values written to per-step buffers
+
+    def nodes_in(self, region: str) -> list[int]:
+        return [i for i, r in enumerate(self.region) if r == region]
+
+
+def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
+    """`also_keep`: values the caller needs for every step (the backward pass's saved values)."""
+    region: list[str] = []
+    for node in g.nodes:
+        arg_regions = {region[a] for a in node.args}
+        if node.op == "carry":
+            r = "loop"
+        elif node.op == "input":
+            r = "pre"
+        elif node.op in REDUCTIONS and any(g.nodes[a].type.batched for a in node.args):
+            r = "reduce"
+        elif not node.type.batched:
+            r = "final" if arg_regions & {"reduce", "final"} else "const"
+        else:
+            r = "loop" if "loop" in arg_regions else "pre"
+        region.append(r)
+
+    # Loop values that no carried value needs move after the loop.
+    needed: set[int] = set()
+    stack = [nxt for _, _, nxt in g.carries]
+    while stack:
+        i = stack.pop()
+        if i in needed or region[i] != "loop":
+            continue
+        needed.add(i)
+        stack.extend(g.nodes[i].args)
+    for i, r in enumerate(region):
+        if r == "loop" and i not in needed and g.nodes[i].op != "carry":
+            region[i] = "post"
+
+    kept = set()
+    for i, node in enumerate(g.nodes):
+        if region[i] in ("post", "reduce"):
+            kept.update(a for a in node.args if region[a] == "loop")
+    kept.update(i for _, i in g.outputs if region[i] == "loop")
+    kept.update(i for i in also_keep if region[i] == "loop")
+    # Carried values live in the state sequence buffer already.
+    kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
+    return Schedule(g, tuple(region), frozenset(kept))
