@@ -23,10 +23,15 @@ def compile_spec(spec, cell=None):
 
 def program(compiled) -> types.ModuleType:
     """The generated module, executed: its forward/backward functions and metadata."""
-    module = types.ModuleType(f"specc_generated_{compiled.cell.name}")
-    module.__file__ = f"<specc {compiled.cell.name}>"
-    exec(compile(compiled.source, module.__file__, "exec"), module.__dict__)  # generated code, not spec text
-    return module
+    import sys
+
+    name = f"specc_generated_{compiled.cell.name}_{abs(hash(compiled.source)):x}"
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        module.__file__ = f"<specc {compiled.cell.name}>"
+        sys.modules[name] = module  # so the module's own class can find it, and pickling by name works
+        exec(compile(compiled.source, module.__file__, "exec"), module.__dict__)  # generated code, not spec text
+    return sys.modules[name]
 
 
 def load(spec: str | Path, cell: str | None = None, *, batch_first: bool = False, backend: str = "auto",
