@@ -25,7 +25,8 @@ class ShapeError(Exception):
 class Activation:
     vjp: Callable  # (b, x, y, g) -> gradient of x; x the argument, y the value
     numpy: str  # expression in {x}, for arrays; may use the helpers in backends/numpy_runtime
-    triton: str  # expression in {x}, for tl tensors (float32)
+    triton: str  # expression in {x}, for tl tensors inside a kernel (float32)
+    torch: str  # expression in {x}, for torch tensors (the Triton backend's work outside the loop)
 
 
 def _sigmoid_vjp(b, x, y, g):
@@ -37,16 +38,17 @@ def _tanh_vjp(b, x, y, g):
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(_sigmoid_vjp, "sigmoid({x})", "tl.sigmoid({x})"),
-    "tanh": Activation(_tanh_vjp, "np.tanh({x})", "_tanh({x})"),
+    "sigmoid": Activation(_sigmoid_vjp, "sigmoid({x})", "tl.sigmoid({x})", "torch.sigmoid({x})"),
+    "tanh": Activation(_tanh_vjp, "np.tanh({x})", "_tanh({x})", "torch.tanh({x})"),
     "relu": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("step", (x,)))),
-                       "np.maximum({x}, 0)", "tl.maximum({x}, 0.0)"),
-    "exp": Activation(lambda b, x, y, g: b.add("mul", (g, y)), "np.exp({x})", "tl.exp({x})"),
-    "log": Activation(lambda b, x, y, g: b.add("div", (g, x)), "np.log({x})", "tl.log({x})"),
+                       "np.maximum({x}, 0)", "tl.maximum({x}, 0.0)", "torch.relu({x})"),
+    "exp": Activation(lambda b, x, y, g: b.add("mul", (g, y)), "np.exp({x})", "tl.exp({x})", "torch.exp({x})"),
+    "log": Activation(lambda b, x, y, g: b.add("div", (g, x)), "np.log({x})", "tl.log({x})", "torch.log({x})"),
     "softplus": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("sigmoid", (x,)))),
-                           "np.logaddexp(0, {x})", "_softplus({x})"),
+                           "np.logaddexp(0, {x})", "_softplus({x})", "torch.logaddexp(torch.zeros_like({x}), {x})"),
     # step is relu's derivative; it has no gradient of its own (no double backward).
-    "step": Activation(lambda b, x, y, g: None, "({x} > 0).astype({x}.dtype)", "tl.where({x} > 0, 1.0, 0.0)"),
+    "step": Activation(lambda b, x, y, g: None, "({x} > 0).astype({x}.dtype)", "tl.where({x} > 0, 1.0, 0.0)",
+                       "({x} > 0).to({x}.dtype)"),
 }
 
 ELEMENTWISE = ("add", "sub", "mul", "div")
