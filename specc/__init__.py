@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 
@@ -23,13 +24,19 @@ def compile_spec(spec, cell=None):
 
 def program(compiled) -> types.ModuleType:
     """The generated module, executed: its forward/backward functions and metadata."""
+    import linecache
     import sys
 
-    name = f"specc_generated_{compiled.cell.name}_{abs(hash(compiled.source)):x}"
+    # Triton decides when a kernel is defined whether it runs compiled or interpreted.
+    mode = os.environ.get("TRITON_INTERPRET", "0")
+    name = f"specc_generated_{compiled.cell.name}_{abs(hash((compiled.source, mode))):x}"
     if name not in sys.modules:
         module = types.ModuleType(name)
         module.__file__ = f"<specc {compiled.cell.name}>"
         sys.modules[name] = module  # so the module's own class can find it, and pickling by name works
+        # Triton reads a kernel's source through inspect, which reads it through linecache.
+        linecache.cache[module.__file__] = (len(compiled.source), None, compiled.source.splitlines(True),
+                                            module.__file__)
         exec(compile(compiled.source, module.__file__, "exec"), module.__dict__)  # generated code, not spec text
     return sys.modules[name]
 

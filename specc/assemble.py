@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from . import ast
 from .backends import numpy as numpy_backend
+from .backends import triton as triton_backend
 from .backends.writer import Writer
 from .check import CheckedCell
 from .schedule import Schedule
@@ -109,6 +110,36 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
     w.line("")
     w.line("")
     numpy_backend.emit_backward(w, bwd, fwd.graph, saved_names, tuple(cell.dims), lines, file)
+    w.line("")
+    w.line("")
+    w.comment("--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---")
+    w.line("")
+    try:
+        gpu = Writer()
+        triton_backend.emit(gpu, fwd, bwd, saved, tuple(cell.dims), lines, file, cell.name)
+    except triton_backend.Unsupported as e:
+        w.line(f"TRITON_UNSUPPORTED = {str(e)!r}")
+    else:
+        w.line("TRITON_UNSUPPORTED = None")
+        w.line("try:")
+        w.line("    import torch")
+        w.line("    import triton")
+        w.line("    import triton.language as tl")
+        w.line("except ImportError:  # the module still imports; the runtime then says triton is missing")
+        w.line("    from specc.backends.triton_missing import triton, tl")
+        w.line("")
+        w.line("")
+        w.line("@triton.jit")
+        w.line("def _tanh(x):")
+        w.line("    return 2.0 * tl.sigmoid(2.0 * x) - 1.0")
+        w.line("")
+        w.line("")
+        w.line("@triton.jit")
+        w.line("def _softplus(x):")
+        w.line("    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))")
+        w.line("")
+        w.line("")
+        w.lines.extend(gpu.lines)
     w.line("")
     w.line("")
     name = class_name(cell.name)

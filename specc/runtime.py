@@ -4,6 +4,7 @@ This module and the generated code are all that a module written by `specc compi
 """
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -19,41 +21,82 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+class NumpyBackend:
+    """Runs the generated NumPy code on CPU tensors, sharing their memory."""
+
+    name = "numpy"
+
+    def forward(self, prog, tensors, T, B, dims, train):
+        outs, finals, saved = prog.forward(*(_to_numpy(t) for t in tensors), T=T, B=B, train=train, **dims)
+        # Final states are views into the state buffers that backward reads: hand out copies.
+        return ([torch.from_numpy(a) for a in outs], [torch.from_numpy(a.copy()) for a in finals], saved)
+
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+        d_inputs, d_inits, d_params = prog.backward(
+            saved, *(_to_numpy(g) for g in d_outs), *(_to_numpy(g) for g in d_finals),
+            *(_to_numpy(p) for p in params), T=T, B=B, **dims)
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)]
+
+
+class TritonBackend:
+    """Runs the generated Triton kernels; half-precision tensors are computed in float32."""
+
+    name = "triton"
+
+    def forward(self, prog, tensors, T, B, dims, train):
+        work = [t.detach().float().contiguous() for t in tensors]
+        outs, finals, saved = prog.forward_triton(*work, T=T, B=B, train=train, **dims)
+        dtype = tensors[0].dtype
+        return [o.to(dtype) for o in outs], [f.clone().to(dtype) for f in finals], saved
+
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+        grads = prog.backward_triton(saved, *(g.float().contiguous() for g in d_outs),
+                                     *(g.float().contiguous() for g in d_finals),
+                                     *(p.detach().float().contiguous() for p in params), T=T, B=B, **dims)
+        return [g.contiguous() for part in grads for g in part]
+
+
+def triton_problem(prog, on_cuda: bool) -> str | None:
+    """Why the Triton backend cannot run this cell here, or None if it can."""
+    if getattr(prog, "TRITON_UNSUPPORTED", "this module has no Triton code") is not None:
+        return f"cell '{prog.CELL}' cannot use the Triton backend: {prog.TRITON_UNSUPPORTED}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the Triton backend needs the triton package (pip install triton)"
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("the Triton backend runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (Triton's "
+                "interpreter, slow) or use backend='numpy'")
+    return None
+
+
 class _Scan(torch.autograd.Function):
     """The whole sequence as one autograd node: forward and backward are the generated code."""
 
     @staticmethod
-    def forward(ctx, module, n_inputs, n_states, *tensors):
+    def forward(ctx, module, backend, n_inputs, n_states, *tensors):
         prog, dims = module.program, module.dims
-        arrays = [_to_numpy(t) for t in tensors]
         T, B = module._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
-        outs, finals, saved = prog.forward(*arrays, T=T, B=B, train=True, **dims)
-        ctx.module, ctx.saved_arrays, ctx.sizes = module, saved, (n_inputs, n_states, T, B)
-        ctx.params = arrays[n_inputs + n_states:]
-        # Final states are views into the state buffers that backward reads: hand out copies.
-        return tuple(torch.from_numpy(a) for a in outs) + tuple(torch.from_numpy(a.copy()) for a in finals)
+        outs, finals, saved = backend.forward(prog, tensors, T, B, dims, train=True)
+        ctx.module, ctx.backend, ctx.saved_values, ctx.sizes = module, backend, saved, (T, B)
+        ctx.params = tensors[n_inputs + n_states:]
+        ctx.dtypes = [t.dtype for t in tensors]
+        return (*outs, *finals)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         module = ctx.module
-        prog, dims = module.program, module.dims
-        n_inputs, n_states, T, B = ctx.sizes
-        sizes = module.sizes
-        dtype = ctx.params[0].dtype if ctx.params else np.float64
+        prog = module.program
+        T, B = ctx.sizes
+        like = ctx.params[0] if ctx.params else grads[0]
         n_out = len(prog.OUTPUTS)
-        d_outs = []
-        for g, name in zip(grads[:n_out], prog.OUTPUTS):
-            size = sizes["outputs"][name][0]
-            d_outs.append(np.zeros((T, B, size), dtype=dtype) if g is None else _to_numpy(g))
-        d_finals = []
-        for g, name in zip(grads[n_out:], prog.STATES):
-            size = sizes["states"][name][0]
-            d_finals.append(np.zeros((B, size), dtype=dtype) if g is None else _to_numpy(g))
-        d_inputs, d_inits, d_params = prog.backward(ctx.saved_arrays, *d_outs, *d_finals, *ctx.params,
-                                                    T=T, B=B, **dims)
-        out = [torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)]
-        return (None, None, None, *out)
+        d_outs = [torch.zeros((T, B, module.sizes["outputs"][n][0]), dtype=like.dtype, device=like.device)
+                  if g is None else g for g, n in zip(grads[:n_out], prog.OUTPUTS)]
+        d_finals = [torch.zeros((B, module.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
+                    if g is None else g for g, n in zip(grads[n_out:], prog.STATES)]
+        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, ctx.params, T, B, module.dims)
+        return (None, None, None, None, *(g.to(dt) for g, dt in zip(out, ctx.dtypes)))
 
 
 class CellModule(nn.Module):
@@ -80,8 +123,8 @@ class CellModule(nn.Module):
         for k, v in dims.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"cell '{program.CELL}': dimension {k} must be a positive whole number, got {v!r}")
-        if backend not in ("auto", "numpy"):
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or 'numpy'")
+        if backend not in ("auto", "numpy", "triton"):
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy' or 'triton'")
         self.program = program
         self.dims = dict(dims)
         self.batch_first = batch_first
@@ -155,28 +198,20 @@ class CellModule(nn.Module):
             raise TypeError(f"cell '{name}' has no inputs: pass steps=T (and a state, for the batch size)")
         self._steps = steps
         batch = xs[0].shape[1] if xs else None
-        states = self._check_state(state, batch, unbatched)
+        states = self._check_state(state, batch, unbatched, xs[0].device if xs else None)
         if batch is None:
             batch = states[0].shape[0]
         if xs and xs[0].shape[0] == 0:
             raise ValueError("the input sequence is empty (T = 0)")
         tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
-        for t in tensors:
-            if t.dtype != dtype:
-                raise TypeError(f"cell '{name}' has {dtype} parameters but got a {t.dtype} tensor; "
-                                f"convert one to the other (module.double() or x.float())")
-            if t.device.type != "cpu":
-                raise RuntimeError(f"the numpy backend runs on the CPU, but got a tensor on {t.device}")
-        if dtype not in _NUMPY_DTYPES:
-            raise TypeError(f"the numpy backend computes in float32 or float64, not {dtype}")
+        backend = self._backend_for(tensors, dtype)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            results = _Scan.apply(self, len(xs), len(states), *tensors)
+            results = _Scan.apply(self, backend, len(xs), len(states), *tensors)
         else:
             # Inference: nothing is kept for a backward pass.
-            arrays = [_to_numpy(t) for t in tensors]
             T = xs[0].shape[0] if xs else steps
-            outs, finals, _ = prog.forward(*arrays, T=T, B=batch, train=False, **self.dims)
-            results = tuple(torch.from_numpy(a) for a in outs) + tuple(torch.from_numpy(a.copy()) for a in finals)
+            outs, finals, _ = backend.forward(prog, tensors, T, batch, self.dims, train=False)
+            results = (*outs, *finals)
         outs, finals = results[:len(prog.OUTPUTS)], results[len(prog.OUTPUTS):]
         if unbatched:
             outs = tuple(o.squeeze(1) for o in outs)
@@ -185,12 +220,37 @@ class CellModule(nn.Module):
             outs = tuple(o.transpose(0, 1) for o in outs)
         return (outs[0] if len(outs) == 1 else outs), (finals[0] if len(finals) == 1 else finals)
 
-    def _check_state(self, state, batch, unbatched):
+    def _backend_for(self, tensors, dtype):
+        name = self.program.CELL
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise RuntimeError(f"cell '{name}': all tensors must be on one device, got {sorted(map(str, devices))}")
+        for t in tensors:
+            if t.dtype != dtype:
+                raise TypeError(f"cell '{name}' has {dtype} parameters but got a {t.dtype} tensor; "
+                                f"convert one to the other (module.double() or x.float())")
+        on_cuda = tensors[0].is_cuda
+        use_triton = self.backend == "triton" or (self.backend == "auto" and on_cuda)
+        if use_triton:
+            problem = triton_problem(self.program, on_cuda)
+            if problem:
+                raise RuntimeError(problem)
+            if dtype not in _TRITON_DTYPES:
+                raise TypeError(f"the Triton backend computes in float32 (float16 and bfloat16 are widened), not "
+                                f"{dtype}; use backend='numpy' on the CPU for float64")
+            return TritonBackend()
+        if on_cuda or tensors[0].device.type != "cpu":
+            raise RuntimeError(f"the numpy backend runs on the CPU, but got tensors on {tensors[0].device}")
+        if dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"the numpy backend computes in float32 or float64, not {dtype}")
+        return NumpyBackend()
+
+    def _check_state(self, state, batch, unbatched, device):
         prog = self.program
         if state is None:
             if batch is None:
                 raise TypeError(f"cell '{prog.CELL}' has no inputs: pass its initial state")
-            return list(self.initial_state(batch))
+            return list(self.initial_state(batch, device=device))
         states = [state] if isinstance(state, torch.Tensor) else list(state)
         if len(states) != len(prog.STATES):
             raise ValueError(f"cell '{prog.CELL}' has {len(prog.STATES)} state(s) ({', '.join(prog.STATES)}), "

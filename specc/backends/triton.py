@@ -1,0 +1,747 @@
+"""Backend: scheduled step IR -> Triton kernels for the time loop, torch for everything else.
+
+What runs outside the time loop (the hoisted input products, the output layer, the weight
+gradients) is a few large tensor operations, so it is spelled in torch and runs as cuBLAS GEMMs.
+The loop body becomes fused kernels, one launch per step each:
+
+* A kernel computes a tile of BLOCK_B examples x BLOCK_F features of the values it stores. Each
+  value is computed where it is needed, at the feature offset it is needed at ("demand"): the
+  LSTM's gate i is rows [0, H) of W_hh @ h, f rows [H, 2H), and so on, so one program computes
+  the four gate pre-activations for its features, applies every elementwise op in registers and
+  writes only h', c' and what backward keeps. No gate activation goes to memory and back.
+* A matrix product needs its whole vector operand. When that operand is itself made inside the
+  step (U @ (r * h) in Cho's GRU, W_hh^T @ dgates in every backward step), the operand is stored
+  and the product runs in the next "stage", a second kernel launched after the first.
+* Kernels launch once per step and stage instead of one persistent kernel looping over time: a
+  step needs every feature of the previous state, which would need a grid-wide barrier between
+  steps; Triton has none, and spinning on global flags is fragile. Per-step launches cost a few
+  microseconds each. This choice has not yet been measured on a GPU (see bench/).
+
+Everything is computed in float32; half-precision inputs are widened on the way in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir import Graph, Node
+from ..ops import ACTIVATIONS
+from ..schedule import Schedule
+from ..shapes import Size
+from .writer import Namer, Writer
+
+BLOCK_B, BLOCK_F, BLOCK_K = 16, 32, 32  # tl.dot needs every block side >= 16
+
+# Ops a kernel can recompute at any feature index, so a product can read them without a store.
+_RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
+             "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
+             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc"}
+
+
+class Unsupported(Exception):
+    """The cell uses something the Triton backend cannot put inside the time loop yet."""
+
+
+def _size(s: Size) -> str:
+    return str(s)
+
+
+def _p(code: str) -> str:
+    """A size's code, safe to multiply by."""
+    return code if code.replace("*", "").replace("_", "").isalnum() else f"({code})"
+
+
+def _off(base: str, o: Size) -> str:
+    return base if o == Size.of(0) else f"({_size(o)} + {base})"
+
+
+# --- how torch spells an op, outside the loop ---------------------------------------------------
+
+def torch_spell(node: Node, a: list[str], types: list) -> str:
+    op, batched = node.op, node.type.batched
+    if op in _INFIX:
+        return f"{a[0]} {_INFIX[op]} {a[1]}"
+    if op == "neg":
+        return f"-{a[0]}"
+    if op in ACTIVATIONS:
+        return ACTIVATIONS[op].torch.format(x=a[0])
+    if op == "softmax":
+        return f"torch.softmax({a[0]}, dim=-1)"
+    if op == "softmax_vjp":
+        return f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"
+    if op == "matvec":
+        return f"{a[1]} @ {a[0]}.T" if batched else f"{a[0]} @ {a[1]}"
+    if op == "matvec_t":
+        return f"{a[1]} @ {a[0]}" if batched else f"{a[0]}.T @ {a[1]}"
+    if op == "outer_sum":
+        return f"{a[0]}.T @ {a[1]}" if types[0].batched else f"torch.outer({a[0]}, {a[1]})"
+    if op == "sum_rows":
+        return f"{a[0]}.sum(0)"
+    if op == "sum_all":
+        return f"{a[0]}.sum()"
+    if op == "concat":
+        return f"torch.cat([{', '.join(a)}], dim={1 if batched else 0})"
+    if op == "slice":
+        start, stop = (_size(s) for s in node.attrs)
+        start = "" if start == "0" else start
+        return f"{a[0]}[:, {start}:{stop}]" if batched else f"{a[0]}[{start}:{stop}]"
+    if op == "reshape":
+        shape = ", ".join(_size(s) for s in node.attrs[0])
+        return f"{a[0]}.reshape(-1, {shape})" if batched else f"{a[0]}.reshape({shape})"
+    if op == "zeros":
+        shape = [_size(s) for s in node.attrs[0]]
+        shape = (["rows"] if batched else []) + shape
+        return f"torch.zeros(({', '.join(shape)},), device=dev, dtype=dtype)"
+    if op == "outer":
+        return f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
+    if op in ("outer_vjp_a", "outer_vjp_b"):
+        n, k = (_size(s) for s in node.attrs)
+        pattern = "rnk,rk->rn" if op == "outer_vjp_a" else "rnk,rn->rk"
+        return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {n}, {k}), {a[1]})'
+    raise AssertionError(f"no torch spelling for {op!r}")
+
+
+# --- the loop, in stages -----------------------------------------------------------------------
+
+@dataclass
+class LoopPlan:
+    stage: dict[int, int]  # loop node -> the kernel stage computing it
+    stored: set[int]  # loop nodes written to memory (for a later stage, a kept buffer or a state)
+    scratch: set[int]  # stored nodes that only a later stage of the same step reads
+    n_stages: int
+    fused_pre: set[int]  # elementwise values of the pre region that the kernels compute instead
+    cross: set[int]  # values a later stage of the step reads: always stored, even when not training
+
+
+def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
+    """`keep`: values needed after the pass (outputs, saved values), which must be in memory."""
+    g = s.graph
+    users = g.users()
+    # An elementwise input-only value read only inside the loop costs a full pass over memory to
+    # make before the loop and another to read; computed in the kernel from its operands, neither.
+    fused_pre: set[int] = set()
+    carried_next = {nxt for _, _, nxt in g.carries}
+    for i in reversed(range(len(g.nodes))):
+        node = g.nodes[i]
+        if (s.region[i] == "pre" and node.type.batched and node.op in _RECOMPUTABLE and node.op != "outer"
+                and i not in keep and i not in carried_next and users[i]
+                and all((s.region[u] == "loop" and g.nodes[u].op not in ("matvec", "matvec_t")) or u in fused_pre
+                        for u in users[i])):
+            fused_pre.add(i)
+    stage: dict[int, int] = {}
+    stored: set[int] = set()
+
+    def in_loop(i: int) -> bool:
+        return s.region[i] == "loop" and g.nodes[i].op != "carry"
+
+    cross: set[int] = set()  # loop values a later stage of the same step reads from memory
+
+    def operand_stage(v: int) -> int:
+        """The first stage that can read a product's operand v at any feature index."""
+        if not in_loop(v):
+            return 0
+        if g.nodes[v].op == "outer":
+            # The second-order operand x (x) h is never stored: each block of it is recomputed.
+            return max(operand_stage(a) for a in g.nodes[v].args)
+        cross.add(v)
+        return stage[v] + 1
+
+    for i in s.nodes_in("loop"):
+        node = g.nodes[i]
+        if node.op == "carry":
+            continue
+        if node.op in ("softmax", "softmax_vjp", "reshape"):
+            raise Unsupported(f"{node.op} inside the recurrence (spec line {node.line})")
+        if node.op in ("matvec", "matvec_t"):
+            st = operand_stage(node.args[1])
+        elif node.op in ("outer_vjp_a", "outer_vjp_b"):
+            # Each output feature sums over the whole gradient operand.
+            st = max(operand_stage(node.args[0]), stage.get(node.args[1], 0) if in_loop(node.args[1]) else 0)
+        else:
+            st = max((stage[a] for a in node.args if in_loop(a)), default=0)
+        stage[i] = st
+    for i in stage:
+        for a in g.nodes[i].args:
+            if in_loop(a) and stage[a] < stage[i] and not (g.nodes[a].op == "outer" and
+                                                          g.nodes[i].op in ("matvec", "matvec_t")):
+                cross.add(a)
+    carried_next = {nxt for _, _, nxt in g.carries}
+    stored = cross | set(s.kept) | {i for i in carried_next if in_loop(i)}
+    scratch = {i for i in cross if i not in s.kept and i not in carried_next}
+    n_stages = max(stage.values(), default=0) + 1
+    return LoopPlan(stage, stored, scratch, n_stages, fused_pre, cross)
+
+
+@dataclass
+class HostNames:
+    """Names of what the host code holds: values, kept buffers, state buffers, scratch buffers."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    seq: dict[int, str] = field(default_factory=dict)
+    carry_buf: dict[str, str] = field(default_factory=dict)
+
+
+class KernelWriter:
+    """Writes one kernel: a tile of the values of one stage that share a feature size."""
+
+    def __init__(self, s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, tile: Size, stage: int,
+                 source: tuple[list[str], str], taken: set[str]):
+        self.s, self.g, self.plan, self.host, self.reverse = s, s.graph, plan, host, reverse
+        self.tile, self.stage = tile, stage
+        self.lines, self.file = source
+        self.body = Writer()
+        self.body._depth = 1
+        self.namer = Namer(taken | _INTERNAL)
+        self.memo: dict[tuple[int, str], str] = {}
+        self.args: dict[str, None] = {}  # tensors the kernel reads or writes, in first-use order
+        self.uses_train = False
+        self.last_line = 0
+
+    # where a value lives in memory: (buffer, row base) for batched values
+    def _home(self, i: int) -> tuple[str, str] | None:
+        node = self.g.nodes[i]
+        for name, leaf, nxt in self.g.carries:
+            buf = self.host.carry_buf[name]
+            later = "(t + 1) * B"
+            if i == leaf:
+                return buf, (later if self.reverse else "t * B")
+        region = self.s.region[i]
+        if region == "pre":
+            if i in self.plan.fused_pre:
+                return None
+            return self.host.names[i], "t * B"
+        if region == "loop" and i in self.plan.cross and self.plan.stage[i] < self.stage:
+            if i in self.plan.scratch:
+                return self.host.seq[i], "0"
+            if i in self.host.seq:
+                return self.host.seq[i], "t * B"
+            for name, leaf, nxt in self.g.carries:
+                if i == nxt:
+                    return self.host.carry_buf[name], ("t * B" if self.reverse else "(t + 1) * B")
+        return None
+
+    def _arg(self, name: str) -> str:
+        self.args.setdefault(name, None)
+        return name
+
+    def _comment(self, node: Node) -> None:
+        if node.line and node.line != self.last_line and node.line <= len(self.lines):
+            self.body.comment(f"{self.file}:{node.line}  {self.lines[node.line - 1].strip()}")
+            self.last_line = node.line
+
+    def _emit(self, node: Node, value: str, wanted: str) -> str:
+        self._comment(node)
+        name = self.namer(wanted)
+        self.body.line(f"{name} = {value}")
+        return name
+
+    def load(self, i: int, cols: str, cmask: str, row_axis: bool = True) -> str | None:
+        """Code loading node i at feature indices `cols` (a 1-D index), or None if it is not in memory."""
+        node = self.g.nodes[i]
+        width = _size(node.type.shape[0]) if node.type.shape else "1"
+        if node.op == "const":
+            v = node.attrs[0]
+            return repr(v) if v >= 0 else f"({v!r})"
+        if not node.type.batched:
+            if self.s.region[i] not in ("const",):
+                return None
+            ptr = self._arg(self.host.names[i])
+            if node.type.shape == ():
+                return f"tl.load({ptr})"
+            return f"tl.load({ptr} + {cols}, mask={cmask}, other=0.0)[None, :]"
+        if node.op == "slice" and self.s.region[i] == "pre":
+            return None  # read through to the sliced value, which is contiguous
+        home = self._home(i)
+        if home is None:
+            return None
+        buf, row = home
+        ptr = self._arg(buf)
+        rows = "offs_b" if row == "0" else f"({row} + offs_b)"
+        return (f"tl.load({ptr} + {rows}[:, None] * {_p(width)} + {cols}[None, :], "
+                f"mask=mask_b[:, None] & {cmask}[None, :], other=0.0)")
+
+    def value(self, i: int, offset: Size) -> str:
+        """A tile of node i at feature offset `offset`: (BLOCK_B, BLOCK_F), or a scalar."""
+        key = (i, str(offset))
+        if key in self.memo:
+            return self.memo[key]
+        node = self.g.nodes[i]
+        cols = _off("offs_f", offset)
+        loaded = self.load(i, cols, "mask_f")
+        if loaded is not None:
+            out = loaded if node.op == "const" or not node.type.shape else self._emit(node, loaded, self._wanted(i, offset))
+        else:
+            out = self._compute(i, node, offset)
+        self.memo[key] = out
+        return out
+
+    def _wanted(self, i: int, offset: Size) -> str:
+        node = self.g.nodes[i]
+        base = node.name or (node.attrs[0] if node.op in ("carry", "input") and node.attrs else f"v{i}")
+        base = base.replace(":", "_").replace("%", "v")
+        if offset != Size.of(0):
+            base += "_at_" + "".join(ch for ch in _size(offset) if ch.isalnum())
+        return base
+
+    def _compute(self, i: int, node: Node, offset: Size) -> str:
+        op = node.op
+        if op == "slice":
+            return self.value(node.args[0], offset + node.attrs[0])
+        if op == "concat":
+            at = Size.of(0)
+            for a in node.args:
+                size = self.g.nodes[a].type.shape[0]
+                if at == offset and size == self.tile:
+                    return self.value(a, Size.of(0))
+                at = at + size
+            raise Unsupported(f"a tile straddles the parts of a concatenation (spec line {node.line})")
+        if op == "zeros":
+            return "0.0"
+        if op in _INFIX or op == "neg" or op in ACTIVATIONS:
+            args = [self.value(a, offset) for a in node.args]
+            return self._emit(node, _tile_spell(op, args), self._wanted(i, offset))
+        if op in ("matvec", "matvec_t"):
+            return self._product(i, node, offset)
+        if op == "outer":
+            return self._emit(node, self.gather(i, _off("offs_f", offset), "mask_f"), self._wanted(i, offset))
+        if op in ("outer_vjp_a", "outer_vjp_b"):
+            return self._outer_vjp(i, node, offset)
+        raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
+
+    def _product(self, i: int, node: Node, offset: Size) -> str:
+        self.products([(i, offset)])
+        return self.memo[(i, str(offset))]
+
+    def products(self, wanted: list[tuple[int, Size]]) -> None:
+        """Matrix products (rows `offset + j` of W @ v, or of W^T @ v) into accumulators.
+
+        Products that read the same operand share one loop over it, so the LSTM's four gate
+        products load each block of h once.
+        """
+        groups: dict[tuple, list[tuple[int, Size]]] = {}
+        for i, offset in wanted:
+            if (i, str(offset)) in self.memo:
+                continue
+            node = self.g.nodes[i]
+            w, v = node.args
+            rows_w, cols_w = (_size(s) for s in self.g.nodes[w].type.shape)
+            extent = cols_w if node.op == "matvec" else rows_w
+            groups.setdefault((v, extent), []).append((i, offset))
+        b = self.body
+        for (v, extent), members in groups.items():
+            accs = []
+            for i, offset in members:
+                self._comment(self.g.nodes[i])
+                acc = self.namer(self._wanted(i, offset))
+                b.line(f"{acc} = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)")
+                accs.append(acc)
+            with b.block(f"for k0 in range(0, {extent}, BLOCK_K):"):
+                b.line("offs_k = k0 + tl.arange(0, BLOCK_K)")
+                b.line(f"mask_k = offs_k < {extent}")
+                saved_memo, self.memo = self.memo, {}
+                operand = self.gather(v, "offs_k", "mask_k")
+                self.memo = saved_memo
+                b.line(f"operand = tl.where(mask_b[:, None] & mask_k[None, :], {operand}, 0.0)")
+                for (i, offset), acc in zip(members, accs):
+                    node = self.g.nodes[i]
+                    w = node.args[0]
+                    cols_w = _size(self.g.nodes[w].type.shape[1])
+                    wptr = self._arg(self.host.names[w])
+                    rows = _off("offs_f", offset)
+                    if node.op == "matvec":  # rows offset + j of W, columns k
+                        addr = f"{wptr} + {rows}[None, :] * {_p(cols_w)} + offs_k[:, None]"
+                    else:  # W^T: rows k of W, columns offset + j
+                        addr = f"{wptr} + offs_k[:, None] * {_p(cols_w)} + {rows}[None, :]"
+                    b.line(f"weight = tl.load({addr}, mask=mask_k[:, None] & mask_f[None, :], other=0.0)")
+                    b.line(f"{acc} += tl.dot(operand, weight, input_precision=\"ieee\")")
+            for (i, offset), acc in zip(members, accs):
+                self.memo[(i, str(offset))] = acc
+
+    def demanded_products(self, roots: list[int]) -> list[tuple[int, Size]]:
+        """The products that computing `roots` (at offset 0) needs, found without writing code."""
+        seen: set[tuple[int, str]] = set()
+        found: list[tuple[int, Size]] = []
+
+        def walk(i: int, offset: Size) -> None:
+            key = (i, str(offset))
+            if key in seen:
+                return
+            seen.add(key)
+            node = self.g.nodes[i]
+            if node.op == "const" or self._in_memory(i):
+                return
+            if node.op == "slice":
+                walk(node.args[0], offset + node.attrs[0])
+            elif node.op == "concat":
+                at = Size.of(0)
+                for a in node.args:
+                    if at == offset:
+                        walk(a, Size.of(0))
+                    at = at + self.g.nodes[a].type.shape[0]
+            elif node.op in ("matvec", "matvec_t"):
+                found.append((i, offset))
+            elif node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS:
+                for a in node.args:
+                    walk(a, offset)
+
+        for r in roots:
+            walk(r, Size.of(0))
+        return found
+
+    def _in_memory(self, i: int) -> bool:
+        node = self.g.nodes[i]
+        if not node.type.batched:
+            return self.s.region[i] == "const"
+        if node.op == "slice" and self.s.region[i] == "pre":
+            return False
+        return self._home(i) is not None
+
+    def _outer_vjp(self, i: int, node: Node, offset: Size) -> str:
+        # outer_vjp_a: out[n] = sum_k G[n*K + k] b[k]; outer_vjp_b: out[k] = sum_n G[n*K + k] a[n]
+        g_node, other = node.args
+        n, k = (_size(s) for s in node.attrs)
+        acc = self.namer(self._wanted(i, offset))
+        self._comment(node)
+        b = self.body
+        b.line(f"{acc} = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)")
+        loop_extent = k if node.op == "outer_vjp_a" else n
+        with b.block(f"for n0 in range({loop_extent}):"):
+            idx = _off("offs_f", offset)
+            cols = f"({idx} * {_p(k)} + n0)" if node.op == "outer_vjp_a" else f"(n0 * {_p(k)} + {idx})"
+            saved_memo, self.memo = self.memo, {}
+            gv = self.load(g_node, cols, "mask_f")
+            if gv is None:
+                raise Unsupported("the gradient of an outer product must be stored first")
+            scalar_idx = "(n0 + offs_f * 0)"
+            ov = self.gather(other, scalar_idx, "mask_f")
+            self.memo = saved_memo
+            b.line(f"{acc} += {gv} * {ov}")
+        return acc
+
+    def gather(self, i: int, cols: str, cmask: str) -> str:
+        """Node i at arbitrary feature indices `cols` (a product's operand), recomputed if need be."""
+        key = (i, "gather:" + cols)
+        if key in self.memo:
+            return self.memo[key]
+        node = self.g.nodes[i]
+        loaded = self.load(i, cols, cmask)
+        if loaded is not None:
+            out = loaded
+        elif node.op == "slice":
+            out = self.gather(node.args[0], f"({cols} + {_size(node.attrs[0])})", cmask)
+        elif node.op == "outer":
+            a, bb = node.args
+            kk = _size(self.g.nodes[bb].type.shape[0])
+            left = self.gather(a, f"({cols} // {_p(kk)})", cmask)
+            right = self.gather(bb, f"({cols} % {_p(kk)})", cmask)
+            out = f"({left} * {right})"
+        elif node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS:
+            out = _tile_spell(node.op, [self.gather(a, cols, cmask) for a in node.args])
+        else:
+            raise Unsupported(f"cannot read {node.op} at arbitrary features (spec line {node.line})")
+        if node.op != "const" and node.type.shape:
+            out = self._emit(node, out, self._wanted(i, Size.of(0)) + "_k")
+        self.memo[key] = out
+        return out
+
+    def store(self, i: int, buf: str, row: str, width: str, column: Size, guarded: bool) -> None:
+        value = self.value(i, Size.of(0))
+        ptr = self._arg(buf)
+        cols = _off("offs_f", column)
+        rows = "offs_b" if row == "0" else f"({row} + offs_b)"
+        stmt = (f"tl.store({ptr} + {rows}[:, None] * {_p(width)} + {cols}[None, :], {value}, "
+                f"mask=mask_b[:, None] & mask_f[None, :])")
+        if guarded:
+            self.uses_train = True
+            with self.body.block("if TRAIN:"):
+                self.body.line(stmt)
+        else:
+            self.body.line(stmt)
+
+
+def _tile_spell(op: str, a: list[str]) -> str:
+    if op in _INFIX:
+        return f"({a[0]} {_INFIX[op]} {a[1]})"
+    if op == "neg":
+        return f"(-{a[0]})"
+    return ACTIVATIONS[op].triton.format(x=a[0])
+
+
+@dataclass
+class StoreTask:
+    node: int
+    buf: str
+    row: str
+    width: str
+    column: Size
+    guarded: bool
+
+
+def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, stage: int,
+                 guard: frozenset[int]) -> list[StoreTask]:
+    g = s.graph
+    tasks: list[StoreTask] = []
+
+    def parts(i: int, column: Size):
+        node = g.nodes[i]
+        if node.op == "concat":
+            for a in node.args:
+                yield from parts(a, column)
+                column = column + g.nodes[a].type.shape[0]
+        else:
+            yield i, column
+
+    for i in sorted(plan.stored):
+        if plan.stage.get(i, 0) != stage:
+            continue
+        width = _size(g.nodes[i].type.shape[0])
+        targets = []
+        if i in plan.scratch:
+            targets.append((host.seq[i], "0", False))
+        elif i in host.seq:
+            targets.append((host.seq[i], "t * B", i in guard and i not in plan.cross))
+        for name, _, nxt in g.carries:
+            if nxt == i:
+                targets.append((host.carry_buf[name], "t * B" if reverse else "(t + 1) * B", False))
+        for buf, row, guarded in targets:
+            for part, column in parts(i, Size.of(0)):
+                tasks.append(StoreTask(part, buf, row, width, column, guarded))
+    if stage == plan.n_stages - 1:
+        # A state whose next value is made outside the loop (h' = x, h' = c) is copied here.
+        for name, _, nxt in g.carries:
+            if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
+                width = _size(g.nodes[nxt].type.shape[0])
+                tasks.append(StoreTask(nxt, host.carry_buf[name], "t * B" if reverse else "(t + 1) * B", width,
+                                       Size.of(0), False))
+    return tasks
+
+
+# --- the host functions ------------------------------------------------------------------------
+
+@dataclass
+class _Host:
+    s: Schedule
+    reverse: bool
+    names: HostNames
+    source: tuple[list[str], str]
+
+    def ref(self, i: int) -> str:
+        """Node i over all steps, from the host code after (or before) the loop."""
+        g = self.s.graph
+        node = g.nodes[i]
+        if node.op == "const":
+            v = node.attrs[0]
+            return repr(v) if v >= 0 else f"({v!r})"
+        for name, leaf, nxt in g.carries:
+            if i in (leaf, nxt):
+                buf = self.names.carry_buf[name]
+                later = (i == leaf) == self.reverse
+                return f"{buf}[B:]" if later else f"{buf}[:rows]"
+        if self.s.region[i] == "loop":
+            return self.names.seq[i]
+        return self.names.names[i]
+
+
+def _emit_region(w: Writer, host: _Host, region: str, skip: frozenset[int] = frozenset()) -> None:
+    g = host.s.graph
+    lines, file = host.source
+    last = 0
+    for i in host.s.nodes_in(region):
+        node = g.nodes[i]
+        if node.op in ("input", "param", "const", "carry") or i in skip:
+            continue
+        if node.line and node.line != last and node.line <= len(lines):
+            w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
+            last = node.line
+        args = [host.ref(a) for a in node.args]
+        w.line(f"{host.names.names[i]} = {torch_spell(node, args, [g.nodes[a].type for a in node.args])}")
+
+
+def _tuple(items: list[str]) -> str:
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
+               taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
+    """The body of one pass: torch before the loop, kernel launches in it, torch after it."""
+    s, g, names = host.s, host.s.graph, host.names
+    plan = plan_loop(s, keep)
+    w.comment("Fixed for the whole sequence.")
+    _emit_region(w, host, "const")
+    w.comment("Before the loop: the input-only values the kernels read, for all steps at once.")
+    _emit_region(w, host, "pre", skip=frozenset(plan.fused_pre))
+    for (name, leaf, _), init in zip(g.carries, carry_init):
+        size = _size(g.nodes[leaf].type.shape[0])
+        w.line(f"{names.carry_buf[name]} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
+        w.line(f"{names.carry_buf[name]}[{'T * B:' if host.reverse else ':B'}] = {init}")
+    for i in sorted(plan.stored):
+        if i in plan.scratch:
+            names.seq.setdefault(i, f"{names.names[i]}_scratch")
+    for i, buf in names.seq.items():
+        size = _size(g.nodes[i].type.shape[0])
+        rows = "B" if i in plan.scratch else "rows"
+        alloc = f"torch.empty(({rows}, {size}), device=dev, dtype=dtype)"
+        guarded = i in guard and i not in plan.cross
+        w.line(f"{buf} = {alloc} if train else None" if guarded else f"{buf} = {alloc}")
+
+    launches = []
+    for stage in range(plan.n_stages):
+        tasks = _store_tasks(s, plan, names, host.reverse, stage, guard)
+        by_tile: dict[str, list[StoreTask]] = {}
+        for task in tasks:
+            by_tile.setdefault(str(g.nodes[task.node].type.shape[0]), []).append(task)
+        for tile_key, group in by_tile.items():
+            tile = g.nodes[group[0].node].type.shape[0]
+            kname = f"{fn}_step{stage}" + (f"_{len(launches)}" if len(by_tile) > 1 else "")
+            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, taken)
+            kw.products(kw.demanded_products([task.node for task in group]))
+            for task in group:
+                kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
+            tensors = list(kw.args)
+            params = tensors + ["t", "B", *dims]
+            consts = (["TRAIN: tl.constexpr"] if kw.uses_train else []) + \
+                     ["BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
+            kernels_out.line("")
+            kernels_out.line("")
+            kernels_out.line("@triton.jit")
+            kernels_out.line(f"def {kname}({', '.join(params + consts)}):")
+            kernels_out.line(f'    """Stage {stage} of a step: {_size(tile)} features of '
+                             + ", ".join(sorted({g.nodes[t.node].name or f"v{t.node}" for t in group})) + '."""')
+            kernels_out.line("    pid_b = tl.program_id(0)")
+            kernels_out.line("    pid_f = tl.program_id(1)")
+            kernels_out.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")
+            kernels_out.line("    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)")
+            kernels_out.line("    mask_b = offs_b < B")
+            kernels_out.line(f"    mask_f = offs_f < {_size(tile)}")
+            kernels_out.lines.extend(kw.body.lines)
+            extra = (["TRAIN=train"] if kw.uses_train else []) + ["BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
+            grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({_size(tile)}, BLOCK_F))"
+            launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
+    w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
+              "The time loop, from the last step to the first: one launch of each fused kernel per step.")
+    with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
+        for launch in launches:
+            w.line(launch)
+    if s.nodes_in("post"):
+        w.comment("After the loop: what the carried values do not need, for all steps at once.")
+        _emit_region(w, host, "post")
+    if s.nodes_in("reduce"):
+        w.comment("Sums over time and batch, each one matrix product over all steps.")
+        _emit_region(w, host, "reduce")
+        _emit_region(w, host, "final")
+
+
+def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
+    names = HostNames()
+    g = s.graph
+    for i, node in enumerate(g.nodes):
+        if i in leaf_names:
+            names.names[i] = leaf_names[i]
+        elif node.op not in ("const", "carry"):
+            names.names[i] = namer(node.name or f"v{i}")
+    for name, _, _ in g.carries:
+        names.carry_buf[name] = namer(f"d_{name}_seq" if reverse else f"{name}_seq")
+    for i in sorted(s.kept):
+        names.seq[i] = namer(f"{names.names[i]}_seq")
+    return names
+
+
+def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
+         source_lines: list[str], file: str, prefix: str) -> None:
+    """forward_triton, backward_triton and their kernels. Raises Unsupported for what it cannot fuse."""
+    kernels = Writer()
+    body = Writer()
+    taken: set[str] = set(dims)
+
+    # forward
+    g = fwd.graph
+    namer = Namer(_INTERNAL | set(dims))
+    leaf_names = {i: namer(name) for name, i in g.inputs}
+    init_names = [namer(f"{name}0") for name, _, _ in g.carries]
+    leaf_names.update({i: namer(name) for name, i in g.params})
+    names = _name_values(fwd, namer, leaf_names, reverse=False)
+    host = _Host(fwd, False, names, (source_lines, file))
+    args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
+    kw = ", ".join(["T", "B", *dims])
+    needed_by_pass = set()
+    for i, node in enumerate(g.nodes):
+        if fwd.region[i] in ("post", "reduce"):
+            needed_by_pass.update(node.args)
+    needed_by_pass.update(i for _, i in g.outputs)
+    guard = frozenset(i for i in saved_nodes if i in fwd.kept and i not in needed_by_pass)
+    with body.block(f"def forward_triton({', '.join(args)}, *, {kw}, train=False):"):
+        body.line('"""forward, with the time loop as fused Triton kernels; tensors are float32 on one device."""')
+        body.line("rows = T * B")
+        first = leaf_names[g.inputs[0][1]] if g.inputs else init_names[0]
+        body.line(f"dtype, dev = {first}.dtype, {first}.device")
+        for name, i in g.inputs:
+            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(g.nodes[i].type.shape[0])})")
+        taken_here = taken | set(namer.taken)
+        keep = set(saved_nodes) | {i for _, i in g.outputs}
+        _emit_scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
+        outs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
+        finals = _tuple([f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
+        saved_keys = {i: _saved_key(g, i, names) for i in saved_nodes}
+        items = ", ".join(f'"{saved_keys[i]}": {host.ref(i)}' for i in saved_nodes)
+        body.line(f"saved = {{{items}}} if train else None")
+        body.line(f"return {outs}, {finals}, saved")
+
+    # backward
+    body.line("")
+    body.line("")
+    gb = bwd.graph
+    namer = Namer(_INTERNAL | set(dims))
+    fwd_params = {i: name for name, i in g.params}
+    leaf_names, binds, d_outs = {}, [], []
+    for key, i in gb.inputs:
+        if key.startswith("d:"):
+            leaf_names[i] = namer(f"d_{key[2:]}")
+            d_outs.append(i)
+    d_final = [namer(f"d_{name}_final") for name, _, _ in gb.carries]
+    param_args = {name: namer(name) for name, _ in g.params}
+    for key, i in gb.inputs + gb.params:
+        if key.startswith("%"):
+            f = int(key[1:])
+            if f in fwd_params:
+                leaf_names[i] = param_args[fwd_params[f]]
+            else:
+                leaf_names[i] = namer(saved_keys[f])
+                binds.append((leaf_names[i], saved_keys[f]))
+    names = _name_values(bwd, namer, leaf_names, reverse=True)
+    host = _Host(bwd, True, names, (source_lines, file))
+    args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
+    with body.block(f"def backward_triton({', '.join(args)}, *, {kw}):"):
+        body.line('"""backward, with the time loop as fused Triton kernels."""')
+        body.line("rows = T * B")
+        ref = d_final[0] if d_final else leaf_names[d_outs[0]]
+        body.line(f"dtype, dev = {ref}.dtype, {ref}.device")
+        body.line("train = True")
+        for i in d_outs:
+            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(gb.nodes[i].type.shape[0])})")
+        for local, key in binds:
+            body.line(f'{local} = saved["{key}"]')
+        keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
+        _emit_scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), taken | set(namer.taken), dims,
+                   keep)
+        d_inputs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in gb.outputs])
+        d_inits = _tuple([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
+        d_params = _tuple([host.ref(i) for _, i in gb.reduced])
+        body.line(f"return {d_inputs}, {d_inits}, {d_params}")
+
+    w.line("BLOCK_B, BLOCK_F, BLOCK_K = %d, %d, %d  # examples, features and reduction width of a tile"
+           % (BLOCK_B, BLOCK_F, BLOCK_K))
+    w.lines.extend(kernels.lines)
+    w.line("")
+    w.line("")
+    w.lines.extend(body.lines)
+
+
+def _saved_key(g: Graph, i: int, names: HostNames) -> str:
+    node = g.nodes[i]
+    if node.op == "carry":
+        return f"{node.attrs[0]}_prev"
+    for name, _, nxt in g.carries:
+        if nxt == i:
+            return f"{name}_next"
+    return names.names[i]
