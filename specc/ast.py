@@ -160,3 +160,84 @@ class Spec:
     file: str
     text: str
     cells: tuple[Cell, ...]
+    networks: tuple["Network", ...] = ()
+
+
+# --- networks: cells wired into models (grammar/rnn.lark `network`, specc/network_check.py) ---
+
+@dataclass(frozen=True)
+class NetInput:
+    name: str
+    kind: str  # sequence, vector, tokens, token
+    size: Dim  # features, or the vocabulary size for tokens
+    loc: Loc
+    kind_loc: Loc
+
+
+@dataclass(frozen=True)
+class LayerArg:
+    name: str | None  # None for a positional argument
+    value: Dim
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    kind: str  # embedding, linear, or the name of a cell
+    args: tuple[LayerArg, ...]
+    stacked: Dim | None
+    bidirectional: bool
+    dropout: float
+    loc: Loc
+    kind_loc: Loc
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a chain starts: a value's name, a layer's final state (`enc.h`), or `prev(y)`."""
+    kind: str  # name, final, prev
+    name: str
+    state: str = ""  # for final
+    start: Dim | None = None  # for prev: the start token
+    loc: Loc | None = None
+
+
+@dataclass(frozen=True)
+class Wire:
+    name: str  # a cell's other input (fed at every step) or one of its states (its initial value)
+    chain: "Chain"
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    wires: tuple[Wire, ...]
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Chain:
+    source: Source
+    stages: tuple[Stage, ...]
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Flow:
+    name: str | None  # `a = chain`, `output a = chain`, or an unnamed chain that runs its layers
+    chain: Chain
+    output: bool
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    dims: tuple[tuple[str, Loc], ...]
+    doc: str
+    inputs: tuple[NetInput, ...]
+    layers: tuple[Layer, ...]
+    flows: tuple[Flow, ...]
+    loc: Loc

@@ -12,6 +12,7 @@ from lark import Transformer, v_args
 from . import ast
 from .errors import Diagnostic, Loc, SpecError
 from .library import grammar_text
+from .network_parse import NetworkRules
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,7 +43,7 @@ def _describe(expected) -> str:
     return "; expected " + ", ".join(words)
 
 
-class _ToAst(Transformer):
+class _ToAst(NetworkRules, Transformer):
     def __init__(self, file: str, lines: list[str]):
         super().__init__()
         self.file = file
@@ -169,5 +170,6 @@ def parse(text: str, file: str = "<spec>") -> ast.Spec:
             where = loc(e.line, e.column)
             what = f"unexpected {e.token.value!r}" if e.token.value else "unexpected token"
         raise SpecError(Diagnostic(where, what + _describe(e.expected))) from None
-    cells = _ToAst(file, lines).transform(tree)
-    return ast.Spec(file, text, cells)
+    items = _ToAst(file, lines).transform(tree)
+    return ast.Spec(file, text, tuple(i for i in items if isinstance(i, ast.Cell)),
+                    tuple(i for i in items if isinstance(i, ast.Network)))
