@@ -13,7 +13,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -39,20 +39,19 @@ class NumpyBackend:
 
 
 class TritonBackend:
-    """Runs the generated Triton kernels; half-precision tensors are computed in float32."""
+    """Runs the generated Triton kernels on float32 tensors."""
 
     name = "triton"
 
     def forward(self, prog, tensors, T, B, dims, train):
-        work = [t.detach().float().contiguous() for t in tensors]
+        work = [t.detach().contiguous() for t in tensors]
         outs, finals, saved = prog.forward_triton(*work, T=T, B=B, train=train, **dims)
-        dtype = tensors[0].dtype
-        return [o.to(dtype) for o in outs], [f.clone().to(dtype) for f in finals], saved
+        # Final states are views into the state buffers that backward reads: hand out copies.
+        return list(outs), [f.clone() for f in finals], saved
 
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
-        grads = prog.backward_triton(saved, *(g.float().contiguous() for g in d_outs),
-                                     *(g.float().contiguous() for g in d_finals),
-                                     *(p.detach().float().contiguous() for p in params), T=T, B=B, **dims)
+        grads = prog.backward_triton(saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
+                                     *(p.detach().contiguous() for p in params), T=T, B=B, **dims)
         return [g.contiguous() for part in grads for g in part]
 
 
@@ -79,8 +78,10 @@ class _Scan(torch.autograd.Function):
         T, B = module._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
         outs, finals, saved = backend.forward(prog, tensors, T, B, dims, train=True)
         ctx.module, ctx.backend, ctx.saved_values, ctx.sizes = module, backend, saved, (T, B)
-        ctx.params = tensors[n_inputs + n_states:]
-        ctx.dtypes = [t.dtype for t in tensors]
+        ctx.n_params = len(tensors) - n_inputs - n_states
+        # What backward reads shares memory with the inputs and the outputs. Saving them here lets
+        # torch's version counters catch an in-place change made before backward, as for its own ops.
+        ctx.save_for_backward(*tensors, *outs)
         return (*outs, *finals)
 
     @staticmethod
@@ -89,14 +90,16 @@ class _Scan(torch.autograd.Function):
         module = ctx.module
         prog = module.program
         T, B = ctx.sizes
-        like = ctx.params[0] if ctx.params else grads[0]
+        saved_tensors = ctx.saved_tensors  # raises if any was modified in place since forward
         n_out = len(prog.OUTPUTS)
+        params = saved_tensors[len(saved_tensors) - n_out - ctx.n_params:len(saved_tensors) - n_out]
+        like = params[0] if params else grads[0]
         d_outs = [torch.zeros((T, B, module.sizes["outputs"][n][0]), dtype=like.dtype, device=like.device)
                   if g is None else g for g, n in zip(grads[:n_out], prog.OUTPUTS)]
         d_finals = [torch.zeros((B, module.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
                     if g is None else g for g, n in zip(grads[n_out:], prog.STATES)]
-        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, ctx.params, T, B, module.dims)
-        return (None, None, None, None, *(g.to(dt) for g, dt in zip(out, ctx.dtypes)))
+        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, params, T, B, module.dims)
+        return (None, None, None, None, *out)
 
 
 class CellModule(nn.Module):
@@ -170,6 +173,8 @@ class CellModule(nn.Module):
         """x: the input sequence (a tuple of them for a cell with several inputs, None for none)."""
         prog = self.program
         name = prog.CELL
+        if x is not None and not isinstance(x, (torch.Tensor, tuple, list)):
+            raise TypeError(f"cell '{name}': x must be a tensor (or a tuple of them), got {type(x).__name__}")
         inputs = () if x is None else ((x,) if isinstance(x, torch.Tensor) else tuple(x))
         if len(inputs) != len(prog.INPUTS):
             raise TypeError(f"cell '{name}' takes {len(prog.INPUTS)} input sequence(s) "
@@ -204,7 +209,11 @@ class CellModule(nn.Module):
         if xs and xs[0].shape[0] == 0:
             raise ValueError("the input sequence is empty (T = 0)")
         tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
-        backend = self._backend_for(tensors, dtype)
+        backend, work = self._backend_for(tensors, dtype)
+        out_dtype = xs[0].dtype if xs and xs[0].dtype in _HALF else work
+        # Half-precision tensors (from autocast, or a module in bfloat16) are widened here, outside
+        # the autograd node, so their gradients come back narrowed by autograd itself.
+        tensors = [t.to(work) if t.dtype != work else t for t in tensors]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             results = _Scan.apply(self, backend, len(xs), len(states), *tensors)
         else:
@@ -213,6 +222,9 @@ class CellModule(nn.Module):
             outs, finals, _ = backend.forward(prog, tensors, T, batch, self.dims, train=False)
             results = (*outs, *finals)
         outs, finals = results[:len(prog.OUTPUTS)], results[len(prog.OUTPUTS):]
+        if out_dtype != work:
+            outs = tuple(o.to(out_dtype) for o in outs)
+            finals = tuple(f.to(out_dtype) for f in finals)
         if unbatched:
             outs = tuple(o.squeeze(1) for o in outs)
             finals = tuple(f.squeeze(0) for f in finals)
@@ -221,29 +233,32 @@ class CellModule(nn.Module):
         return (outs[0] if len(outs) == 1 else outs), (finals[0] if len(finals) == 1 else finals)
 
     def _backend_for(self, tensors, dtype):
+        """The backend for these tensors, and the dtype it computes in."""
         name = self.program.CELL
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise RuntimeError(f"cell '{name}': all tensors must be on one device, got {sorted(map(str, devices))}")
-        for t in tensors:
-            if t.dtype != dtype:
-                raise TypeError(f"cell '{name}' has {dtype} parameters but got a {t.dtype} tensor; "
-                                f"convert one to the other (module.double() or x.float())")
         on_cuda = tensors[0].is_cuda
         use_triton = self.backend == "triton" or (self.backend == "auto" and on_cuda)
+        full = {t.dtype for t in tensors if t.dtype not in _HALF}
         if use_triton:
             problem = triton_problem(self.program, on_cuda)
             if problem:
                 raise RuntimeError(problem)
-            if dtype not in _TRITON_DTYPES:
+            if full - {torch.float32}:
                 raise TypeError(f"the Triton backend computes in float32 (float16 and bfloat16 are widened), not "
-                                f"{dtype}; use backend='numpy' on the CPU for float64")
-            return TritonBackend()
+                                f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' on the CPU "
+                                f"for float64")
+            return TritonBackend(), torch.float32
         if on_cuda or tensors[0].device.type != "cpu":
-            raise RuntimeError(f"the numpy backend runs on the CPU, but got tensors on {tensors[0].device}")
-        if dtype not in _NUMPY_DTYPES:
-            raise TypeError(f"the numpy backend computes in float32 or float64, not {dtype}")
-        return NumpyBackend()
+            raise RuntimeError(f"the numpy backend runs on the CPU, but got tensors on {tensors[0].device}; "
+                               f"use backend='triton' (or 'auto') for GPU tensors")
+        work = dtype if dtype in _NUMPY_DTYPES else torch.float32
+        if len(full) > 1 or (full and full != {work}):
+            other = sorted(map(str, full - {work}))[0] if full - {work} else str(work)
+            raise TypeError(f"cell '{name}' has {dtype} parameters but got a {other} tensor; "
+                            f"convert one to the other (module.double() or x.float())")
+        return NumpyBackend(), work
 
     def _check_state(self, state, batch, unbatched, device):
         prog = self.program

@@ -5,11 +5,17 @@ differences) share no code with specc; the helpers here only build random data a
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
+
+# Without a GPU, the Triton backend's kernels run in Triton's interpreter. Triton reads this when
+# it is first imported, so it is set here, before any test loads a generated module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"

@@ -1,0 +1,194 @@
+"""The Triton backend, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1).
+
+Every cell in specs/ must give, through the generated kernels, what the NumPy backend gives, and
+what torch.nn (for LSTM, GRU and RNN) or a hand-written torch loop (for the rest) gives: outputs,
+final states and every gradient, in float32 to 1e-5, on sizes that are not powers of two.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import specc
+
+import triton  # noqa: F401  (a test dependency: missing, these tests fail rather than skip)
+
+F32 = torch.float32
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def run(module, x, state, dy_seed=1):
+    """Outputs, final states and the gradients of a loss touching both, for x, state and weights."""
+    x = x.detach().clone().requires_grad_()
+    state = [s.detach().clone().requires_grad_() for s in state]
+    for p in module.parameters():
+        p.grad = None
+    y, final = module(x, state[0] if len(state) == 1 else tuple(state))
+    final = [final] if isinstance(final, torch.Tensor) else list(final)
+    g = torch.Generator().manual_seed(dy_seed)
+    loss = (y * torch.randn(y.shape, generator=g)).sum()
+    for f in final:
+        loss = loss + (f * torch.randn(f.shape, generator=g)).sum()
+    loss.backward()
+    return {"y": y.detach(), **{f"final{k}": f.detach() for k, f in enumerate(final)}, "dx": x.grad,
+            **{f"d{k}": s.grad for k, s in enumerate(state)},
+            **{f"d{n}": p.grad for n, p in module.named_parameters()}}
+
+
+def assert_same(got, want, tol=1e-5):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol, msg=lambda m: f"{k}: {m}")
+
+
+def odd_dims(dims):
+    sizes = [37, 13, 5, 7, 11]
+    return {d: sizes[k % len(sizes)] for k, d in enumerate(dims)}
+
+
+def test_every_spec_matches_the_numpy_backend(spec_cell):
+    dims = odd_dims(spec_cell.dims)
+    cpu = specc.load(spec_cell.path, spec_cell.cell, **dims)
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.copy_(torch.randn_like(p) * 0.4)
+    gpu = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **dims)
+    gpu.load_state_dict(cpu.state_dict())
+    T, B = 4, 3
+    x = torch.randn(T, B, cpu.sizes["inputs"][cpu.program.INPUTS[0]][0])
+    state = [torch.randn(B, cpu.sizes["states"][n][0]) * 0.5 for n in cpu.program.STATES]
+    assert_same(run(gpu, x, state), run(cpu, x, state))
+    with torch.no_grad():  # inference keeps nothing for backward, and takes another code path
+        torch.testing.assert_close(gpu(x)[0], cpu(x)[0], rtol=1e-5, atol=1e-5)
+
+
+TORCH_LAYERS = {
+    "lstm": (lambda I, H: torch.nn.LSTM(I, H), ("lstm", None)),
+    "gru": (lambda I, H: torch.nn.GRU(I, H), ("gru", None)),
+    "rnn_tanh": (lambda I, H: torch.nn.RNN(I, H), ("elman", "rnn_tanh")),
+    "rnn_relu": (lambda I, H: torch.nn.RNN(I, H, nonlinearity="relu"), ("elman", "rnn_relu")),
+}
+
+
+class TorchLayer(torch.nn.Module):
+    """nn.LSTM/GRU/RNN seen through specc's interface: state (B, H), not (1, B, H)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, state):
+        state = tuple(s[None] for s in state) if isinstance(state, tuple) else state[None]
+        y, final = self.layer(x, state)
+        return y, tuple(f[0] for f in final) if isinstance(final, tuple) else final[0]
+
+    def named_parameters(self, *args, **kwargs):
+        names = {"weight_ih_l0": "W_ih", "weight_hh_l0": "W_hh", "bias_ih_l0": "b_ih", "bias_hh_l0": "b_hh"}
+        for n, p in self.layer.named_parameters():
+            yield names[n], p
+
+
+@pytest.mark.parametrize("name", list(TORCH_LAYERS))
+@pytest.mark.parametrize("I, H", [(37, 100), (16, 20)])
+def test_matches_torch_nn(name, I, H):
+    make, (spec, cell) = TORCH_LAYERS[name]
+    ref = make(I, H)
+    ours = specc.from_torch(ref, backend="triton")
+    T, B = 3, 5
+    x = torch.randn(T, B, I)
+    n_states = len(ours.program.STATES)
+    state = [torch.randn(B, H) * 0.5 for _ in range(n_states)]
+    got, want = run(ours, x, state), run(TorchLayer(ref), x, state)
+    assert_same(got, want)
+
+
+def test_custom_cells_match_hand_written_references():
+    from test_references import CASES, STATE_SIZE
+
+    for name, (reference, dims, shapes) in CASES.items():
+        module = specc.load(name, backend="triton", **dims)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p) * 0.4)
+        T, B = 5, 3
+        x = torch.randn(T, B, dims["I"])
+        h0 = torch.randn(B, dims[STATE_SIZE[name]]) * 0.5
+        got = run(module, x, [h0])
+
+        params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+        xr, hr = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        y, (final,) = reference(xr, hr, params)
+        g = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=g)).sum() + (final * torch.randn(final.shape, generator=g)).sum()
+        loss.backward()
+        want = {"y": y.detach(), "final0": final.detach(), "dx": xr.grad, "d0": hr.grad,
+                **{f"d{n}": p.grad for n, p in params.items()}}
+        assert_same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    ref = specc.load("lstm", I=20, H=24)
+    module = specc.load("lstm", I=20, H=24, backend="triton")
+    module.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 20)
+    y, (h, c) = module(x.to(dtype))
+    assert y.dtype == dtype and h.dtype == dtype
+    want, _ = ref(x.to(dtype).float())
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=1e-2)
+    y.float().sum().backward()
+    assert module.W_hh.grad.dtype == F32 and torch.isfinite(module.W_hh.grad).all()
+
+
+def test_runs_under_autocast():
+    module = specc.load("gru", I=12, H=10, backend="triton")
+    head = torch.nn.Linear(10, 3)
+    x = torch.randn(5, 2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = module(torch.nn.functional.linear(x, torch.eye(12)))  # a bfloat16 tensor under autocast
+        loss = head(y).float().square().mean()
+    loss.backward()
+    assert module.W_ih.grad is not None and torch.isfinite(module.W_ih.grad).all()
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    module = specc.load("lstm", I=3, H=4, backend="triton")
+    with pytest.raises(RuntimeError, match="CUDA tensors.*TRITON_INTERPRET=1"):
+        module(torch.randn(2, 1, 3))
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    module = specc.load("lstm", I=3, H=4, backend="triton")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        module(torch.randn(2, 1, 3))
+
+
+def test_float64_is_refused_with_a_reason():
+    module = specc.load("lstm", I=3, H=4, backend="triton", dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32.*backend='numpy'"):
+        module(torch.randn(2, 1, 3, dtype=torch.float64))
+
+
+def test_auto_uses_numpy_for_cpu_tensors(monkeypatch):
+    module = specc.load("lstm", I=3, H=4)
+    monkeypatch.setitem(sys.modules, "triton", None)  # no triton needed on the CPU
+    y, _ = module(torch.randn(2, 1, 3))
+    assert y.shape == (2, 1, 4)
+
+
+def test_compiled_module_holds_readable_kernels():
+    source = specc.compile_spec("lstm").source
+    kernel = source[source.index("def lstm_forward_step0"):source.index("def lstm_backward_step0")]
+    # The spec's own lines, one fused loop over h for the four gate products, and a masked store of h'.
+    assert "specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g)" in kernel
+    assert kernel.count("for k0 in range(0, H, BLOCK_K):") == 1
+    assert kernel.count("tl.dot(") == 4
+    assert "tl.store(h_seq + ((t + 1) * B + offs_b)" in kernel
