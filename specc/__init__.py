@@ -43,8 +43,17 @@ def program(compiled) -> types.ModuleType:
 
 def load(spec: str | Path, cell: str | None = None, *, batch_first: bool = False, backend: str = "auto",
          dtype=None, **dims):
-    """A torch.nn.Module for a cell: `spec` is a library name ("lstm"), a path, or spec text."""
+    """A torch.nn.Module for a cell: `spec` is a library name ("lstm"), a path, or spec text.
+
+    For a spec holding a `network` block (or a library network's name), the network's module
+    (specc.network.Network); `cell` then picks a network or cell by name.
+    """
+    from .network import load_network
     from .runtime import CellModule
+
+    network = load_network(spec, cell, dtype=dtype, **dims)
+    if network is not None:
+        return network
 
     return CellModule(program(compile_spec(spec, cell)), dims, batch_first=batch_first, backend=backend, dtype=dtype)
 

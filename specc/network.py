@@ -199,3 +199,349 @@ class Recurrent(nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, final
+
+
+# --- networks ---
+
+def _evaluate(size, dims: dict, what: str) -> int:
+    value = size.evaluate(dims)
+    if value.denominator != 1 or value < 1:
+        raise ValueError(f"with {', '.join(f'{k}={v}' for k, v in dims.items())}, {what} would be {value}; "
+                         f"it must be a positive whole number")
+    return int(value)
+
+
+def _compile_layer_program(rec):
+    from . import program
+    from .masking import compile_masked
+
+    return program(compile_masked(rec.cell, rec.text, rec.file))
+
+
+class _Val:
+    """A value flowing through the network: a tensor, and for sequences the lengths (or None)."""
+
+    __slots__ = ("t", "lengths")
+
+    def __init__(self, t, lengths=None):
+        self.t, self.lengths = t, lengths
+
+
+class Network(nn.Module):
+    """A `network` block as a torch.nn.Module.
+
+    net(*inputs, lengths=None, steps=None, **targets) -> the outputs (one tensor, or a tuple in the
+    order the outputs are declared). Inputs are given in declaration order or by name:
+      sequence[n]  (T, B, n) float, or a PackedSequence      vector[n]  (B, n)
+      tokens[V]    (T, B) integer ids, or a PackedSequence   token[V]   (B,)
+    `lengths`: the lengths of the padded sequence inputs, a (B,) tensor (for every sequence input)
+    or a dict by input name. An output fed back with prev(y) is trained with teacher forcing: pass
+    the target tokens as y=(T', B) (or a PackedSequence, or with lengths={'y': ...}); its step t
+    then reads the target's step t - 1, the start token at t = 0. `steps` is the length of the
+    sequences made by repeat/first when nothing else gives one.
+
+    Sequence outputs are (T, B, n), zero past each sequence's end. `generate` decodes.
+    """
+
+    def __init__(self, checked, dims: dict, dtype=None):
+        super().__init__()
+        missing = [d for d in checked.dims if d not in dims]
+        unknown = [d for d in dims if d not in checked.dims]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"dimension{'s' if len(missing) > 1 else ''} {', '.join(missing)} not bound; "
+                             f"pass {', '.join(d + '=...' for d in missing)}")
+            if unknown:
+                parts.append(f"no dimension {', '.join(unknown)} (the dimensions are {', '.join(checked.dims)})")
+            raise TypeError(f"network '{checked.name}': " + "; ".join(parts))
+        for k, v in dims.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"network '{checked.name}': dimension {k} must be a positive whole number, got {v!r}")
+        self.checked = checked
+        self.dims = dict(dims)
+        dtype = dtype or torch.get_default_dtype()
+        self.layers = nn.ModuleDict()
+        for spec in checked.layers:
+            if spec.kind == "embedding":
+                V, E = (_evaluate(s, dims, f"the size of {spec.name}") for s in spec.sizes)
+                self.layers[spec.name] = nn.Embedding(V, E, dtype=dtype)
+            elif spec.kind == "linear":
+                n_in, n_out = (_evaluate(s, dims, f"the size of {spec.name}") for s in spec.sizes)
+                self.layers[spec.name] = nn.Linear(n_in, n_out, dtype=dtype)
+            else:
+                self.layers[spec.name] = self._recurrent(spec, dims, dtype)
+        self.start = None
+        if checked.prev is not None:
+            self.start = _evaluate(checked.prev[2] + 1, dims, "the start token + 1") - 1
+        self.output_names = tuple(name for name, _ in checked.outputs)
+        self.input_names = tuple(name for name, _, _ in checked.inputs)
+
+    @staticmethod
+    def _recurrent(spec, dims, dtype) -> Recurrent:
+        rec = spec.recurrent
+        prog = _compile_layer_program(rec)
+        layers = _evaluate(rec.layers, dims, f"the number of layers of {spec.name}")
+        base = {d: _evaluate(s, dims, f"dimension {d} of {spec.name}") for d, s in rec.dims}
+        directions = 2 if rec.bidirectional else 1
+        layer_dims = [base]
+        for _ in range(1, layers):
+            above = dict(base)
+            above[rec.input_dim] = directions * _evaluate(rec.output, dims, f"the output size of {spec.name}")
+            layer_dims.append(above)
+        return Recurrent(prog, layer_dims, len(rec.cell.inputs), bidirectional=rec.bidirectional,
+                         dropout=rec.dropout, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.checked.name}, " + ", ".join(f"{k}={v}" for k, v in self.dims.items())
+
+    def _dtype(self):
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    # --- binding the inputs ---
+
+    def _bind(self, args, named, lengths):
+        if len(args) > len(self.input_names):
+            raise TypeError(f"network '{self.checked.name}' takes {len(self.input_names)} input(s) "
+                            f"({', '.join(self.input_names) or 'none'}), got {len(args)}")
+        given = dict(zip(self.input_names, args))
+        for k in list(named):
+            if k in self.input_names:
+                if k in given:
+                    raise TypeError(f"input {k} given twice")
+                given[k] = named.pop(k)
+        if isinstance(lengths, dict):
+            lengths = dict(lengths)
+        elif lengths is not None:
+            lengths = {name: lengths for name, kind, _ in self.checked.inputs if kind in ("sequence", "tokens")}
+        else:
+            lengths = {}
+        values = {}
+        for name, kind, _ in self.checked.inputs:
+            if name not in given:
+                raise TypeError(f"network '{self.checked.name}': input {name} not given")
+            values[name] = self._sequence(given[name], lengths.get(name), kind, name)
+        return values, lengths
+
+    def _sequence(self, t, lengths, kind, name) -> _Val:
+        if isinstance(t, PackedSequence):
+            padded, lens = pad_packed_sequence(t)
+            return _Val(padded, lens)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        want = {"sequence": 3, "vector": 2, "tokens": 2, "token": 1}[kind]
+        if t.dim() != want:
+            raise ValueError(f"{name} is a {kind} input: expected {want} axes, got shape {tuple(t.shape)}")
+        if kind in ("sequence", "vector"):
+            t = t.to(self._dtype())
+        return _Val(t, as_lengths(lengths, t.shape[1]) if kind in ("sequence", "tokens") else None)
+
+    # --- running the plan ---
+
+    def forward(self, *args, lengths=None, steps: int | None = None, **named):
+        values, lengths = self._bind(args, named, lengths)
+        targets = {}
+        if self.checked.prev is not None:
+            y = self.checked.prev[0]
+            if y not in named:
+                raise TypeError(f"output {y} is fed back with prev({y}): pass the targets for teacher forcing, "
+                                f"{y}=(T, B) token ids, or decode with generate()")
+            targets[y] = self._sequence(named.pop(y), lengths.get(y), "tokens", y)
+        if named:
+            raise TypeError(f"network '{self.checked.name}' has no input {', '.join(named)}")
+        env: dict[int, _Val] = {}
+        for i, op in enumerate(self.checked.ops):
+            env[i] = self._run(op, env, values, targets, steps)
+        outs = tuple(self._masked(env[i]) for _, i in self.checked.outputs)
+        return outs[0] if len(outs) == 1 else outs
+
+    @staticmethod
+    def _masked(v: _Val) -> torch.Tensor:
+        if v.lengths is None or v.t.dim() != 3:
+            return v.t
+        return v.t * length_mask(v.lengths, v.t.shape[0], v.t.shape[1], v.t.dtype, v.t.device)[:, :, None]
+
+    def _run(self, op, env, values, targets, steps, step: int | None = None, carried=None) -> _Val:
+        kind = op.op
+        if kind == "input":
+            return values[op.attrs[0]]
+        if kind == "prev":
+            y, _ = op.attrs
+            target = targets[y]
+            tokens = target.t
+            start = torch.full_like(tokens[:1], self.start)
+            return _Val(torch.cat([start, tokens[:-1]]), target.lengths)
+        arg = env[op.args[0]] if op.args else None
+        if kind == "fn":
+            name = op.attrs[0]
+            fn = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu,
+                  "softmax": lambda t: torch.softmax(t, -1), "log_softmax": lambda t: torch.log_softmax(t, -1)}[name]
+            return _Val(fn(arg.t), arg.lengths)
+        if kind == "pool":
+            return _Val(self._pool(op.attrs[0], arg))
+        if kind in ("repeat", "first"):
+            T = steps if step is None else 1
+            if T is None:
+                raise TypeError(f"{kind} makes a sequence from a vector: pass steps=T")
+            v = arg.t.unsqueeze(0).expand(T, *arg.t.shape)
+            if kind == "first":
+                keep = torch.zeros(T, 1, 1, dtype=v.dtype, device=v.device)
+                if step is None or step == 0:
+                    keep[0] = 1
+                v = v * keep
+            return _Val(v)
+        if kind == "final":
+            layer, state = op.attrs
+            return _Val(env[("final", layer)][state])
+        name, wires = op.attrs
+        module = self.layers[name]
+        if isinstance(module, Recurrent):
+            hx, inputs = {}, {}
+            for wname, role, wid in wires:
+                (hx if role == "state" else inputs)[wname] = env[wid].t
+            if carried is not None and name in carried:
+                hx = carried[name]
+            out, final = module(arg.t, hx=hx or None, lengths=arg.lengths, inputs=inputs)
+            final = final if isinstance(final, tuple) else (final,)
+            env[("final", name)] = {s: self._top(module, f) for s, f in zip(module.state_names, final)}
+            env[("carry", name)] = dict(zip(module.state_names, final))
+            return _Val(out, arg.lengths)
+        return _Val(module(arg.t), arg.lengths)
+
+    @staticmethod
+    def _top(module: Recurrent, final: torch.Tensor) -> torch.Tensor:
+        """The top layer's final state, its directions side by side: (B, directions * n)."""
+        top = final[-module.num_directions:]
+        return torch.cat(list(top), dim=-1) if module.num_directions == 2 else top[0]
+
+    @staticmethod
+    def _pool(name: str, v: _Val) -> torch.Tensor:
+        t, lengths = v.t, v.lengths
+        T, B = t.shape[:2]
+        if name == "last":
+            if lengths is None:
+                return t[-1]
+            return t[(lengths - 1).to(t.device), torch.arange(B, device=t.device)]
+        mask = length_mask(lengths, T, B, t.dtype, t.device)[:, :, None]
+        if name == "mean":
+            count = mask.sum(0)
+            return (t * mask).sum(0) / count
+        return t.masked_fill(mask == 0, float("-inf")).max(0).values
+
+    # --- decoding ---
+
+    @torch.no_grad()
+    def generate(self, *args, max_len: int, end: int | None = None, sample: bool = False,
+                 temperature: float = 1.0, lengths=None, batch: int | None = None, generator=None, **named):
+        """Decode the output fed back with prev(y): greedily (the most likely token at each step)
+        or by sampling, up to max_len steps or until every sequence has produced `end`.
+
+        Returns (tokens, lengths): tokens (T, B) with T <= max_len, and each sequence's length
+        (up to and including its end token); tokens after a sequence's end are `end`. `batch` is
+        the batch size for a network without inputs.
+        """
+        if self.checked.prev is None:
+            raise TypeError(f"network '{self.checked.name}' feeds nothing back with prev(...); call it instead")
+        values, _ = self._bind(args, named, lengths)
+        if named:
+            raise TypeError(f"network '{self.checked.name}' has no input {', '.join(named)}")
+        y, prev_op, _ = self.checked.prev
+        y_op = dict(self.checked.outputs)[y]
+        if batch is None:
+            for (name, kind, _) in self.checked.inputs:
+                t = values[name].t
+                batch = t.shape[1] if kind in ("sequence", "tokens") else t.shape[0]
+                break
+        if batch is None:
+            raise TypeError("the network has no inputs: pass batch=B")
+        env: dict = {}
+        ops = self.checked.ops
+        for i, op in enumerate(ops):
+            if not op.stepwise:
+                env[i] = self._run(op, env, values, {}, None)
+        device = next(self.parameters()).device
+        token = torch.full((batch,), self.start, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        out_len = torch.full((batch,), max_len, dtype=torch.long)
+        carried: dict = {}
+        tokens = []
+        for t in range(max_len):
+            step_env = dict(env)
+            for i, op in enumerate(ops):
+                if not op.stepwise:
+                    continue
+                if op.op == "prev":
+                    step_env[i] = _Val(token[None, :])
+                else:
+                    step_env[i] = self._run(op, step_env, values, {}, None, step=t, carried=carried)
+                    if op.op == "layer" and isinstance(self.layers[op.attrs[0]], Recurrent):
+                        carried[op.attrs[0]] = step_env[("carry", op.attrs[0])]
+            scores = step_env[y_op].t[0]
+            if sample:
+                probs = torch.softmax(scores / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                token = scores.argmax(-1)
+            if end is not None:
+                token = torch.where(done, torch.full_like(token, end), token)
+                newly = (token == end) & ~done
+                out_len[newly.cpu()] = t + 1
+                done |= newly
+            tokens.append(token)
+            if end is not None and bool(done.all()):
+                break
+        return torch.stack(tokens), out_len
+
+
+# --- loading ---
+
+def _library_network_file(name: str):
+    """(text, file) of the library spec that defines network `name`, or None."""
+    from .library import spec_file, spec_names
+
+    for stem in spec_names():
+        text = spec_file(stem).read_text(encoding="utf-8")
+        if f"network {name}" in text:
+            return text, f"specs/{stem}.rnn"
+    return None
+
+
+def load_network(spec, name: str | None = None, *, dtype=None, **dims) -> Network | None:
+    """The Network for a spec holding `network` blocks, or None when `spec` (or `name`) is a cell.
+
+    `spec` is a path, spec text, a library file's name, or the name of a network in the library.
+    """
+    from .check import check
+    from .errors import SpecError
+    from .network_check import check_network
+    from .parse import parse
+    from .pipeline import read_spec
+
+    try:
+        text, file = read_spec(spec)
+    except SpecError:
+        found = _library_network_file(str(spec)) if isinstance(spec, str) and spec.isidentifier() else None
+        if found is None:
+            return None
+        (text, file), name = found, name or str(spec)
+    parsed = parse(text, file)
+    if not parsed.networks:
+        return None
+    cells = check(parsed)
+    if name is not None and any(c.name == name for c in cells):
+        return None
+    if name is None:
+        if cells or len(parsed.networks) > 1:
+            choices = [n.name for n in parsed.networks] + [c.name for c in cells]
+            raise SpecError(f"{file} defines {', '.join(choices)}; choose one by name: specc.load(spec, 'NAME', ...)")
+        net = parsed.networks[0]
+    else:
+        matches = [n for n in parsed.networks if n.name == name]
+        if not matches:
+            raise SpecError(f"{file} has no network or cell '{name}'; it defines "
+                            f"{', '.join([n.name for n in parsed.networks] + [c.name for c in cells])}")
+        net = matches[0]
+    return Network(check_network(net, parsed, cells), dims, dtype=dtype)
