@@ -604,7 +604,8 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
                      ["BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
             kernels_out.line("")
             kernels_out.line("")
-            kernels_out.line("@triton.jit")
+            # t changes every step: specialising on it would compile the kernel again for t = 1.
+            kernels_out.line('@triton.jit(do_not_specialize=["t"])')
             kernels_out.line(f"def {kname}({', '.join(params + consts)}):")
             kernels_out.line(f'    """Stage {stage} of a step: {_size(tile)} features of '
                              + ", ".join(sorted({g.nodes[t.node].name or f"v{t.node}" for t in group})) + '."""')
