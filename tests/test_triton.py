@@ -24,19 +24,23 @@ def interpret(monkeypatch):
 
 
 def run(module, x, state, dy_seed=1):
-    """Outputs, final states and the gradients of a loss touching both, for x, state and weights."""
-    x = x.detach().clone().requires_grad_()
+    """Outputs, final states and the gradients of a loss touching both, for x, state and weights.
+
+    x is a tensor, or a tuple of them for a cell with several inputs."""
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    xs = [xi.detach().clone().requires_grad_() for xi in xs]
     state = [s.detach().clone().requires_grad_() for s in state]
     for p in module.parameters():
         p.grad = None
-    y, final = module(x, state[0] if len(state) == 1 else tuple(state))
+    y, final = module(xs[0] if len(xs) == 1 else tuple(xs), state[0] if len(state) == 1 else tuple(state))
     final = [final] if isinstance(final, torch.Tensor) else list(final)
     g = torch.Generator().manual_seed(dy_seed)
     loss = (y * torch.randn(y.shape, generator=g)).sum()
     for f in final:
         loss = loss + (f * torch.randn(f.shape, generator=g)).sum()
     loss.backward()
-    return {"y": y.detach(), **{f"final{k}": f.detach() for k, f in enumerate(final)}, "dx": x.grad,
+    return {"y": y.detach(), **{f"final{k}": f.detach() for k, f in enumerate(final)},
+            **{("dx" if k == 0 else f"dx{k}"): xi.grad for k, xi in enumerate(xs)},
             **{f"d{k}": s.grad for k, s in enumerate(state)},
             **{f"d{n}": p.grad for n, p in module.named_parameters()}}
 
@@ -61,9 +65,10 @@ def test_every_spec_matches_the_numpy_backend(spec_cell):
     gpu = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **dims)
     gpu.load_state_dict(cpu.state_dict())
     T, B = 4, 3
-    x = torch.randn(T, B, cpu.sizes["inputs"][cpu.program.INPUTS[0]][0])
+    x = tuple(torch.randn(T, B, cpu.sizes["inputs"][n][0]) for n in cpu.program.INPUTS)
     state = [torch.randn(B, cpu.sizes["states"][n][0]) * 0.5 for n in cpu.program.STATES]
     assert_same(run(gpu, x, state), run(cpu, x, state))
+    x = x[0] if len(x) == 1 else x
     with torch.no_grad():  # inference keeps nothing for backward, and takes another code path
         torch.testing.assert_close(gpu(x)[0], cpu(x)[0], rtol=1e-5, atol=1e-5)
 
