@@ -19,9 +19,10 @@ from .shapes import Size
 
 
 def rebuild(g: Graph, visit=None, keep=None) -> Graph:
-    """Copy `g` node by node through a Builder; `visit(b, i, node, args)` may replace a node.
+    """Copy `g` node by node through a Builder; `visit(b, i, node, new)` may replace a node.
 
-    `keep` (a set of old ids) limits the copy to those nodes; roles pointing elsewhere are dropped.
+    `new` maps the old ids copied so far to their new ids. `keep` (a set of old ids) limits the
+    copy to those nodes; roles pointing elsewhere are dropped.
     """
     b = Builder()
     new: dict[int, int] = {}
@@ -29,7 +30,7 @@ def rebuild(g: Graph, visit=None, keep=None) -> Graph:
         if keep is not None and i not in keep:
             continue
         args = tuple(new[a] for a in node.args)
-        out = visit(b, i, node, args) if visit else None
+        out = visit(b, i, node, new) if visit else None
         if out is None:
             out = b.add(node.op, args, node.attrs, node.name, node.line,
                         type=node.type if node.op in LEAVES else None)
@@ -87,34 +88,20 @@ def reassociate_sums(g: Graph) -> Graph:
         t = g.nodes[i].type
         return 0 if not t.batched else (2 if dep[i] else 1)
 
-    def visit(b: Builder, i, node, args):
+    def visit(b: Builder, i, node, new):
         if node.op != "add" or interior(i):
             return None
         old_terms = terms(i)
         if len(old_terms) < 3 and [rank(t) for t in old_terms] == sorted(rank(t) for t in old_terms):
             return None
         ordered = sorted(old_terms, key=rank)
-        acc = remap[ordered[0]]
+        acc = new[ordered[0]]
         for t in ordered[1:]:
-            acc = b.add("add", (acc, remap[t]), line=node.line)
+            acc = b.add("add", (acc, new[t]), line=node.line)
         b.name(acc, node.name, node.line)
         return acc
 
-    # rebuild() hands visit the new ids of a node's direct arguments only; the terms of a chain
-    # lie deeper, so keep the whole old->new map here.
-    remap: dict[int, int] = {}
-
-    def visit_and_record(b, i, node, args):
-        out = visit(b, i, node, args)
-        if out is None:
-            out = b.add(node.op, args, node.attrs, node.name, node.line,
-                        type=node.type if node.op in LEAVES else None)
-            if node.name:
-                b.name(out, node.name, node.line)
-        remap[i] = out
-        return out
-
-    return eliminate_dead(rebuild(g, visit_and_record))
+    return eliminate_dead(rebuild(g, visit))
 
 
 def fuse_products(g: Graph) -> Graph:
@@ -131,31 +118,24 @@ def fuse_products(g: Graph) -> Graph:
     if not fused:
         return g
     made: dict[tuple, tuple[int, dict[int, tuple[Size, Size]]]] = {}
-    remap: dict[int, int] = {}
 
-    def visit(b: Builder, i, node, args):
+    def visit(b: Builder, i, node, new):
         if i not in fused:
-            out = None
-        else:
-            weights = fused[i]
-            key = (node.args[1], tuple(weights))
-            if key not in made:
-                stacked = b.add("concat", tuple(remap[w] for w in weights), line=node.line)
-                product = b.add("matvec", (stacked, args[1]), line=node.line)
-                offsets, at = {}, Size.of(0)
-                for w in weights:
-                    rows = g.nodes[w].type.shape[0]
-                    offsets[w] = (at, at + rows)
-                    at = at + rows
-                made[key] = (product, offsets)
-            product, offsets = made[key]
-            out = b.add("slice", (product,), offsets[node.args[0]], node.name, node.line)
-        if out is None:
-            out = b.add(node.op, args, node.attrs, node.name, node.line,
-                        type=node.type if node.op in LEAVES else None)
-        if node.name:
-            b.name(out, node.name, node.line)
-        remap[i] = out
+            return None
+        weights = fused[i]
+        key = (node.args[1], tuple(weights))
+        if key not in made:
+            stacked = b.add("concat", tuple(new[w] for w in weights), line=node.line)
+            product = b.add("matvec", (stacked, new[node.args[1]]), line=node.line)
+            offsets, at = {}, Size.of(0)
+            for w in weights:
+                rows = g.nodes[w].type.shape[0]
+                offsets[w] = (at, at + rows)
+                at = at + rows
+            made[key] = (product, offsets)
+        product, offsets = made[key]
+        out = b.add("slice", (product,), offsets[node.args[0]], node.name, node.line)
+        b.name(out, node.name, node.line)
         return out
 
     return eliminate_dead(rebuild(g, visit))
