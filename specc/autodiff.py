@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from . import ops
-from .ir import Builder, Graph, Type
+from .ir import Builder, Graph, Type, suggested_names
 from .shapes import Size
 
 
@@ -25,6 +25,7 @@ def fwd_key(i: int) -> str:
 def differentiate(fwd: Graph) -> Graph:
     b = Builder()
     mirror: dict[int, int] = {}
+    fwd_names = suggested_names(fwd)
 
     def m(i: int) -> int:
         """The forward value i as seen from the backward step."""
@@ -34,8 +35,7 @@ def differentiate(fwd: Graph) -> Graph:
                 mirror[i] = b.const(node.attrs[0])
             else:
                 kind = "input" if node.type.batched else "param"
-                mirror[i] = b.add(kind, (), (fwd_key(i),), name=node.name or (node.attrs[0] if node.op == "param" else ""),
-                                  type=node.type)
+                mirror[i] = b.add(kind, (), (fwd_key(i),), name=fwd_names[i], type=node.type)
         return mirror[i]
 
     grads: dict[int, list[int]] = defaultdict(list)
@@ -63,8 +63,8 @@ def differentiate(fwd: Graph) -> Graph:
         g = parts[0]
         for p in parts[1:]:
             g = b.add("add", (g, p))
-        if node.name or node.op == "param":
-            b.name(g, "d_" + (node.name or node.attrs[0]), node.line)
+        if not fwd_names[i].startswith("v"):
+            b.name(g, "d_" + fwd_names[i], node.line)
         return g
 
     for i in reversed(range(len(fwd.nodes))):

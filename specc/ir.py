@@ -101,6 +101,38 @@ class Builder:
         return self.add("const", (), (float(value),), type=Type((), False))
 
 
+def suggested_names(g: Graph) -> list[str]:
+    """A readable name for every value: the spec's own, or one made from its operands' names.
+
+    sigmoid(f) reads as sigmoid_f and W_hh @ h as W_hh_h; values whose operands have no such
+    names are v<id>. Code generators start from these (and make them unique).
+    """
+    names: list[str] = []
+    given: list[bool] = []  # a spec name or a leaf's, rather than one made up here
+    for i, node in enumerate(g.nodes):
+        if node.name:
+            names.append(node.name)
+            given.append(True)
+            continue
+        if node.op in ("input", "carry", "param") and node.attrs and str(node.attrs[0]).isidentifier():
+            names.append(str(node.attrs[0]))
+            given.append(True)
+            continue
+        simple = all(given[a] for a in node.args)
+        arg = [names[a] for a in node.args]
+        if simple and len(arg) == 1 and node.op not in ("slice", "reshape", "zeros", "sum_rows", "sum_all"):
+            name = f"{node.op}_{arg[0]}"
+        elif simple and node.op == "matvec":
+            name = f"{arg[0]}_{arg[1]}"
+        elif simple and node.op == "matvec_t":
+            name = f"{arg[0]}T_{arg[1]}"
+        else:
+            name = f"v{i}"
+        names.append(name)
+        given.append(False)
+    return names
+
+
 def format_graph(g: Graph) -> str:
     roles: dict[int, str] = {}
     for name, leaf, nxt in g.carries:

@@ -25,6 +25,8 @@ def lower(cell: CheckedCell) -> Graph:
         line = eq.loc.line
         if isinstance(eq.expr, ast.Call) and eq.expr.fn == "split":
             whole = _expr(b, eq.expr.args[0], env, line)
+            # The split value is named after its parts (i_f_g_o), and its gradient d_i_f_g_o.
+            b.name(whole, "_".join(_name(t) for t in eq.targets), line)
             parts = len(eq.targets)
             size = b.type(whole).shape[0] / parts
             for k, t in enumerate(eq.targets):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Graph, Node
+from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
@@ -193,6 +193,7 @@ class KernelWriter:
         self.body = Writer()
         self.body._depth = 1
         self.namer = Namer(taken | _INTERNAL)
+        self.suggested = suggested_names(self.g)
         self.memo: dict[tuple[int, str], str] = {}
         self.args: dict[str, None] = {}  # tensors the kernel reads or writes, in first-use order
         self.uses_train = False
@@ -277,9 +278,7 @@ class KernelWriter:
         return out
 
     def _wanted(self, i: int, offset: Size) -> str:
-        node = self.g.nodes[i]
-        base = node.name or (node.attrs[0] if node.op in ("carry", "input") and node.attrs else f"v{i}")
-        base = base.replace(":", "_").replace("%", "v")
+        base = self.suggested[i]
         if offset != Size.of(0):
             base += "_at_" + "".join(ch for ch in _size(offset) if ch.isalnum())
         return base
@@ -636,11 +635,12 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
 def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
     names = HostNames()
     g = s.graph
+    suggested = suggested_names(g)
     for i, node in enumerate(g.nodes):
         if i in leaf_names:
             names.names[i] = leaf_names[i]
         elif node.op not in ("const", "carry"):
-            names.names[i] = namer(node.name or f"v{i}")
+            names.names[i] = namer(suggested[i])
     for name, _, _ in g.carries:
         names.carry_buf[name] = namer(f"d_{name}_seq" if reverse else f"{name}_seq")
     for i in sorted(s.kept):
