@@ -1,4 +1,4 @@
-"""The command line: specc check, specc compile, specc demo."""
+"""The command line: specc check, compile, demo, train, sample, experiment."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,70 @@ def _cmd_demo(args) -> int:
     return run(steps=args.steps, show=not args.quiet)
 
 
+def _cmd_train(args) -> int:
+    from .train import load_config, train
+    from .train.sample import generate
+
+    cfg = load_config(args.config)
+    result = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    if result.status != "done":
+        print(result.message, file=sys.stderr)
+        return 1 if result.status == "diverged" else 130
+    if not _is_main_process():
+        return 0
+    print(f"step {result.step}: checkpoint {result.out / 'checkpoint.pt'}, loss curve {result.out / 'loss.png'}")
+    if result.evals:
+        from .train.loop import format_metrics
+
+        print(f"final evaluation: {format_metrics(result.evals[-1][1])}")
+    if result.task.stream and not args.no_sample:
+        s = cfg["sample"]
+        print(f"\nA sample ({s['length']} characters after {s['prime']!r}, temperature {s['temperature']}):\n")
+        print(s["prime"] + generate(result.model, result.task.vocab, s["prime"], s["length"], s["temperature"],
+                                    s["seed"]))
+    return 0
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _cmd_sample(args) -> int:
+    from .train.sample import generate, load_model
+
+    model, ck = load_model(args.checkpoint)
+    vocab = ck["io"]["vocab"]
+    if vocab is None:
+        print(f"{args.checkpoint}: error: not a language model (task {ck['config']['task']['name']})", file=sys.stderr)
+        return 1
+    s = ck["config"]["sample"]
+    prime = s["prime"] if args.prime is None else args.prime.encode().decode("unicode_escape")
+    length = s["length"] if args.length is None else args.length
+    temperature = s["temperature"] if args.temperature is None else args.temperature
+    seed = s["seed"] if args.seed is None else args.seed
+    try:
+        text = generate(model, vocab, prime, length, temperature, seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(prime + text)
+    return 0
+
+
+def _cmd_experiment(args) -> int:
+    from .train.experiments import EXPERIMENTS, run
+
+    if args.name not in EXPERIMENTS and args.name != "list":
+        print(f"error: no experiment {args.name!r} (known: {', '.join(EXPERIMENTS)})", file=sys.stderr)
+        return 2
+    if args.name == "list":
+        for e in EXPERIMENTS.values():
+            print(f"{e.name:16} {e.source}: {e.claim}")
+        return 0
+    result = run(args.name, quick=args.quick, seed=args.seed, out=args.out, threads=args.threads)
+    return 0 if result["reproduced"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specc", description="A compiler for recurrent neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +156,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="do not print the generated code")
     p.set_defaults(run=_cmd_demo)
 
+    p = sub.add_parser("train", help="train a cell as a YAML config says (see configs/)")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the config's out directory")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--no-sample", action="store_true", help="do not print a sample after training a language model")
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained language model's checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--prime", help="text to start from (backslash escapes such as \\n work)")
+    p.add_argument("--length", type=int, help="characters to generate")
+    p.add_argument("--temperature", type=float, help="higher is more adventurous; 0 always takes the likeliest")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(run=_cmd_sample)
+
+    p = sub.add_parser("experiment", help="reproduce a published result: reber, embedded_reber, adding (or list)")
+    p.add_argument("name")
+    p.add_argument("--quick", action="store_true", help="the small version the tests run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", help="keep the checkpoints here")
+    p.set_defaults(run=_cmd_experiment)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -100,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # Config mistakes and missing files are the user's to fix: say what, without a traceback.
+        if type(e).__name__ == "ConfigError" or isinstance(e, FileNotFoundError):
+            print(f"error: {e}" if isinstance(e, FileNotFoundError) else str(e), file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""Published results, reproduced with compiled cells: `specc experiment NAME`.
+
+Each experiment is a training config and a final test on fresh data from its own generator,
+printed beside the published number. `quick=True` is the small version the tests run.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import config_from_dict
+from .loop import EVAL_SEED_OFFSET, train
+
+TEST_SEED_OFFSET = 7 * EVAL_SEED_OFFSET  # the final test draws data that neither training nor evaluation saw
+
+
+@dataclass
+class Experiment:
+    name: str
+    claim: str  # the published result
+    source: str
+    config: dict
+    quick: dict  # overrides of config["train"] for the small version
+    test_batches: int
+    measure: str  # the metric that decides
+    target: float
+    better: str  # "higher" or "lower"
+    compare: dict | None = None  # another model, trained on the same budget, reported beside
+
+
+def _reber_config(task, spec, H, head, steps, lr):
+    return {"model": {"spec": spec, "dims": {"H": H}, "head": head}, "task": {"name": task},
+            "train": {"batch_size": 32, "steps": steps, "lr": lr, "eval_every": 500, "checkpoint_every": 10**9,
+                      "log_every": 250, "eval_batches": 8}}
+
+
+EXPERIMENTS = {e.name: e for e in [
+    Experiment(
+        "reber", "an Elman network's predicted next-symbol sets (outputs > 0.3) are exactly the legal "
+        "ones at >= 99% of positions on fresh strings", "Cleeremans, Servan-Schreiber & McClelland 1989",
+        _reber_config("reber", "elman", 16, False, 2000, 0.01), {"steps": 300}, 60, "positions", 0.99, "higher"),
+    Experiment(
+        "embedded_reber", "an LSTM predicts all legal next symbols (outputs > 0.3) of >= 99% of fresh "
+        "embedded Reber strings, the second-to-last symbol included", "Hochreiter & Schmidhuber 1997",
+        _reber_config("embedded_reber", "lstm", 32, True, 3000, 0.01), {"steps": 800}, 60, "sequences", 0.99,
+        "higher", compare={"spec": "elman", "dims": {"H": 32}, "head": False}),
+    Experiment(
+        "adding", "an LSTM solves the adding problem at T = 100 to a mean squared error < 0.01 "
+        "(always answering 1 scores ~0.167)", "Hochreiter & Schmidhuber 1997; Le, Jaitly & Hinton 2015",
+        {"model": {"spec": "lstm", "dims": {"H": 64}}, "task": {"name": "adding", "length": 100},
+         "train": {"batch_size": 64, "steps": 4000, "lr": 0.003, "clip": 1.0, "eval_every": 500,
+                   "checkpoint_every": 10**9, "log_every": 250, "eval_batches": 4}},
+        {"steps": 600}, 16, "mse", 0.01, "lower"),
+]}
+
+
+def _test(result, cfg, batches: int) -> dict:
+    """The task's measures on fresh data from a generator used nowhere else."""
+    task, model = result.task, result.model
+    rng = np.random.default_rng(cfg["train"]["seed"] + TEST_SEED_OFFSET)
+    data = [task.batch(rng, 32) for _ in range(batches)]
+    return task.metrics(model, data)
+
+
+def run(name: str, quick: bool = False, seed: int = 0, out: str | None = None, progress: bool | None = None,
+        threads: int | None = None, overrides: dict | None = None, log=print) -> dict:
+    """Train, test, print against the published result; returns {"model": measures, "compare": ...}."""
+    e = EXPERIMENTS[name]
+    raw = copy.deepcopy(e.config)
+    raw["train"].update(seed=seed, **({"threads": threads} if threads else {}), **(e.quick if quick else {}), **(overrides or {}))
+    results = {}
+    runs = [("model", raw)]
+    if e.compare:
+        other = copy.deepcopy(raw)
+        other["model"] = dict(e.compare)
+        runs.append(("compare", other))
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, conf in runs:
+            conf["out"] = f"{out or tmp}/{name}-{key}"
+            cfg = config_from_dict(conf, f"<experiment {name}>")
+            log(f"{name}: training {conf['model']['spec']} (H={conf['model']['dims']['H']}) for "
+                f"{conf['train']['steps']} steps of {conf['train']['batch_size']} sequences")
+            result = train(cfg, progress=progress)
+            results[key] = _test(result, cfg, e.test_batches)
+            results[key]["steps"] = result.step
+    m = results["model"][e.measure]
+    ok = m >= e.target if e.better == "higher" else m < e.target
+    log(f"\n{name} ({e.source})")
+    log(f"  published: {e.claim}")
+    log(f"  measured ({e.test_batches * 32} fresh sequences): " + _fmt(results["model"]))
+    if e.compare:
+        log(f"  {e.compare['spec']} on the same budget: " + _fmt(results["compare"]))
+    log(f"  {'REPRODUCED' if ok else 'NOT REPRODUCED'}: {e.measure} {m:.4f} "
+        f"({'>=' if e.better == 'higher' else '<'} {e.target} wanted)")
+    results["reproduced"] = ok
+    return results
+
+
+def _fmt(m: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())

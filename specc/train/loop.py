@@ -1,0 +1,264 @@
+"""The training loop behind `specc train`, also run under torchrun as DistributedDataParallel.
+
+One step: the next batch (a chunk of every stream, or fresh sequences), the loss on this process's
+share of it, backpropagation (through the compiled cell's generated BPTT), gradient clipping by
+global norm, an optimiser step. Streams are read by truncated BPTT: the cell's state is carried
+from one chunk to the next, detached, and reset at the start of each pass over the stream.
+
+Under torchrun every process builds the same global batch from the same generator state and takes
+its own columns; the loss is scaled so that DDP's averaged gradient is the gradient of the mean
+loss over the global batch, as one process computing all of it would get.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint
+from .config import ConfigError
+from .model import SequenceModel, build_model
+from .plot import write_loss_curve
+from .progress import Progress
+from .threads import set_threads
+from .tasks import Generated, Stream, Task, make_task
+
+EVAL_SEED_OFFSET = 1_000_003  # evaluation data comes from its own generator: it never moves the training data
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Result:
+    status: str  # "done", "interrupted" or "diverged"
+    step: int
+    model: SequenceModel
+    task: Task
+    out: Path
+    history: list = field(default_factory=list)  # training loss per step (step k at index k-1)
+    evals: list = field(default_factory=list)  # (step, {"loss": ..., task metrics})
+    message: str = ""
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # the compiled cells run on the CPU
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, t: dict) -> torch.optim.Optimizer:
+    name, lr, wd = t["optimizer"], t["lr"], t["weight_decay"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=wd)
+    return torch.optim.RMSprop(params, lr=lr, momentum=t["momentum"], weight_decay=wd)
+
+
+def task_from_config(cfg: dict) -> Task:
+    options = dict(cfg["task"])
+    return make_task(options.pop("name"), **options)
+
+
+def loss_sum(task: Task, pred: torch.Tensor, batch) -> torch.Tensor:
+    """The summed loss over the positions that count (mask)."""
+    if task.loss == "ce":
+        per = nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), batch.y.reshape(-1),
+                                          reduction="none").reshape(batch.mask.shape)
+    else:
+        per = ((pred - batch.y) ** 2).mean(-1)
+    return (per * batch.mask).sum()
+
+
+def _as_tuple(state) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def evaluate(task: Task, model: SequenceModel, cfg: dict) -> dict:
+    """Loss on held-out data (the validation stream, or fresh sequences from a fixed generator),
+    and the task's own measures."""
+    t = cfg["train"]
+    n = t["eval_batches"]
+    with torch.no_grad():
+        if task.stream:
+            k = min(t["seq_len"], len(task.val_ids) - 1)
+            stream = Stream(task.val_ids, min(t["batch_size"], (len(task.val_ids) - 1) // k), k)
+            chunks = stream.chunks_per_epoch if n is None else min(n, stream.chunks_per_epoch)
+            total = count = 0.0
+            state = None
+            for _ in range(chunks):
+                batch, _ = stream.next()
+                pred, state = model(batch.x, state)
+                total += loss_sum(task, pred, batch).item()
+                count += batch.mask.sum().item()
+            return {"loss": total / count}
+        rng = np.random.default_rng(t["seed"] + EVAL_SEED_OFFSET)
+        batches = [task.batch(rng, t["batch_size"]) for _ in range(n or 20)]
+        total = sum(loss_sum(task, model(b.x)[0], b).item() for b in batches)
+        count = sum(b.mask.sum().item() for b in batches)
+        return {"loss": total / count, **task.metrics(model, batches)}
+
+
+def format_metrics(m: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
+
+
+def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=None) -> Result:
+    """Train as the config says; with resume, continue from the checkpoint in cfg["out"]."""
+    rank, world = _distributed()
+    t = cfg["train"]
+    out = Path(cfg["out"])
+    ckpt_path = out / "checkpoint.pt"
+    B = t["batch_size"]
+    if B % world:
+        raise ConfigError(f"train.batch_size: {B} does not split evenly across {world} processes")
+    lo, hi = rank * B // world, (rank + 1) * B // world
+
+    if t["threads"] is not None:
+        set_threads(t["threads"])
+    seed_everything(t["seed"])
+    task = task_from_config(cfg)
+    model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs)
+    opt = make_optimizer(model.parameters(), t)
+    source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
+    step, history, evals, carry, saved_step = 0, [], [], None, None
+
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from")
+        ck = checkpoint.load(ckpt_path)
+        for section in ("model", "task"):
+            if ck["config"][section] != cfg[section]:
+                raise ConfigError(f"--resume: the config's {section} section differs from the checkpoint's "
+                                  f"({ck['config'][section]} there)")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        checkpoint.set_rng_states(ck["rng"])
+        source.load_state_dict(ck["data"])
+        step = saved_step = ck["step"]
+        history, evals = list(ck["history"]), list(ck["evals"])
+        carry = None if ck["carry"] is None else tuple(c[lo:hi] for c in ck["carry"])
+
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    main = rank == 0
+    total_steps = t["steps"]
+    if t["epochs"] is not None:
+        by_epochs = math.ceil(t["epochs"] * source.chunks_per_epoch)
+        total_steps = by_epochs if total_steps is None else min(total_steps, by_epochs)
+    bar = Progress(total_steps, t["time_limit"], start_step=step, unit="tok" if task.stream else "seq",
+                   stream=stream, every=t["log_every"], enabled=progress if main else False)
+    if not main:
+        bar.stream = open(os.devnull, "w")
+
+    stop_requested = False
+
+    def on_sigint(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+
+    def save() -> None:
+        nonlocal saved_step
+        full_carry = carry
+        if carry is not None and world > 1:
+            parts = [[torch.empty_like(c) for _ in range(world)] for c in carry]
+            for p, c in zip(parts, carry):
+                dist.all_gather(p, c.contiguous())
+            full_carry = tuple(torch.cat(p, 0) for p in parts)
+        if main:
+            checkpoint.save(ckpt_path, {
+                "config": cfg, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "rng": checkpoint.rng_states(), "data": source.state_dict(), "carry": full_carry,
+                "history": history, "evals": evals,
+                "io": {"n_in": task.n_in, "n_out": task.n_out, "inputs": task.inputs, "vocab": task.vocab},
+            })
+            write_loss_curve(out / "loss.png", list(enumerate(history, 1)), [(s, m["loss"]) for s, m in evals])
+        saved_step = step
+
+    def finished() -> bool:
+        if total_steps is not None and step >= total_steps:
+            return True
+        return t["time_limit"] is not None and time.perf_counter() - bar.start >= t["time_limit"]
+
+    status, message = "done", ""
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        while not finished():
+            batch, fresh = source.next()
+            count = batch.mask.sum()
+            mine = batch.columns(lo, hi)
+            pred, state = net(mine.x, None if fresh or carry is None else carry)
+            local = loss_sum(task, pred, mine)
+            seen = torch.tensor([local.item() / count.item(), float(stop_requested)], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(seen)
+            loss_value, stop_now = seen[0].item(), seen[1].item() > 0
+            if not math.isfinite(loss_value):
+                status, message = "diverged", _diverged(loss_value, "loss", step + 1, ckpt_path, saved_step)
+                break
+            opt.zero_grad(set_to_none=True)
+            # Every process divides by the global count; DDP averages over processes, hence * world.
+            (local / count * world).backward()
+            if t["clip"] is not None:
+                norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"])
+                if not math.isfinite(norm.item()):
+                    status, message = "diverged", _diverged(norm.item(), "gradient norm", step + 1, ckpt_path,
+                                                            saved_step)
+                    break
+            opt.step()
+            carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
+            step += 1
+            history.append(loss_value)
+            bar.update(step, loss_value, int(count) if task.stream else B)
+            last = finished() or stop_now
+            if step % t["eval_every"] == 0 or last:
+                metrics = evaluate(task, model, cfg)
+                evals.append((step, metrics))
+                bar.message(f"step {step}: eval {format_metrics(metrics)}")
+            if step % t["checkpoint_every"] == 0 or last:
+                save()
+            if stop_now:
+                status, message = "interrupted", f"interrupted at step {step}; checkpoint {ckpt_path}"
+                break
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    if status == "done" and saved_step != step:
+        save()  # e.g. a resumed run that was already finished
+    return Result(status, step, model, task, out, history, evals, message)
+
+
+def _diverged(value: float, what: str, step: int, ckpt: Path, saved_step: int | None) -> str:
+    kept = (f"the last good checkpoint, from step {saved_step}, is kept at {ckpt}" if saved_step is not None
+            else "no checkpoint had been written yet")
+    return (f"training stopped: the {what} is {value} at step {step}; {kept}. "
+            f"Try a lower train.lr or a smaller train.clip.")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,42 @@
+"""Sampling text from a trained language model: prime it, then draw one token at a time."""
+from __future__ import annotations
+
+import torch
+
+from . import checkpoint
+from .model import SequenceModel, build_model
+
+
+def load_model(path) -> tuple[SequenceModel, dict]:
+    """The model in a training checkpoint, and the checkpoint (its config, vocabulary, ...)."""
+    ck = checkpoint.load(path)
+    io = ck["io"]
+    model = build_model(ck["config"]["model"], io["n_in"], io["n_out"], io["inputs"])
+    model.load_state_dict(ck["model"])
+    return model, ck
+
+
+def generate(model: SequenceModel, vocab: list[str], prime: str, length: int, temperature: float = 0.8,
+             seed: int = 0) -> str:
+    """`length` characters after `prime`. temperature 0 takes the most likely one each time."""
+    index = {ch: k for k, ch in enumerate(vocab)}
+    unknown = sorted(set(prime) - set(index))
+    if unknown:
+        raise ValueError(f"the prime text has characters the model never saw: {''.join(unknown)!r}")
+    if not prime:
+        raise ValueError("the prime text is empty; give at least one character")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        logits, state = model(torch.tensor([index[ch] for ch in prime]).unsqueeze(1))
+        last = logits[-1, 0]
+        for _ in range(length):
+            if temperature <= 0:
+                k = int(last.argmax())
+            else:
+                probs = torch.softmax(last.double() / temperature, -1)
+                k = int(torch.multinomial(probs, 1, generator=gen))
+            out.append(vocab[k])
+            logits, state = model(torch.tensor([[k]]), state)
+            last = logits[-1, 0]
+    return "".join(out)
