@@ -101,7 +101,9 @@ class _Reader:
             out[key] = (k, v)
         return out
 
-    def section(self, node, name: str, schema: dict) -> dict:
+    def section(self, node, name: str, schema: dict, at=None) -> dict:
+        """A section's entries checked against its schema; `at` is its key, where a missing
+        entry is reported."""
         entries = self.mapping(node, name)
         out = {}
         for key, (knode, vnode) in entries.items():
@@ -117,7 +119,7 @@ class _Reader:
         for key, (types, default) in schema.items():
             if key not in out:
                 if default is REQUIRED:
-                    self.error(node, f"{name}.{key}: required")
+                    self.error(at or node, f"{name}.{key}: required")
                 out[key] = copy.deepcopy(default)
         return out
 
@@ -139,9 +141,9 @@ def parse_config(text: str, source: str = "<config>") -> dict:
         if key not in SCHEMA:
             r.error(knode, f"{key}: unknown section (known: {', '.join(SCHEMA)})")
         if key == "task":
-            cfg[key] = _task(r, vnode)
+            cfg[key] = _task(r, knode, vnode)
         elif isinstance(SCHEMA[key], dict):
-            cfg[key] = r.section(vnode, key, SCHEMA[key])
+            cfg[key] = r.section(vnode, key, SCHEMA[key], at=knode)
         else:
             value, (types, _) = r.value(vnode), SCHEMA[key]
             if not _fits(value, types):
@@ -159,16 +161,16 @@ def parse_config(text: str, source: str = "<config>") -> dict:
     return cfg
 
 
-def _task(r: _Reader, node) -> dict:
+def _task(r: _Reader, at, node) -> dict:
     entries = r.mapping(node, "task")
     if "name" not in entries:
-        r.error(node, "task.name: required (one of " + ", ".join(TASKS) + ")")
+        r.error(at, "task.name: required (one of " + ", ".join(TASKS) + ")")
     knode, vnode = entries["name"]
     name = r.value(vnode)
     if name not in TASKS:
         r.error(vnode, f"task.name: unknown task {name!r} (known: {', '.join(TASKS)})")
     schema = dict(SCHEMA["task"], **TASKS[name].OPTIONS)
-    return r.section(node, "task", schema)
+    return r.section(node, "task", schema, at=at)
 
 
 def _check_values(r: _Reader, cfg: dict, top: dict) -> None:

@@ -221,6 +221,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             opt.zero_grad(set_to_none=True)
             # Every process divides by the global count; DDP averages over processes, hence * world.
             (local / count * world).backward()
+            _unshare_grads(model)
             if t["clip"] is not None:
                 norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"])
                 if not math.isfinite(norm.item()):
@@ -256,6 +257,19 @@ def _diverged(value: float, what: str, step: int, ckpt: Path, saved_step: int | 
             else "no checkpoint had been written yet")
     return (f"training stopped: the {what} is {value} at step {step}; {kept}. "
             f"Try a lower train.lr or a smaller train.clip.")
+
+
+def _unshare_grads(model: nn.Module) -> None:
+    """Give every parameter a gradient of its own. The generated backward may hand out one array
+    for two parameters whose gradients are equal (b_ih and b_hh of an LSTM); in-place clipping
+    would then scale that memory twice. (The runtime should copy; until it does, this does.)"""
+    seen = set()
+    for p in model.parameters():
+        if p.grad is not None:
+            ptr = p.grad.untyped_storage().data_ptr()
+            if ptr in seen:
+                p.grad = p.grad.clone()
+            seen.add(ptr)
 
 
 def _main_thread() -> bool:

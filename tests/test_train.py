@@ -1,0 +1,240 @@
+"""specc train / sample: the loop against a hand-written torch reference, resume, checkpoints, NaN."""
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from specc.cli import main
+from specc.train import checkpoint, config_from_dict, train
+from specc.train import loop as loop_module
+from specc.train.sample import generate, load_model
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 4
+
+
+def corpus_config(tmp_path, **train):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    settings = dict(batch_size=2, seq_len=8, steps=6, optimizer="sgd", lr=0.5, clip=0.1, eval_every=1000,
+                    checkpoint_every=1000, threads=1)
+    settings.update(train)
+    return config_from_dict({"model": {"spec": "lstm", "dims": {"H": 12}},
+                             "task": {"name": "corpus", "path": str(path)},
+                             "train": settings, "out": str(tmp_path / "run")})
+
+
+def test_truncated_bptt_with_clipping_matches_a_torch_reference(tmp_path):
+    cfg = corpus_config(tmp_path, steps=30)  # 30 chunks: past the end of an epoch (state reset)
+    result = train(cfg, progress=False)
+
+    # The reference: torch's own LSTM, stream slicing, clipping and SGD written out by hand,
+    # from the same initial weights (train seeds torch, then builds the model).
+    vocab = sorted(set(TEXT))
+    ids = torch.tensor([vocab.index(c) for c in TEXT])
+    ids = ids[:len(ids) - int(len(ids) * 0.1)]
+    V, H, B, k = len(vocab), 12, 2, 8
+    torch.manual_seed(0)
+    init = loop_module.build_model(cfg["model"], V, V, "tokens")
+    lstm, head = nn.LSTM(V, H), nn.Linear(H, V)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(init.cell.W_ih)
+        lstm.weight_hh_l0.copy_(init.cell.W_hh)
+        lstm.bias_ih_l0.copy_(init.cell.b_ih)
+        lstm.bias_hh_l0.copy_(init.cell.b_hh)
+        head.load_state_dict(init.head.state_dict())
+    params = list(lstm.parameters()) + list(head.parameters())
+    seg = (len(ids) - 1) // B
+    chunks = seg // k
+    state, losses = None, []
+    for step in range(30):
+        c = step % chunks
+        if c == 0:
+            state = None
+        x = torch.stack([ids[b * seg + c * k: b * seg + c * k + k] for b in range(B)], 1)
+        y = torch.stack([ids[b * seg + c * k + 1: b * seg + c * k + k + 1] for b in range(B)], 1)
+        out, state = lstm(nn.functional.one_hot(x, V).float(), state)
+        loss = nn.functional.cross_entropy(head(out).reshape(-1, V), y.reshape(-1))
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        scale = min(1.0, 0.1 / (norm.item() + 1e-6))
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.5 * scale * g
+        state = tuple(s.detach() for s in state)
+        losses.append(loss.item())
+    assert np.allclose(result.history, losses, atol=1e-5)
+    got = result.model
+    assert torch.allclose(got.cell.W_hh, lstm.weight_hh_l0, atol=1e-5)
+    assert torch.allclose(got.cell.W_ih, lstm.weight_ih_l0, atol=1e-5)
+    assert torch.allclose(got.head.weight, head.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["corpus", "reber"])
+def test_resume_continues_bit_for_bit(tmp_path, task):
+    def config(out, steps):
+        cfg = corpus_config(tmp_path, steps=steps, optimizer="adam", lr=0.01, eval_every=3, checkpoint_every=2)
+        if task == "reber":
+            cfg["task"] = {"name": "reber", "threshold": 0.3}
+        cfg["out"] = str(tmp_path / out)
+        return cfg
+
+    straight = train(config("a", 31), progress=False)  # corpus: 30 chunks an epoch, so this wraps
+    train(config("b", 13), progress=False)
+    resumed = train(config("b", 31), resume=True, progress=False)
+    assert resumed.step == straight.step == 31
+    assert resumed.history == straight.history
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ck_a, ck_b = checkpoint.load(tmp_path / "a" / "checkpoint.pt"), checkpoint.load(tmp_path / "b" / "checkpoint.pt")
+    assert ck_a["data"] == ck_b["data"]
+    assert ck_a["carry"] is None if task == "reber" else all(torch.equal(x, y) for x, y in zip(ck_a["carry"], ck_b["carry"]))
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    cfg = corpus_config(tmp_path, steps=2)
+    train(cfg, progress=False)
+    cfg["model"]["dims"]["H"] = 13
+    with pytest.raises(ValueError, match="model section differs"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = corpus_config(tmp_path, steps=20, checkpoint_every=4)
+    good = train(dict(cfg, out=str(tmp_path / "good"), train=dict(cfg["train"], steps=8)), progress=False)
+    real, calls = loop_module.loss_sum, []
+
+    def poisoned(task, pred, batch):
+        value = real(task, pred, batch)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 10:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(loop_module, "loss_sum", poisoned)
+    result = train(cfg, progress=False)
+    assert result.status == "diverged" and result.step == 9
+    assert "loss is nan at step 10" in result.message and "from step 8" in result.message
+    kept = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert kept["step"] == 8
+    assert all(torch.equal(v, good.model.state_dict()[k]) for k, v in kept["model"].items())
+
+
+def test_checkpoints_load_safely_and_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"step": 1, "w": torch.ones(3)})
+    assert checkpoint.load(path)["step"] == 1
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save(path, {"step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1  # the old one, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary files left
+
+    class Payload:  # arbitrary objects are refused, not unpickled
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": checkpoint.FORMAT, "x": Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load(path)
+
+
+def _read_png(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w)
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 3 * w)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def test_cli_train_then_sample_hello(tmp_path, capsys):
+    cfg = tmp_path / "hello.yaml"
+    cfg.write_text(f"""
+model:
+  spec: lstm
+  dims: {{H: 16}}
+task:
+  name: hello
+train:
+  batch_size: 4
+  seq_len: 10
+  steps: 150
+  lr: 0.02
+  eval_every: 50
+sample:
+  prime: h
+  length: 14
+  temperature: 0
+out: {tmp_path / 'run'}
+""")
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "hellohellohello" in out
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    assert main(["sample", ckpt, "--prime", "hel", "--length", "7", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() == "hellohello"
+    assert main(["sample", ckpt, "--temperature", "1.5", "--seed", "3", "--length", "40"]) == 0
+    first = capsys.readouterr().out
+    assert main(["sample", ckpt, "--temperature", "1.5", "--seed", "3", "--length", "40"]) == 0
+    assert capsys.readouterr().out == first
+    img = _read_png((tmp_path / "run" / "loss.png").read_bytes())
+    assert img.shape[2] == 3 and (img == [31, 119, 180]).all(-1).any()  # the training curve is drawn
+
+
+def test_sample_refuses_unknown_characters(tmp_path):
+    cfg = corpus_config(tmp_path, steps=1)
+    train(cfg, progress=False)
+    model, ck = load_model(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="never saw"):
+        generate(model, ck["io"]["vocab"], "Zq", 5)
+
+
+def test_config_errors_name_the_key_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  spec: lstm\n  dims: {H: 8}\ntask:\n  name: hello\ntrain:\n  steps: 10\n  lr_rate: 0.1\n")
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}:8: train.lr_rate: unknown key" in capsys.readouterr().err
+    bad.write_text("model:\n  spec: lstm\ntask:\n  name: hello\ntrain:\n  steps: ten\n")
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}:6: train.steps: expected a whole number or null, got 'ten'" in capsys.readouterr().err
+    bad.write_text("model:\n  spec: lstm\ntask:\n  name: adding\n  lenght: 5\ntrain:\n  steps: 1\n")
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}:5: task.lenght: unknown key" in capsys.readouterr().err
+    bad.write_text("model:\n  dims: {H: 8}\ntask: {name: hello}\ntrain: {steps: 1}\n")
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}:1: model.spec: required" in capsys.readouterr().err
+    bad.write_text("model: {spec: lstm}\ntask: {name: adding}\ntrain: {epochs: 2, clip: true}\n")
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}:3: train.clip: expected a number or null, got True" in capsys.readouterr().err
+
+
+def test_configs_in_the_repository_are_valid():
+    from specc.train import load_config
+
+    files = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        assert cfg["train"]["lr"] > 0 and cfg["model"]["spec"]
