@@ -23,27 +23,44 @@ def _spec_for(m: nn.Module) -> tuple[str, str]:
 def from_torch(m: nn.Module, backend: str = "auto"):
     """A specc module computing what `m` computes, its weights copied (not shared).
 
-    The state is (B, H) per state rather than torch's (num_layers, B, H).
+    A single-layer, unidirectional layer becomes a CellModule, whose state is (B, H) per state
+    rather than torch's (1, B, H). Stacked and bidirectional layers, and LSTM's proj_size (the
+    library's lstm_proj cell), become a specc.network.Recurrent, which takes and returns what `m`
+    does: padded or packed sequences, final states (num_layers * num_directions, B, H).
     """
     from . import load
 
     spec, cell = _spec_for(m)
-    unsupported = []
-    if m.num_layers != 1:
-        unsupported.append(f"num_layers={m.num_layers}")
-    if m.bidirectional:
-        unsupported.append("bidirectional=True")
     if not m.bias:
-        unsupported.append("bias=False")
-    if getattr(m, "proj_size", 0):
-        unsupported.append(f"proj_size={m.proj_size}")
-    if unsupported:
-        raise SpecError(f"from_torch: {type(m).__name__} with {', '.join(unsupported)} has no single-cell "
-                        f"equivalent yet; only single-layer, unidirectional layers with biases are supported")
+        raise SpecError(f"from_torch: {type(m).__name__} with bias=False is not supported; the library's cells "
+                        f"have biases (only layers with biases are supported)")
     weight = m.weight_ih_l0
-    out = load(spec, cell, I=m.input_size, H=m.hidden_size, batch_first=m.batch_first, backend=backend,
-               dtype=weight.dtype)
+    proj = getattr(m, "proj_size", 0)
+    if m.num_layers == 1 and not m.bidirectional and not proj:
+        out = load(spec, cell, I=m.input_size, H=m.hidden_size, batch_first=m.batch_first, backend=backend,
+                   dtype=weight.dtype)
+        with torch.no_grad():
+            for theirs, ours in _WEIGHTS.items():
+                getattr(out, ours).copy_(getattr(m, theirs))
+        return out.to(weight.device)
+    return _recurrent_from_torch(m, cell, proj)
+
+
+def _recurrent_from_torch(m: nn.Module, cell: str, proj: int):
+    from .network import library_recurrent
+
+    directions = 2 if m.bidirectional else 1
+    base = {"I": m.input_size, "H": m.hidden_size}
+    if proj:
+        cell, base["P"] = "lstm_proj", proj
+    layer_dims = [base] + [dict(base, I=directions * (proj or m.hidden_size)) for _ in range(m.num_layers - 1)]
+    weight = m.weight_ih_l0
+    out = library_recurrent(cell, layer_dims, bidirectional=m.bidirectional, dropout=m.dropout,
+                            batch_first=m.batch_first, dtype=weight.dtype)
+    names = {"weight_ih": "W_ih", "weight_hh": "W_hh", "bias_ih": "b_ih", "bias_hh": "b_hh", "weight_hr": "W_hr"}
     with torch.no_grad():
-        for theirs, ours in _WEIGHTS.items():
-            getattr(out, ours).copy_(getattr(m, theirs))
+        for name, p in m.named_parameters():
+            kind, layer = name.rsplit("_l", 1)  # weight_ih_l2_reverse -> weight_ih, 2_reverse
+            reverse = layer.endswith("_reverse")
+            getattr(out.cell(int(layer.removesuffix("_reverse")), int(reverse)), names[kind]).copy_(p)
     return out.to(weight.device)

@@ -545,3 +545,16 @@ def load_network(spec, name: str | None = None, *, dtype=None, **dims) -> Networ
                             f"{', '.join([n.name for n in parsed.networks] + [c.name for c in cells])}")
         net = matches[0]
     return Network(check_network(net, parsed, cells), dims, dtype=dtype)
+
+
+def library_recurrent(cell: str, layer_dims: list[dict], bidirectional: bool = False, dropout: float = 0.0,
+                      batch_first: bool = False, dtype=None) -> Recurrent:
+    """A Recurrent layer of a library cell (specs/), e.g. for specc.from_torch."""
+    from . import program
+    from .masking import compile_masked
+    from .network_check import _library_cells
+
+    checked, text, file = _library_cells()[cell]
+    prog = program(compile_masked(checked, text, file))
+    return Recurrent(prog, layer_dims, len(checked.inputs), bidirectional=bidirectional, dropout=dropout,
+                     batch_first=batch_first, dtype=dtype)
