@@ -274,6 +274,11 @@ class Network(nn.Module):
         self.start = None
         if checked.prev is not None:
             self.start = _evaluate(checked.prev[2] + 1, dims, "the start token + 1") - 1
+            y = checked.prev[0]
+            vocab = _evaluate(checked.ops[dict(checked.outputs)[y]].value.size, dims, f"the size of {y}")
+            if self.start >= vocab:
+                raise ValueError(f"network '{checked.name}': the start token of prev({y}) is {self.start}, "
+                                 f"but {y} scores only {vocab} tokens")
         self.output_names = tuple(name for name, _ in checked.outputs)
         self.input_names = tuple(name for name, _, _ in checked.inputs)
 

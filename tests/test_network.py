@@ -258,3 +258,32 @@ def test_the_library_networks_all_check():
     spec = parse(path.read_text(encoding="utf-8"), "specs/networks.rnn")
     names = {n.name for n in check_networks(spec, check(spec))}
     assert {"char_lm", "classifier", "reverse", "encoder_decoder", "generator"} <= names
+
+
+def test_language_model_and_generator_train_and_generate():
+    lm = specc.load("char_lm", V=6, E=4, H=5)
+    text = torch.randint(0, 6, (7, 3))
+    scores = lm(next=text)
+    assert scores.shape == (7, 3, 6)
+    scores.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in lm.parameters())
+    lm.eval()
+    tokens, lengths = lm.generate(batch=2, max_len=5, sample=True, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (5, 2) and torch.equal(lengths, torch.tensor([5, 5]))
+
+    gen = specc.load("generator", I=3, V=6, E=4, H=5, dtype=F64)
+    features = torch.randn(2, 3, dtype=F64)
+    tokens, _ = gen.generate(features, max_len=4)
+    # Greedy decoding, step by step, agrees with teacher forcing on the tokens it chose.
+    assert torch.equal(gen(features, tokens=tokens).argmax(-1), tokens)
+
+
+def test_a_start_token_outside_the_vocabulary_is_refused():
+    spec = """network lm(V, E, H) {
+        layer embed = embedding(V, E)
+        layer rnn = gru(H=H)
+        layer head = linear(H, V)
+        output y = prev(y, start=V) -> embed -> rnn -> head
+    }"""
+    with pytest.raises(ValueError, match="start token"):
+        specc.load(spec, V=5, E=3, H=4)
