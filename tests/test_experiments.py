@@ -1,0 +1,30 @@
+"""The published results, in small versions: fewer steps and modest thresholds, fixed seeds.
+The full versions (`specc experiment NAME`) reach the published numbers; see the README."""
+from specc.cli import main
+from specc.train.experiments import EXPERIMENTS, run
+
+
+def test_elman_learns_the_reber_grammar():
+    r = run("reber", quick=True, log=lambda *a: None)
+    assert r["model"]["positions"] >= 0.95
+
+
+def test_lstm_learns_the_embedded_reber_grammar():
+    r = run("embedded_reber", quick=True, log=lambda *a: None)
+    assert r["model"]["sequences"] >= 0.9 and r["model"]["penultimate"] >= 0.95
+    assert 0 <= r["compare"]["sequences"] <= 1  # the Elman network on the same budget is reported
+
+
+def test_lstm_learns_the_adding_problem(capsys):
+    assert main(["experiment", "adding", "--quick"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "published: an LSTM solves the adding problem at T = 100" in out
+    mse = float(out.split("measured")[1].split("mse ")[1].split()[0])
+    assert mse < 0.05  # always answering 1 scores ~0.167
+
+
+def test_experiment_list_and_unknown_name(capsys):
+    assert main(["experiment", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in EXPERIMENTS)
+    assert main(["experiment", "nope"]) == 2
