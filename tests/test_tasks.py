@@ -134,3 +134,19 @@ def test_stream_chunks_tile_each_segment_and_wrap_into_a_new_epoch():
     for col in range(3):
         assert x[:, col].tolist() == list(range(34 * col, 34 * col + 30))
     assert torch.equal(xs[6], xs[0]) and s.epoch == 1
+
+
+@pytest.mark.parametrize("task, spec, steps, measure, good", [
+    ({"name": "majority", "length": 11}, "lstm", 300, "accuracy", lambda m: m["accuracy"] >= 0.9),
+    ({"name": "forecast", "length": 30}, "gru", 200, "mse", lambda m: m["mse"] < 0.3 * m["repeat_last"]),
+    ({"name": "copy", "symbols": 3, "delay": 5, "alphabet": 4}, "lstm", 400, "accuracy",
+     lambda m: m["accuracy"] >= 0.6),
+])
+def test_compiled_cells_learn_the_small_tasks(tmp_path, task, spec, steps, measure, good):
+    from specc.train import config_from_dict, train
+
+    cfg = config_from_dict({"model": {"spec": spec, "dims": {"H": 32 if task["name"] == "copy" else 16}},
+                            "task": task, "out": str(tmp_path),
+                            "train": {"steps": steps, "lr": 0.01, "eval_every": 10**6, "checkpoint_every": 10**6}})
+    metrics = train(cfg, progress=False).evals[-1][1]
+    assert good(metrics), metrics
