@@ -21,6 +21,18 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients that own their memory. The generated backward hands out one array for two
+    parameters whose gradients are equal (an LSTM's b_ih and b_hh); accumulating or clipping one
+    in place must not change the other."""
+    seen, out = set(), []
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        out.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return out
+
+
 class NumpyBackend:
     """Runs the generated NumPy code on CPU tensors, sharing their memory."""
 
@@ -35,7 +47,7 @@ class NumpyBackend:
         d_inputs, d_inits, d_params = prog.backward(
             saved, *(_to_numpy(g) for g in d_outs), *(_to_numpy(g) for g in d_finals),
             *(_to_numpy(p) for p in params), T=T, B=B, **dims)
-        return [torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)]
+        return _unshared([torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)])
 
 
 class TritonBackend:
@@ -52,7 +64,7 @@ class TritonBackend:
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
         grads = prog.backward_triton(saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
                                      *(p.detach().contiguous() for p in params), T=T, B=B, **dims)
-        return [g.contiguous() for part in grads for g in part]
+        return _unshared([g.contiguous() for part in grads for g in part])
 
 
 def triton_problem(prog, on_cuda: bool) -> str | None:
