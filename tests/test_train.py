@@ -238,3 +238,29 @@ def test_configs_in_the_repository_are_valid():
     for f in files:
         cfg = load_config(f)
         assert cfg["train"]["lr"] > 0 and cfg["model"]["spec"]
+
+
+def test_ctrl_c_saves_after_the_step_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    straight = train(corpus_config(tmp_path, steps=10, optimizer="adam", lr=0.01), progress=False)
+    real, calls = loop_module.loss_sum, []
+
+    def interrupting(task, pred, batch):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # in the middle of step 5
+        return real(task, pred, batch)
+
+    cfg = corpus_config(tmp_path, steps=10, optimizer="adam", lr=0.01)
+    cfg["out"] = str(tmp_path / "stopped")
+    monkeypatch.setattr(loop_module, "loss_sum", interrupting)
+    stopped = train(cfg, progress=False)
+    monkeypatch.undo()
+    assert stopped.status == "interrupted" and stopped.step == 5
+    assert checkpoint.load(tmp_path / "stopped" / "checkpoint.pt")["step"] == 5
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.history == straight.history
+    assert all(torch.equal(v, straight.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())

@@ -166,9 +166,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
         by_epochs = math.ceil(t["epochs"] * source.chunks_per_epoch)
         total_steps = by_epochs if total_steps is None else min(total_steps, by_epochs)
     bar = Progress(total_steps, t["time_limit"], start_step=step, unit="tok" if task.stream else "seq",
-                   stream=stream, every=t["log_every"], enabled=progress if main else False)
-    if not main:
-        bar.stream = open(os.devnull, "w")
+                   stream=stream if main else _Silent(), every=t["log_every"], enabled=progress if main else False)
 
     stop_requested = False
 
@@ -257,6 +255,19 @@ def _diverged(value: float, what: str, step: int, ckpt: Path, saved_step: int | 
             else "no checkpoint had been written yet")
     return (f"training stopped: the {what} is {value} at step {step}; {kept}. "
             f"Try a lower train.lr or a smaller train.clip.")
+
+
+class _Silent:
+    """Where the other processes' progress goes under torchrun."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def _unshare_grads(model: nn.Module) -> None:

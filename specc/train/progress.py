@@ -20,6 +20,7 @@ class Progress:
         self.start = self.last_draw = time.perf_counter()
         self.start_step = start_step
         self.items = 0
+        self.smooth = None  # the loss shown: an exponential moving average over ~20 steps
 
     def fraction(self, step: int) -> float:
         parts = []
@@ -31,13 +32,14 @@ class Progress:
 
     def update(self, step: int, loss: float, items: int, note: str = "") -> None:
         self.items += items
+        self.smooth = loss if self.smooth is None else 0.95 * self.smooth + 0.05 * loss
         now = time.perf_counter()
         elapsed = now - self.start
         rate = self.items / elapsed if elapsed > 0 else 0.0
         frac = self.fraction(step)
         eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
         total = f"/{self.total}" if self.total else ""
-        text = (f"step {step}{total}  loss {loss:.4f}  {rate:,.0f} {self.unit}/s  "
+        text = (f"step {step}{total}  loss {self.smooth:.4f}  {rate:,.0f} {self.unit}/s  "
                 f"{_clock(elapsed)}<{_clock(eta)}" + (f"  {note}" if note else ""))
         if self.tty:
             if now - self.last_draw >= 0.1 or frac >= 1.0:
