@@ -108,7 +108,7 @@ def _cmd_sample(args) -> int:
         print(f"{args.checkpoint}: error: not a language model (task {ck['config']['task']['name']})", file=sys.stderr)
         return 1
     s = ck["config"]["sample"]
-    prime = s["prime"] if args.prime is None else args.prime.encode().decode("unicode_escape")
+    prime = s["prime"] if args.prime is None else args.prime.replace("\\n", "\n").replace("\\t", "\t")
     length = s["length"] if args.length is None else args.length
     temperature = s["temperature"] if args.temperature is None else args.temperature
     seed = s["seed"] if args.seed is None else args.seed

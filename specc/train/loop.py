@@ -194,25 +194,29 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             write_loss_curve(out / "loss.png", list(enumerate(history, 1)), [(s, m["loss"]) for s, m in evals])
         saved_step = step
 
-    def finished() -> bool:
-        if total_steps is not None and step >= total_steps:
-            return True
+    def steps_done() -> bool:
+        return total_steps is not None and step >= total_steps
+
+    def time_up() -> bool:
         return t["time_limit"] is not None and time.perf_counter() - bar.start >= t["time_limit"]
 
     status, message = "done", ""
     if main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        while not finished():
+        done = steps_done()
+        while not done:
             batch, fresh = source.next()
             count = batch.mask.sum()
             mine = batch.columns(lo, hi)
             pred, state = net(mine.x, None if fresh or carry is None else carry)
             local = loss_sum(task, pred, mine)
-            seen = torch.tensor([local.item() / count.item(), float(stop_requested)], dtype=torch.float64)
+            # The loss, and whether to stop: decided together, so that all processes stop at one step.
+            seen = torch.tensor([local.item() / count.item(), float(stop_requested), float(time_up())],
+                                dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(seen)
-            loss_value, stop_now = seen[0].item(), seen[1].item() > 0
+            loss_value, stop_now, out_of_time = seen[0].item(), seen[1].item() > 0, seen[2].item() > 0
             if not math.isfinite(loss_value):
                 status, message = "diverged", _diverged(loss_value, "loss", step + 1, ckpt_path, saved_step)
                 break
@@ -231,7 +235,8 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             step += 1
             history.append(loss_value)
             bar.update(step, loss_value, int(count) if task.stream else B)
-            last = finished() or stop_now
+            done = steps_done() or out_of_time
+            last = done or stop_now
             if step % t["eval_every"] == 0 or last:
                 metrics = evaluate(task, model, cfg)
                 evals.append((step, metrics))
