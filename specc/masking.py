@@ -18,14 +18,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import assemble
-from .autodiff import differentiate
 from .check import CheckedCell, Decl
 from .ir import LEAVES, Builder, Graph
 from .lower import lower
-from .optimize import optimize
-from .pipeline import Compiled
-from .schedule import schedule
+from .pipeline import Compiled, compile_cell
 
 
 def mask_cell(cell: CheckedCell) -> tuple[CheckedCell, dict]:
@@ -76,13 +72,6 @@ def mask_graph(g: Graph, names: dict) -> Graph:
 
 
 def compile_masked(cell: CheckedCell, text: str, file: str) -> Compiled:
-    """pipeline.compile_cell with the masking inserted after lowering (the same stages otherwise)."""
+    """The cell compiled with masks: the usual stages, with mask_graph between lowering and optimising."""
     masked, names = mask_cell(cell)
-    fwd = optimize(mask_graph(lower(masked), names))
-    bwd = optimize(differentiate(fwd), keep_leaves=False)
-    saved = sorted({int(k[1:]) for k, _ in bwd.inputs + bwd.params
-                    if k.startswith("%") and fwd.nodes[int(k[1:])].op != "param"})
-    fs = schedule(fwd, also_keep=frozenset(saved))
-    bs = schedule(bwd)
-    source = assemble.module_source(masked, fs, bs, saved, text, file)
-    return Compiled(masked, fwd, bwd, fs, bs, source)
+    return compile_cell(masked, text, file, transform=lambda g: mask_graph(g, names))

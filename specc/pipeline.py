@@ -54,8 +54,13 @@ def pick_cell(cells: list[CheckedCell], name: str | None, file: str) -> CheckedC
     raise SpecError(f"{file} has no cell '{name}'; it defines {', '.join(c.name for c in cells)}")
 
 
-def compile_cell(cell: CheckedCell, text: str, file: str) -> Compiled:
-    fwd = optimize(lower(cell))
+def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Compiled:
+    """`transform`, a function from Graph to Graph, rewrites the step IR before it is optimised
+    (masking.py's variable-length masks are one)."""
+    step = lower(cell)
+    if transform is not None:
+        step = transform(step)
+    fwd = optimize(step)
     bwd = optimize(differentiate(fwd), keep_leaves=False)
     # Forward values the backward pass reads, other than the parameters it is handed anyway.
     saved = sorted({int(k[1:]) for k, _ in bwd.inputs + bwd.params
