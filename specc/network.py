@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .runtime import CellModule
+from .runtime import CellModule, check_dims
 
 
 def length_mask(lengths: torch.Tensor | None, T: int, B: int, dtype, device=None) -> torch.Tensor:
@@ -245,19 +245,7 @@ class Network(nn.Module):
 
     def __init__(self, checked, dims: dict, dtype=None):
         super().__init__()
-        missing = [d for d in checked.dims if d not in dims]
-        unknown = [d for d in dims if d not in checked.dims]
-        if missing or unknown:
-            parts = []
-            if missing:
-                parts.append(f"dimension{'s' if len(missing) > 1 else ''} {', '.join(missing)} not bound; "
-                             f"pass {', '.join(d + '=...' for d in missing)}")
-            if unknown:
-                parts.append(f"no dimension {', '.join(unknown)} (the dimensions are {', '.join(checked.dims)})")
-            raise TypeError(f"network '{checked.name}': " + "; ".join(parts))
-        for k, v in dims.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"network '{checked.name}': dimension {k} must be a positive whole number, got {v!r}")
+        check_dims(f"network '{checked.name}'", checked.dims, dims)
         self.checked = checked
         self.dims = dict(dims)
         dtype = dtype or torch.get_default_dtype()

@@ -21,6 +21,23 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def check_dims(what: str, declared, dims: dict) -> None:
+    """Every declared dimension bound to a positive whole number, and no other."""
+    missing = [d for d in declared if d not in dims]
+    unknown = [d for d in dims if d not in declared]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"dimension{'s' if len(missing) > 1 else ''} {', '.join(missing)} not bound; "
+                         f"pass {', '.join(d + '=...' for d in missing)}")
+        if unknown:
+            parts.append(f"no dimension {', '.join(unknown)} (the dimensions are {', '.join(declared)})")
+        raise TypeError(f"{what}: " + "; ".join(parts))
+    for k, v in dims.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what}: dimension {k} must be a positive whole number, got {v!r}")
+
+
 def _unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients that own their memory. The generated backward hands out one array for two
     parameters whose gradients are equal (an LSTM's b_ih and b_hh); accumulating or clipping one
@@ -125,19 +142,7 @@ class CellModule(nn.Module):
     def __init__(self, program: types.ModuleType, dims: dict, batch_first: bool = False,
                  backend: str = "auto", dtype: torch.dtype | None = None):
         super().__init__()
-        missing = [d for d in program.DIMS if d not in dims]
-        unknown = [d for d in dims if d not in program.DIMS]
-        if missing or unknown:
-            parts = []
-            if missing:
-                parts.append(f"dimension{'s' if len(missing) > 1 else ''} {', '.join(missing)} not bound; "
-                             f"pass {', '.join(d + '=...' for d in missing)}")
-            if unknown:
-                parts.append(f"no dimension {', '.join(unknown)} (the dimensions are {', '.join(program.DIMS)})")
-            raise TypeError(f"cell '{program.CELL}': " + "; ".join(parts))
-        for k, v in dims.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"cell '{program.CELL}': dimension {k} must be a positive whole number, got {v!r}")
+        check_dims(f"cell '{program.CELL}'", program.DIMS, dims)
         if backend not in ("auto", "numpy", "triton"):
             raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy' or 'triton'")
         self.program = program
