@@ -4,8 +4,10 @@ together, each at its line and column.
 """
 from __future__ import annotations
 
+import builtins
 import difflib
 import keyword
+import math
 from dataclasses import dataclass
 
 from . import ast, ops
@@ -21,6 +23,30 @@ INITS = {
 STATE_INITS = ("zeros", "ones", "constant")
 # Names the generated code reserves for itself; a spec may not take them.
 RESERVED = {"np", "tl", "triton", "torch", "self", "T", "B", "t", "rows", "dims", "specc"}
+# Dimensions are also keyword arguments, verbatim, of the generated functions (beside the names
+# those functions use) and of specc.load and the generated module class.
+RESERVED_DIMS = (
+    set(dir(builtins))
+    | {"math", "sys", "init", "rt", "p", "s", "e", "dtype", "train", "saved", "CellModule"}
+    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS",
+       "sizes", "init_params", "state_fill", "forward", "backward"}
+    | {"spec", "cell", "batch_first", "backend", "program"}
+)
+# Parameters become attributes of the torch.nn.Module (specc.runtime.CellModule): they may not
+# take the name of one of its methods or attributes. tests/test_errors.py checks this list
+# against the installed torch.
+MODULE_ATTRS = frozenset("""
+    T_destination add_module apply backend batch_first bfloat16 buffers call_super_init children
+    compile cpu cuda dims double dump_patches eval extra_repr float forward get_buffer
+    get_extra_state get_parameter get_submodule half initial_state ipu load_state_dict modules mtia
+    named_buffers named_children named_modules named_parameters parameters program register_backward_hook
+    register_buffer register_forward_hook register_forward_pre_hook register_full_backward_hook
+    register_full_backward_pre_hook register_load_state_dict_post_hook
+    register_load_state_dict_pre_hook register_module register_parameter
+    register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ reset_parameters
+    set_extra_state set_submodule share_memory sizes state_dict to to_empty train training type
+    xpu zero_grad
+""".split())
 
 
 @dataclass(frozen=True)
@@ -39,6 +65,14 @@ class Equation:
 
 
 @dataclass(frozen=True)
+class SizeRule:
+    """A size that must come out a positive whole number once the dimensions are bound."""
+    size: Size
+    what: str  # what has this size, for the message: "parameter W_ih", "each part of split(..., 2)"
+    loc: Loc
+
+
+@dataclass(frozen=True)
 class CheckedCell:
     name: str
     doc: str
@@ -50,13 +84,21 @@ class CheckedCell:
     equations: tuple[Equation, ...]  # in an order where every value is defined before use
     outputs: tuple[tuple[str, ast.Target], ...]
     loc: Loc
+    sizes: tuple[SizeRule, ...] = ()  # what check_dims verifies when the dimensions are bound
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
 
 
 def dim_size(d: ast.Dim, dims: set[str], errors: Collector) -> Size | None:
     """A shape entry as a polynomial in the dimensions, or None after reporting why not."""
     if isinstance(d, ast.DimNum):
-        if d.value != int(d.value) or d.value < 0:
-            errors.error(d.loc, f"a size must be a whole number, got {d.value:g}")
+        if not math.isfinite(d.value) or d.value != int(d.value) or d.value < 0:
+            errors.error(d.loc, f"a size must be a whole number, got {_number(d.value)}")
+            return None
+        if d.value >= 2 ** 53:
+            errors.error(d.loc, f"the size {_number(d.value)} is too large")
             return None
         return Size.of(int(d.value))
     if isinstance(d, ast.DimName):
@@ -83,10 +125,27 @@ def dim_size(d: ast.Dim, dims: set[str], errors: Collector) -> Size | None:
     return {"+": left + right, "-": left - right, "*": left * right}[d.op]
 
 
+def _size_problem(size: Size) -> str | None:
+    """Why a size can never be a positive whole number, whatever the dimensions; else None."""
+    k = size.constant
+    if k is not None:
+        if k <= 0:
+            return f"a size must be positive, got {k}"
+        if k.denominator != 1:
+            return f"a size must be a whole number, got {k}"
+        return None
+    if all(c <= 0 for _, c in size.terms):
+        return f"the size {size} is never positive"
+    return None
+
+
 def check_scalar(d: ast.Dim, dims: set[str], errors: Collector) -> None:
     """Initialiser arguments: numbers, dimensions, + - * / and sqrt."""
-    if isinstance(d, ast.DimName) and d.name not in dims:
-        errors.error(d.loc, f"unknown dimension '{d.name}'" + _suggest(d.name, dims))
+    if isinstance(d, ast.DimNum) and not math.isfinite(d.value):
+        errors.error(d.loc, "this number is too large (it overflows to infinity)")
+    elif isinstance(d, ast.DimName) and d.name not in dims:
+        errors.error(d.loc, f"unknown dimension '{d.name}'" + _suggest(d.name, dims)
+                     + "; an initialiser's arguments are numbers and the cell's dimensions")
     elif isinstance(d, ast.DimCall):
         if d.fn != "sqrt":
             errors.error(d.loc, f"unknown function '{d.fn}' in an initialiser; only sqrt is allowed")
@@ -99,7 +158,7 @@ def check_scalar(d: ast.Dim, dims: set[str], errors: Collector) -> None:
 
 
 def _suggest(name: str, candidates) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1)
+    close = difflib.get_close_matches(name, sorted(set(candidates) - {name}), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -110,7 +169,8 @@ def check(spec: ast.Spec) -> list[CheckedCell]:
     for cell in spec.cells:
         if cell.name in seen:
             errors.error(cell.loc, f"cell '{cell.name}' is defined twice (first at line {seen[cell.name].line})")
-        seen[cell.name] = cell.loc
+        else:
+            seen[cell.name] = cell.loc
         checked = _check_cell(cell, spec.file, errors)
         if checked is not None:
             cells.append(checked)
@@ -118,18 +178,43 @@ def check(spec: ast.Spec) -> list[CheckedCell]:
     return cells
 
 
+_ARTICLE = {"input": "an input", "parameter": "a parameter", "value": "a value", "state": "a state",
+            "dimension": "a dimension", "output": "an output"}
+
+
+def _reserved(name: str, what: str) -> str | None:
+    """Why `name` may not be used for a `what`, or None."""
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED or name.startswith("__"):
+        return "is a reserved name"
+    if what == "dimension" and name in RESERVED_DIMS:
+        return "is a reserved name (dimensions become arguments of the generated code)"
+    if what == "parameter" and (name in MODULE_ATTRS or name.startswith("_")):
+        return "is a reserved name (parameters become attributes of the torch module, which has one of that name)"
+    return None
+
+
 def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | None:
+    """The checked cell, or None after reporting every problem found in it.
+
+    A name whose declaration or equation is in error is still known afterwards, with no type:
+    uses of it are not reported again, so each problem is reported once, where it is.
+    """
     start = len(errors.diagnostics)
     defined: dict[str, Loc] = {}
+    kinds: dict[str, str] = {}  # name -> "dimension" | "input" | "state" | "parameter" | "value"
+    rules: list[SizeRule] = []
 
     def define(name: str, loc: Loc, what: str) -> bool:
-        if keyword.iskeyword(name) or name in RESERVED or name.startswith("__"):
-            errors.error(loc, f"'{name}' is a reserved name; choose another name for this {what}")
+        why = _reserved(name, what)
+        if why is not None:
+            errors.error(loc, f"'{name}' {why}; choose another name for this {what}")
+            if name not in defined:
+                defined[name], kinds[name] = loc, what
             return False
         if name in defined:
-            errors.error(loc, f"'{name}' is defined twice (first at line {defined[name].line})")
+            errors.error(loc, f"'{name}' is defined twice (first as {_ARTICLE[kinds[name]]} at line {defined[name].line})")
             return False
-        defined[name] = loc
+        defined[name], kinds[name] = loc, what
         return True
 
     dims: set[str] = set()
@@ -137,15 +222,28 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
         if define(name, loc, "dimension"):
             dims.add(name)
 
-    def shape_of(dims_ast) -> Shape | None:
+    def shape_of(dims_ast, what: str) -> Shape | None:
         sizes = [dim_size(d, dims, errors) for d in dims_ast]
-        return None if any(s is None for s in sizes) else tuple(sizes)
+        ok = True
+        for d, size in zip(dims_ast, sizes):
+            if size is None:
+                ok = False
+                continue
+            problem = _size_problem(size)
+            if problem is not None:
+                errors.error(d.loc, problem)
+                ok = False
+            elif size.constant is None:
+                rules.append(SizeRule(size, what, d.loc))
+        return tuple(sizes) if ok else None
 
     def check_init(init: ast.Init | None, allowed) -> None:
         if init is None:
             return
         if init.name not in allowed:
-            errors.error(init.loc, f"unknown initialiser '{init.name}'; expected one of {', '.join(allowed)}")
+            hint = _suggest(init.name, allowed)
+            errors.error(init.loc, f"unknown initialiser '{init.name}'" + (hint or f"; expected one of {', '.join(allowed)}")
+                         + ("" if init.name not in INITS else " (a state starts from a constant)"))
             return
         counts = INITS[init.name]
         if len(init.args) not in counts:
@@ -155,112 +253,181 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
         for a in init.args:
             check_scalar(a, dims, errors)
 
+    # env: the type of every value a step sees; None for a value whose definition is in error.
+    env: dict[tuple[str, bool], Type | None] = {}
     inputs, states, params = [], [], []
+    state_names: set[str] = set()
     assigns: list[ast.Assign] = []
     outputs: list[ast.Output] = []
     for s in cell.stmts:
         if isinstance(s, ast.Input):
-            shape = shape_of(s.shape)
-            if define(s.name, s.loc, "input") and shape is not None:
-                if len(shape) != 1:
-                    errors.error(s.loc, f"input '{s.name}' must be a vector, got {shape_str(shape)}")
+            shape = shape_of(s.shape, f"input {s.name}")
+            fresh = s.name not in defined
+            ok = define(s.name, s.loc, "input") and shape is not None
+            if ok and len(shape) != 1:
+                errors.error(s.loc, f"input '{s.name}' must be a vector, got {shape_str(shape)}")
+                ok = False
+            if ok:
                 inputs.append(Decl(s.name, shape, None, s.loc))
+            if fresh:
+                env[(s.name, False)] = Type(shape, True) if ok else None
         elif isinstance(s, ast.State):
-            shape = shape_of(s.shape)
+            shape = shape_of(s.shape, f"state {s.name}")
             check_init(s.init, STATE_INITS)
-            if define(s.name, s.loc, "state") and shape is not None:
-                if len(shape) != 1:
-                    errors.error(s.loc, f"state '{s.name}' must be a vector, got {shape_str(shape)}")
+            fresh = s.name not in defined
+            ok = define(s.name, s.loc, "state") and shape is not None
+            if ok and len(shape) != 1:
+                errors.error(s.loc, f"state '{s.name}' must be a vector, got {shape_str(shape)}")
+                ok = False
+            if ok:
                 states.append(Decl(s.name, shape, s.init, s.loc))
+            if fresh:
+                state_names.add(s.name)
+                env[(s.name, False)] = Type(shape, True) if ok else None
+            if not ok and (fresh or s.name not in state_names):
+                env[(s.name, True)] = None  # its next value is not reported missing or misused
         elif isinstance(s, ast.Param):
-            shape = shape_of(s.shape)
+            shape = shape_of(s.shape, f"parameter {s.name}")
             check_init(s.init, tuple(INITS))
-            if define(s.name, s.loc, "parameter") and shape is not None:
-                if len(shape) > 3:
-                    errors.error(s.loc, f"parameter '{s.name}' has {len(shape)} axes; at most 3 are supported")
+            fresh = s.name not in defined
+            ok = define(s.name, s.loc, "parameter") and shape is not None
+            if ok and len(shape) > 3:
+                errors.error(s.loc, f"parameter '{s.name}' has {len(shape)} axes; at most 3 are supported")
+                ok = False
+            if ok:
                 params.append(Decl(s.name, shape, s.init, s.loc))
+            if fresh:
+                env[(s.name, False)] = Type(shape, False) if ok else None
         elif isinstance(s, ast.Assign):
             assigns.append(s)
         elif isinstance(s, ast.Output):
             outputs.append(s)
 
-    state_names = {d.name for d in states}
     # Every value the step defines: key (name, is_next) -> defining equation.
     defs: dict[tuple[str, bool], Equation] = {}
     equations: list[Equation] = []
-    for a in assigns + [o for o in outputs if o.expr is not None]:
+    position: dict[int, int] = {}  # id(equation) -> where it comes in assigns + outputs
+    assigned_unprimed: set[str] = set()
+    written = assigns + [o for o in outputs if o.expr is not None]
+    # In source order, so that "first at line N" is the first; the equations keep the order above.
+    for where, a in sorted(enumerate(written), key=lambda p: (p[1].loc.line, p[1].loc.col)):
         targets = a.targets if isinstance(a, ast.Assign) else (a.target,)
         ok = True
+        fresh = []
         for t in targets:
             if t.next:
-                if t.name not in state_names:
-                    what = "is not declared" if t.name not in defined else "is not a state"
+                if (t.name, True) in env and env[(t.name, True)] is None and (t.name, True) not in defs:
+                    ok = False  # a state whose declaration is in error, or a misuse reported already
+                elif t.name not in state_names:
+                    kind = kinds.get(t.name)
+                    what = "is not declared" if kind is None else f"is {_ARTICLE[kind]}, not a state"
                     errors.error(t.loc, f"{t.name}' gives a next value, but '{t.name}' {what}; "
                                         f"only states have next values")
+                    env.setdefault((t.name, True), None)
                     ok = False
                 elif (t.name, True) in defs:
                     errors.error(t.loc, f"{t.name}' is defined twice (first at line {defs[(t.name, True)].loc.line})")
                     ok = False
+                else:
+                    fresh.append(t)
             else:
                 if t.name in state_names:
                     errors.error(t.loc, f"cannot assign to state '{t.name}'; write {t.name}' = ... for its next value")
+                    assigned_unprimed.add(t.name)
                     ok = False
-                elif not define(t.name, t.loc, "value"):
+                elif define(t.name, t.loc, "value"):
+                    fresh.append(t)
+                else:
                     ok = False
+                    if (t.name, False) not in defs:  # a reserved name, or another kind's: its uses are not errors too
+                        env.setdefault((t.name, False), None)
+        keys = [(t.name, t.next) for t in targets]
+        if len(set(keys)) != len(keys):
+            dup = next(t for i, t in enumerate(targets) if (t.name, t.next) in keys[:i])
+            if ok:
+                errors.error(dup.loc, f"'{dup}' is assigned twice in one equation")
+            ok = False
         eq = Equation(tuple(targets), a.expr, a.loc)
         if ok:
             for t in targets:
                 defs[(t.name, t.next)] = eq
             equations.append(eq)
+            position[id(eq)] = where
+        else:
+            for t in fresh:  # known from here on, with no type: its uses are not errors too
+                env[(t.name, t.next)] = None
 
+    equations.sort(key=lambda e: position[id(e)])
     for d in states:
-        if (d.name, True) not in defs:
+        excused = d.name in assigned_unprimed or ((d.name, True) in env and env[(d.name, True)] is None)
+        if (d.name, True) not in defs and not excused:
             errors.error(d.loc, f"state '{d.name}' has no next value; add an equation {d.name}' = ...")
     if not outputs:
         errors.error(cell.loc, f"cell '{cell.name}' has no output; add a line such as: output h'")
+
+    ordered = _order(equations, defs, errors)
+    in_order = {id(eq) for eq in ordered}
+    for eq in equations:
+        if id(eq) not in in_order:  # on a cycle, reported
+            for t in eq.targets:
+                env[(t.name, t.next)] = None
+    for eq in ordered:
+        _check_equation(eq, env, defined, errors, state_names, kinds=kinds, rules=rules)
+        for t in eq.targets:
+            env.setdefault((t.name, t.next), None)
+
+    for d in states:
+        key = (d.name, True)
+        got = env.get(key)
+        if got is None:
+            continue
+        eq = defs[key]
+        if got.shape != d.shape:
+            errors.error(eq.targets[0].loc, f"{d.name}' has shape {shape_str(got.shape)}, "
+                                            f"but state '{d.name}' is declared {shape_str(d.shape)}")
+            env[key] = None
+        elif not got.batched:
+            errors.error(eq.targets[0].loc, f"{d.name}' is made only from parameters and numbers, so it is the "
+                                            f"same for every example; a state's next value must depend on an "
+                                            f"input or a state")
+            env[key] = None
+
     output_list = []
     output_names: dict[str, Loc] = {}
     for o in outputs:
         t = o.target
-        if o.expr is None and (t.name, t.next) not in defs and not (t.next is False and t.name in state_names):
-            errors.error(t.loc, f"unknown value '{t}' in output" + _suggest(t.name, [k[0] for k in defs]))
-            continue
+        key = (t.name, t.next)
+        if o.expr is None:
+            kind = kinds.get(t.name)
+            if key not in env:
+                if t.next and t.name not in state_names:
+                    what = "is not declared" if kind is None else f"is {_ARTICLE[kind]}, not a state"
+                    errors.error(t.loc, f"output {t}: '{t.name}' {what}, so {t} has no meaning")
+                elif kind == "dimension":
+                    errors.error(t.loc, f"'{t.name}' is a dimension, not a value; it cannot be an output")
+                else:
+                    known = [k[0] + ("'" if k[1] else "") for k in env]
+                    errors.error(t.loc, f"unknown value '{t}' in output" + _suggest(str(t), known))
+                continue
+            if kind == "parameter" and not t.next:
+                errors.error(t.loc, f"'{t.name}' is a parameter, the same for every example; an output must be "
+                                    f"a per-example vector (computed from an input or a state)")
+                continue
         if t.name in output_names:
             errors.error(t.loc, f"output '{t.name}' is declared twice (first at line {output_names[t.name].line})")
             continue
         output_names[t.name] = t.loc
         output_list.append((t.name, t))
-
-    if len(errors.diagnostics) > start:
-        return None
-
-    env: dict[tuple[str, bool], Type] = {}
-    for d in inputs:
-        env[(d.name, False)] = Type(d.shape, True)
-    for d in states:
-        env[(d.name, False)] = Type(d.shape, True)
-    for d in params:
-        env[(d.name, False)] = Type(d.shape, False)
-
-    ordered = _order(equations, defs, errors)
-    if ordered is None:
-        return None
-    for eq in ordered:
-        _check_equation(eq, env, defined, errors, state_names)
-    for d in states:
-        got = env.get((d.name, True))
-        if got is not None and (got.shape != d.shape or not got.batched):
-            eq = defs[(d.name, True)]
-            errors.error(eq.targets[0].loc, f"{d.name}' has shape {shape_str(got.shape)}, "
-                                            f"but state '{d.name}' is declared {shape_str(d.shape)}")
-    for name, t in output_list:
-        got = env.get((t.name, t.next))
+        got = env.get(key)
         if got is not None and (len(got.shape) != 1 or not got.batched):
-            errors.error(t.loc, f"output '{name}' must be a per-example vector, got {got}")
+            why = ("it is the same for every example (made only from parameters and numbers)" if not got.batched
+                   else f"got {shape_str(got.shape)}")
+            errors.error(t.loc, f"output '{t.name}' must be a per-example vector; {why}")
+
     if len(errors.diagnostics) > start:
         return None
     return CheckedCell(cell.name, cell.doc, file, tuple(n for n, _ in cell.dims), tuple(inputs), tuple(states),
-                       tuple(params), tuple(ordered), tuple(output_list), cell.loc)
+                       tuple(params), tuple(ordered), tuple(output_list), cell.loc, tuple(rules))
 
 
 def _refs(expr: ast.Expr):
@@ -276,105 +443,214 @@ def _refs(expr: ast.Expr):
             yield from _refs(a)
 
 
-def _order(equations: list[Equation], defs, errors: Collector) -> list[Equation] | None:
-    """Equations in dependency order (they may be written in any order), or None on a cycle."""
-    ordered: list[Equation] = []
-    state: dict[int, str] = {}  # id(eq) -> "visiting" | "done"
+def _order(equations: list[Equation], defs, errors: Collector) -> list[Equation]:
+    """Equations in dependency order (they may be written in any order), each cycle reported.
 
-    def visit(eq: Equation, path: list[Equation]) -> bool:
-        s = state.get(id(eq))
-        if s == "done":
-            return True
-        if s == "visiting":
-            cycle = path[path.index(eq):] + [eq]
-            names = " -> ".join(str(e.targets[0]) for e in cycle)
-            errors.error(eq.loc, f"{eq.targets[0]} depends on itself within one step: {names}")
-            return False
-        state[id(eq)] = "visiting"
+    The equations on a cycle, and only they, are left out. Strongly connected components
+    (Tarjan) come out with every component after those it depends on; without cycles this is
+    the order of a depth-first walk from each equation in source order.
+    """
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[Equation] = []
+    on_stack: set[int] = set()
+    ordered: list[Equation] = []
+
+    def deps(eq: Equation) -> list[Equation]:
+        out = []
         for r in _refs(eq.expr):
             dep = defs.get((r.name, r.next))
-            if dep is not None and not visit(dep, path + [eq]):
-                return False
-        state[id(eq)] = "done"
-        ordered.append(eq)
-        return True
+            if dep is not None:
+                out.append(dep)
+        return out
+
+    def connect(eq: Equation) -> None:
+        index[id(eq)] = low[id(eq)] = len(index)
+        stack.append(eq)
+        on_stack.add(id(eq))
+        for dep in deps(eq):
+            if id(dep) not in index:
+                connect(dep)
+                low[id(eq)] = min(low[id(eq)], low[id(dep)])
+            elif id(dep) in on_stack:
+                low[id(eq)] = min(low[id(eq)], index[id(dep)])
+        if low[id(eq)] == index[id(eq)]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(id(top))
+                component.append(top)
+                if top is eq:
+                    break
+            if len(component) == 1 and eq not in deps(eq):
+                ordered.append(eq)
+            else:
+                _report_cycle(component, deps, errors)
 
     for eq in equations:
-        if not visit(eq, []):
-            return None
+        if id(eq) not in index:
+            connect(eq)
     return ordered
 
 
-def _check_equation(eq: Equation, env, defined, errors: Collector, state_names) -> None:
+def _report_cycle(component: list[Equation], deps, errors: Collector) -> None:
+    """One error for a set of equations that depend on each other, showing one cycle through them."""
+    members = {id(e) for e in component}
+    first = min(component, key=lambda e: (e.loc.line, e.loc.col))
+    # Shortest way from `first` back to itself inside the component.
+    paths = {id(first): [first]}
+    frontier = [first]
+    cycle = None
+    while frontier and cycle is None:
+        nxt = []
+        for e in frontier:
+            for d in deps(e):
+                if d is first:
+                    cycle = paths[id(e)] + [first]
+                    break
+                if id(d) in members and id(d) not in paths:
+                    paths[id(d)] = paths[id(e)] + [d]
+                    nxt.append(d)
+            if cycle is not None:
+                break
+        frontier = nxt
+    names = [_target_used(cycle[-2], first)] + [_target_used(e, d) for e, d in zip(cycle, cycle[1:])]
+    hint = ""
+    primes = [t for e in cycle for t in e.targets if t.next]
+    if primes:
+        t = primes[0]
+        hint = f"; {t.name} is the state's value before the step and {t.name}' its value after it"
+    errors.error(first.loc, f"{names[0]} depends on itself within one step: "
+                            f"{' -> '.join(str(n) for n in names)}{hint}")
+
+
+def _target_used(reader: Equation, eq: Equation):
+    """The target of `eq` that `reader` reads."""
+    if len(eq.targets) == 1:
+        return eq.targets[0]
+    read = {(r.name, r.next) for r in _refs(reader.expr)}
+    for t in eq.targets:
+        if (t.name, t.next) in read:
+            return t
+    return eq.targets[0]
+
+
+def _check_equation(eq: Equation, env, defined, errors: Collector, state_names, kinds=None, rules=None) -> None:
     expr = eq.expr
     if isinstance(expr, ast.Call) and expr.fn == "split":
         if len(expr.args) != 2 or not isinstance(expr.args[1], ast.Num):
-            errors.error(expr.loc, "split takes a value and a whole number of parts: split(v, 4)")
+            for a in expr.args[:1]:
+                type_of(a, env, errors, state_names, kinds=kinds)
+            errors.error(expr.loc, "split takes a value and a whole number of parts written as a number: split(v, 4)")
             return
         n = expr.args[1].value
-        if n != int(n) or n < 1:
-            errors.error(expr.args[1].loc, f"split needs a positive whole number of parts, got {n:g}")
+        if not math.isfinite(n) or n != int(n) or n < 1:
+            errors.error(expr.args[1].loc, f"split needs a positive whole number of parts, got {_number(n)}")
             return
-        if int(n) != len(eq.targets):
-            errors.error(expr.loc, f"split(..., {int(n)}) gives {int(n)} values but {len(eq.targets)} "
+        n = int(n)
+        if n != len(eq.targets):
+            errors.error(expr.loc, f"split(..., {n}) gives {n} values but {len(eq.targets)} "
                                    f"name{'s are' if len(eq.targets) != 1 else ' is'} assigned")
             return
-        whole = type_of(expr.args[0], env, errors, state_names)
+        whole = type_of(expr.args[0], env, errors, state_names, kinds=kinds)
         if whole is None:
             return
         if len(whole.shape) != 1:
             errors.error(expr.loc, f"split needs a vector, got {shape_str(whole.shape)}")
             return
+        part = whole.shape[0] / n
+        k = part.constant
+        if k is not None and (k.denominator != 1 or k < 1):
+            errors.error(expr.loc, f"split(..., {n}) cannot cut a vector of {whole.shape[0]} entries into "
+                                   f"{n} equal parts")
+            return
+        if k is None and rules is not None:
+            rules.append(SizeRule(part, f"each of the {n} parts of split(..., {n})", expr.loc))
         for t in eq.targets:
-            env[(t.name, t.next)] = Type((whole.shape[0] / int(n),), whole.batched)
+            env[(t.name, t.next)] = Type((part,), whole.batched)
         return
     if len(eq.targets) != 1:
+        type_of(expr, env, errors, state_names, kinds=kinds)
         errors.error(eq.loc, f"{len(eq.targets)} names are assigned but the right side gives one value; "
                              f"use split(v, {len(eq.targets)}) to give several")
         return
-    t = type_of(expr, env, errors, state_names)
+    t = type_of(expr, env, errors, state_names, kinds=kinds)
     if t is not None:
         env[(eq.targets[0].name, eq.targets[0].next)] = t
 
 
-def type_of(expr: ast.Expr, env, errors: Collector, state_names=()) -> Type | None:
-    """The type of an expression, or None after reporting why it has none."""
+_VERBS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+
+
+def type_of(expr: ast.Expr, env, errors: Collector, state_names=(), *, kinds=None) -> Type | None:
+    """The type of an expression, or None after reporting why it has none.
+
+    A name in `env` with the type None is one whose own definition is in error: it was reported
+    there, and its uses are not reported again. `kinds` (name -> what it was declared as) makes
+    the messages for misused names more specific.
+    """
+    kinds = kinds or {}
     if isinstance(expr, ast.Num):
+        if not math.isfinite(expr.value):
+            errors.error(expr.loc, "this number is too large (it overflows to infinity)")
+            return None
         return Type((), False)
     if isinstance(expr, ast.Ref):
-        t = env.get((expr.name, expr.next))
-        if t is None:
+        key = (expr.name, expr.next)
+        if key in env:
+            return env[key]
+        kind = kinds.get(expr.name)
+        if expr.next and expr.name not in state_names:
+            what = f"'{expr.name}' is {_ARTICLE[kind]}, not a state" if kind else f"'{expr.name}' is not a state"
+            errors.error(expr.loc, f"{what}, so {expr.name}' has no meaning; only states have next values")
+        elif kind == "dimension":
+            errors.error(expr.loc, f"'{expr.name}' is a dimension, not a value; dimensions appear only in shapes "
+                                   f"and initialisers")
+        else:
             known = sorted({k[0] + ("'" if k[1] else "") for k in env})
-            if expr.next and expr.name not in state_names:
-                errors.error(expr.loc, f"'{expr.name}' is not a state, so {expr.name}' has no meaning")
-            else:
-                errors.error(expr.loc, f"unknown name '{expr.name}{chr(39) if expr.next else ''}'"
-                             + _suggest(expr.name, known))
-        return t
+            errors.error(expr.loc, f"unknown name '{expr.name}{chr(39) if expr.next else ''}'"
+                         + _suggest(expr.name, known))
+        return None
     if isinstance(expr, ast.Neg):
-        return type_of(expr.arg, env, errors, state_names)
+        return type_of(expr.arg, env, errors, state_names, kinds=kinds)
     if isinstance(expr, ast.BinOp):
-        left = type_of(expr.left, env, errors, state_names)
-        right = type_of(expr.right, env, errors, state_names)
+        left = type_of(expr.left, env, errors, state_names, kinds=kinds)
+        right = type_of(expr.right, env, errors, state_names, kinds=kinds)
         if left is None or right is None:
+            return None
+        if expr.op in _VERBS and left.shape != right.shape and left.shape != () and right.shape != ():
+            errors.error(expr.loc, f"shape mismatch in '{expr.op}': cannot {_VERBS[expr.op]} "
+                                   f"{shape_str(left.shape)} and {shape_str(right.shape)}")
             return None
         op = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matvec"}[expr.op]
         return _infer(op, [left, right], (), expr.loc, errors)
     if isinstance(expr, ast.Concat):
-        items = [type_of(a, env, errors, state_names) for a in expr.items]
+        items = [type_of(a, env, errors, state_names, kinds=kinds) for a in expr.items]
         return None if any(i is None for i in items) else _infer("concat", items, (), expr.loc, errors)
     # a call
     if expr.fn == "split":
         errors.error(expr.loc, "split gives several values; assign them to names: a, b = split(v, 2)")
         return None
     if expr.fn not in ops.FUNCTIONS:
-        errors.error(expr.loc, f"unknown function '{expr.fn}'" + _suggest(expr.fn, ops.FUNCTIONS))
+        kind = kinds.get(expr.fn)
+        if kind == "parameter":
+            hint = f"; '{expr.fn}' is a parameter: write {expr.fn} @ v for a matrix product"
+        elif kind is not None:
+            hint = f"; '{expr.fn}' is {_ARTICLE[kind]}, not a function"
+        else:
+            hint = _suggest(expr.fn, ops.FUNCTIONS)
+        errors.error(expr.loc, f"unknown function '{expr.fn}'" + hint)
+        for a in expr.args:
+            type_of(a, env, errors, state_names, kinds=kinds)
         return None
     arity = ops.FUNCTIONS[expr.fn]
     if arity is not None and len(expr.args) != arity:
         errors.error(expr.loc, f"{expr.fn} takes {arity} argument{'s' if arity != 1 else ''}, got {len(expr.args)}")
         return None
-    args = [type_of(a, env, errors, state_names) for a in expr.args]
+    if arity is None and not expr.args:
+        errors.error(expr.loc, f"{expr.fn} needs at least one argument")
+        return None
+    args = [type_of(a, env, errors, state_names, kinds=kinds) for a in expr.args]
     if any(a is None for a in args):
         return None
     if expr.fn == "concat":
@@ -404,7 +680,12 @@ def _infer(op, args, attrs, loc, errors: Collector) -> Type | None:
 
 
 def check_dims(cell: CheckedCell, values: dict[str, int]) -> dict[str, int]:
-    """Bind the cell's dimensions; every size in it must come out a positive whole number."""
+    """Bind the cell's dimensions; every size in it must come out a positive whole number.
+
+    Raises SpecError naming each dimension missing, unknown or not a positive whole number, and
+    each size (a parameter's, a state's, a split's parts) that these values make fractional or
+    not positive, at the line it comes from.
+    """
     errors = Collector()
     for k in values:
         if k not in cell.dims:
@@ -417,5 +698,13 @@ def check_dims(cell: CheckedCell, values: dict[str, int]) -> dict[str, int]:
     for k, v in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             errors.error(None, f"dimension {k} must be a positive whole number, got {v!r}")
+    if not errors.diagnostics:
+        bound = ", ".join(f"{d}={values[d]}" for d in cell.dims)
+        for rule in cell.sizes:
+            value = rule.size.evaluate(values)
+            if value.denominator != 1 or value < 1:
+                written = str(rule.size).replace("//", "/")  # a fraction here, not floor division
+                errors.error(rule.loc, f"with {bound}, {rule.what} would have {written} = {value} entries; "
+                                       f"every size must be a positive whole number")
     errors.raise_if_any()
     return dict(values)

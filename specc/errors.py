@@ -29,9 +29,13 @@ class Diagnostic:
         if self.loc is None:
             return f"error: {self.message}"
         out = f"{self.loc}: error: {self.message}"
-        if self.loc.text:
-            caret = " " * (self.loc.col - 1) + "^"
-            out += f"\n    {self.loc.text.rstrip()}\n    {caret}"
+        text = self.loc.text.rstrip("\r\n")
+        if text.strip():
+            # The caret keeps the line's tabs, so it sits under the spot however tabs are shown.
+            before = text[:max(self.loc.col - 1, 0)]
+            caret = "".join("\t" if ch == "\t" else " " for ch in before)
+            caret += " " * (self.loc.col - 1 - len(before)) + "^"
+            out += f"\n    {text.rstrip()}\n    {caret}"
         return out
 
 
@@ -61,5 +65,6 @@ class Collector:
 
     def raise_if_any(self) -> None:
         if self.diagnostics:
-            ordered = sorted(self.diagnostics, key=lambda d: (d.loc.line, d.loc.col) if d.loc else (0, 0))
+            unique = list(dict.fromkeys(self.diagnostics))  # the same problem found twice is reported once
+            ordered = sorted(unique, key=lambda d: (d.loc.line, d.loc.col) if d.loc else (0, 0))
             raise SpecError(ordered)
