@@ -224,12 +224,12 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             # Every process divides by the global count; DDP averages over processes, hence * world.
             (local / count * world).backward()
             _unshare_grads(model)
-            if t["clip"] is not None:
-                norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"])
-                if not math.isfinite(norm.item()):
-                    status, message = "diverged", _diverged(norm.item(), "gradient norm", step + 1, ckpt_path,
-                                                            saved_step)
-                    break
+            # Clipped by global norm; measured even without clipping, so that a NaN never reaches the weights.
+            norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"] if t["clip"] is not None else math.inf)
+            if not math.isfinite(norm.item()):
+                status, message = "diverged", _diverged(norm.item(), "gradient norm", step + 1, ckpt_path,
+                                                        saved_step)
+                break
             opt.step()
             carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
             step += 1
