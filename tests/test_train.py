@@ -264,3 +264,19 @@ def test_ctrl_c_saves_after_the_step_and_resume_finishes_the_run(tmp_path, monke
     resumed = train(cfg, resume=True, progress=False)
     assert resumed.history == straight.history
     assert all(torch.equal(v, straight.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_device_cuda_trains_as_on_the_cpu_or_says_there_is_none(tmp_path):
+    from specc.train import ConfigError
+
+    cpu = corpus_config(tmp_path, steps=5)
+    gpu = corpus_config(tmp_path, steps=5, device="cuda")
+    gpu["out"] = str(tmp_path / "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device: cuda, but torch sees no CUDA device"):
+            train(gpu, progress=False)
+        return
+    a, b = train(cpu, progress=False), train(gpu, progress=False)  # NumPy backend, Triton backend
+    assert np.allclose(a.history, b.history, atol=1e-4)
+    model, _ = load_model(tmp_path / "cuda" / "checkpoint.pt")  # a CUDA checkpoint samples on the CPU
+    assert len(generate(model, sorted(set(TEXT)), "F", 10)) == 10

@@ -38,6 +38,7 @@ SCHEMA = {
         "time_limit": ((float, NONE), None),  # ... or seconds of training in this run, whichever comes first
         "clip": ((float, NONE), 5.0),         # gradient clipping by global norm; null turns it off
         "seed": ((int,), 0),
+        "device": ((str,), "cpu"),            # cpu (NumPy backend) or cuda (Triton backend; nccl under torchrun)
         "threads": ((int, NONE), 1),          # CPU threads for torch and BLAS (null: leave them as they are)
         "eval_every": ((int,), 200),          # steps between evaluations
         "eval_batches": ((int, NONE), 20),    # batches per evaluation (null: the whole validation stream)
@@ -187,6 +188,8 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             fail("model", "dims", f"dimension {name} must be a positive whole number, got {size!r}")
     t = cfg["train"]
+    if t["device"] not in ("cpu", "cuda"):
+        fail("train", "device", f"expected cpu or cuda, got {t['device']!r}")
     if t["optimizer"] not in OPTIMIZERS:
         fail("train", "optimizer", f"unknown optimizer {t['optimizer']!r} (known: {', '.join(OPTIMIZERS)})")
     for key in ("threads", "batch_size", "seq_len", "eval_every", "checkpoint_every", "log_every", "steps", "eval_batches"):

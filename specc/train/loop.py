@@ -51,11 +51,18 @@ class Result:
     message: str = ""
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: str) -> tuple[int, int, torch.device]:
+    """This process's rank, the number of processes (torchrun sets WORLD_SIZE), and its device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda, but torch sees no CUDA device")
+        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(where)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # the compiled cells run on the CPU
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size(), where) if world > 1 else (0, 1, where)
 
 
 def seed_everything(seed: int) -> None:
@@ -98,6 +105,7 @@ def evaluate(task: Task, model: SequenceModel, cfg: dict) -> dict:
     """Loss on held-out data (the validation stream, or fresh sequences from a fixed generator),
     and the task's own measures."""
     t = cfg["train"]
+    device = next(model.parameters()).device
     n = t["eval_batches"]
     with torch.no_grad():
         if task.stream:
@@ -107,13 +115,13 @@ def evaluate(task: Task, model: SequenceModel, cfg: dict) -> dict:
             total = count = 0.0
             state = None
             for _ in range(chunks):
-                batch, _ = stream.next()
+                batch = stream.next()[0].to(device)
                 pred, state = model(batch.x, state)
                 total += loss_sum(task, pred, batch).item()
                 count += batch.mask.sum().item()
             return {"loss": total / count}
         rng = np.random.default_rng(t["seed"] + EVAL_SEED_OFFSET)
-        batches = [task.batch(rng, t["batch_size"]) for _ in range(n or 20)]
+        batches = [task.batch(rng, t["batch_size"]).to(device) for _ in range(n or 20)]
         total = sum(loss_sum(task, model(b.x)[0], b).item() for b in batches)
         count = sum(b.mask.sum().item() for b in batches)
         return {"loss": total / count, **task.metrics(model, batches)}
@@ -125,8 +133,8 @@ def format_metrics(m: dict) -> str:
 
 def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=None) -> Result:
     """Train as the config says; with resume, continue from the checkpoint in cfg["out"]."""
-    rank, world = _distributed()
     t = cfg["train"]
+    rank, world, device = _distributed(t["device"])
     out = Path(cfg["out"])
     ckpt_path = out / "checkpoint.pt"
     B = t["batch_size"]
@@ -138,7 +146,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
         set_threads(t["threads"])
     seed_everything(t["seed"])
     task = task_from_config(cfg)
-    model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs)
+    model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs).to(device)
     opt = make_optimizer(model.parameters(), t)
     source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
     step, history, evals, carry, saved_step = 0, [], [], None, None
@@ -157,9 +165,11 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
         source.load_state_dict(ck["data"])
         step = saved_step = ck["step"]
         history, evals = list(ck["history"]), list(ck["evals"])
-        carry = None if ck["carry"] is None else tuple(c[lo:hi] for c in ck["carry"])
+        carry = None if ck["carry"] is None else tuple(c[lo:hi].to(device) for c in ck["carry"])
 
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     main = rank == 0
     total_steps = t["steps"]
     if t["epochs"] is not None:
@@ -184,6 +194,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             for p, c in zip(parts, carry):
                 dist.all_gather(p, c.contiguous())
             full_carry = tuple(torch.cat(p, 0) for p in parts)
+        full_carry = None if full_carry is None else tuple(c.cpu() for c in full_carry)
         if main:
             checkpoint.save(ckpt_path, {
                 "config": cfg, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -208,12 +219,12 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
         while not done:
             batch, fresh = source.next()
             count = batch.mask.sum()
-            mine = batch.columns(lo, hi)
+            mine = batch.columns(lo, hi).to(device)
             pred, state = net(mine.x, None if fresh or carry is None else carry)
             local = loss_sum(task, pred, mine)
             # The loss, and whether to stop: decided together, so that all processes stop at one step.
             seen = torch.tensor([local.item() / count.item(), float(stop_requested), float(time_up())],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(seen)
             loss_value, stop_now, out_of_time = seen[0].item(), seen[1].item() > 0, seen[2].item() > 0
@@ -222,7 +233,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
                 break
             opt.zero_grad(set_to_none=True)
             # Every process divides by the global count; DDP averages over processes, hence * world.
-            (local / count * world).backward()
+            (local / count.to(device) * world).backward()
             _unshare_grads(model)
             # Clipped by global norm; measured even without clipping, so that a NaN never reaches the weights.
             norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"] if t["clip"] is not None else math.inf)

@@ -28,7 +28,7 @@ class SequenceModel(nn.Module):
             return x
         if self.embedding is not None:
             return self.embedding(x)
-        return nn.functional.one_hot(x, self.n_in).to(self.cell._dtype())
+        return nn.functional.one_hot(x, self.n_in).to(next(self.cell.parameters()).dtype)
 
     def forward(self, x: torch.Tensor, state=None):
         out, state = self.cell(self.encode(x), state)

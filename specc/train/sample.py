@@ -26,17 +26,18 @@ def generate(model: SequenceModel, vocab: list[str], prime: str, length: int, te
     if not prime:
         raise ValueError("the prime text is empty; give at least one character")
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        logits, state = model(torch.tensor([index[ch] for ch in prime]).unsqueeze(1))
+        logits, state = model(torch.tensor([index[ch] for ch in prime], device=device).unsqueeze(1))
         last = logits[-1, 0]
         for _ in range(length):
             if temperature <= 0:
                 k = int(last.argmax())
             else:
-                probs = torch.softmax(last.double() / temperature, -1)
+                probs = torch.softmax(last.double().cpu() / temperature, -1)
                 k = int(torch.multinomial(probs, 1, generator=gen))
             out.append(vocab[k])
-            logits, state = model(torch.tensor([[k]]), state)
+            logits, state = model(torch.tensor([[k]], device=device), state)
             last = logits[-1, 0]
     return "".join(out)

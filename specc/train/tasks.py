@@ -25,6 +25,10 @@ class Batch:
     mask: torch.Tensor
     extra: dict = field(default_factory=dict)  # per-task extras for evaluation (e.g. legal next symbols)
 
+    def to(self, device) -> "Batch":
+        return Batch(self.x.to(device), self.y.to(device), self.mask.to(device),
+                     {k: v.to(device) for k, v in self.extra.items()})
+
     def columns(self, lo: int, hi: int) -> "Batch":
         """Sequences lo..hi-1 of the batch (one process's share under DDP)."""
         pick = lambda t: t[:, lo:hi]
@@ -214,7 +218,7 @@ class ReberTask(Task):
                 seq_ok += int(ok.all(0).sum())
                 seq_n += ok.shape[1]
                 last = b.extra["length"][0] - 2  # the position whose next symbol is the second-to-last
-                pen_ok += int(ok[last, torch.arange(ok.shape[1])].sum())
+                pen_ok += int(ok[last, torch.arange(ok.shape[1], device=ok.device)].sum())
         return {"positions": pos_ok / pos_n, "sequences": seq_ok / seq_n, "penultimate": pen_ok / seq_n}
 
 
