@@ -142,6 +142,8 @@ def fuse_products(g: Graph) -> Graph:
 
 
 def optimize(g: Graph, keep_leaves: bool = True) -> Graph:
+    # Dead values go first: a product nobody reads must not be stacked into one that somebody does.
+    g = eliminate_dead(g, keep_leaves=keep_leaves)
     g = fuse_products(g)
     g = reassociate_sums(g)
     return eliminate_dead(g, keep_leaves=keep_leaves)

@@ -149,6 +149,7 @@ class CellModule(nn.Module):
         self.dims = dict(dims)
         self.batch_first = batch_first
         self.backend = backend
+        program.check_sizes(**self.dims)
         self.sizes = program.sizes(**self.dims)
         for kind in ("params", "states", "inputs", "outputs"):
             for name, shape in self.sizes[kind].items():

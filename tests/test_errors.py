@@ -388,10 +388,6 @@ def test_check_dims_rejects_a_declared_size_that_is_not_positive():
     assert (d.loc.line, d.loc.col) == (3, 13) and "state h" in d.message and "H - I = 0" in d.message
 
 
-@pytest.mark.xfail(strict=True, reason="specc.load does not call check.check_dims, and CellModule checks only "
-                                       "declared sizes: a split of H=5 into 2 silently gives parts of 2 and 3. "
-                                       "Fix: call specc.check.check_dims(compiled.cell, dims) in specc.load / "
-                                       "CellModule; then remove this mark.")
 def test_loading_with_a_split_that_does_not_divide():
     with pytest.raises(Exception, match=r"split\(\.\.\., 2\)"):
         specc.load(SPLIT, I=3, H=5)

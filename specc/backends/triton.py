@@ -533,7 +533,8 @@ class _Host:
             v = node.attrs[0]
             return repr(v) if v >= 0 else f"({v!r})"
         for name, leaf, nxt in g.carries:
-            if i in (leaf, nxt):
+            # A next value made before the loop (h' = tanh(W @ x)) is read where it was made.
+            if i == leaf or (i == nxt and self.s.region[i] == "loop"):
                 buf = self.names.carry_buf[name]
                 later = (i == leaf) == self.reverse
                 return f"{buf}[B:]" if later else f"{buf}[:rows]"
@@ -683,7 +684,8 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
         _emit_scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
         outs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
         finals = _tuple([f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
-        saved_keys = {i: _saved_key(g, i, names) for i in saved_nodes}
+        key_namer = Namer()  # a gate may be called h_prev too: every key its own
+        saved_keys = {i: key_namer(_saved_key(g, i, names)) for i in saved_nodes}
         items = ", ".join(f'"{saved_keys[i]}": {host.ref(i)}' for i in saved_nodes)
         body.line(f"saved = {{{items}}} if train else None")
         body.line(f"return {outs}, {finals}, saved")
