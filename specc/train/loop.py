@@ -234,7 +234,6 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             opt.zero_grad(set_to_none=True)
             # Every process divides by the global count; DDP averages over processes, hence * world.
             (local / count.to(device) * world).backward()
-            _unshare_grads(model)
             # Clipped by global norm; measured even without clipping, so that a NaN never reaches the weights.
             norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"] if t["clip"] is not None else math.inf)
             if not math.isfinite(norm.item()):
@@ -284,19 +283,6 @@ class _Silent:
 
     def isatty(self) -> bool:
         return False
-
-
-def _unshare_grads(model: nn.Module) -> None:
-    """Give every parameter a gradient of its own. The generated backward may hand out one array
-    for two parameters whose gradients are equal (b_ih and b_hh of an LSTM); in-place clipping
-    would then scale that memory twice. (The runtime should copy; until it does, this does.)"""
-    seen = set()
-    for p in model.parameters():
-        if p.grad is not None:
-            ptr = p.grad.untyped_storage().data_ptr()
-            if ptr in seen:
-                p.grad = p.grad.clone()
-            seen.add(ptr)
 
 
 def _main_thread() -> bool:
