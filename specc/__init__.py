@@ -24,21 +24,9 @@ def compile_spec(spec, cell=None):
 
 def program(compiled) -> types.ModuleType:
     """The generated module, executed: its forward/backward functions and metadata."""
-    import linecache
-    import sys
+    from .runtime import load_program
 
-    # Triton decides when a kernel is defined whether it runs compiled or interpreted.
-    mode = os.environ.get("TRITON_INTERPRET", "0")
-    name = f"specc_generated_{compiled.cell.name}_{abs(hash((compiled.source, mode))):x}"
-    if name not in sys.modules:
-        module = types.ModuleType(name)
-        module.__file__ = f"<specc {compiled.cell.name}>"
-        sys.modules[name] = module  # so the module's own class can find it, and pickling by name works
-        # Triton reads a kernel's source through inspect, which reads it through linecache.
-        linecache.cache[module.__file__] = (len(compiled.source), None, compiled.source.splitlines(True),
-                                            module.__file__)
-        exec(compile(compiled.source, module.__file__, "exec"), module.__dict__)  # generated code, not spec text
-    return sys.modules[name]
+    return load_program(compiled.source, compiled.cell.name)
 
 
 def load(spec: str | Path, cell: str | None = None, *, batch_first: bool = False, backend: str = "auto",

@@ -4,6 +4,8 @@ adds a module class so the file can be imported on its own.
 """
 from __future__ import annotations
 
+import keyword
+
 from . import ast
 from .backends import numpy as numpy_backend
 from .backends import triton as triton_backend
@@ -32,13 +34,26 @@ def _shape_code(shape) -> str:
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
+# Module-level names of a generated module, which its class may not take.
+MODULE_GLOBALS = {"math", "sys", "Fraction", "np", "init", "rt", "CellModule", "torch", "triton", "tl", "CELL",
+                  "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "BLOCK_B", "BLOCK_F",
+                  "BLOCK_K", "TRITON_UNSUPPORTED"}
+
+
 def class_name(cell: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in cell.split("_") if part) or "Cell"
+    """The module class for a cell: CamelCase of its name (gru_cho -> GruCho), never a keyword."""
+    name = "".join(part[:1].upper() + part[1:] for part in cell.split("_") if part) or "Cell"
+    return name + "Cell" if keyword.iskeyword(name) or name in MODULE_GLOBALS else name
+
+
+def _comment_text(text: str) -> str:
+    """User text (a file name) made safe in a comment: one line, printable characters only."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _docstring_text(text: str) -> str:
     """User text (a docstring, a file name) made safe inside a triple-quoted string."""
-    return text.replace("\\", "\\\\").replace('"""', "'''")
+    return _comment_text(text).replace("\\", "\\\\").replace('"""', "'''")
 
 
 def _exact_code(size) -> str:
@@ -117,7 +132,7 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
                 w.line(f"init.uniform(p[{d.name!r}], {k})  # default: torch's U(-1/sqrt(H), 1/sqrt(H))")
             else:
                 args = "".join(", " + scalar_code(a) for a in d.init.args)
-                w.line(f"init.{d.init.name}(p[{d.name!r}]{args})  # {file}:{d.loc.line}")
+                w.line(f"init.{d.init.name}(p[{d.name!r}]{args})  # {_comment_text(file)}:{d.loc.line}")
         if not cell.params:
             w.line("pass")
     w.line("")

@@ -88,11 +88,13 @@ def differentiate(fwd: Graph) -> Graph:
         t = fwd.nodes[i].type
         return b.add("zeros", (), (t.shape, t.batched))
 
-    carries = []
-    for (name, leaf, _), (_, d) in zip(fwd.carries, carries_in):
-        carries.append((name, d, total(leaf) or zeros_like(leaf)))
-    outputs = [(name, total(leaf) or zeros_like(leaf)) for name, leaf in fwd.inputs]
-    reduced = [(name, total(leaf) or zeros_like(leaf)) for name, leaf in fwd.params]
+    def whole(leaf: int) -> int:
+        g = total(leaf)  # node 0 is a gradient too: test for None, not for truth
+        return zeros_like(leaf) if g is None else g
+
+    carries = [(name, d, whole(leaf)) for (name, leaf, _), (_, d) in zip(fwd.carries, carries_in)]
+    outputs = [(name, whole(leaf)) for name, leaf in fwd.inputs]
+    reduced = [(name, whole(leaf)) for name, leaf in fwd.params]
     saved = sorted((i for i in mirror if fwd.nodes[i].op != "const"), key=lambda i: mirror[i])
     inputs += [(fwd_key(i), mirror[i]) for i in saved if fwd.nodes[i].type.batched]
     params = [(fwd_key(i), mirror[i]) for i in saved if not fwd.nodes[i].type.batched]

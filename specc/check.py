@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 from . import ast, ops
+from .backends import numpy as numpy_backend
+from .backends import triton as triton_backend
 from .errors import Collector, Loc, SpecError
 from .ir import Type
 from .shapes import Shape, Size, shape_str
@@ -29,8 +31,9 @@ RESERVED_DIMS = (
     set(dir(builtins))
     | {"math", "sys", "init", "rt", "p", "s", "e", "dtype", "train", "saved", "CellModule"}
     | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS",
-       "sizes", "init_params", "state_fill", "forward", "backward"}
+       "sizes", "init_params", "state_fill", "forward", "backward", "check_sizes", "Fraction", "size"}
     | {"spec", "cell", "batch_first", "backend", "program"}
+    | numpy_backend.INTERNAL | triton_backend.GENERATED_NAMES
 )
 # Parameters become attributes of the torch.nn.Module (specc.runtime.CellModule): they may not
 # take the name of one of its methods or attributes. tests/test_errors.py checks this list

@@ -4,7 +4,10 @@ This module and the generated code are all that a module written by `specc compi
 """
 from __future__ import annotations
 
+import hashlib
+import linecache
 import os
+import sys
 import types
 
 import numpy as np
@@ -19,6 +22,27 @@ _HALF = (torch.float16, torch.bfloat16)
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     # Shares memory with t when t is a contiguous CPU tensor: no copy on the way in.
     return t.detach().contiguous().numpy()
+
+
+def load_program(source: str, cell: str) -> types.ModuleType:
+    """Execute a generated module's source (generated code, never spec text) as a module.
+
+    Its name is a digest of the source, so the same cell is the same module in every process:
+    modules pickle and deepcopy by carrying the source and finding or re-making the module.
+    """
+    # Triton decides when a kernel is defined whether it runs compiled or interpreted.
+    mode = os.environ.get("TRITON_INTERPRET", "0")
+    digest = hashlib.sha256(f"{mode}\0{source}".encode()).hexdigest()[:16]
+    name = f"specc_generated_{cell}_{digest}"
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        module.__file__ = f"<specc {cell}>"
+        module.__specc_source__ = source
+        sys.modules[name] = module  # so the module's own class can find it
+        # Triton reads a kernel's source through inspect, which reads it through linecache.
+        linecache.cache[module.__file__] = (len(source), None, source.splitlines(True), module.__file__)
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return sys.modules[name]
 
 
 def check_dims(what: str, declared, dims: dict) -> None:
@@ -67,6 +91,13 @@ class NumpyBackend:
         return _unshared([torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)])
 
 
+def _on(device: torch.device):
+    """Kernels launch on the tensors' GPU, not on whichever is current (cuda:1, say)."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class TritonBackend:
     """Runs the generated Triton kernels on float32 tensors."""
 
@@ -74,13 +105,16 @@ class TritonBackend:
 
     def forward(self, prog, tensors, T, B, dims, train):
         work = [t.detach().contiguous() for t in tensors]
-        outs, finals, saved = prog.forward_triton(*work, T=T, B=B, train=train, **dims)
+        with _on(tensors[0].device):
+            outs, finals, saved = prog.forward_triton(*work, T=T, B=B, train=train, **dims)
         # Final states are views into the state buffers that backward reads: hand out copies.
         return list(outs), [f.clone() for f in finals], saved
 
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
-        grads = prog.backward_triton(saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
-                                     *(p.detach().contiguous() for p in params), T=T, B=B, **dims)
+        with _on(d_outs[0].device):
+            grads = prog.backward_triton(saved, *(g.contiguous() for g in d_outs),
+                                         *(g.contiguous() for g in d_finals),
+                                         *(p.detach().contiguous() for p in params), T=T, B=B, **dims)
         return _unshared([g.contiguous() for part in grads for g in part])
 
 
@@ -158,6 +192,7 @@ class CellModule(nn.Module):
                                      f"{tuple(shape)}; every size must be a positive whole number")
         self.sizes = {k: {n: tuple(int(s) for s in shape) for n, shape in v.items()} for k, v in self.sizes.items()}
         dtype = dtype or torch.get_default_dtype()
+        self._default_dtype = dtype  # what a cell without parameters computes in
         for name, shape in self.sizes["params"].items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
         self.reset_parameters()
@@ -169,7 +204,30 @@ class CellModule(nn.Module):
         return f"{self.program.CELL}, {self._dims_text()}" + (", batch_first=True" if self.batch_first else "")
 
     def reset_parameters(self) -> None:
-        self.program.init_params({n: getattr(self, n) for n in self.program.PARAMS}, **self.dims)
+        try:
+            self.program.init_params({n: getattr(self, n) for n in self.program.PARAMS}, **self.dims)
+        except (ValueError, ArithmeticError, RuntimeError) as e:
+            raise ValueError(f"cell '{self.program.CELL}': an initialiser cannot be applied with "
+                             f"{self._dims_text()}: {e}") from None
+
+    def __getstate__(self):
+        # The generated module is code: carry its source (or, for a module `specc compile` wrote,
+        # its importable name) and make it again on the other side.
+        state = self.__dict__.copy()
+        prog = state.pop("program")
+        source = getattr(prog, "__specc_source__", None)
+        state["_program_ref"] = ("source", source, prog.CELL) if source is not None else ("module", prog.__name__)
+        return state
+
+    def __setstate__(self, state):
+        ref = state.pop("_program_ref")
+        if ref[0] == "source":
+            state["program"] = load_program(ref[1], ref[2])
+        else:
+            import importlib
+
+            state["program"] = importlib.import_module(ref[1])
+        self.__dict__.update(state)
 
     def _steps_and_batch(self, inputs, states):
         if inputs:
@@ -185,7 +243,7 @@ class CellModule(nn.Module):
     def _dtype(self):
         for p in self.parameters():
             return p.dtype
-        return torch.get_default_dtype()
+        return self._default_dtype
 
     def forward(self, x=None, state=None, steps: int | None = None):
         """x: the input sequence (a tuple of them for a cell with several inputs, None for none)."""
@@ -219,6 +277,10 @@ class CellModule(nn.Module):
             raise ValueError("all input sequences must have the same length and batch size")
         if not xs and steps is None:
             raise TypeError(f"cell '{name}' has no inputs: pass steps=T (and a state, for the batch size)")
+        if xs and steps is not None:
+            raise TypeError(f"cell '{name}' takes its number of steps from its inputs; steps= is for cells without")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"cell '{name}': steps must be a positive whole number, got {steps!r}")
         self._steps = steps
         batch = xs[0].shape[1] if xs else None
         states = self._check_state(state, batch, unbatched, xs[0].device if xs else None)
@@ -226,6 +288,8 @@ class CellModule(nn.Module):
             batch = states[0].shape[0]
         if xs and xs[0].shape[0] == 0:
             raise ValueError("the input sequence is empty (T = 0)")
+        if batch == 0:
+            raise ValueError("the batch is empty (B = 0)")
         tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
         backend, work = self._backend_for(tensors, dtype)
         out_dtype = xs[0].dtype if xs and xs[0].dtype in _HALF else work

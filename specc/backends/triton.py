@@ -36,7 +36,9 @@ _RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIO
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
-             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc"}
+             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight"}
+# Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
+GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED"}
 
 
 class Unsupported(Exception):

@@ -15,7 +15,9 @@ class Writer:
         self.lines.append(("    " * self._depth + text) if text else "")
 
     def comment(self, text: str) -> None:
+        # Comments quote the spec and its file name: keep them one printable line each.
         for part in text.splitlines():
+            part = "".join(ch if ch.isprintable() else "?" for ch in part)
             self.line("# " + part if part else "#")
 
     @contextmanager
