@@ -43,10 +43,10 @@ def from_torch(m: nn.Module, backend: str = "auto"):
             for theirs, ours in _WEIGHTS.items():
                 getattr(out, ours).copy_(getattr(m, theirs))
         return out.to(weight.device)
-    return _recurrent_from_torch(m, cell, proj)
+    return _recurrent_from_torch(m, cell, proj, backend)
 
 
-def _recurrent_from_torch(m: nn.Module, cell: str, proj: int):
+def _recurrent_from_torch(m: nn.Module, cell: str, proj: int, backend: str):
     from .network import library_recurrent
 
     directions = 2 if m.bidirectional else 1
@@ -56,7 +56,7 @@ def _recurrent_from_torch(m: nn.Module, cell: str, proj: int):
     layer_dims = [base] + [dict(base, I=directions * (proj or m.hidden_size)) for _ in range(m.num_layers - 1)]
     weight = m.weight_ih_l0
     out = library_recurrent(cell, layer_dims, bidirectional=m.bidirectional, dropout=m.dropout,
-                            batch_first=m.batch_first, dtype=weight.dtype)
+                            batch_first=m.batch_first, dtype=weight.dtype, backend=backend)
     names = {"weight_ih": "W_ih", "weight_hh": "W_hh", "bias_ih": "b_ih", "bias_hh": "b_hh", "weight_hr": "W_hr"}
     with torch.no_grad():
         for name, p in m.named_parameters():

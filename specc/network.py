@@ -25,7 +25,7 @@ def length_mask(lengths: torch.Tensor | None, T: int, B: int, dtype, device=None
     if lengths is None:
         return torch.ones(T, B, dtype=dtype, device=device)
     steps = torch.arange(T, device=lengths.device)[:, None]
-    return (steps < lengths[None, :]).to(dtype)
+    return (steps < lengths[None, :]).to(dtype=dtype, device=device)
 
 
 def reverse_index(lengths: torch.Tensor | None, T: int, B: int) -> torch.Tensor:
@@ -45,12 +45,18 @@ def gather_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(0, index.to(x.device)[:, :, None].expand_as(x))
 
 
-def as_lengths(lengths, B: int) -> torch.Tensor | None:
+def as_lengths(lengths, B: int, T: int | None = None) -> torch.Tensor | None:
+    """Lengths as a (B,) CPU tensor of whole numbers from 1 to T, or a clear error."""
     if lengths is None:
         return None
-    lengths = torch.as_tensor(lengths).to("cpu", torch.long)
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() and not torch.equal(lengths, lengths.round()):
+        raise ValueError(f"lengths must be whole numbers, got {lengths.tolist()}")
+    lengths = lengths.to("cpu", torch.long)
     if lengths.shape != (B,):
         raise ValueError(f"lengths must have one entry per sequence ({B}), got shape {tuple(lengths.shape)}")
+    if len(lengths) and (lengths.min() < 1 or (T is not None and lengths.max() > T)):
+        raise ValueError(f"every length must be from 1 to the padded length {T}, got {lengths.tolist()}")
     return lengths
 
 
@@ -74,7 +80,7 @@ class Recurrent(nn.Module):
     """
 
     def __init__(self, program, layer_dims: list[dict], n_inputs: int, bidirectional: bool = False,
-                 dropout: float = 0.0, batch_first: bool = False, dtype=None):
+                 dropout: float = 0.0, batch_first: bool = False, dtype=None, backend: str = "auto"):
         super().__init__()
         if not layer_dims:
             raise ValueError("a recurrent layer needs at least one layer")
@@ -91,7 +97,7 @@ class Recurrent(nn.Module):
         self.cells = nn.ModuleDict()
         for k, dims in enumerate(layer_dims):
             for d in range(self.num_directions):
-                self.cells[self.key(k, d)] = CellModule(program, dims, dtype=dtype)
+                self.cells[self.key(k, d)] = CellModule(program, dims, dtype=dtype, backend=backend)
         self.cell_name = program.CELL
 
     @staticmethod
@@ -148,7 +154,7 @@ class Recurrent(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"{self.cell_name}: input must be (T, B, features), got {tuple(x.shape)}")
         T, B = x.shape[:2]
-        lengths = as_lengths(lengths, B)
+        lengths = as_lengths(lengths, B, T)
         dtype = self.cell()._dtype()
         x = x.to(dtype)
         mask = length_mask(lengths, T, B, dtype, x.device)
@@ -194,7 +200,10 @@ class Recurrent(nn.Module):
         final = final[0] if len(final) == 1 else final
         out = layer_in
         if packed:
-            data = pack_padded_sequence(out.index_select(1, sorted_indices), lengths[sorted_indices]).data
+            if sorted_indices is None:  # packed with enforce_sorted=True: already in order
+                data = pack_padded_sequence(out, lengths).data
+            else:
+                data = pack_padded_sequence(out.index_select(1, sorted_indices), lengths[sorted_indices]).data
             out = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
         elif self.batch_first:
             out = out.transpose(0, 1)
@@ -308,6 +317,10 @@ class Network(nn.Module):
                 given[k] = named.pop(k)
         if isinstance(lengths, dict):
             lengths = dict(lengths)
+            unknown = [k for k in lengths if k not in self.input_names]
+            if unknown:
+                raise TypeError(f"network '{self.checked.name}': lengths given for {', '.join(map(repr, unknown))}, "
+                                f"which is not an input (the inputs are {', '.join(self.input_names)})")
         elif lengths is not None:
             lengths = {name: lengths for name, kind, _ in self.checked.inputs if kind in ("sequence", "tokens")}
         else:
@@ -541,7 +554,7 @@ def load_network(spec, name: str | None = None, *, dtype=None, **dims) -> Networ
 
 
 def library_recurrent(cell: str, layer_dims: list[dict], bidirectional: bool = False, dropout: float = 0.0,
-                      batch_first: bool = False, dtype=None) -> Recurrent:
+                      batch_first: bool = False, dtype=None, backend: str = "auto") -> Recurrent:
     """A Recurrent layer of a library cell (specs/), e.g. for specc.from_torch."""
     from . import program
     from .masking import compile_masked
@@ -550,4 +563,4 @@ def library_recurrent(cell: str, layer_dims: list[dict], bidirectional: bool = F
     checked, text, file = _library_cells()[cell]
     prog = program(compile_masked(checked, text, file))
     return Recurrent(prog, layer_dims, len(checked.inputs), bidirectional=bidirectional, dropout=dropout,
-                     batch_first=batch_first, dtype=dtype)
+                     batch_first=batch_first, dtype=dtype, backend=backend)
