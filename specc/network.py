@@ -317,10 +317,11 @@ class Network(nn.Module):
                 given[k] = named.pop(k)
         if isinstance(lengths, dict):
             lengths = dict(lengths)
-            unknown = [k for k in lengths if k not in self.input_names]
+            known = list(self.input_names) + [name for name, _ in self.checked.outputs]
+            unknown = [k for k in lengths if k not in known]
             if unknown:
                 raise TypeError(f"network '{self.checked.name}': lengths given for {', '.join(map(repr, unknown))}, "
-                                f"which is not an input (the inputs are {', '.join(self.input_names)})")
+                                f"which is neither an input nor an output (those are {', '.join(known)})")
         elif lengths is not None:
             lengths = {name: lengths for name, kind, _ in self.checked.inputs if kind in ("sequence", "tokens")}
         else:
