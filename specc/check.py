@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from . import ast, ops
 from .backends import numpy as numpy_backend
 from .backends import triton as triton_backend
-from .errors import Collector, Loc, SpecError
+from .errors import Collector, Loc
 from .ir import Type
 from .shapes import Shape, Size, shape_str
 

@@ -10,9 +10,9 @@ Every batched value is one vector per example; code generators keep batched valu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .shapes import Shape, Size, shape_str
+from .shapes import Shape, shape_str
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .ir import Builder, Type
-from .shapes import Size, numel, shape_str
+from .shapes import Size, shape_str
 
 
 class ShapeError(Exception):

@@ -132,7 +132,6 @@ def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
                         for u in users[i])):
             fused_pre.add(i)
     stage: dict[int, int] = {}
-    stored: set[int] = set()
 
     def in_loop(i: int) -> bool:
         return s.region[i] == "loop" and g.nodes[i].op != "carry"
@@ -168,7 +167,6 @@ def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
             if in_loop(a) and stage[a] < stage[i] and not (g.nodes[a].op == "outer" and
                                                           g.nodes[i].op in ("matvec", "matvec_t")):
                 cross.add(a)
-    carried_next = {nxt for _, _, nxt in g.carries}
     stored = cross | set(s.kept) | {i for i in carried_next if in_loop(i)}
     scratch = {i for i in cross if i not in s.kept and i not in carried_next}
     n_stages = max(stage.values(), default=0) + 1
@@ -203,12 +201,9 @@ class KernelWriter:
 
     # where a value lives in memory: (buffer, row base) for batched values
     def _home(self, i: int) -> tuple[str, str] | None:
-        node = self.g.nodes[i]
         for name, leaf, nxt in self.g.carries:
-            buf = self.host.carry_buf[name]
-            later = "(t + 1) * B"
-            if i == leaf:
-                return buf, (later if self.reverse else "t * B")
+            if i == leaf:  # the forward pass reads block t; the backward pass, block t + 1
+                return self.host.carry_buf[name], ("(t + 1) * B" if self.reverse else "t * B")
         region = self.s.region[i]
         if region == "pre":
             if i in self.plan.fused_pre:

@@ -2,31 +2,19 @@
 torch.load(weights_only=True), so loading one runs no code from it."""
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import write_atomically
+
 FORMAT = "specc-train/1"
 
 
 def save(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(payload, format=FORMAT), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: torch.save(dict(payload, format=FORMAT), f))
 
 
 def load(path: str | Path) -> dict:

@@ -131,12 +131,18 @@ def format_metrics(m: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
 
 
-def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=None) -> Result:
-    """Train as the config says; with resume, continue from the checkpoint in cfg["out"]."""
+def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=None,
+          overwrite: bool = False) -> Result:
+    """Train as the config says; with resume, continue from the checkpoint in cfg["out"].
+
+    A fresh run refuses to replace an existing checkpoint unless `overwrite` is set."""
     t = cfg["train"]
     rank, world, device = _distributed(t["device"])
     out = Path(cfg["out"])
     ckpt_path = out / "checkpoint.pt"
+    if not resume and not overwrite and ckpt_path.exists():
+        raise ConfigError(f"{ckpt_path} exists: continue it with --resume, or start afresh over it with --force "
+                          f"(or choose another out directory)")
     B = t["batch_size"]
     if B % world:
         raise ConfigError(f"train.batch_size: {B} does not split evenly across {world} processes")

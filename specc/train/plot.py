@@ -2,13 +2,13 @@
 training loss in blue, evaluation loss in orange, on a light grid; min and max loss labelled."""
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import write_atomically
 
 # A 3x5 pixel font for the axis labels.
 _FONT = {
@@ -85,8 +85,4 @@ def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float]], w
 
 def write_loss_curve(path: str | Path, train, evals) -> None:
     data = encode_png(loss_curve(train, evals))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".loss-", suffix=".png")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(data))
