@@ -222,8 +222,9 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
 
     dims: set[str] = set()
     for name, loc in cell.dims:
-        if define(name, loc, "dimension"):
-            dims.add(name)
+        # A refused name is still a dimension of this cell: its uses are not errors of their own.
+        define(name, loc, "dimension")
+        dims.add(name)
 
     def shape_of(dims_ast, what: str) -> Shape | None:
         sizes = [dim_size(d, dims, errors) for d in dims_ast]
