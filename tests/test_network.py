@@ -287,3 +287,22 @@ def test_a_start_token_outside_the_vocabulary_is_refused():
     }"""
     with pytest.raises(ValueError, match="start token"):
         specc.load(spec, V=5, E=3, H=4)
+
+
+def test_packed_sequences_packed_sorted_and_checked_lengths():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(1)
+    ref = nn.GRU(3, 4, num_layers=2, bidirectional=True)
+    ours = specc.from_torch(ref)
+    x = torch.randn(4, 3, 3)
+    packed = pack_padded_sequence(x, torch.tensor([4, 3, 1]))  # enforce_sorted=True: no sorted_indices
+    (got, h), (want, h_ref) = ours(packed), ref(packed)
+    torch.testing.assert_close(got.data, want.data, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for bad in ([4, 0, 1], [5, 3, 1], [2.5, 3.0, 1.0]):
+        with pytest.raises(ValueError, match="length"):
+            ours(x, lengths=torch.tensor(bad))
+    net = specc.load("classifier", V=10, E=4, H=5, C=3)
+    with pytest.raises(TypeError, match="'tokenz'"):
+        net(torch.randint(0, 10, (6, 2)), lengths={"tokenz": torch.tensor([6, 3])})

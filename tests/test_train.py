@@ -280,3 +280,17 @@ def test_device_cuda_trains_as_on_the_cpu_or_says_there_is_none(tmp_path):
     assert np.allclose(a.history, b.history, atol=1e-4)
     model, _ = load_model(tmp_path / "cuda" / "checkpoint.pt")  # a CUDA checkpoint samples on the CPU
     assert len(generate(model, sorted(set(TEXT)), "F", 10)) == 10
+
+
+def test_a_fresh_run_does_not_replace_an_existing_checkpoint(tmp_path, capsys):
+    cfg = corpus_config(tmp_path, steps=2)
+    train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    cfg_file = tmp_path / "again.yaml"
+    cfg_file.write_text(f"model: {{spec: lstm, dims: {{H: 12}}}}\ntask: {{name: corpus, path: {tmp_path / 'corpus.txt'}}}\n"
+                        f"train: {{batch_size: 2, seq_len: 8, steps: 1, threads: 1}}\nout: {tmp_path / 'run'}\n")
+    assert main(["train", str(cfg_file), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err and ckpt.read_bytes() == before
+    assert main(["train", str(cfg_file), "--no-progress", "--force"]) == 0
+    assert checkpoint.load(ckpt)["step"] == 1
