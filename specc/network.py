@@ -12,6 +12,8 @@ operations that depend on prev(y) one step at a time, feeding back the chosen to
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,7 +100,7 @@ class Recurrent(nn.Module):
         for k, dims in enumerate(layer_dims):
             for d in range(self.num_directions):
                 self.cells[self.key(k, d)] = CellModule(program, dims, dtype=dtype, backend=backend)
-        self.cell_name = program.CELL
+        self.cell_name = program.CELL.removesuffix("_masked")  # the user's cell, not masking's variant
 
     @staticmethod
     def key(layer: int, direction: int) -> str:
@@ -511,7 +513,8 @@ def _library_network_file(name: str):
 
     for stem in spec_names():
         text = spec_file(stem).read_text(encoding="utf-8")
-        if f"network {name}" in text:
+        # A whole word: "network char" must not find "network char_lm".
+        if re.search(rf"\bnetwork\s+{re.escape(name)}\s*\(", text):
             return text, f"specs/{stem}.rnn"
     return None
 

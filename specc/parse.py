@@ -172,7 +172,11 @@ def parse(text: str, file: str = "<spec>") -> ast.Spec:
         tree = _parser().parse(text)
     except lark.LarkError as e:
         raise SpecError(_syntax_errors(text, file, e)) from None
-    items = _ToAst(file, lines).transform(tree)
+    try:
+        items = _ToAst(file, lines).transform(tree)
+    except RecursionError:
+        raise SpecError(Diagnostic(Loc(file, 1, 1, lines[0] if lines else ""),
+                                   "an expression is nested too deeply to compile; split it into named values")) from None
     return ast.Spec(file, text, tuple(i for i in items if isinstance(i, ast.Cell)),
                     tuple(i for i in items if isinstance(i, ast.Network)))
 
