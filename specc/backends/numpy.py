@@ -3,21 +3,113 @@
 Batched values are (rows, features) arrays: rows are the batch inside the time loop and
 time x batch outside it, so one spelling serves both. States live in ((T + 1) * B, size)
 sequence buffers: block t holds the value before step t.
+
+Outside the time loop, code is a few large array expressions. Inside it, a step costs about one
+microsecond per NumPy call when the batch is small, so the generator keeps the calls few and
+makes them allocate nothing:
+
+* Every value a step computes is written by its ufunc (the last positional argument, `out`) into
+  memory set up before the loop: a state's next value straight into its block of the state
+  buffer, a value kept for after the loop into its block of a per-step buffer, anything else into
+  a (B, size) scratch buffer, which an elementwise op reuses when one of its arguments dies there.
+  Views of scratch buffers (the gates of a split) are made once, before the loop.
+* Sibling ops on adjacent columns of the same values are one call over all their columns (a
+  `Group`): the sigmoids and tanh of an LSTM's four gates are one tanh between two per-column
+  scalings. Constants are 0-d arrays and bias vectors B-row arrays of the working dtype (NumPy
+  converts a Python float on every call and broadcasts a vector slowly).
+* Values that depend on the inputs only and that only the loop reads (the input products, a
+  backward step's derivative factors) are made a chunk of steps at a time inside the loop, so
+  they stay in cache and the whole sequence of them never exists at once. In the backward pass,
+  products of a step value by such factors are regrouped so that the factors multiply each other
+  in the chunk, not in the step (`hoist_factors`).
+* A state whose sequence nothing reads after the loop lives in two blocks used in turn (when not
+  training), and a concatenation after the loop that only products and sums read is not made.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Graph, Node
+from ..ir import Builder, Graph, Node
 from ..ops import ACTIVATIONS
-from ..schedule import Schedule
+from ..optimize import eliminate_dead, rebuild
+from ..schedule import Schedule, schedule
+from ..shapes import Size
 from .writer import Namer, Writer
 
-INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "train", "saved"}
+try:
+    from ..ir import suggested_names
+except ImportError:  # pragma: no cover - older IR without name suggestions
+    def suggested_names(g: Graph) -> list[str]:
+        return [n.name or f"v{i}" for i, n in enumerate(g.nodes)]
+
+INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
+            "steps", "lo", "hi", "cs", "ce", "last"}
+LEAVES = ("input", "param", "const", "carry")
+VIEWS = ("slice", "reshape")
+
+# ufunc spellings, with the destination as the last positional argument.
+UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "np.divide", "neg": "np.negative"}
+# Activations spelled with a destination; {x} the argument, {out} where the result goes. An
+# activation missing here (added to ops.ACTIVATIONS later) is computed from its expression and
+# copied where it belongs.
+ACTIVATION_OUT = {
+    "sigmoid": "rt.sigmoid({x}, {out})",
+    "tanh": "np.tanh({x}, {out})",
+    "relu": "np.maximum({x}, 0, {out})",
+    "exp": "np.exp({x}, {out})",
+    "log": "np.log({x}, {out})",
+    "softplus": "np.logaddexp(0, {x}, {out})",
+    "step": "rt.step({x}, {out})",
+}
+CONST_NAMES = {0.0: "zero", 1.0: "one", -1.0: "minus_one", 0.5: "half", 2.0: "two"}
+MIXABLE = ("sigmoid", "tanh")
 
 
 def _size(s) -> str:
     return str(s)
+
+
+def _writes_into(node: Node) -> bool:
+    return spell_into(node, ["a"] * len(node.args), "out") is not None
+
+
+def _elementwise(node: Node) -> bool:
+    """An op computed element by element, safe to write over one of its arguments."""
+    return node.op in UFUNCS or node.op in ACTIVATION_OUT
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a loop value is written during a step: `buf`, the step's rows of it (`rows`; None for a
+    scratch buffer, all of whose rows are the step's) and a column range (`cols`; None for all)."""
+
+    buf: str
+    rows: str | None = None
+    cols: tuple[Size, Size] | None = None
+
+    def code(self) -> str:
+        if self.cols is None:
+            return f"{self.buf}[{self.rows}]" if self.rows else self.buf
+        start, stop = (_size(c) for c in self.cols)
+        return f"{self.buf}[{self.rows or ':'}, {'' if start == '0' else start}:{stop}]"
+
+    def part(self, start: Size, stop: Size) -> "Place":
+        base = self.cols[0] if self.cols else Size.of(0)
+        return Place(self.buf, self.rows, (base + start, base + stop))
+
+
+@dataclass
+class Group:
+    """Sibling elementwise ops on adjacent columns of the same values (the sigmoids of the gates
+    i and f of one split), computed by one NumPy call over the columns they span."""
+
+    members: list[int]  # in column order
+    starts: list[Size]  # each member's first column in the group's buffer
+    width: Size
+    args: list[tuple]  # per argument: ("cols", base, first column) or ("same", node)
+    name: str = ""
+    place: Place | None = None
+    scales: str = ""  # sigmoids and tanhs mixed: the name of their per-column (scale, shift)
 
 
 @dataclass
@@ -29,8 +121,31 @@ class Scan:
     source_lines: list[str]
     file: str
     names: dict[int, str] = field(default_factory=dict)
-    seq: dict[int, str] = field(default_factory=dict)  # kept loop values -> their buffers
+    seq: dict[int, str] = field(default_factory=dict)  # kept loop values -> their buffers (or views)
     carry_buf: dict[str, str] = field(default_factory=dict)  # state -> its sequence buffer
+    # States whose sequence nothing reads after the loop (only, forward, the backward pass): two
+    # blocks used in turn (when not training), blocks p (read) and q (written) of the step.
+    alternating: set[str] = field(default_factory=set)
+    guarded: frozenset[int] = frozenset()  # kept only for the backward pass: filled when training
+    # Filled by _plan_loop:
+    place: dict[int, Place] = field(default_factory=dict)  # loop values -> where a step writes them
+    seq_view: dict[int, Place] = field(default_factory=dict)  # kept values stored inside another's buffer
+    scratch: list[int] = field(default_factory=list)  # values that own a (B, size) scratch buffer
+    hoisted: list[int] = field(default_factory=list)  # views of scratch buffers, made before the loop
+    absorbed: dict[int, int] = field(default_factory=dict)  # concat part -> the concat it is written into
+    consts: dict[float, str] = field(default_factory=dict)  # constants the loop uses -> 0-d arrays
+    transposed: dict[int, str] = field(default_factory=dict)  # matrices the loop multiplies by -> W.T
+    tiled: dict[int, str] = field(default_factory=dict)  # vectors the loop adds or multiplies -> B rows of them
+    fresh: set[int] = field(default_factory=set)  # values outside the loop in buffers of their own
+    groups: list[Group] = field(default_factory=list)
+    chunked: set[int] = field(default_factory=set)  # pre values made a chunk of steps at a time, in the loop
+    split: dict[int, list[tuple[str, Size, Size]]] = field(default_factory=dict)  # concatenations never made
+    group_of: dict[int, int] = field(default_factory=dict)  # member -> its group's index
+    group_seq: list[tuple[str, Size, bool]] = field(default_factory=list)  # (buffer, width, guarded)
+    group_at: dict[int, int] = field(default_factory=dict)  # member the group is computed at -> group
+    bind: dict[int, set[int]] = field(default_factory=dict)  # group -> members its users read by name
+    unused: set[int] = field(default_factory=set)  # views that only grouped ops read
+    bound_before: list[tuple[int, str]] = field(default_factory=list)  # (member, view) made before the loop
 
     @property
     def g(self) -> Graph:
@@ -38,9 +153,11 @@ class Scan:
 
     def carry_of(self, i: int) -> tuple[str, bool] | None:
         """(state, is_leaf) when node i is a state's carried value, read or written."""
-        for name, leaf, nxt in self.g.carries:
+        # Every state's previous value first: in `a' = b`, b's previous value is also a's next.
+        for name, leaf, _ in self.g.carries:
             if i == leaf:
                 return name, True
+        for name, _, nxt in self.g.carries:
             if i == nxt:
                 return name, False
         return None
@@ -49,26 +166,35 @@ class Scan:
         node = self.g.nodes[i]
         if node.op == "const":
             v = node.attrs[0]
+            if loop and v in self.consts:
+                return self.consts[v]
             return repr(v) if v >= 0 else f"({v!r})"
+        if loop and i in self.tiled:
+            return self.tiled[i]
         carried = self.carry_of(i)
-        if carried and (node.op == "carry" or not loop):
+        region = self.sched.region[i]
+        # A carried value lives in its state buffer: the value read (always), and the next value
+        # when the loop makes it (outside the loop; inside, it goes by its name). A next value
+        # made before the loop, from the inputs alone, goes by its own name.
+        if carried and (node.op == "carry" or (region == "loop" and not loop)):
             state, is_leaf = carried
             buf = self.carry_buf[state]
             # Forward reads block t and writes block t + 1; backward reads t + 1 and writes t.
             reads_later = is_leaf == self.reverse
+            if loop and state in self.alternating:
+                return f"{buf}[p:p + B]" if is_leaf else f"{buf}[q:q + B]"
             if loop:
                 return f"{buf}[e:e + B]" if reads_later else f"{buf}[s:e]"
             return f"{buf}[B:]" if reads_later else f"{buf}[:rows]"
-        region = self.sched.region[i]
         if region == "pre" and loop:
-            return f"{self.names[i]}[s:e]"
+            return f"{self.names[i]}[cs:ce]" if i in self.chunked else f"{self.names[i]}[s:e]"
         if region == "loop" and not loop:
             return self.seq[i]
         return self.names[i]
 
 
 def spell(node: Node, a: list[str], types: list, rows: str) -> str:
-    """How NumPy spells one op, given its arguments' code."""
+    """How NumPy spells one op as an expression, given its arguments' code."""
     op = node.op
     batched = node.type.batched
     if op in ("add", "sub", "mul", "div"):
@@ -113,17 +239,350 @@ def spell(node: Node, a: list[str], types: list, rows: str) -> str:
     raise AssertionError(f"numpy backend cannot spell {op!r}")
 
 
+def spell_into(node: Node, a: list[str], out: str) -> str | None:
+    """How NumPy spells one batched op of the loop writing into `out`; None if it cannot."""
+    op = node.op
+    if op in UFUNCS:
+        return f"{UFUNCS[op]}({', '.join(a)}, {out})"
+    if op in ACTIVATION_OUT:
+        return ACTIVATION_OUT[op].format(x=a[0], out=out)
+    if op == "matvec":  # a[0] is the transposed matrix the loop multiplies by
+        return f"np.matmul({a[1]}, {a[0]}, {out})"
+    if op == "matvec_t":
+        return f"np.matmul({a[1]}, {a[0]}, {out})"
+    if op == "outer":
+        return f"rt.outer_rows({a[0]}, {a[1]}, {out})"
+    if op in ("outer_vjp_a", "outer_vjp_b"):
+        n, k = (_size(s) for s in node.attrs)
+        return f"rt.{op}({a[0]}, {a[1]}, {n}, {k}, {out})"
+    if op == "softmax":
+        return f"rt.softmax({a[0]}, {out})"
+    if op == "softmax_vjp":
+        return f"rt.softmax_vjp({a[0]}, {a[1]}, {out})"
+    return None
+
+
+def _row_shape(node: Node) -> list[str]:
+    return [_size(s) for s in node.type.shape]
+
+
 def _name_values(scan: Scan, namer: Namer, leaf_names: dict[int, str]) -> None:
     g = scan.g
+    suggested = suggested_names(g)
     for i, node in enumerate(g.nodes):
         if i in leaf_names:
             scan.names[i] = leaf_names[i]
         elif node.op not in ("const", "carry"):
-            scan.names[i] = namer(node.name or f"v{i}")
+            scan.names[i] = namer(suggested[i])
     for name, _, _ in g.carries:
         scan.carry_buf[name] = namer(f"d_{name}_seq" if scan.reverse else f"{name}_seq")
     for i in sorted(scan.sched.kept):
         scan.seq[i] = namer(f"{scan.names[i]}_seq")
+
+
+def _plan_loop(scan: Scan, namer: Namer) -> None:
+    """Decide where each value of the loop body is written (see the module docstring)."""
+    g, sched = scan.g, scan.sched
+    order = [i for i in sched.nodes_in("loop") if g.nodes[i].op not in LEAVES]
+    pos = {i: k for k, i in enumerate(order)}
+    users = g.users()
+
+    def last_read(i: int) -> int:
+        """The last position in the step that reads value i, directly or through views of it."""
+        last = pos[i]
+        for u in users[i]:
+            if u in pos:
+                last = max(last, last_read(u) if g.nodes[u].op in VIEWS else pos[u])
+        return last
+
+    computed = {i for i in order if g.nodes[i].op not in VIEWS and g.nodes[i].type.batched}
+    written_rows = "s:e" if scan.reverse else "e:e + B"
+    # A state's next value goes straight into its block of the state buffer.
+    for name, _, nxt in g.carries:
+        if nxt in computed and nxt not in scan.place:
+            scan.place[nxt] = Place(scan.carry_buf[name], "q:q + B" if name in scan.alternating else written_rows)
+    _group_siblings(scan, order, computed, namer)
+    # A kept value goes into its block of its sequence buffer.
+    for i in order:
+        if i in sched.kept and i not in scan.group_of:
+            scan.place[i] = Place(scan.seq[i], "k:k + B" if i in scan.guarded else "s:e")
+    # The parts of a concatenation are written into its columns (outermost concatenation first).
+    for c in reversed(order):
+        node = g.nodes[c]
+        if node.op != "concat" or not node.type.batched:
+            continue
+        if c not in scan.place:
+            scan.place[c] = Place(scan.names[c])
+            scan.scratch.append(c)
+        start = Size.of(0)
+        for a in node.args:
+            stop = start + g.nodes[a].type.shape[0]
+            if _can_absorb(scan, a, c, computed):
+                scan.place[a] = scan.place[c].part(start, stop)
+                scan.absorbed[a] = c
+                if a in sched.kept:
+                    scan.seq_view[a] = _seq_place(scan, c).part(start, stop)
+            start = stop
+    # Everything else gets a scratch buffer, or the buffer of an argument that dies here.
+    owner: dict[int, int] = {}  # value in a scratch buffer -> the value the buffer is named after
+    for c in scan.scratch:
+        owner[c] = c
+    for i in order:
+        node = g.nodes[i]
+        if i in scan.place or i not in computed or not _writes_into(node):
+            continue
+        reuse = None
+        if _elementwise(node):
+            for a in node.args:
+                if a in owner and g.nodes[a].type == node.type and last_read(a) == pos[i] \
+                        and scan.place[a].cols is None:
+                    reuse = a
+                    break
+        if reuse is not None:
+            scan.place[i] = scan.place[reuse]
+            owner[i] = owner[reuse]
+        else:
+            scan.place[i] = Place(scan.names[i])
+            scan.scratch.append(i)
+            owner[i] = i
+    # A group is computed where its first member was; its members go by name when something
+    # outside the groups reads them. Views that only groups read are not made.
+    for index, grp in enumerate(scan.groups):
+        scan.group_at[min(grp.members, key=pos.get)] = index
+        scan.bind[index] = {m for m in grp.members if any(u in pos and u not in scan.group_of for u in users[m])}
+    for i in order:
+        if g.nodes[i].op in VIEWS and i not in scan.place and users[i] and all(u in scan.group_of for u in users[i]):
+            scan.unused.add(i)
+    # Views of values in scratch buffers never move: make them once.
+    fixed = set(owner)
+    for index, grp in enumerate(scan.groups):
+        if grp.place.rows is None:
+            fixed.update(scan.bind[index])
+    for i in order:
+        node = g.nodes[i]
+        if node.op in VIEWS and node.type.batched and node.args[0] in fixed and i not in scan.unused:
+            scan.hoisted.append(i)
+            fixed.add(i)
+    # Constants of elementwise ops, and the matrices of products, in the form the loop wants.
+    for i in order:
+        node = g.nodes[i]
+        if _elementwise(node):
+            for a in node.args:
+                v = g.nodes[a]
+                if not v.type.batched and len(v.type.shape) == 1 and a not in scan.tiled:
+                    scan.tiled[a] = namer(f"{scan.names[a]}_rows")
+                if v.op == "const" and v.attrs[0] not in scan.consts:
+                    text = CONST_NAMES.get(v.attrs[0], "c_" + repr(v.attrs[0]).replace("-", "minus_").replace(".", "_"))
+                    scan.consts[v.attrs[0]] = namer(text)
+        if node.op == "matvec" and node.type.batched and node.args[0] not in scan.transposed:
+            scan.transposed[node.args[0]] = namer(f"{scan.names[node.args[0]]}_T")
+
+
+def _order(size: Size):
+    """Where a column offset falls among others (offsets are sums of multiples of dimensions)."""
+    return size.evaluate({n: 1 << 20 for n in size.names()})
+
+
+def _group_siblings(scan: Scan, order: list[int], computed: set[int], namer: Namer) -> None:
+    """Find the Groups of the loop body, and give each its buffer."""
+    g, sched = scan.g, scan.sched
+    users = g.users()
+    nexts = {nxt for _, _, nxt in g.carries}
+    pos = {i: k for k, i in enumerate(order)}
+
+    def columns(a: int):
+        """(base, first column) when value a is some columns of a larger value, else None."""
+        node = g.nodes[a]
+        if a in scan.group_of:
+            grp = scan.group_of[a]
+            return ("g", grp), scan.groups[grp].starts[scan.groups[grp].members.index(a)]
+        if node.op == "slice" and node.type.batched and sched.region[a] in ("pre", "loop"):
+            base = node.args[0]
+            if sched.region[base] == "pre" or (sched.region[base] == "loop" and g.nodes[base].op not in LEAVES):
+                return ("v", base), node.attrs[0]
+        return None
+
+    def candidate(i: int) -> bool:
+        node = g.nodes[i]
+        return (i in computed and _elementwise(node) and i not in scan.place and i not in nexts
+                and not any(g.nodes[u].op == "concat" for u in users[i]) and len(node.type.shape) == 1)
+
+    changed = True
+    while changed:
+        changed = False
+        buckets: dict[tuple, list[tuple[Size, int, list]]] = {}
+        for i in order:
+            if i in scan.group_of or not candidate(i):
+                continue
+            node = g.nodes[i]
+            # sigmoid and tanh group together: sigmoid(x) = 0.5 tanh(0.5 x) + 0.5, so one tanh over
+            # the columns of both, scaled per column before and after, computes either.
+            op = "sigmoid|tanh" if node.op in MIXABLE else node.op
+            key, cols, first = [op, i in sched.kept, i in scan.guarded], [], None
+            for a in node.args:
+                if g.nodes[a].type.batched:
+                    c = columns(a)
+                    if c is None:
+                        break
+                    key.append(c[0])
+                    cols.append(c[1])
+                    first = c[1] if first is None else first
+                elif g.nodes[a].type.shape == ():
+                    key.append(("same", a))
+                    cols.append(None)
+                else:
+                    break
+            else:
+                if first is not None:
+                    buckets.setdefault(tuple(key), []).append((first, i, cols))
+        for key, found in buckets.items():
+            found.sort(key=lambda f: (_order(f[0]), pos[f[1]]))
+            by_start = {}
+            for first, i, cols in found:
+                by_start.setdefault(first, (i, cols))
+            # Chains of members whose columns follow each other in every argument.
+            used = set()
+            for first, i, cols in found:
+                if i in used:
+                    continue
+                chain, cur_cols = [i], cols
+                while True:
+                    width = g.nodes[chain[-1]].type.shape[0]
+                    nxt_start = next((c + width for c in cur_cols if c is not None), None)
+                    nxt = by_start.get(nxt_start)
+                    if nxt is None or nxt[0] in used or nxt[0] in chain:
+                        break
+                    if any((c is None) != (d is None) or (c is not None and c + width != d)
+                           for c, d in zip(cur_cols, nxt[1])):
+                        break
+                    chain.append(nxt[0])
+                    cur_cols = nxt[1]
+                if len(chain) < 2:
+                    continue
+                used.update(chain)
+                _make_group(scan, chain, key, cols, namer)
+                changed = True
+
+
+def _make_group(scan: Scan, chain: list[int], key: tuple, cols: list, namer: Namer) -> None:
+    g = scan.g
+    starts, at = [], Size.of(0)
+    for m in chain:
+        starts.append(at)
+        at = at + g.nodes[m].type.shape[0]
+    first = g.nodes[chain[0]]
+    args = [("cols", base, c) if c is not None else base for base, c in zip(key[3:], cols)]
+    names = [scan.names[m] for m in chain]
+    prefix = first.op + "_"
+    base = next((scan.names[a[1][1]] for a in args if a[0] == "cols" and a[1][0] == "v"), None)
+    if all(g.nodes[m].op == first.op for m in chain) and all(n.startswith(prefix) for n in names):
+        name = prefix + "_".join(n[len(prefix):] for n in names)
+    elif base is not None and first.op in MIXABLE:
+        name = f"{base}_activated"
+    else:
+        name = "_".join(names)
+    grp = Group(list(chain), starts, at, args, namer(name))
+    if len({g.nodes[m].op for m in chain}) > 1:
+        grp.scales = namer(f"{grp.name}_scales")
+    index = len(scan.groups)
+    scan.groups.append(grp)
+    for m in chain:
+        scan.group_of[m] = index
+    kept, guarded = key[1], key[2]
+    if kept:
+        buf = namer(f"{grp.name}_seq")
+        scan.group_seq.append((buf, at, guarded))
+        grp.place = Place(buf, "k:k + B" if guarded else "s:e")
+        for m, start in zip(chain, starts):
+            scan.seq_view[m] = Place(buf).part(start, start + g.nodes[m].type.shape[0])
+    else:
+        grp.place = Place(grp.name)
+    for m, start in zip(chain, starts):
+        scan.place[m] = grp.place.part(start, start + g.nodes[m].type.shape[0])
+
+
+def _choose_alternating(scan: Scan, protect: frozenset[int]) -> None:
+    """States whose sequence is read after the loop only by the backward pass (values in
+    `protect`, forward) or not at all (backward) need two blocks, not T + 1, when not training."""
+    g, sched = scan.g, scan.sched
+    outside = {i for _, i in g.outputs} | {i for _, i in g.reduced}
+    for i, node in enumerate(g.nodes):
+        if sched.region[i] != "loop" and node.op not in LEAVES:
+            outside.update(node.args)
+    for name, leaf, nxt in g.carries:
+        read = {leaf} | ({nxt} if sched.region[nxt] == "loop" else set())
+        if not read & outside:
+            scan.alternating.add(name)
+
+
+def _choose_split(scan: Scan, protect: frozenset[int]) -> None:
+    """A concatenation after the loop that only matrix products and row sums read is not made:
+    each reader works on its parts ([a, b] @ W is a @ W_a + b @ W_b), which saves a copy of every
+    step's values. Parts that are adjacent columns of one buffer stay one part."""
+    g, sched = scan.g, scan.sched
+    users = g.users()
+    results = set(g.results())
+    for c in sched.nodes_in("post"):
+        node = g.nodes[c]
+        if node.op != "concat" or not node.type.batched or c in results or c in protect or not users[c]:
+            continue
+        if not all((g.nodes[u].op == "matvec_t" and g.nodes[u].args[1] == c and g.nodes[u].args[0] != c)
+                   or (g.nodes[u].op == "outer_sum" and g.nodes[u].args[0] == c and g.nodes[u].args[1] != c)
+                   or g.nodes[u].op == "sum_rows" for u in users[c]):
+            continue
+        parts: list[tuple[Place | None, str, Size, Size]] = []
+        start = Size.of(0)
+        for a in node.args:
+            stop = start + g.nodes[a].type.shape[0]
+            view = scan.seq_view.get(a) if sched.region[a] == "loop" else None
+            last = parts[-1] if parts else None
+            if (view is not None and last is not None and last[0] is not None and last[0].buf == view.buf
+                    and last[0].cols[1] == view.cols[0]):
+                merged = Place(view.buf, None, (last[0].cols[0], view.cols[1]))
+                parts[-1] = (merged, merged.code(), last[2], stop)
+            else:
+                parts.append((view, scan.ref(a, loop=False), start, stop))
+            start = stop
+        scan.split[c] = [(code, a, b) for _, code, a, b in parts]
+
+
+def _choose_chunked(scan: Scan, protect: frozenset[int]) -> None:
+    """Values made before the loop that only the loop reads (the input products W x + b of every
+    step, a backward step's derivative factors) are made a chunk of steps at a time inside the
+    loop: a few hundred rows stay in cache between being made and being read, and the whole
+    sequence of them never exists at once."""
+    g, sched = scan.g, scan.sched
+    users = g.users()
+    results = set(g.results())
+    for i in reversed(sched.nodes_in("pre")):
+        node = g.nodes[i]
+        if node.op in LEAVES or not node.type.batched or i in results or i in protect or not users[i]:
+            continue
+        if all(sched.region[u] == "loop" or u in scan.chunked for u in users[i]):
+            scan.chunked.add(i)
+
+
+def _can_absorb(scan: Scan, a: int, c: int, computed: set[int]) -> bool:
+    """Can part a of concatenation c be written straight into c's columns?"""
+    g = scan.g
+    node = g.nodes[a]
+    if a not in computed or a in scan.absorbed or not (_elementwise(node) or node.op == "concat"):
+        return False
+    if a not in scan.sched.kept and node.op != "concat":
+        # Writing into columns is a strided write, slower than writing a contiguous scratch
+        # buffer and concatenating; it pays only by sparing a kept value a buffer of its own.
+        return False
+    if scan.place.get(a) is not None and a not in scan.sched.kept:
+        return False  # a state's next value: it has a place already
+    if a in scan.sched.kept:
+        # Its sequence buffer becomes columns of c's, so c must be kept whenever a is.
+        if c not in scan.sched.kept or (c in scan.guarded and a not in scan.guarded):
+            return False
+    return True
+
+
+def _seq_place(scan: Scan, i: int) -> Place:
+    return scan.seq_view.get(i) or Place(scan.seq[i])
 
 
 class _Lines:
@@ -139,61 +598,269 @@ class _Lines:
         self.w.line(stmt)
 
 
-def _emit_nodes(w: Writer, scan: Scan, region: str, loop: bool) -> None:
+_FRESH = set(UFUNCS) | set(ACTIVATIONS) | {"matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b",
+                                           "softmax", "softmax_vjp", "concat", "outer_sum"}
+
+
+def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = frozenset(),
+                chunk: bool = False) -> None:
+    """A region outside the loop, as whole-sequence expressions. An elementwise op writes over an
+    argument made in this region that nothing reads afterwards (nor `protect`s: values returned).
+
+    With `chunk`, the chunked values of the region, for rows lo:hi of the sequence only."""
     lines = _Lines(w, scan)
     g = scan.g
-    for i in scan.sched.nodes_in(region):
+    users = g.users()
+    results = set(g.results())
+
+    def readers(a: int) -> list[int]:
+        """What reads value a, directly or through views of it."""
+        out = []
+        for u in users[a]:
+            out.append(u)
+            if g.nodes[u].op in VIEWS:
+                out.extend(readers(u))
+        return out
+
+    def ref(a: int) -> str:
+        code = scan.ref(a, loop=False)
+        if chunk and g.nodes[a].type.batched and a not in scan.chunked:
+            return f"{code}[lo:hi]"
+        return code
+
+    def here(u: int) -> bool:
+        return scan.sched.region[u] == region and (u in scan.chunked) == chunk
+
+    def rows_of(code: str, start: Size, stop: Size) -> str:
+        a, b = _size(start), _size(stop)
+        return f"{code}[{'' if a == '0' else a}:{b}]"
+
+    members = scan.sched.nodes_in(region)
+    for i in members:
         node = g.nodes[i]
-        if node.op in ("input", "param", "const", "carry"):
+        if node.op in LEAVES or (i in scan.chunked) != chunk or i in scan.split:
             continue
-        args = [scan.ref(a, loop) for a in node.args]
-        rows = "B" if loop else "rows"
-        lines.emit(node, f"{scan.names[i]} = {spell(node, args, [g.nodes[a].type for a in node.args], rows)}")
+        c = next((a for a in node.args if a in scan.split), None)
+        if c is not None:
+            # A reader of a concatenation that is not made: one product or sum per part.
+            name, parts = scan.names[i], scan.split[c]
+            if node.op == "matvec_t":
+                w_code = ref(node.args[0])
+                lines.emit(node, f"{name} = {parts[0][0]} @ {rows_of(w_code, parts[0][1], parts[0][2])}")
+                for code, a, b in parts[1:]:
+                    lines.emit(node, f"{name} += {code} @ {rows_of(w_code, a, b)}")
+            elif node.op == "outer_sum":
+                v = ref(node.args[1])
+                items = ", ".join(f"{code}.T @ {v}" for code, _, _ in parts)
+                lines.emit(node, f"{name} = np.concatenate([{items}])")
+            else:
+                items = ", ".join(f"{code}.sum(axis=0)" for code, _, _ in parts)
+                lines.emit(node, f"{name} = np.concatenate([{items}])")
+            scan.fresh.add(i)
+            continue
+        args = [ref(a) for a in node.args]
+        stmt = spell(node, args, [g.nodes[a].type for a in node.args], "(hi - lo)" if chunk else "rows")
+        if node.type.batched and _elementwise(node):
+            for a, code in zip(node.args, args):
+                if (a in scan.fresh and g.nodes[a].type == node.type and a not in results and a not in protect
+                        and (a in scan.chunked) == chunk and all(here(u) and u <= i for u in readers(a))):
+                    stmt = spell_into(node, args, f"out={code}")
+                    break
+        if node.op in _FRESH:
+            scan.fresh.add(i)
+        lines.emit(node, f"{scan.names[i]} = {stmt}")
 
 
-def emit_scan(w: Writer, scan: Scan, carry_init: list[str], guard_kept: frozenset[int] = frozenset()) -> None:
+def _emit_loop_body(w: Writer, scan: Scan) -> None:
+    lines = _Lines(w, scan)
+    g = scan.g
+    hoisted = set(scan.hoisted)
+    for i in scan.sched.nodes_in("loop"):
+        node = g.nodes[i]
+        if node.op in LEAVES or i in scan.unused:
+            continue
+        if i in scan.group_of:
+            if i in scan.group_at:
+                _emit_group(lines, scan, scan.group_at[i])
+            continue
+        name = scan.names[i]
+        place = scan.place.get(i)
+        args = [scan.ref(a, loop=True) for a in node.args]
+        if node.op in ("matvec",) and node.type.batched:
+            args[0] = scan.transposed[node.args[0]]
+        if i in hoisted:
+            if place is not None:
+                lines.emit(node, f"{place.code()} = {name}")
+            continue
+        if node.op == "concat" and node.type.batched:
+            start, copies = Size.of(0), []
+            for a, code in zip(node.args, args):
+                stop = start + g.nodes[a].type.shape[0]
+                if scan.absorbed.get(a) != i or scan.place[a] != place.part(start, stop):
+                    copies.append((place.part(start, stop).code(), code))
+                start = stop
+            if len(copies) == len(node.args):
+                lines.emit(node, f"np.concatenate([{', '.join(args)}], axis=1, out={place.code()})")
+            else:
+                for dest, code in copies:
+                    lines.emit(node, f"{dest} = {code}")
+            if place.code() != name:
+                lines.emit(node, f"{name} = {place.code()}")
+            continue
+        stmt = spell_into(node, args, place.code()) if place is not None else None
+        if stmt is not None:
+            lines.emit(node, f"{name} = {stmt}")
+            continue
+        # A view, or an op without an in-place spelling: an expression, copied where it belongs.
+        lines.emit(node, f"{name} = {spell(node, args, [g.nodes[a].type for a in node.args], 'B')}")
+        if place is not None:
+            lines.emit(node, f"{place.code()} = {name}" if place.code() != name else f"{name}[...] = {name}")
+
+
+def _group_arg(scan: Scan, arg: tuple, width: Size) -> str:
+    if arg[0] == "same":
+        return scan.ref(arg[1], loop=True)
+    _, (kind, base), first = arg
+    full = first == Size.of(0) and width == (scan.groups[base].width if kind == "g" else
+                                              scan.g.nodes[base].type.shape[0])
+    if kind == "g":
+        place = scan.groups[base].place
+        return place.code() if full else place.part(first, first + width).code()
+    if full:
+        return scan.ref(base, loop=True)
+    if scan.sched.region[base] == "pre":
+        rows = "cs:ce" if base in scan.chunked else "s:e"
+        return Place(scan.names[base], rows).part(first, first + width).code()
+    if base in scan.place:
+        return scan.place[base].part(first, first + width).code()
+    return Place(scan.names[base]).part(first, first + width).code()
+
+
+def _emit_group(lines: _Lines, scan: Scan, index: int) -> None:
+    grp = scan.groups[index]
+    first = scan.g.nodes[grp.members[0]]
+    args = [_group_arg(scan, a, grp.width) for a in grp.args]
+    if grp.scales:
+        lines.emit(first, f"{grp.name} = rt.sigmoid_tanh({args[0]}, {grp.scales}, {grp.place.code()})")
+    else:
+        lines.emit(first, f"{grp.name} = {spell_into(first, args, grp.place.code())}")
+    if grp.place.rows is not None:
+        for m in grp.members:
+            if m in scan.bind[index]:
+                lines.emit(first, f"{scan.names[m]} = {scan.place[m].code()}")
+
+
+def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protect: frozenset[int] = frozenset()) -> None:
     """The body of one pass over the sequence.
 
     `carry_init`: per state, the code of the value it starts from (the initial state forward, the
-    final state's gradient backward). `guard_kept` buffers are filled only when training.
+    final state's gradient backward). `scan.guarded` buffers are filled only when training.
     """
     g, sched = scan.g, scan.sched
+    _choose_chunked(scan, protect)
+    _choose_alternating(scan, protect)
+    _plan_loop(scan, namer)
+    _choose_split(scan, protect)
     w.comment("Fixed for the whole sequence.")
-    _emit_nodes(w, scan, "const", loop=False)
-    w.comment("Before the loop: everything that does not depend on the state, for all steps at once.")
-    _emit_nodes(w, scan, "pre", loop=False)
+    _emit_nodes(w, scan, "const", protect)
+    for v, cname in scan.consts.items():
+        w.line(f"{cname} = np.array({v!r}, dtype=dtype)")
+    for m, tname in scan.transposed.items():
+        w.line(f"{tname} = rt.transposed({scan.ref(m, loop=False)})")
+    for v, tname in scan.tiled.items():
+        w.line(f"{tname} = rt.rows({scan.ref(v, loop=False)}, B)  # as B rows: faster than broadcasting")
+    if any(i not in scan.chunked for i in sched.nodes_in("pre") if g.nodes[i].op not in LEAVES):
+        w.comment("Before the loop: everything that does not depend on the state, for all steps at once.")
+    _emit_nodes(w, scan, "pre", protect)
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = _size(g.nodes[leaf].type.shape[0])
-        w.line(f"{scan.carry_buf[name]} = np.empty(((T + 1) * B, {size}), dtype=dtype)")
-        w.line(f"{scan.carry_buf[name]}[{'T * B:' if scan.reverse else ':B'}] = {init}")
+        buf = scan.carry_buf[name]
+        if name not in scan.alternating:
+            w.line(f"{buf} = np.empty(((T + 1) * B, {size}), dtype=dtype)")
+            w.line(f"{buf}[{'T * B:' if scan.reverse else ':B'}] = {init}")
+        elif scan.reverse:
+            w.line(f"{buf} = np.empty((2 * B, {size}), dtype=dtype)  # two blocks, used in turn")
+            w.line(f"{buf}[T % 2 * B:(T % 2 + 1) * B] = {init}")
+        else:
+            w.line(f"{buf} = np.empty(((T + 1) * B if train else 2 * B, {size}), dtype=dtype)")
+            w.line(f"{buf}[:B] = {init}")
+    if scan.seq:
+        w.comment("What the loop keeps for later, one block of B rows per step." +
+                  (" Values only the backward pass\nreads get a single block when not training."
+                   if scan.guarded else ""))
     for i, buf in scan.seq.items():
+        if i in scan.seq_view:
+            continue
         size = _size(g.nodes[i].type.shape[0])
-        alloc = f"np.empty((rows, {size}), dtype=dtype)"
-        w.line(f"{buf} = {alloc} if train else None" if i in guard_kept else f"{buf} = {alloc}")
+        rows = "rows if train else B" if i in scan.guarded else "rows"
+        w.line(f"{buf} = np.empty(({rows}, {size}), dtype=dtype)")
+    for buf, width, guarded in scan.group_seq:
+        w.line(f"{buf} = np.empty(({'rows if train else B' if guarded else 'rows'}, {_size(width)}), dtype=dtype)")
+    for i, view in scan.seq_view.items():
+        w.line(f"{scan.seq[i]} = {view.code()}")
+    scratch_groups = [grp for grp in scan.groups if grp.place.rows is None]
+    if scan.scratch or scratch_groups:
+        w.comment("Scratch space for one step.")
+        for i in scan.scratch:
+            shape = ", ".join(["B"] + _row_shape(g.nodes[i]))
+            w.line(f"{scan.names[i]} = np.empty(({shape}), dtype=dtype)")
+        for grp in scratch_groups:
+            w.line(f"{grp.name} = np.empty((B, {_size(grp.width)}), dtype=dtype)")
+    hl = _Lines(w, scan)
+    for grp in scan.groups:
+        if grp.scales:
+            parts = ", ".join(f'("{g.nodes[m].op}", {_size(g.nodes[m].type.shape[0])})' for m in grp.members)
+            hl.emit(g.nodes[grp.members[0]], f"{grp.scales} = rt.sigmoid_tanh_scales(dtype, B, {parts})")
+    for index, grp in enumerate(scan.groups):
+        if grp.place.rows is None:
+            for m in grp.members:
+                if m in scan.bind[index]:
+                    hl.emit(g.nodes[m], f"{scan.names[m]} = {scan.place[m].code()}")
+    if scan.hoisted:
+        for i in scan.hoisted:
+            node = g.nodes[i]
+            arg = scan.names[node.args[0]]
+            at = scan.place.get(node.args[0])
+            src = at.buf if at is not None and at.cols is None else arg
+            hl.emit(node, f"{scan.names[i]} = {spell(node, [src], [g.nodes[node.args[0]].type], 'B')}")
     steps = "reversed(range(T))" if scan.reverse else "range(T)"
     w.comment("The time loop: only what depends on the state." if not scan.reverse else
               "The time loop, from the last step to the first: only what the carried gradient needs.")
+    w.comment("Each op writes into memory set up above: np.add(a, b, out) is out = a + b.")
+    if scan.chunked:
+        w.line("steps = rt.chunk_steps(T, B)  # how many steps each chunk of input-only values covers")
     with w.block(f"for t in {steps}:"):
         w.line("s, e = t * B, (t + 1) * B")
-        _emit_nodes(w, scan, "loop", loop=True)
-        for i, buf in scan.seq.items():
-            if i not in guard_kept:
-                w.line(f"{buf}[s:e] = {scan.names[i]}")
-        if any(i in guard_kept for i in scan.seq):
-            with w.block("if train:"):
-                for i, buf in scan.seq.items():
-                    if i in guard_kept:
-                        w.line(f"{buf}[s:e] = {scan.names[i]}")
+        if scan.chunked:
+            if scan.reverse:
+                start, rows = "(T - 1 - t) % steps == 0", "lo, hi = max(t + 1 - steps, 0) * B, e"
+            else:
+                start, rows = "t % steps == 0", "lo, hi = s, min(t + steps, T) * B"
+            with w.block(f"if {start}:"):
+                w.comment("What does not depend on the state, for the steps of this chunk (rows lo:hi).")
+                w.line(rows)
+                _emit_nodes(w, scan, "pre", protect, chunk=True)
+            w.line("cs, ce = s - lo, e - lo")
+        if any(p.rows == "k:k + B" for p in scan.place.values()):
+            w.line("k = s if train else 0")
+        if scan.alternating and scan.reverse:
+            w.line(f"p, q = (t + 1) % 2 * B, t % 2 * B  # {', '.join(sorted(scan.alternating))}: two blocks in turn")
+        elif scan.alternating:
+            w.line(f"p, q = (s, e) if train else (t % 2 * B, (t + 1) % 2 * B)  # blocks of "
+                   f"{', '.join(sorted(scan.alternating))} read and written")
+        _emit_loop_body(w, scan)
         for name, _, nxt in g.carries:
-            block = "s:e" if scan.reverse else "e:e + B"
-            w.line(f"{scan.carry_buf[name]}[{block}] = {scan.ref(nxt, loop=True)}")
+            place = scan.place.get(nxt)
+            if place is None or place.buf != scan.carry_buf[name]:
+                block = "q:q + B" if name in scan.alternating else "s:e" if scan.reverse else "e:e + B"
+                w.line(f"{scan.carry_buf[name]}[{block}] = {scan.ref(nxt, loop=True)}")
     if sched.nodes_in("post"):
         w.comment("After the loop: what the carried values do not need, for all steps at once.")
-        _emit_nodes(w, scan, "post", loop=False)
+        _emit_nodes(w, scan, "post", protect)
     if sched.nodes_in("reduce"):
         w.comment("Sums over time and batch, each one matrix product over all steps.")
-        _emit_nodes(w, scan, "reduce", loop=False)
-        _emit_nodes(w, scan, "final", loop=False)
+        _emit_nodes(w, scan, "reduce", protect)
+        _emit_nodes(w, scan, "final", protect)
 
 
 def _tuple(items: list[str]) -> str:
@@ -229,11 +896,15 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
         w.line(f"dtype = {first}.dtype")
         for name, i in g.inputs:
             _reshape_in(w, leaf_names[i], _size(g.nodes[i].type.shape[0]))
-        saved_only = frozenset(i for i in saved_nodes if i in fwd.kept) - _needed_kept(fwd)
-        emit_scan(w, scan, init_names, guard_kept=saved_only)
+        scan.guarded = frozenset(i for i in saved_nodes if i in fwd.kept) - _needed_kept(fwd)
+        emit_scan(w, scan, init_names, namer, protect=frozenset(saved_nodes))
         outs = _tuple([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
-        finals = _tuple([f"{scan.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
-        saved_names = {i: _saved_key(g, i, scan) for i in saved_nodes}
+        finals = _tuple([f"{scan.carry_buf[name]}[last:last + B]" if name in scan.alternating
+                         else f"{scan.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
+        if scan.alternating:
+            w.line("last = T * B if train else T % 2 * B  # where the final states are")
+        key_namer = Namer()  # a gate may be called h_prev too: every key its own
+        saved_names = {i: key_namer(_saved_key(g, i, scan)) for i in saved_nodes}
         if saved_nodes:
             items = ", ".join(f'"{saved_names[i]}": {scan.ref(i, loop=False)}' for i in saved_nodes)
             w.line(f"saved = {{{items}}} if train else None")
@@ -264,8 +935,45 @@ def _needed_kept(s: Schedule) -> frozenset[int]:
     return frozenset(need & s.kept)
 
 
+def hoist_factors(g: Graph) -> Graph:
+    """Products of a loop value by factors fixed for the step are regrouped so that the factors
+    multiply each other before the loop: (x * a) * b -> x * (a * b), x depending on the carried
+    state and a, b not. Backward steps are chains of such products (g * y * (1 - y)); each
+    regrouping moves one elementwise op per step out of the loop, into one op over all steps."""
+    users = g.users()
+    dep: list[bool] = []  # per node of the graph being built: does it depend on a carried value?
+
+    def depends(b: Builder, j: int) -> bool:
+        while len(dep) < len(b.nodes):
+            node = b.nodes[len(dep)]
+            dep.append(node.op == "carry" or any(dep[a] for a in node.args))
+        return dep[j]
+
+    def visit(b: Builder, i, node, new):
+        if node.op != "mul" or not node.type.batched:
+            return None
+        for p, q in (node.args, node.args[::-1]):
+            inner = b.nodes[new[p]]
+            if len(users[p]) != 1 or depends(b, new[q]) or inner.op != "mul" or not depends(b, new[p]):
+                continue
+            x, a = inner.args
+            if depends(b, a):
+                x, a = a, x
+            if depends(b, a) or not depends(b, x):
+                continue
+            factor = b.add("mul", (a, new[q]), line=node.line)
+            out = b.add("mul", (x, factor), name=node.name, line=node.line)
+            if node.name:
+                b.name(out, node.name, node.line)
+            return out
+        return None
+
+    return eliminate_dead(rebuild(g, visit), keep_leaves=False)
+
+
 def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, str],
                   dims: tuple[str, ...], source_lines: list[str], file: str) -> None:
+    bwd = schedule(hoist_factors(bwd.graph))
     g = bwd.graph
     namer = Namer(INTERNAL | set(dims))
     scan = Scan(bwd, reverse=True, source_lines=source_lines, file=file)
@@ -299,7 +1007,7 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
             _reshape_in(w, leaf_names[i], _size(g.nodes[i].type.shape[0]))
         for local, key in bind:
             w.line(f'{local} = saved["{key}"]')
-        emit_scan(w, scan, d_final)
+        emit_scan(w, scan, d_final, namer)
         d_inputs = _tuple([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
         d_inits = _tuple([f"{scan.carry_buf[name]}[:B]" for name, _, _ in g.carries])
         d_params = _tuple([scan.ref(i, loop=False) for _, i in g.reduced])
