@@ -37,6 +37,46 @@ cell concat_rnn(I, H, O) {
     output p = softmax(V @ h')
 }
 
+cell delay(I) {
+    """The state is the previous input: its gradient comes straight from the carried one."""
+    input x[I]
+    state h[I] = zeros
+    param W[I]
+    h' = x
+    output y = h * W
+}
+
+cell swap(I, H) {
+    """Each state's next value is the other's previous value, or made from it."""
+    input x[I]
+    state a[H] = zeros
+    state b[H] = zeros
+    param W[H, I]
+    a' = b
+    b' = tanh(W @ x + a)
+    output a'
+}
+
+cell names(I, H) {
+    """A gate named like the generated code's own names for a state's values."""
+    input x[I]
+    state h[H] = zeros
+    param W[H, I]
+    h_prev = tanh(W @ x + h)
+    h_next = h_prev * 0.5
+    h' = h_prev * h + h_next
+    output h'
+}
+
+cell feedforward(I, H) {
+    """The next state does not depend on the state; the output is made from it after the loop."""
+    input x[I]
+    state h[H] = zeros
+    param W[H, I]
+    h' = tanh(W @ x)
+    output y = h' * 2
+}
+
 cell odd_ops(I, H) {
     """Two inputs, a state that starts at ones, and the rarer functions."""
     input x[I]
@@ -76,7 +116,45 @@ def odd_ref(xs, h, p):
     return torch.stack(outs), h
 
 
+def delay_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        outs.append(h * p["W"])
+        h = x
+    return torch.stack(outs), h
+
+
+def swap_ref(xs, ab, p):
+    a, b = ab.chunk(2, dim=1)
+    outs = []
+    for x in xs[0]:
+        a, b = b, torch.tanh(x @ p["W"].T + a)
+        outs.append(a)
+    return torch.stack(outs), torch.cat([a, b], dim=1)
+
+
+def names_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        h_prev = torch.tanh(x @ p["W"].T + h)
+        h = h_prev * h + h_prev * 0.5
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def feedforward_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        h = torch.tanh(x @ p["W"].T)
+        outs.append(h * 2)
+    return torch.stack(outs), h
+
+
 CASES = {
+    "delay": (delay_ref, dict(I=4)),
+    "swap": (swap_ref, dict(I=3, H=5)),
+    "names": (names_ref, dict(I=3, H=5)),
+    "feedforward": (feedforward_ref, dict(I=3, H=5)),
     "leaky": (leaky_ref, dict(I=3, H=5)),
     "concat_rnn": (concat_ref, dict(I=3, H=5, O=4)),
     "odd_ops": (odd_ref, dict(I=3, H=5)),
@@ -103,13 +181,21 @@ def grads(fn, xs, h0, params):
     y, h = fn(xs, h0, params)
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
     ((y * w).sum() + (h ** 2).sum()).backward()
-    return [y.detach(), h.detach(), *(x.grad for x in xs), h0.grad, *(p.grad for p in params.values())]
+    def grad(t):  # a reference that never reads a tensor leaves its gradient None: zero
+        return torch.zeros_like(t) if t.grad is None else t.grad
+
+    return [y.detach(), h.detach(), *(grad(x) for x in xs), grad(h0), *(grad(p) for p in params.values())]
 
 
 def through_specc(module):
+    """The module as a function of (inputs, initial state, parameters); several states travel
+    concatenated, as the references take them."""
+    sizes = [module.sizes["states"][n][0] for n in module.program.STATES]
+
     def fn(xs, h0, params):
-        y, h = functional_call(module, params, (tuple(xs) if len(xs) > 1 else xs[0], h0))
-        return y, h
+        state = h0 if len(sizes) == 1 else tuple(h0.split(sizes, dim=1))
+        y, h = functional_call(module, params, (tuple(xs) if len(xs) > 1 else xs[0], state))
+        return y, h if len(sizes) == 1 else torch.cat(h, dim=1)
     return fn
 
 
@@ -122,7 +208,7 @@ def through_specc(module):
 def test_matches_hand_written_loop(cell, dtype, backend, tol):
     module = make(cell, dtype, backend)
     xs = inputs(module, dtype)
-    h0 = torch.randn(3, module.sizes["states"][module.program.STATES[0]][0], dtype=dtype) * 0.5
+    h0 = torch.randn(3, sum(module.sizes["states"][n][0] for n in module.program.STATES), dtype=dtype) * 0.5
     params = dict(module.named_parameters())
     got = grads(through_specc(module), xs, h0, params)
     want = grads(CASES[cell][0], xs, h0, params)
@@ -140,7 +226,8 @@ def test_gradcheck(cell):
 
     def f(*args):
         x, p = args[:len(xs)], args[len(xs):]
-        return functional_call(module, dict(zip(names, p)), (x if len(x) > 1 else x[0],))
+        y, final = functional_call(module, dict(zip(names, p)), (x if len(x) > 1 else x[0],))
+        return (y, *final) if isinstance(final, tuple) else (y, final)
 
     assert torch.autograd.gradcheck(f, xs + params)
 
