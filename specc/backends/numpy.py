@@ -971,9 +971,50 @@ def hoist_factors(g: Graph) -> Graph:
     return eliminate_dead(rebuild(g, visit), keep_leaves=False)
 
 
+_ROWWISE = set(UFUNCS) | set(ACTIVATIONS) | {"matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b",
+                                              "softmax", "softmax_vjp"}
+
+
+def _row_size(g: Graph, i: int):
+    """Entries per row of value i, for comparing sizes (dimensions taken large)."""
+    total = Size.of(1)
+    for d in g.nodes[i].type.shape:
+        total = total * d
+    return _order(total)
+
+
+def sink_post(s: Schedule) -> Schedule:
+    """A value the scheduler puts after the loop is made in the loop instead, step by step, when
+    that spares keeping, for every step, loop values bigger than it (the gradient of contract's
+    outer products, H*I entries a row, for the input's gradient, I a row)."""
+    g = s.graph
+    region = list(s.region)
+    users = g.users()
+    outputs = {i for _, i in g.outputs}
+    for n in range(len(g.nodes)):
+        node = g.nodes[n]
+        if region[n] != "post" or node.op not in _ROWWISE or not node.type.batched:
+            continue
+        if any(region[a] not in ("loop", "pre", "const") for a in node.args):
+            continue
+        freed = [a for a in set(node.args) if region[a] == "loop" and g.nodes[a].op != "carry" and a not in outputs
+                 and all(u == n or region[u] == "loop" for u in users[a])]
+        if freed and sum(_row_size(g, a) for a in freed) > _row_size(g, n):
+            region[n] = "loop"
+    if tuple(region) == s.region:
+        return s
+    kept = set()
+    for i, node in enumerate(g.nodes):
+        if region[i] in ("post", "reduce"):
+            kept.update(a for a in node.args if region[a] == "loop")
+    kept.update(i for i in outputs if region[i] == "loop")
+    kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
+    return Schedule(g, tuple(region), frozenset(kept))
+
+
 def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, str],
                   dims: tuple[str, ...], source_lines: list[str], file: str) -> None:
-    bwd = schedule(hoist_factors(bwd.graph))
+    bwd = sink_post(schedule(hoist_factors(bwd.graph)))
     g = bwd.graph
     namer = Namer(INTERNAL | set(dims))
     scan = Scan(bwd, reverse=True, source_lines=source_lines, file=file)
