@@ -24,6 +24,10 @@ makes them allocate nothing:
   in the chunk, not in the step (`hoist_factors`).
 * A state whose sequence nothing reads after the loop lives in two blocks used in turn (when not
   training), and a concatenation after the loop that only products and sums read is not made.
+* Every batched product of a pass goes through one `matmul`, chosen once before the loop
+  (`rt.matmul_for`): NumPy's, or, when a matrix the loop multiplies by is large and float32, one
+  that multiplies by it packed for oneDNN and hands the pass's other large products to torch, so
+  that a single thread pool works in the pass.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ except ImportError:  # pragma: no cover - older IR without name suggestions
         return [n.name or f"v{i}" for i, n in enumerate(g.nodes)]
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
-            "steps", "lo", "hi", "cs", "ce", "last"}
+            "steps", "lo", "hi", "cs", "ce", "last", "matmul"}
 LEAVES = ("input", "param", "const", "carry")
 VIEWS = ("slice", "reshape")
 
@@ -134,7 +138,10 @@ class Scan:
     hoisted: list[int] = field(default_factory=list)  # views of scratch buffers, made before the loop
     absorbed: dict[int, int] = field(default_factory=dict)  # concat part -> the concat it is written into
     consts: dict[float, str] = field(default_factory=dict)  # constants the loop uses -> 0-d arrays
-    transposed: dict[int, str] = field(default_factory=dict)  # matrices the loop multiplies by -> W.T
+    # Products the loop makes (and chunked ones before it) -> the name of their matrix operand, made
+    # once a pass by rt.operand (packed for oneDNN where that is faster); operands: name -> code.
+    operand_of: dict[int, str] = field(default_factory=dict)
+    operands: dict[str, str] = field(default_factory=dict)
     tiled: dict[int, str] = field(default_factory=dict)  # vectors the loop adds or multiplies -> B rows of them
     fresh: set[int] = field(default_factory=set)  # values outside the loop in buffers of their own
     groups: list[Group] = field(default_factory=list)
@@ -208,11 +215,11 @@ def spell(node: Node, a: list[str], types: list, rows: str) -> str:
     if op == "softmax_vjp":
         return f"rt.softmax_vjp({a[0]}, {a[1]})"
     if op == "matvec":
-        return f"{a[1]} @ {a[0]}.T" if batched else f"{a[0]} @ {a[1]}"
+        return f"matmul({a[1]}, {a[0]}.T)" if batched else f"{a[0]} @ {a[1]}"
     if op == "matvec_t":
-        return f"{a[1]} @ {a[0]}" if batched else f"{a[0]}.T @ {a[1]}"
+        return f"matmul({a[1]}, {a[0]})" if batched else f"{a[0]}.T @ {a[1]}"
     if op == "outer_sum":
-        return f"{a[0]}.T @ {a[1]}" if types[0].batched else f"np.outer({a[0]}, {a[1]})"
+        return f"matmul({a[0]}.T, {a[1]})" if types[0].batched else f"np.outer({a[0]}, {a[1]})"
     if op == "sum_rows":
         return f"{a[0]}.sum(axis=0)"
     if op == "sum_all":
@@ -246,10 +253,8 @@ def spell_into(node: Node, a: list[str], out: str) -> str | None:
         return f"{UFUNCS[op]}({', '.join(a)}, {out})"
     if op in ACTIVATION_OUT:
         return ACTIVATION_OUT[op].format(x=a[0], out=out)
-    if op == "matvec":  # a[0] is the transposed matrix the loop multiplies by
-        return f"np.matmul({a[1]}, {a[0]}, {out})"
-    if op == "matvec_t":
-        return f"np.matmul({a[1]}, {a[0]}, {out})"
+    if op in ("matvec", "matvec_t"):  # a[0] is the operand rt.operand made of the matrix
+        return f"matmul({a[1]}, {a[0]}, {out})"
     if op == "outer":
         return f"rt.outer_rows({a[0]}, {a[1]}, {out})"
     if op in ("outer_vjp_a", "outer_vjp_b"):
@@ -374,8 +379,23 @@ def _plan_loop(scan: Scan, namer: Namer) -> None:
                 if v.op == "const" and v.attrs[0] not in scan.consts:
                     text = CONST_NAMES.get(v.attrs[0], "c_" + repr(v.attrs[0]).replace("-", "minus_").replace(".", "_"))
                     scan.consts[v.attrs[0]] = namer(text)
-        if node.op == "matvec" and node.type.batched and node.args[0] not in scan.transposed:
-            scan.transposed[node.args[0]] = namer(f"{scan.names[node.args[0]]}_T")
+    for i in order + sorted(scan.chunked):
+        _plan_operand(scan, i, namer, "B" if i in pos else "rt.CHUNK_ROWS")
+
+
+def _plan_operand(scan: Scan, i: int, namer: Namer, rows: str) -> None:
+    """A product x @ W.T (matvec) or x @ W (matvec_t) made many times: its W in the form rt.matmul
+    wants, made once before the loop."""
+    node = scan.g.nodes[i]
+    if node.op not in ("matvec", "matvec_t") or not node.type.batched:
+        return
+    m = scan.names[node.args[0]]
+    code = f"rt.operand({m}.T, {rows})" if node.op == "matvec" else f"rt.operand({m}, {rows})"
+    name = next((n for n, c in scan.operands.items() if c == code), None)
+    if name is None:
+        name = namer(f"{m}_T" if node.op == "matvec" else f"{m}_rhs")
+        scan.operands[name] = code
+    scan.operand_of[i] = name
 
 
 def _order(size: Size):
@@ -646,12 +666,12 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
             name, parts = scan.names[i], scan.split[c]
             if node.op == "matvec_t":
                 w_code = ref(node.args[0])
-                lines.emit(node, f"{name} = {parts[0][0]} @ {rows_of(w_code, parts[0][1], parts[0][2])}")
+                lines.emit(node, f"{name} = matmul({parts[0][0]}, {rows_of(w_code, parts[0][1], parts[0][2])})")
                 for code, a, b in parts[1:]:
-                    lines.emit(node, f"{name} += {code} @ {rows_of(w_code, a, b)}")
+                    lines.emit(node, f"{name} += matmul({code}, {rows_of(w_code, a, b)})")
             elif node.op == "outer_sum":
                 v = ref(node.args[1])
-                items = ", ".join(f"{code}.T @ {v}" for code, _, _ in parts)
+                items = ", ".join(f"matmul({code}.T, {v})" for code, _, _ in parts)
                 lines.emit(node, f"{name} = np.concatenate([{items}])")
             else:
                 items = ", ".join(f"{code}.sum(axis=0)" for code, _, _ in parts)
@@ -660,6 +680,8 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
             continue
         args = [ref(a) for a in node.args]
         stmt = spell(node, args, [g.nodes[a].type for a in node.args], "(hi - lo)" if chunk else "rows")
+        if chunk and i in scan.operand_of:
+            stmt = f"matmul({args[1]}, {scan.operand_of[i]})"
         if node.type.batched and _elementwise(node):
             for a, code in zip(node.args, args):
                 if (a in scan.fresh and g.nodes[a].type == node.type and a not in results and a not in protect
@@ -686,8 +708,8 @@ def _emit_loop_body(w: Writer, scan: Scan) -> None:
         name = scan.names[i]
         place = scan.place.get(i)
         args = [scan.ref(a, loop=True) for a in node.args]
-        if node.op in ("matvec",) and node.type.batched:
-            args[0] = scan.transposed[node.args[0]]
+        if i in scan.operand_of:
+            args[0] = scan.operand_of[i]
         if i in hoisted:
             if place is not None:
                 lines.emit(node, f"{place.code()} = {name}")
@@ -765,8 +787,11 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
     _emit_nodes(w, scan, "const", protect)
     for v, cname in scan.consts.items():
         w.line(f"{cname} = np.array({v!r}, dtype=dtype)")
-    for m, tname in scan.transposed.items():
-        w.line(f"{tname} = rt.transposed({scan.ref(m, loop=False)})")
+    for name, code in scan.operands.items():
+        w.line(f"{name} = {code}")
+    if any(n.op in ("matvec", "matvec_t", "outer_sum") and any(g.nodes[a].type.batched for a in n.args)
+           for n in g.nodes):
+        w.line(f"matmul = rt.matmul_for({', '.join(scan.operands)})  # NumPy's, or oneDNN's for large float32 matrices")
     for v, tname in scan.tiled.items():
         w.line(f"{tname} = rt.rows({scan.ref(v, loop=False)}, B)  # as B rows: faster than broadcasting")
     if any(i not in scan.chunked for i in sched.nodes_in("pre") if g.nodes[i].op not in LEAVES):

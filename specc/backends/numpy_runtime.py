@@ -5,13 +5,16 @@ passes one so that a step allocates nothing.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 _HALF = {np.dtype(np.float32): np.array(0.5, np.float32), np.dtype(np.float64): np.array(0.5, np.float64)}
 
-# Matrices up to this many entries are copied into transposed, contiguous form once per pass:
-# BLAS multiplies a few rows by a small contiguous matrix several times faster than by a
-# transposed view. Larger ones are used as views (the copy would cost memory, and gains little).
+# Matrices a loop multiplies by, up to this many entries, are copied into contiguous form once per
+# pass (a product x @ W.T would otherwise read the transposed view W.T): BLAS multiplies a few rows
+# by a small contiguous matrix several times faster than by a transposed view. Larger ones are
+# used as views (the copy would cost memory, and gains little).
 TRANSPOSE_COPY_MAX = 1 << 22
 
 
@@ -108,6 +111,104 @@ def chunk_steps(T, B):
     return max(1, min(T, CHUNK_ROWS // B))
 
 
-def transposed(w):
-    """w.T, contiguous when w is small enough (see TRANSPOSE_COPY_MAX)."""
-    return np.ascontiguousarray(w.T) if w.size <= TRANSPOSE_COPY_MAX else w.T
+# Products by a float32 matrix of at least this many entries, a few rows at a time, go through
+# oneDNN (which torch ships) with the matrix packed once per pass into oneDNN's blocked layout.
+# Measured on a 2-core AMD EPYC (Zen 4) against NumPy's OpenBLAS, (rows, K) @ (K, N) per call:
+# 64x256 @ 256x1024 190 us vs 229 us; 8x512 @ 512x2048 128 vs 289; 4x1024 @ 1024x4096 290 vs
+# 1213 (OpenBLAS repacks the matrix on every call, which dominates when there are few rows).
+# Below these sizes, or with one row, OpenBLAS's lower call overhead wins (64x64 @ 64x256: 20 vs
+# 34 us). SPECC_ONEDNN=0 in the environment turns this off (to compare, or to rule it out).
+PACK_MIN_ENTRIES = 1 << 18
+PACK_MIN_ROWS = 4
+
+_ONEDNN = None  # (linear, pack) once probed and found to work; False when not available
+
+
+def _onednn():
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = False
+        if os.environ.get("SPECC_ONEDNN", "1") != "0":
+            try:
+                import torch
+
+                linear = torch.ops.mkldnn._linear_pointwise
+                pack = torch.ops.mkldnn._reorder_linear_weight
+                if torch.backends.mkldnn.is_available():
+                    # These ops are torch's internals (its compiler uses them): check that they
+                    # compute a product before trusting them with one.
+                    rng = np.random.default_rng(0)
+                    a = rng.standard_normal((5, 24)).astype(np.float32)
+                    b = rng.standard_normal((24, 40)).astype(np.float32)
+                    w = pack(torch.from_numpy(np.ascontiguousarray(b.T)), 5)
+                    got = linear(torch.from_numpy(a), w, None, "none", [], "").numpy()
+                    if got.shape == (5, 40) and np.allclose(got, a @ b, rtol=1e-4, atol=1e-4):
+                        _ONEDNN = (linear, pack)
+            except Exception:  # noqa: BLE001 - any failure means: multiply with NumPy
+                _ONEDNN = False
+    return _ONEDNN
+
+
+class Packed:
+    """The right operand b (K, N) of many products a @ b, packed for oneDNN. Keeps b itself for
+    the products oneDNN cannot take (other dtypes, non-contiguous or read-only rows)."""
+
+    __slots__ = ("b", "w", "linear")
+
+    def __init__(self, b, rows, linear, pack):
+        import torch
+
+        self.b = b
+        self.w = pack(torch.from_numpy(np.ascontiguousarray(b.T)), rows)
+        self.linear = linear
+
+    def matmul(self, a, out=None):
+        if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
+            return np.matmul(a, self.b, out)
+        import torch
+
+        r = self.linear(torch.from_numpy(a), self.w, None, "none", [], "").numpy()
+        if out is None:
+            return r
+        np.copyto(out, r)
+        return out
+
+
+def operand(b, rows):
+    """b (K, N), the right operand of products a @ b made many times with `rows` rows in a, in
+    the form matmul() multiplies fastest: packed for oneDNN (see PACK_MIN_ENTRIES), else
+    contiguous when small enough (see TRANSPOSE_COPY_MAX)."""
+    if b.dtype == np.float32 and b.size >= PACK_MIN_ENTRIES and rows >= PACK_MIN_ROWS:
+        found = _onednn()
+        if found:
+            return Packed(b, rows, *found)
+    return np.ascontiguousarray(b) if b.size <= TRANSPOSE_COPY_MAX else b
+
+
+# OpenBLAS multiplies on one thread below this many multiply-adds (m * k * n), on all cores above.
+ONE_THREAD_PRODUCT = 1 << 18
+
+
+def matmul_for(*operands):
+    """The function a pass makes all its products with, given the operands operand() made: NumPy's,
+    or, when oneDNN takes some of them, one that hands every large float32 product to torch (MKL
+    and oneDNN, on the same OpenMP threads). One library's threads for the whole pass: OpenBLAS's
+    spin for a while after each product, and beside torch's they took the cores from each other
+    (forward + backward of a 256-wide LSTM ran 2.5x slower with its products alternating)."""
+    return torch_matmul if any(o.__class__ is Packed for o in operands) else np.matmul
+
+
+def torch_matmul(a, b, out=None):
+    """a @ b (into out when given) by oneDNN or torch when large; b may be an operand()."""
+    if b.__class__ is Packed:
+        return b.matmul(a, out)
+    if (a.dtype == np.float32 and b.dtype == np.float32 and a.ndim == 2 and b.ndim == 2
+            and a.shape[0] * a.shape[1] * b.shape[1] >= ONE_THREAD_PRODUCT and a.flags.writeable
+            and b.flags.writeable and (out is None or out.flags.writeable)):
+        import torch
+
+        if out is None:
+            return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+        return out
+    return np.matmul(a, b, out)

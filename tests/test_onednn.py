@@ -1,0 +1,159 @@
+"""The NumPy backend's products through oneDNN (numpy_runtime.operand / matmul_for).
+
+Only large float32 matrices take that path, and the other tests use small ones, so here the size
+thresholds are lowered to 0 and every float32 product of a pass goes through oneDNN or torch.mm.
+The references are the same as elsewhere: torch.nn layers and hand-written torch loops (which do
+not call specc), and plain float64 products for the runtime's own functions.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import specc
+from specc.backends import numpy_runtime as rt
+from test_references import CASES, STATE_SIZE
+from test_torch_equivalence import CELLS, TORCH_NAMES, _specc_finals, _torch_finals, _torch_state
+
+F32 = torch.float32
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="this torch build has no oneDNN (the NumPy path is then the only one)")
+
+
+@pytest.fixture
+def everything_packed(monkeypatch):
+    """Every float32 product through oneDNN or torch, whatever its size."""
+    monkeypatch.setattr(rt, "PACK_MIN_ENTRIES", 0)
+    monkeypatch.setattr(rt, "PACK_MIN_ROWS", 1)
+    monkeypatch.setattr(rt, "ONE_THREAD_PRODUCT", 0)
+    monkeypatch.delenv("SPECC_ONEDNN", raising=False)
+    monkeypatch.setattr(rt, "_ONEDNN", None)
+    assert rt._onednn(), "torch has oneDNN, but its linear op failed the probe"
+    yield
+
+
+def _f64_product(a, b):
+    return a.astype(np.float64) @ b.astype(np.float64)
+
+
+@pytest.mark.parametrize("rows, k, n", [(5, 7, 9), (64, 33, 100), (1, 16, 3)])
+def test_operand_products_match_float64(rows, k, n, everything_packed):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    op = rt.operand(w.T, rows)
+    assert isinstance(op, rt.Packed)
+    mm = rt.matmul_for(op)
+    assert mm is rt.torch_matmul
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    want = _f64_product(a, w.T)
+    np.testing.assert_allclose(mm(a, op), want, rtol=1e-5, atol=1e-5)
+    out = np.full((rows, n), np.nan, dtype=np.float32)
+    assert mm(a, op, out) is out
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    # Rows oneDNN does not take (strided, read-only, float64) still get the right product.
+    wide = rng.standard_normal((rows, 2 * k)).astype(np.float32)
+    np.testing.assert_allclose(mm(wide[:, ::2], op), _f64_product(wide[:, ::2], w.T), rtol=1e-5, atol=1e-5)
+    frozen = a.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_allclose(mm(frozen, op), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mm(a.astype(np.float64), op), want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_matmul_plain_operands(everything_packed):
+    rng = np.random.default_rng(2)
+    g, h = rng.standard_normal((40, 12)).astype(np.float32), rng.standard_normal((40, 6)).astype(np.float32)
+    # A transposed view, as the sums over time make them.
+    np.testing.assert_allclose(rt.torch_matmul(g.T, h), _f64_product(g.T, h), rtol=1e-5, atol=1e-5)
+    out = np.zeros((12, 6), np.float32)
+    assert rt.torch_matmul(g.T, h, out) is out
+    np.testing.assert_allclose(out, _f64_product(g.T, h), rtol=1e-5, atol=1e-5)
+
+
+def test_small_or_float64_matrices_stay_numpy():
+    w32 = np.ones((8, 8), np.float32)
+    assert isinstance(rt.operand(w32, 64), np.ndarray)  # below PACK_MIN_ENTRIES
+    assert isinstance(rt.operand(np.ones((1024, 1024)), 64), np.ndarray)  # float64
+    assert rt.matmul_for(rt.operand(w32, 64)) is np.matmul
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("SPECC_ONEDNN", "0")
+    monkeypatch.setattr(rt, "_ONEDNN", None)
+    monkeypatch.setattr(rt, "PACK_MIN_ENTRIES", 0)
+    assert not rt._onednn()
+    assert isinstance(rt.operand(np.ones((600, 600), np.float32), 64), np.ndarray)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_torch_cells_through_onednn_match_torch(name, everything_packed, close):
+    (spec, cell), make, n_states = CELLS[name]
+    I, H, T, B = 37, 100, 9, 6
+    sp = specc.load(spec, cell, I=I, H=H, dtype=F32)
+    ref = make(I, H)
+    with torch.no_grad():
+        for ours, theirs in TORCH_NAMES.items():
+            getattr(ref, theirs).copy_(getattr(sp, ours))
+    x = torch.randn(T, B, I)
+    states = [torch.randn(B, H) for _ in range(n_states)]
+    xs, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ss = [s.clone().requires_grad_() for s in states]
+    st = [s.clone().requires_grad_() for s in states]
+    out, finals = sp(xs, ss[0] if n_states == 1 else tuple(ss))
+    ref_out, ref_finals = ref(xt, _torch_state(st, n_states))
+    finals, ref_finals = _specc_finals(finals, n_states), _torch_finals(ref_finals, n_states)
+    close(out, ref_out, F32, "outputs")
+    for f, rf in zip(finals, ref_finals):
+        close(f, rf, F32, "final state")
+    w_out = torch.randn(ref_out.shape)
+    w_fin = [torch.randn(f.shape) for f in ref_finals]
+    loss = (out * w_out).sum() + sum((f * w).sum() for f, w in zip(finals, w_fin))
+    ref_loss = (ref_out * w_out).sum() + sum((f * w).sum() for f, w in zip(ref_finals, w_fin))
+    loss.backward()
+    ref_loss.backward()
+    close(xs.grad, xt.grad, F32, "d x")
+    for a, b in zip(ss, st):
+        close(a.grad, b.grad, F32, "d state")
+    for ours, theirs in TORCH_NAMES.items():
+        close(getattr(sp, ours).grad, getattr(ref, theirs).grad, F32, f"d {ours}")
+    # And the inference pass (no_grad: two state blocks in turn, nothing kept) agrees too.
+    with torch.no_grad():
+        again, _ = sp(x, states[0] if n_states == 1 else tuple(states))
+    close(again, ref_out, F32, "outputs under no_grad")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_custom_cells_through_onednn_match_reference(name, everything_packed, close):
+    ref, dims, shapes = CASES[name]
+    dims = {d: v * 3 for d, v in dims.items()}
+    sp = specc.load(name, **dims, dtype=F32)
+    params = {n: torch.randn(tuple(dims[d] for d in shapes[n])) * 0.3 for n in shapes}
+    with torch.no_grad():
+        for n, v in params.items():
+            getattr(sp, n).copy_(v)
+    T, B = 7, 5
+    x = torch.randn(T, B, dims["I"])
+    s0 = torch.randn(B, dims[STATE_SIZE[name]])
+    xs, ss = x.clone().requires_grad_(), s0.clone().requires_grad_()
+    out, final = sp(xs, ss)
+    xr, sr = x.clone().requires_grad_(), s0.clone().requires_grad_()
+    pr = {n: v.clone().requires_grad_() for n, v in params.items()}
+    ref_out, (ref_final,) = ref(xr, sr, pr)
+    tol = 1e-4  # float32 sums of a few hundred terms, in different orders
+    close(out, ref_out, F32, "outputs", tol=tol)
+    close(final, ref_final, F32, "final state", tol=tol)
+    w_out, w_final = torch.randn(ref_out.shape), torch.randn(ref_final.shape)
+    got = torch.autograd.grad((out * w_out).sum() + (final * w_final).sum(),
+                              [xs, ss, *(getattr(sp, n) for n in shapes)])
+    want = torch.autograd.grad((ref_out * w_out).sum() + (ref_final * w_final).sum(), [xr, sr, *pr.values()])
+    for g, w, label in zip(got, want, ["d x", "d state", *(f"d {n}" for n in shapes)]):
+        assert w.abs().max() > 0, label
+        close(g, w, F32, label, tol=tol)
+
+
+def test_generated_code_names_the_choice():
+    """The pass picks its products' library once, where a reader sees it."""
+    text = specc.load("lstm", I=3, H=4).program.__specc_source__
+    assert "matmul = rt.matmul_for(W_hh_T" in text
+    assert "rt.operand(W_hh.T, B)" in text
