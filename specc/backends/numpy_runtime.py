@@ -118,8 +118,12 @@ def chunk_steps(T, B):
 # 1213 (OpenBLAS repacks the matrix on every call, which dominates when there are few rows).
 # Below these sizes, or with one row, OpenBLAS's lower call overhead wins (64x64 @ 64x256: 20 vs
 # 34 us). SPECC_ONEDNN=0 in the environment turns this off (to compare, or to rule it out).
+# oneDNN's linear op writes a new array, copied into the loop's buffer: where the result is
+# larger than PACK_MAX_RESULT entries the copy leaves the cache and costs more than the packing
+# gains (second_order's backward, (64, 256) @ (256, 65536): 20% slower packed).
 PACK_MIN_ENTRIES = 1 << 18
 PACK_MIN_ROWS = 4
+PACK_MAX_RESULT = 1 << 19
 
 _ONEDNN = None  # (linear, pack) once probed and found to work; False when not available
 
@@ -159,8 +163,8 @@ class Packed:
         import torch
 
         self.b = b
-        self.w = pack(torch.from_numpy(np.ascontiguousarray(b.T)), rows)
         self.linear = linear
+        self.w = pack(torch.from_numpy(np.ascontiguousarray(b.T)), rows)
 
     def matmul(self, a, out=None):
         if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
@@ -178,7 +182,8 @@ def operand(b, rows):
     """b (K, N), the right operand of products a @ b made many times with `rows` rows in a, in
     the form matmul() multiplies fastest: packed for oneDNN (see PACK_MIN_ENTRIES), else
     contiguous when small enough (see TRANSPOSE_COPY_MAX)."""
-    if b.dtype == np.float32 and b.size >= PACK_MIN_ENTRIES and rows >= PACK_MIN_ROWS:
+    if (b.dtype == np.float32 and b.ndim == 2 and b.size >= PACK_MIN_ENTRIES and rows >= PACK_MIN_ROWS
+            and rows * b.shape[1] <= PACK_MAX_RESULT):
         found = _onednn()
         if found:
             return Packed(b, rows, *found)
@@ -204,11 +209,19 @@ def torch_matmul(a, b, out=None):
         return b.matmul(a, out)
     if (a.dtype == np.float32 and b.dtype == np.float32 and a.ndim == 2 and b.ndim == 2
             and a.shape[0] * a.shape[1] * b.shape[1] >= ONE_THREAD_PRODUCT and a.flags.writeable
-            and b.flags.writeable and (out is None or out.flags.writeable)):
+            and b.flags.writeable and (out is None or out.flags.writeable) and _onednn()):
         import torch
 
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        if a.flags.c_contiguous:  # oneDNN's linear op: faster than MKL's products here
+            r = _ONEDNN[0](ta, tb.T, None, "none", [], "").numpy()
+            if out is None:
+                return r
+            np.copyto(out, r)
+            return out
+        # A transposed a (the sums over time and batch): MKL takes it as it is.
         if out is None:
-            return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-        torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+            return torch.mm(ta, tb).numpy()
+        torch.mm(ta, tb, out=torch.from_numpy(out))
         return out
     return np.matmul(a, b, out)
