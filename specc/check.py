@@ -142,6 +142,40 @@ def _size_problem(size: Size) -> str | None:
     return None
 
 
+def _constant(d: ast.Dim) -> float | None:
+    """An initialiser argument's value when it is made of numbers alone (None when it names a
+    dimension, or cannot be computed)."""
+    try:
+        if isinstance(d, ast.DimNum):
+            return d.value
+        if isinstance(d, ast.DimNeg):
+            v = _constant(d.arg)
+            return None if v is None else -v
+        if isinstance(d, ast.DimCall):
+            v = _constant(d.arg)
+            return None if v is None or v < 0 or d.fn != "sqrt" else math.sqrt(v)
+        if isinstance(d, ast.DimBin):
+            a, b = _constant(d.left), _constant(d.right)
+            if a is None or b is None or (d.op == "/" and b == 0):
+                return None
+            return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[d.op]
+    except (OverflowError, ValueError):
+        return None
+    return None
+
+
+def _check_init_values(init: ast.Init, errors: Collector) -> None:
+    """What the numbers of an initialiser must be, where they are numbers alone (arguments made
+    with dimensions are checked when the dimensions are known, at load)."""
+    values = [_constant(a) for a in init.args]
+    if init.name == "uniform" and len(values) == 1 and values[0] is not None and values[0] < 0:
+        errors.error(init.args[0].loc, f"uniform(k) draws from U(-k, k): k must be 0 or more, got {values[0]:g}")
+    elif init.name == "uniform" and len(values) == 2 and None not in values and values[0] > values[1]:
+        errors.error(init.loc, f"uniform(a, b) draws from U(a, b): a must not exceed b, got {values[0]:g} > {values[1]:g}")
+    elif init.name == "normal" and values and values[-1] is not None and values[-1] < 0:
+        errors.error(init.args[-1].loc, f"normal's standard deviation must be 0 or more, got {values[-1]:g}")
+
+
 def check_scalar(d: ast.Dim, dims: set[str], errors: Collector) -> None:
     """Initialiser arguments: numbers, dimensions, + - * / and sqrt."""
     if isinstance(d, ast.DimNum) and not math.isfinite(d.value):
@@ -256,6 +290,7 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
                                    f"got {len(init.args)}")
         for a in init.args:
             check_scalar(a, dims, errors)
+        _check_init_values(init, errors)
 
     # env: the type of every value a step sees; None for a value whose definition is in error.
     env: dict[tuple[str, bool], Type | None] = {}

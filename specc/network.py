@@ -147,11 +147,21 @@ class Recurrent(nn.Module):
 
     def forward(self, x, hx=None, lengths=None, inputs=None):
         packed = isinstance(x, PackedSequence)
+        # One unbatched (T, features) sequence, as torch's layers take it (batch_first aside):
+        # run as a batch of one, states (num_layers * num_directions, n) or (n,).
+        unbatched = not packed and isinstance(x, torch.Tensor) and x.dim() == 2
+        if unbatched:
+            if lengths is not None:
+                raise ValueError(f"{self.cell_name}: lengths are for a batch; an unbatched (T, features) "
+                                 "sequence is as long as its T")
+            x = x.unsqueeze(1)
+            hx = _batch_of_one(hx, self.cell_name)
+            inputs = {k: v.unsqueeze(-2) for k, v in (inputs or {}).items()}
         if packed:
             sorted_indices, unsorted_indices = x.sorted_indices, x.unsorted_indices
             batch_sizes = x.batch_sizes
             x, lengths = pad_packed_sequence(x)
-        elif self.batch_first:
+        elif self.batch_first and not unbatched:
             x = x.transpose(0, 1)
         if x.dim() != 3:
             raise ValueError(f"{self.cell_name}: input must be (T, B, features), got {tuple(x.shape)}")
@@ -207,9 +217,33 @@ class Recurrent(nn.Module):
             else:
                 data = pack_padded_sequence(out.index_select(1, sorted_indices), lengths[sorted_indices]).data
             out = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
+        elif unbatched:
+            out = out.squeeze(1)
+            final = final.squeeze(1) if isinstance(final, torch.Tensor) else tuple(f.squeeze(1) for f in final)
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, final
+
+
+def _batch_of_one(hx, name: str):
+    """An unbatched sequence's initial states, (num_layers * num_directions, n) or (n,) each, as a
+    batch of one: (num_layers * num_directions, 1, n) or (1, n)."""
+    def one(h):
+        if h is None:
+            return None
+        if not isinstance(h, torch.Tensor) or h.dim() not in (1, 2):
+            shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"{name}: with an unbatched (T, features) input, an initial state is "
+                             f"(num_layers * num_directions, n) or (n,), got {shape}")
+        return h.unsqueeze(-2)
+
+    if hx is None:
+        return None
+    if isinstance(hx, torch.Tensor):
+        return one(hx)
+    if isinstance(hx, dict):
+        return {k: one(v) for k, v in hx.items()}
+    return tuple(one(h) for h in hx)
 
 
 # --- networks ---

@@ -80,7 +80,11 @@ class NumpyBackend:
     name = "numpy"
 
     def forward(self, prog, tensors, T, B, dims, train):
-        outs, finals, saved = prog.forward(*(_to_numpy(t) for t in tensors), T=T, B=B, train=train, **dims)
+        arrays = [_to_numpy(t) for t in tensors]
+        outs, finals, saved = prog.forward(*arrays, T=T, B=B, train=train, **dims)
+        # An output that is an input (`output x`) is a view of the caller's tensor: a copy, so that
+        # changing one in place leaves the other (and what backward reads) alone.
+        outs = [a.copy() if any(np.may_share_memory(a, i) for i in arrays) else a for a in outs]
         # Final states are views into the state buffers that backward reads: hand out copies.
         return ([torch.from_numpy(a) for a in outs], [torch.from_numpy(a.copy()) for a in finals], saved)
 
@@ -107,8 +111,11 @@ class TritonBackend:
         work = [t.detach().contiguous() for t in tensors]
         with _on(tensors[0].device):
             outs, finals, saved = prog.forward_triton(*work, T=T, B=B, train=train, **dims)
+        # As in NumpyBackend: no output shares memory with an input.
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        outs = [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]
         # Final states are views into the state buffers that backward reads: hand out copies.
-        return list(outs), [f.clone() for f in finals], saved
+        return outs, [f.clone() for f in finals], saved
 
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
         with _on(d_outs[0].device):

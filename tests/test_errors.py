@@ -167,6 +167,12 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "initialiser with the wrong number of arguments": (
         cell("param V[H] ~ uniform(1, 2, 3)", "h' = tanh(W @ x)", "output h'"),
         [want(7, 18, "uniform takes 1 or 2 arguments, got 3")]),
+    "initialiser with a negative standard deviation": (
+        cell("param V[H] ~ normal(-0.5)", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 25, "standard deviation must be 0 or more, got -0.5")]),
+    "initialiser with an empty range": (
+        cell("param V[H] ~ uniform(2, 1 / 2)", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 18, "a must not exceed b, got 2 > 0.5")]),
     "state initialiser that is not a constant": (
         "cell c(H) {\n    state h[H] = normal(1)\n    h' = tanh(h)\n    output h'\n}\n",
         [want(2, 18, "unknown initialiser 'normal'", "zeros, ones, constant")]),

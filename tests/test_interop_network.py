@@ -63,3 +63,44 @@ def test_a_stacked_copy_saves_and_loads_with_state_dict():
     assert not torch.equal(a(x)[0], b(x)[0])
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x)[0], b(x)[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=F64),
+    lambda: nn.GRU(3, 4, num_layers=2, batch_first=True, dtype=F64),
+], ids=["lstm-stacked-bidir", "gru-stacked-batch-first"])
+def test_unbatched_sequence_as_torch_takes_it(make):
+    """One (T, features) sequence, and (num_layers * num_directions, n) states: torch's unbatched
+    convention (batch_first does not apply)."""
+    ref = make()
+    ours = specc.from_torch(ref)
+    T, n = 6, ref.num_layers * (2 if ref.bidirectional else 1)
+    x = torch.randn(T, 3, dtype=F64)
+    states = [torch.randn(n, 4, dtype=F64) for _ in range(2 if isinstance(ref, nn.LSTM) else 1)]
+    hx = tuple(states) if len(states) == 2 else states[0]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, fin_a = ref(xa, hx)
+    out_b, fin_b = ours(xb, hx)
+    assert out_b.shape == out_a.shape == (T, (2 if ref.bidirectional else 1) * 4)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
+    fin_a = fin_a if isinstance(fin_a, tuple) else (fin_a,)
+    fin_b = fin_b if isinstance(fin_b, tuple) else (fin_b,)
+    for a, b in zip(fin_a, fin_b, strict=True):
+        assert b.shape == a.shape == (n, 4)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(out_a)
+    (ga,) = torch.autograd.grad((out_a * w).sum() + sum(f.sum() for f in fin_a), [xa])
+    (gb,) = torch.autograd.grad((out_b * w).sum() + sum(f.sum() for f in fin_b), [xb])
+    torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-10)
+    # No state given: zeros, as torch.
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_unbatched_sequence_rejects_lengths_and_batched_states():
+    ours = specc.from_torch(nn.GRU(3, 4, num_layers=2, dtype=F64))
+    assert isinstance(ours, Recurrent)
+    x = torch.randn(5, 3, dtype=F64)
+    with pytest.raises(ValueError, match="unbatched"):
+        ours(x, lengths=torch.tensor([5]))
+    with pytest.raises(ValueError, match="unbatched"):
+        ours(x, torch.zeros(2, 1, 4, dtype=F64))

@@ -238,3 +238,43 @@ def test_state_initialiser_and_scalar_parameter():
     assert torch.equal(h0, torch.ones(4, 3))
     leaky = specc.load(SPEC, "leaky", I=2, H=3)
     assert leaky.alpha.shape == () and leaky.alpha.item() == pytest.approx(0.3)
+
+
+PASS_THROUGH = '''
+cell pass_through(I) {
+    """The input is also an output."""
+    input x[I]
+    state h[I] = zeros
+    h' = tanh(h + x)
+    output h'
+    output x
+}
+'''
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_an_output_that_is_an_input_does_not_share_its_memory(backend):
+    """`output x` hands back x's values, not x itself: changing the output in place leaves the
+    caller's x alone."""
+    module = specc.load(PASS_THROUGH, "pass_through", I=3, dtype=torch.float32, backend=backend)
+    keep = torch.randn(4, 2, 3)
+    x = keep.clone()
+    with torch.no_grad():
+        (_, y), _ = module(x)
+        torch.testing.assert_close(y, keep, rtol=0, atol=0)
+        y.mul_(0.0)
+    torch.testing.assert_close(x, keep, rtol=0, atol=0)
+
+    xg = keep.clone().requires_grad_()
+    (h, y), _ = module(xg)
+    assert y.untyped_storage().data_ptr() != xg.untyped_storage().data_ptr()
+    w = torch.randn(h.shape)
+    (g,) = torch.autograd.grad((h * w).sum() + (y * w).sum(), [xg])
+    # The reference: the same two outputs from a hand-written loop.
+    xr = keep.clone().requires_grad_()
+    hr, outs = torch.zeros(2, 3), []
+    for t in range(4):
+        hr = torch.tanh(hr + xr[t])
+        outs.append(hr)
+    (gr,) = torch.autograd.grad((torch.stack(outs) * w).sum() + (xr * w).sum(), [xr])
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)

@@ -230,6 +230,21 @@ def test_config_errors_name_the_key_and_line(tmp_path, capsys):
     assert f"{bad}:3: train.clip: expected a number or null, got True" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task, line", [
+    ("{name: corpus, val_fraction: 0.0}", "task.val_fraction: must be between 0 and 1"),
+    ("{name: corpus, val_fraction: 1.0}", "task.val_fraction: must be between 0 and 1"),
+    ("{name: adding, length: 0}", "task.length: must be at least 2"),
+    ("{name: copy, alphabet: 1}", "task.alphabet: must be at least 2"),
+    ("{name: reber, threshold: 1.5}", "task.threshold: must be between 0 and 1"),
+])
+def test_task_options_out_of_range_are_config_errors(tmp_path, capsys, task, line):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {{spec: lstm, dims: {{H: 4}}}}\ntask: {task}\ntrain: {{steps: 1}}\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: {line}" in err, err
+
+
 def test_configs_in_the_repository_are_valid():
     from specc.train import load_config
 

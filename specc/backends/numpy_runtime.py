@@ -168,7 +168,7 @@ class Packed:
 
     def matmul(self, a, out=None):
         if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
-            return np.matmul(a, self.b, out)
+            return torch_matmul(a, self.b, out)
         import torch
 
         r = self.linear(torch.from_numpy(a), self.w, None, "none", [], "").numpy()
@@ -199,7 +199,7 @@ def matmul_for(*operands):
     or, when oneDNN takes some of them, one that hands every large float32 product to torch (MKL
     and oneDNN, on the same OpenMP threads). One library's threads for the whole pass: OpenBLAS's
     spin for a while after each product, and beside torch's they took the cores from each other
-    (forward + backward of a 256-wide LSTM ran 2.5x slower with its products alternating)."""
+    (the backward pass of a 256-wide LSTM ran 2.5x slower with its products alternating)."""
     return torch_matmul if any(o.__class__ is Packed for o in operands) else np.matmul
 
 

@@ -187,6 +187,10 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
     for name, size in cfg["model"]["dims"].items():
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             fail("model", "dims", f"dimension {name} must be a positive whole number, got {size!r}")
+    task = cfg["task"]
+    for key, (ok, what) in TASKS[task["name"]].LIMITS.items():
+        if key in task and not ok(task[key]):
+            fail("task", key, f"must be {what}, got {task[key]!r}")
     t = cfg["train"]
     if t["device"] not in ("cpu", "cuda"):
         fail("train", "device", f"expected cpu or cuda, got {t['device']!r}")

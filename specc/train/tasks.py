@@ -42,6 +42,7 @@ class Task:
     loss = "ce"  # or "mse"
     vocab: list[str] | None = None
     OPTIONS: dict = {}  # option name -> (allowed types, default)
+    LIMITS: dict = {}  # option name -> (test of its value, what the value must be)
 
     def __init__(self, **options):
         self.options = options
@@ -74,6 +75,7 @@ class CorpusTask(Task):
     name = "corpus"
     stream = True
     OPTIONS = {"path": ((str, type(None)), None), "val_fraction": ((float,), 0.1)}
+    LIMITS = {"val_fraction": (lambda v: 0 < v < 1, "between 0 and 1 (some text to train on, some to evaluate on)")}
 
     def __init__(self, path=None, val_fraction=0.1, text: str | None = None):
         super().__init__(path=path, val_fraction=val_fraction)
@@ -97,6 +99,7 @@ class HelloTask(CorpusTask):
     """"hello" repeated: after h-e-l-l the next letter is o, after h-e-l it is l (needs memory)."""
     name = "hello"
     OPTIONS = {"repeats": ((int,), 200)}
+    LIMITS = {"repeats": (lambda v: v >= 2, "at least 2")}
 
     def __init__(self, repeats=200):
         super().__init__(text="hello" * repeats, val_fraction=0.2)
@@ -191,6 +194,7 @@ class ReberTask(Task):
     n_in = n_out = len(REBER_SYMBOLS)
     vocab = list(REBER_SYMBOLS)
     OPTIONS = {"threshold": ((float,), 0.3)}
+    LIMITS = {"threshold": (lambda v: 0 < v < 1, "between 0 and 1")}
 
     def __init__(self, threshold=0.3):
         super().__init__(threshold=threshold)
@@ -237,6 +241,7 @@ class AddingTask(Task):
     inputs, loss = "vector", "mse"
     n_in, n_out = 2, 1
     OPTIONS = {"length": ((int,), 100)}
+    LIMITS = {"length": (lambda v: v >= 2, "at least 2 (two numbers are marked for adding)")}
 
     def __init__(self, length=100):
         super().__init__(length=length)
@@ -268,6 +273,8 @@ class CopyTask(Task):
     model must repeat the symbols. Judged on the recalled symbols only."""
     name = "copy"
     OPTIONS = {"symbols": ((int,), 5), "delay": ((int,), 10), "alphabet": ((int,), 8)}
+    LIMITS = {"symbols": (lambda v: v >= 1, "at least 1"), "delay": (lambda v: v >= 0, "0 or more"),
+              "alphabet": (lambda v: v >= 2, "at least 2")}
 
     def __init__(self, symbols=5, delay=10, alphabet=8):
         super().__init__(symbols=symbols, delay=delay, alphabet=alphabet)
@@ -299,6 +306,7 @@ class MajorityTask(Task):
     name = "majority"
     n_in, n_out = 2, 2
     OPTIONS = {"length": ((int,), 21)}
+    LIMITS = {"length": (lambda v: v >= 1, "at least 1")}
 
     def __init__(self, length=21):
         super().__init__(length=length)
@@ -325,6 +333,7 @@ class ForecastTask(Task):
     inputs, loss = "vector", "mse"
     n_in, n_out = 1, 1
     OPTIONS = {"length": ((int,), 50), "noise": ((float,), 0.02)}
+    LIMITS = {"length": (lambda v: v >= 2, "at least 2"), "noise": (lambda v: v >= 0, "0 or more")}
 
     def __init__(self, length=50, noise=0.02):
         super().__init__(length=length, noise=noise)
