@@ -171,11 +171,15 @@ class Packed:
             return torch_matmul(a, self.b, out)
         import torch
 
-        r = self.linear(torch.from_numpy(a), self.w, None, "none", [], "").numpy()
-        if out is None:
-            return r
-        np.copyto(out, r)
-        return out
+        return _written(self.linear(torch.from_numpy(a), self.w, None, "none", [], "").numpy(), out)
+
+
+def _written(r, out):
+    """oneDNN's result r, copied into out when there is one (its linear op takes no out)."""
+    if out is None:
+        return r
+    np.copyto(out, r)
+    return out
 
 
 def operand(b, rows):
@@ -214,11 +218,7 @@ def torch_matmul(a, b, out=None):
 
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         if a.flags.c_contiguous:  # oneDNN's linear op: faster than MKL's products here
-            r = _ONEDNN[0](ta, tb.T, None, "none", [], "").numpy()
-            if out is None:
-                return r
-            np.copyto(out, r)
-            return out
+            return _written(_ONEDNN[0](ta, tb.T, None, "none", [], "").numpy(), out)
         # A transposed a (the sums over time and batch): MKL takes it as it is.
         if out is None:
             return torch.mm(ta, tb).numpy()
