@@ -445,6 +445,10 @@ class Network(nn.Module):
             hx, inputs = {}, {}
             for wname, role, wid in wires:
                 (hx if role == "state" else inputs)[wname] = env[wid].t
+                if role == "state":
+                    per_layer = self._per_layer(self.checked.ops[wid], env, module)
+                    if per_layer is not None:
+                        hx[wname] = per_layer
             if carried is not None and name in carried:
                 hx = carried[name]
             out, final = module(arg.t, hx=hx or None, lengths=arg.lengths, inputs=inputs)
@@ -453,6 +457,21 @@ class Network(nn.Module):
             env[("carry", name)] = dict(zip(module.state_names, final))
             return _Val(out, arg.lengths)
         return _Val(module(arg.t), arg.lengths)
+
+    def _per_layer(self, source, env, module: Recurrent) -> torch.Tensor | None:
+        """A stacked layer started from the final state of another as deep (`dec(h = enc.h)`, both
+        `stacked L`): each layer from its own counterpart's state, as torch seq2seq models hand
+        over h_n, (L, B, directions * n); None where the wire is anything else (then every layer
+        starts from the top layer's state)."""
+        if source.op != "final" or module.num_layers < 2 or module.num_directions != 1:
+            return None
+        layer, state = source.attrs
+        src = self.layers[layer]
+        if not isinstance(src, Recurrent) or src.num_layers != module.num_layers:
+            return None
+        final = env[("carry", layer)][state]  # (L * D, B, n)
+        L, D = src.num_layers, src.num_directions
+        return final.view(L, D, *final.shape[1:]).permute(0, 2, 1, 3).reshape(L, final.shape[1], -1)
 
     @staticmethod
     def _top(module: Recurrent, final: torch.Tensor) -> torch.Tensor:

@@ -184,3 +184,55 @@ def test_seq2seq_learns_to_reverse_digit_sequences(single_threaded):
     alive = torch.arange(target.shape[0])[:, None] < lengths
     exact = ((decoded == target) | ~alive).all(dim=0).float().mean().item()
     assert exact >= 0.99, f"exact-match accuracy {exact:.3f}"
+
+
+STACKED = '''
+network stacked_reverse(V, E, H) {
+    """Two-layer GRU encoder and decoder: each decoder layer starts from its encoder layer."""
+    input source: tokens[V]
+    layer embed = embedding(V, E)
+    layer enc = gru(H=H) stacked 2
+    layer dec = gru(H=H) stacked 2
+    layer head = linear(H, V)
+    source -> embed -> enc
+    output target = prev(target, start=0) -> embed -> dec(h = enc.h) -> head
+}
+'''
+
+
+def _torch_gru(layer, E, H):
+    """torch.nn.GRU with the weights of a specc stacked GRU layer (torch's own layout and names)."""
+    ref = torch.nn.GRU(E, H, num_layers=layer.num_layers, dtype=F64)
+    with torch.no_grad():
+        for k in range(layer.num_layers):
+            cell = layer.cell(k)
+            for ours, theirs in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"), ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                getattr(ref, f"{theirs}_l{k}").copy_(getattr(cell, ours))
+    return ref
+
+
+def test_stacked_encoder_hands_each_layer_its_own_state():
+    """As torch seq2seq models do: decoder(embedded targets, encoder's h_n), layer by layer."""
+    V, E, H, T, T2, B = 7, 5, 6, 5, 4, 3
+    net = specc.load(STACKED, "stacked_reverse", V=V, E=E, H=H, dtype=F64)
+    source, target = torch.randint(0, V, (T, B)), torch.randint(0, V, (T2, B))
+    got = net(source, target=target)
+
+    emb, head = net.layers["embed"], net.layers["head"]
+    enc, dec = _torch_gru(net.layers["enc"], E, H), _torch_gru(net.layers["dec"], E, H)
+    _, h_n = enc(emb(source))
+    previous = torch.cat([torch.zeros(1, B, dtype=torch.long), target[:-1]])
+    out, _ = dec(emb(previous), h_n)
+    want = head(out)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # Only the top layer's state for both decoder layers would differ: the test can tell them apart.
+    out_top, _ = dec(emb(previous), h_n[-1:].expand(2, B, H).contiguous())
+    assert (head(out_top) - want).abs().max() > 1e-6
+    w = torch.randn_like(want)
+    g_got = torch.autograd.grad((got * w).sum(), list(net.parameters()))
+    ref_params = [emb.weight, *enc.parameters(), *dec.parameters(), *head.parameters()]
+    g_want = torch.autograd.grad((want * w).sum(), ref_params)
+    # torch's GRU lists weight_ih, weight_hh, bias_ih, bias_hh per layer: specc's order too.
+    names = [n for n, _ in net.named_parameters()]
+    for name, a, b in zip(names, g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
