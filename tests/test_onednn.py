@@ -76,6 +76,8 @@ def test_small_or_float64_matrices_stay_numpy():
     w32 = np.ones((8, 8), np.float32)
     assert isinstance(rt.operand(w32, 64), np.ndarray)  # below PACK_MIN_ENTRIES
     assert isinstance(rt.operand(np.ones((1024, 1024)), 64), np.ndarray)  # float64
+    big = np.broadcast_to(np.float32(1), (rt.PACK_MAX_ENTRIES // 64 + 1, 64))  # no memory behind it
+    assert isinstance(rt.operand(big, 64), np.ndarray)  # a packed copy would double its memory
     assert rt.matmul_for(rt.operand(w32, 64)) is np.matmul
 
 

@@ -121,7 +121,11 @@ def chunk_steps(T, B):
 # oneDNN's linear op writes a new array, copied into the loop's buffer: where the result is
 # larger than PACK_MAX_RESULT entries the copy leaves the cache and costs more than the packing
 # gains (second_order's backward, (64, 256) @ (256, 65536): 20% slower packed).
+# The packed copy is held for the whole pass, beside the matrix itself: above PACK_MAX_ENTRIES
+# (64 MB of float32) that memory is not spent (second_order with I = H = 512, a 512 MB matrix,
+# would have needed 547 MB for an inference pass that needs 10 otherwise).
 PACK_MIN_ENTRIES = 1 << 18
+PACK_MAX_ENTRIES = 1 << 24
 PACK_MIN_ROWS = 4
 PACK_MAX_RESULT = 1 << 19
 
@@ -186,8 +190,8 @@ def operand(b, rows):
     """b (K, N), the right operand of products a @ b made many times with `rows` rows in a, in
     the form matmul() multiplies fastest: packed for oneDNN (see PACK_MIN_ENTRIES), else
     contiguous when small enough (see TRANSPOSE_COPY_MAX)."""
-    if (b.dtype == np.float32 and b.ndim == 2 and b.size >= PACK_MIN_ENTRIES and rows >= PACK_MIN_ROWS
-            and rows * b.shape[1] <= PACK_MAX_RESULT):
+    if (b.dtype == np.float32 and b.ndim == 2 and PACK_MIN_ENTRIES <= b.size <= PACK_MAX_ENTRIES
+            and rows >= PACK_MIN_ROWS and rows * b.shape[1] <= PACK_MAX_RESULT):
         found = _onednn()
         if found:
             return Packed(b, rows, *found)
