@@ -5,6 +5,7 @@
     python bench/cpu.py --cells lstm,gru --sizes 100x64x256x256 --passes fb --rounds 3
     python bench/cpu.py --markdown bench/results/cpu-DATE.md    # also write the results file
     python bench/cpu.py --check               # first check that every peer computes what specc does
+    SPECC_ONEDNN=0 python bench/cpu.py        # specc's products in NumPy only (before/after oneDNN)
 
 Cells and their peers:
   elman (cell rnn_tanh of specs/elman.rnn), lstm, gru: torch.nn.RNN / nn.LSTM / nn.GRU
