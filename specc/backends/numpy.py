@@ -33,18 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Builder, Graph, Node
+from ..ir import Builder, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..optimize import eliminate_dead, rebuild
 from ..schedule import Schedule, schedule
 from ..shapes import Size
 from .writer import Namer, Writer
 
-try:
-    from ..ir import suggested_names
-except ImportError:  # pragma: no cover - older IR without name suggestions
-    def suggested_names(g: Graph) -> list[str]:
-        return [n.name or f"v{i}" for i, n in enumerate(g.nodes)]
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
             "steps", "lo", "hi", "cs", "ce", "last", "matmul"}
@@ -210,10 +205,8 @@ def spell(node: Node, a: list[str], types: list, rows: str) -> str:
         return f"-{a[0]}"
     if op in ACTIVATIONS:
         return ACTIVATIONS[op].numpy.format(x=a[0]).replace("sigmoid(", "rt.sigmoid(")
-    if op == "softmax":
-        return f"rt.softmax({a[0]})"
-    if op == "softmax_vjp":
-        return f"rt.softmax_vjp({a[0]}, {a[1]})"
+    if op in RT_HELPERS:
+        return _rt_call(node, a)
     if op == "matvec":
         return f"matmul({a[1]}, {a[0]}.T)" if batched else f"{a[0]} @ {a[1]}"
     if op == "matvec_t":
@@ -238,11 +231,6 @@ def spell(node: Node, a: list[str], types: list, rows: str) -> str:
         if batched:
             shape = [rows] + shape
         return f"np.zeros(({', '.join(shape)},), dtype=dtype)"
-    if op == "outer":
-        return f"rt.outer_rows({a[0]}, {a[1]})"
-    if op in ("outer_vjp_a", "outer_vjp_b"):
-        n, k = (_size(s) for s in node.attrs)
-        return f"rt.{op}({a[0]}, {a[1]}, {n}, {k})"
     raise AssertionError(f"numpy backend cannot spell {op!r}")
 
 
@@ -255,16 +243,23 @@ def spell_into(node: Node, a: list[str], out: str) -> str | None:
         return ACTIVATION_OUT[op].format(x=a[0], out=out)
     if op in ("matvec", "matvec_t"):  # a[0] is the operand rt.operand made of the matrix
         return f"matmul({a[1]}, {a[0]}, {out})"
-    if op == "outer":
-        return f"rt.outer_rows({a[0]}, {a[1]}, {out})"
-    if op in ("outer_vjp_a", "outer_vjp_b"):
-        n, k = (_size(s) for s in node.attrs)
-        return f"rt.{op}({a[0]}, {a[1]}, {n}, {k}, {out})"
-    if op == "softmax":
-        return f"rt.softmax({a[0]}, {out})"
-    if op == "softmax_vjp":
-        return f"rt.softmax_vjp({a[0]}, {a[1]}, {out})"
+    if op in RT_HELPERS:
+        return _rt_call(node, a, out)
     return None
+
+
+# Ops spelled as a call of a helper in numpy_runtime, which takes an optional `out` last.
+RT_HELPERS = {"outer": "outer_rows", "outer_vjp_a": "outer_vjp_a", "outer_vjp_b": "outer_vjp_b",
+              "softmax": "softmax", "softmax_vjp": "softmax_vjp"}
+
+
+def _rt_call(node: Node, a: list[str], out: str | None = None) -> str:
+    args = list(a)
+    if node.op in ("outer_vjp_a", "outer_vjp_b"):
+        args += [_size(s) for s in node.attrs]  # n, k: the factors' sizes
+    if out is not None:
+        args.append(out)
+    return f"rt.{RT_HELPERS[node.op]}({', '.join(args)})"
 
 
 def _row_shape(node: Node) -> list[str]:
