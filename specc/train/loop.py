@@ -268,6 +268,11 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             signal.signal(signal.SIGINT, old_handler)
     if status == "done" and saved_step != step:
         save()  # e.g. a resumed run that was already finished
+    if world > 1:
+        # Every process returns once rank 0 has written its checkpoint: one that went on to tear
+        # down the process group meanwhile aborted in gloo ("terminate called without an active
+        # exception"), and one that read the checkpoint would have raced rank 0's write.
+        dist.barrier()
     return Result(status, step, model, task, out, history, evals, message)
 
 
