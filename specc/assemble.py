@@ -37,7 +37,7 @@ def _shape_code(shape) -> str:
 # Module-level names of a generated module, which its class may not take.
 MODULE_GLOBALS = {"math", "sys", "Fraction", "np", "init", "rt", "CellModule", "torch", "triton", "tl", "CELL",
                   "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "BLOCK_B", "BLOCK_F",
-                  "BLOCK_K", "TRITON_UNSUPPORTED"}
+                  "BLOCK_K", "TRITON_UNSUPPORTED", "C_UNSUPPORTED", "C_SOURCE", "rt_c"}
 
 
 def class_name(cell: str) -> str:
@@ -184,6 +184,18 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
         w.line("")
         w.line("")
         w.lines.extend(gpu.lines)
+    w.line("")
+    w.line("")
+    w.comment("--- C backend: the time loop as one compiled C function per pass, the rest in torch ---")
+    w.line("")
+    try:
+        cpu = Writer()
+        triton_backend.emit(cpu, fwd, bwd, saved, tuple(cell.dims), lines, file, cell.name, target="c")
+    except triton_backend.Unsupported as e:
+        w.line(f"C_UNSUPPORTED = {str(e)!r}")
+    else:
+        w.line("C_UNSUPPORTED = None")
+        w.lines.extend(cpu.lines)
     w.line("")
     w.line("")
     name = class_name(cell.name)

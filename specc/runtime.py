@@ -36,7 +36,9 @@ def load_program(source: str, cell: str) -> types.ModuleType:
     name = f"specc_generated_{cell}_{digest}"
     if name not in sys.modules:
         module = types.ModuleType(name)
-        module.__file__ = f"<specc {cell}>"
+        # One file name per source: Triton's interpreter reads kernels back through linecache, and
+        # two modules of one cell (masked and not, say) must not read each other's lines.
+        module.__file__ = f"<specc {cell} {digest[:8]}>"
         module.__specc_source__ = source
         sys.modules[name] = module  # so the module's own class can find it
         # Triton reads a kernel's source through inspect, which reads it through linecache.
@@ -125,6 +127,59 @@ class TritonBackend:
         return _unshared([g.contiguous() for part in grads for g in part])
 
 
+class CBackend:
+    """Runs the generated C loops (compiled on first use) on float32 CPU tensors, sharing their memory."""
+
+    name = "c"
+
+    def _lib(self, prog, dims):
+        from .backends import c_runtime
+
+        return c_runtime.library(prog.C_SOURCE, dims)
+
+    def forward(self, prog, tensors, T, B, dims, train):
+        work = [t.detach().contiguous() for t in tensors]
+        outs, finals, saved = prog.forward_c(*work, T=T, B=B, train=train, c_lib=self._lib(prog, dims), **dims)
+        # As in NumpyBackend: no output shares memory with an input.
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        outs = [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]
+        return outs, [f.clone() for f in finals], saved
+
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+        grads = prog.backward_c(saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
+                                *(p.detach().contiguous() for p in params), T=T, B=B,
+                                c_lib=self._lib(prog, dims), **dims)
+        return _unshared([g.contiguous() for part in grads for g in part])
+
+
+def c_problem(prog) -> str | None:
+    """Why the C loops cannot run this cell here, or None if they can."""
+    from .backends import c_runtime
+
+    if getattr(prog, "C_UNSUPPORTED", "this module has no C code") is not None:
+        return f"cell '{prog.CELL}' cannot use the C backend: {prog.C_UNSUPPORTED}"
+    return c_runtime.problem()
+
+
+def _c_usable(prog, dims) -> bool:
+    """Whether backend "auto" runs this cell's loops in C on the CPU: a compiler is there, the cell's
+    loop is one the C backend writes, and its library compiles. A compiler's failure is reported
+    once and the NumPy backend runs instead."""
+    from .backends import c_runtime
+
+    if c_problem(prog) is not None:
+        return False
+    try:
+        c_runtime.library(prog.C_SOURCE, dims)
+    except c_runtime.CompileError as e:
+        import warnings
+
+        if c_runtime.first_failure(prog.C_SOURCE, dims):
+            warnings.warn(f"cell '{prog.CELL}': {e}\nusing the NumPy backend instead", RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
 def triton_problem(prog, on_cuda: bool) -> str | None:
     """Why the Triton backend cannot run this cell here, or None if it can."""
     if getattr(prog, "TRITON_UNSUPPORTED", "this module has no Triton code") is not None:
@@ -184,8 +239,8 @@ class CellModule(nn.Module):
                  backend: str = "auto", dtype: torch.dtype | None = None):
         super().__init__()
         check_dims(f"cell '{program.CELL}'", program.DIMS, dims)
-        if backend not in ("auto", "numpy", "triton"):
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy' or 'triton'")
+        if backend not in ("auto", "numpy", "triton", "c"):
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy', 'c' or 'triton'")
         self.program = program
         self.dims = dict(dims)
         self.batch_first = batch_first
@@ -340,13 +395,24 @@ class CellModule(nn.Module):
                                 f"for float64")
             return TritonBackend(), torch.float32
         if on_cuda or tensors[0].device.type != "cpu":
-            raise RuntimeError(f"the numpy backend runs on the CPU, but got tensors on {tensors[0].device}; "
+            raise RuntimeError(f"the {self.backend if self.backend == 'c' else 'numpy'} backend runs on the CPU, "
+                               f"but got tensors on {tensors[0].device}; "
                                f"use backend='triton' (or 'auto') for GPU tensors")
+        if self.backend == "c":
+            problem = c_problem(self.program)
+            if problem:
+                raise RuntimeError(problem)
+            if full - {torch.float32}:
+                raise TypeError(f"the C backend computes in float32 (float16 and bfloat16 are widened), not "
+                                f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' for float64")
+            return CBackend(), torch.float32
         work = dtype if dtype in _NUMPY_DTYPES else torch.float32
         if len(full) > 1 or (full and full != {work}):
             other = sorted(map(str, full - {work}))[0] if full - {work} else str(work)
             raise TypeError(f"cell '{name}' has {dtype} parameters but got a {other} tensor; "
                             f"convert one to the other (module.double() or x.float())")
+        if self.backend == "auto" and work == torch.float32 and _c_usable(self.program, self.dims):
+            return CBackend(), work
         return NumpyBackend(), work
 
     def _check_state(self, state, batch, unbatched, device):

@@ -36,9 +36,10 @@ _RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIO
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
-             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight"}
+             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
-GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED"}
+GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
+                                "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
 
 
 class Unsupported(Exception):
@@ -73,7 +74,8 @@ def torch_spell(node: Node, a: list[str], types: list) -> str:
     if op == "softmax_vjp":
         return f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"
     if op == "matvec":
-        return f"{a[1]} @ {a[0]}.T" if batched else f"{a[0]} @ {a[1]}"
+        # linear, not v @ W.T: on the CPU torch multiplies by a transposed view a third slower
+        return f"torch.nn.functional.linear({a[1]}, {a[0]})" if batched else f"{a[0]} @ {a[1]}"
     if op == "matvec_t":
         return f"{a[1]} @ {a[0]}" if batched else f"{a[0]}.T @ {a[1]}"
     if op == "outer_sum":
@@ -559,28 +561,46 @@ def _tuple(items: list[str]) -> str:
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
-def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
-               taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
-    """The body of one pass: torch before the loop, kernel launches in it, torch after it."""
+def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan, guard: frozenset[int],
+                  fused_pre: set[int]) -> None:
+    """Before the loop: the host's values and every buffer the loop reads or writes."""
     s, g, names = host.s, host.s.graph, host.names
-    plan = plan_loop(s, keep)
     w.comment("Fixed for the whole sequence.")
     _emit_region(w, host, "const")
-    w.comment("Before the loop: the input-only values the kernels read, for all steps at once.")
-    _emit_region(w, host, "pre", skip=frozenset(plan.fused_pre))
+    w.comment("Before the loop: the input-only values the loop reads, for all steps at once.")
+    _emit_region(w, host, "pre", skip=frozenset(fused_pre))
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = _size(g.nodes[leaf].type.shape[0])
         w.line(f"{names.carry_buf[name]} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
         w.line(f"{names.carry_buf[name]}[{'T * B:' if host.reverse else ':B'}] = {init}")
-    for i in sorted(plan.stored):
-        if i in plan.scratch:
-            names.seq.setdefault(i, f"{names.names[i]}_scratch")
     for i, buf in names.seq.items():
         size = _size(g.nodes[i].type.shape[0])
         rows = "B" if i in plan.scratch else "rows"
         alloc = f"torch.empty(({rows}, {size}), device=dev, dtype=dtype)"
         guarded = i in guard and i not in plan.cross
         w.line(f"{buf} = {alloc} if train else None" if guarded else f"{buf} = {alloc}")
+
+
+def _emit_after(w: Writer, host: _Host) -> None:
+    s = host.s
+    if s.nodes_in("post"):
+        w.comment("After the loop: what the carried values do not need, for all steps at once.")
+        _emit_region(w, host, "post")
+    if s.nodes_in("reduce"):
+        w.comment("Sums over time and batch, each one matrix product over all steps.")
+        _emit_region(w, host, "reduce")
+        _emit_region(w, host, "final")
+
+
+def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
+               taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
+    """The body of one pass: torch before the loop, kernel launches in it, torch after it."""
+    s, g, names = host.s, host.s.graph, host.names
+    plan = plan_loop(s, keep)
+    for i in sorted(plan.stored):
+        if i in plan.scratch:
+            names.seq.setdefault(i, f"{names.names[i]}_scratch")
+    _emit_buffers(w, host, carry_init, plan, guard, plan.fused_pre)
 
     launches = []
     for stage in range(plan.n_stages):
@@ -621,13 +641,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
     with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
         for launch in launches:
             w.line(launch)
-    if s.nodes_in("post"):
-        w.comment("After the loop: what the carried values do not need, for all steps at once.")
-        _emit_region(w, host, "post")
-    if s.nodes_in("reduce"):
-        w.comment("Sums over time and batch, each one matrix product over all steps.")
-        _emit_region(w, host, "reduce")
-        _emit_region(w, host, "final")
+    _emit_after(w, host)
 
 
 def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
@@ -647,8 +661,16 @@ def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse:
 
 
 def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
-         source_lines: list[str], file: str, prefix: str) -> None:
-    """forward_triton, backward_triton and their kernels. Raises Unsupported for what it cannot fuse."""
+         source_lines: list[str], file: str, prefix: str, target: str = "triton") -> None:
+    """forward_triton, backward_triton and their kernels. Raises Unsupported for what it cannot fuse.
+
+    With target "c": forward_c, backward_c and C_SOURCE, the same host code around one call of a
+    compiled C loop per pass (backends/c.py) instead of kernel launches.
+    """
+    if target == "c":
+        from .c import emit_scan as scan, finish
+    else:
+        scan, finish = _emit_scan, _finish
     kernels = Writer()
     body = Writer()
     taken: set[str] = set(dims)
@@ -669,8 +691,9 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
             needed_by_pass.update(node.args)
     needed_by_pass.update(i for _, i in g.outputs)
     guard = frozenset(i for i in saved_nodes if i in fwd.kept and i not in needed_by_pass)
-    with body.block(f"def forward_triton({', '.join(args)}, *, {kw}, train=False):"):
-        body.line('"""forward, with the time loop as fused Triton kernels; tensors are float32 on one device."""')
+    extra = ", c_lib" if target == "c" else ""
+    with body.block(f"def forward_{target}({', '.join(args)}, *, {kw}, train=False{extra}):"):
+        body.line(DOCS[target][0])
         body.line("rows = T * B")
         first = leaf_names[g.inputs[0][1]] if g.inputs else init_names[0]
         body.line(f"dtype, dev = {first}.dtype, {first}.device")
@@ -678,7 +701,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
             body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(g.nodes[i].type.shape[0])})")
         taken_here = taken | set(namer.taken)
         keep = set(saved_nodes) | {i for _, i in g.outputs}
-        _emit_scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
+        scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
         outs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
         finals = _tuple([f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
@@ -711,8 +734,8 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     names = _name_values(bwd, namer, leaf_names, reverse=True)
     host = _Host(bwd, True, names, (source_lines, file))
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
-    with body.block(f"def backward_triton({', '.join(args)}, *, {kw}):"):
-        body.line('"""backward, with the time loop as fused Triton kernels."""')
+    with body.block(f"def backward_{target}({', '.join(args)}, *, {kw}{extra}):"):
+        body.line(DOCS[target][1])
         body.line("rows = T * B")
         ref = d_final[0] if d_final else leaf_names[d_outs[0]]
         body.line(f"dtype, dev = {ref}.dtype, {ref}.device")
@@ -722,13 +745,24 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
         for local, key in binds:
             body.line(f'{local} = saved["{key}"]')
         keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
-        _emit_scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), taken | set(namer.taken), dims,
-                   keep)
+        scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), taken | set(namer.taken), dims, keep)
         d_inputs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in gb.outputs])
         d_inits = _tuple([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
         d_params = _tuple([host.ref(i) for _, i in gb.reduced])
         body.line(f"return {d_inputs}, {d_inits}, {d_params}")
 
+    finish(w, kernels, body)
+
+
+DOCS = {
+    "triton": ('"""forward, with the time loop as fused Triton kernels; tensors are float32 on one device."""',
+               '"""backward, with the time loop as fused Triton kernels."""'),
+    "c": ('"""forward, with the time loop as one call of compiled C (C_SOURCE); float32 CPU tensors."""',
+          '"""backward, with the time loop as one call of compiled C (C_SOURCE)."""'),
+}
+
+
+def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = %d, %d, %d  # examples, features and reduction width of a tile"
            % (BLOCK_B, BLOCK_F, BLOCK_K))
     w.lines.extend(kernels.lines)

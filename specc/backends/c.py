@@ -1,0 +1,363 @@
+"""Backend: scheduled step IR -> one C function per pass that runs the whole time loop.
+
+On a CPU the time loop is where NumPy loses: every op of a step is a call from Python on a small
+array (a batch of 16 x 128 features), a few microseconds each, a dozen per step, while torch's
+nn.LSTM runs the step inside oneDNN. Here the loop itself is compiled: one call per pass, and
+inside it, per step, each matrix product with the state is a register-tiled product and each
+elementwise op one vectorised C loop over the batch. Everything outside the loop (the input
+products for all steps at once, the output layer, the weight gradients) is the host code the
+Triton backend writes, in torch, whose large products already run at the machine's GEMM peak.
+
+Shape of the generated function (one per pass):
+
+    void lstm_forward_loop(long T, long B, int train, float *const *arg)
+
+`arg` holds the host's tensors in a fixed order (named in a comment at the top of the function);
+the dimensions are compile-time constants, so one compiled library serves one set of sizes.
+Values are (B, width) blocks, row-major, read in place where they live: a state's block of its
+(T + 1) * B row buffer, a kept value's block of its T * B row buffer, the host's input-only
+values at row t * B, a slice as its source at a column offset. What the pass does not keep lives
+in scratch memory the host hands in.
+
+Ops the loop cannot run yet (second-order products, softmax, reshape inside the recurrence)
+raise Unsupported, and such a cell runs on the NumPy backend. Only float32 runs here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..ir import Node
+from ..ops import ACTIVATIONS
+from ..schedule import Schedule
+from ..shapes import Size
+from .triton import HostNames, LoopPlan, Unsupported, _emit_after, _emit_buffers, _Host, _size, plan_loop
+from .writer import Namer, Writer
+
+C_KEYWORDS = {
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
+    "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
+    "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
+    "_Bool", "_Complex", "_Imaginary", "bool", "true", "false", "NULL", "asm", "typeof",
+    # names of the C library and of what this file defines, which a value must not shadow
+    "memcpy", "memset", "expf", "logf", "log1pf", "fabsf", "fmaxf", "INFINITY", "NAN", "main",
+}
+# The generated function's own names.
+C_INTERNAL = {"T", "B", "t", "r", "c", "k", "train", "arg", "scratch", "packed_at"}
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_C_ACTIVATION = {
+    "sigmoid": "sp_sigmoid({x})",
+    "tanh": "sp_tanh({x})",
+    "exp": "sp_exp({x})",
+    "log": "logf({x})",
+    "relu": "({x} < 0.0f ? 0.0f : {x})",  # NaN stays NaN, as in torch
+    "softplus": "sp_softplus({x})",
+    "step": "({x} > 0.0f ? 1.0f : 0.0f)",
+}
+assert set(_C_ACTIVATION) == set(ACTIVATIONS), "every activation needs a C spelling"
+
+_C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+def c_comment(text: str) -> str:
+    """A C comment quoting spec text: printable, one line, and unable to end itself early."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in text).replace("*/", "* /")
+    return f"/* {text} */"
+
+
+def c_size(s: Size) -> str:
+    """A size as a C expression in the dimension constants (which the file defines)."""
+    code = _size(s).replace("//", "/")
+    return code if code.replace("*", "").replace("_", "").isalnum() else f"({code})"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a (B, width) value lives during step t: `ptr` points at its row 0, column 0."""
+
+    ptr: str  # a C expression
+    row: str  # the distance between its rows, in floats; "0" for a value shared by every example
+    scalar: bool = False  # one number (per example, or in all): read at column 0 whatever the column
+    literal: bool = False  # ptr is a number, not memory
+
+
+@dataclass
+class LoopSource:
+    """One pass's loop as C: the function, and what the host must hand it, in order."""
+
+    name: str
+    text: list[str]
+    args: list[str]  # host expressions, one per pointer the function reads
+    scratch: str  # a Python expression in B and the dimensions: floats of scratch memory
+
+
+class CLoop:
+    """Writes the C function running one pass's time loop (forward, or backward when `reverse`)."""
+
+    def __init__(self, s: Schedule, host: HostNames, reverse: bool, guard: frozenset[int], fn: str,
+                 source: tuple[list[str], str], dims: tuple[str, ...], weights: dict[int, str],
+                 fused: set[int] = frozenset()):
+        self.s, self.g, self.host, self.reverse, self.guard = s, s.graph, host, reverse, guard
+        self.fn, (self.lines, self.file), self.dims = fn, source, dims
+        self.weights = weights  # matvec node -> host name of its weight, laid out (K, N)
+        self.fused = fused  # input-only values computed in the loop
+        for d in dims:
+            if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or d.startswith("sp_"):
+                raise Unsupported(f"dimension name {d!r} is not usable in C")
+        self.taken = set(C_KEYWORDS | C_INTERNAL | set(dims))
+        self.args: dict[str, str] = {}  # host expression -> C name
+        self.decls: list[str] = []
+        self.body: list[str] = []
+        self.place: dict[int, Place] = {}
+        self.scratch: list[str] = []  # sizes (C) of the scratch blocks handed out so far
+        self.scratch_py: list[str] = []
+        self.last_line = 0
+        self.packs: dict[str, str] = {}  # host name of a weight -> its packed copy in C
+        self.pack_lines: list[str] = []
+        self.pack_sizes: list[str] = []  # Python expressions, floats
+
+    # names
+    def cname(self, wanted: str) -> str:
+        base = wanted if _C_IDENT.match(wanted) and not wanted.startswith("sp_") else "v"
+        name, k = base, 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+    def arg(self, host_expr: str, const: bool) -> str:
+        if host_expr not in self.args:
+            name = self.cname(host_expr)
+            self.args[host_expr] = name
+            qual = "const float *" if const else "float *"
+            self.decls.append(f"    {qual}{name} = {'(const float *)' if const else ''}arg[{len(self.args) - 1}];"
+                              + ("" if name == host_expr else f"  {c_comment(host_expr)}"))
+        return self.args[host_expr]
+
+    def packed(self, host_expr: str, k: Size, n: Size) -> str:
+        """A weight packed for sp_gemm once per pass, before the loop, in scratch memory."""
+        if host_expr not in self.packs:
+            src = self.arg(host_expr, const=True)
+            name = self.cname(f"{src}_packed")
+            self.packs[host_expr] = name
+            self.pack_lines += [f"    float *{name} = packed_at;",
+                                f"    sp_pack({c_size(k)}, {c_size(n)}, {src}, {name});",
+                                f"    packed_at += sp_packed_size({c_size(k)}, {c_size(n)});"]
+            self.pack_sizes.append(f"(({_size(n)}) + 63) // 64 * 64 * ({_size(k)})")
+        return self.packs[host_expr]
+
+    def _scratch_block(self, width: Size) -> str:
+        offset = " + ".join(self.scratch)
+        self.scratch.append(c_size(width))
+        self.scratch_py.append(_size(width))
+        return f"scratch + B * ({offset})" if offset else "scratch"
+
+    # where values are
+    def _carry_rows(self, leaf: bool) -> str:
+        """The first row of step t's block of a state buffer: the state read (leaf) or written."""
+        later = leaf == self.reverse  # forward reads block t, writes t + 1; backward the other way
+        return "(t + 1) * B" if later else "t * B"
+
+    def where(self, i: int) -> Place:
+        if i in self.place:
+            return self.place[i]
+        g, node = self.g, self.g.nodes[i]
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+        scalar = not node.type.shape
+        if node.op == "const":
+            v = node.attrs[0]
+            if v != v or v in (float("inf"), float("-inf")):
+                raise Unsupported(f"the constant {v} inside the recurrence")
+            return Place(f"{float(v)!r}f" if v >= 0 else f"({float(v)!r}f)", "0", True, literal=True)
+        for name, leaf, _ in g.carries:
+            if i == leaf:
+                buf = self.arg(self.host.carry_buf[name], const=False)
+                return Place(f"{buf} + {self._carry_rows(True)} * {width}", width, scalar)
+        region = self.s.region[i]
+        if region == "const":
+            return Place(self.arg(self.host.names[i], const=True), "0", scalar)
+        if region == "pre":
+            if node.op == "slice":
+                src = self.where(node.args[0])
+                return Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, scalar)
+            buf = self.arg(self.host.names[i], const=True)
+            return Place(f"{buf} + t * B * {width}", width, scalar)
+        raise AssertionError(f"value %{i} ({node.op}) read before it was computed")
+
+    # code
+    def line(self, text: str) -> None:
+        self.body.append("        " + text)
+
+    def comment(self, node: Node) -> None:
+        if node.line and node.line != self.last_line and node.line <= len(self.lines):
+            self.line(c_comment(f"{self.file}:{node.line}  {self.lines[node.line - 1].strip()}"))
+            self.last_line = node.line
+
+    def element(self, p: Place, width: str) -> str:
+        """The element at row r, column c of a value (broadcast as the op's type says)."""
+        if p.literal:
+            return p.ptr
+        col = "0" if p.scalar else "c"
+        index = col if p.row == "0" else (f"r * {p.row}" if col == "0" else f"r * {p.row} + {col}")
+        return f"{p.ptr}[{index}]" if p.ptr.isidentifier() else f"({p.ptr})[{index}]"
+
+    def target(self, i: int) -> Place:
+        """Where node i is written: its kept buffer, its state buffer, or scratch memory."""
+        g, node = self.g, self.g.nodes[i]
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+        name = self.cname(self.host.names.get(i, f"v{i}"))
+        for sname, _, nxt in g.carries:
+            if nxt == i:
+                buf = self.arg(self.host.carry_buf[sname], const=False)
+                self.line(f"float *{name} = {buf} + {self._carry_rows(False)} * {width};")
+                return Place(name, width, not node.type.shape)
+        if i in self.host.seq:
+            buf = self.arg(self.host.seq[i], const=False)
+            if i in self.guard:  # kept only for a backward pass: scratch when there is none
+                self.line(f"float *{name} = train ? {buf} + t * B * {width} : "
+                          f"{self._scratch_block(node.type.shape[0] if node.type.shape else Size.of(1))};")
+            else:
+                self.line(f"float *{name} = {buf} + t * B * {width};")
+            return Place(name, width, not node.type.shape)
+        block = self._scratch_block(node.type.shape[0] if node.type.shape else Size.of(1))
+        self.line(f"float *{name} = {block};")
+        return Place(name, width, not node.type.shape)
+
+    def also_kept(self, i: int, p: Place) -> None:
+        """A state's next value that backward also keeps: copied into its kept buffer too."""
+        node = self.g.nodes[i]
+        if i in self.host.seq and any(nxt == i for _, _, nxt in self.g.carries):
+            width = c_size(node.type.shape[0]) if node.type.shape else "1"
+            buf = self.arg(self.host.seq[i], const=False)
+            copy = f"memcpy({buf} + t * B * {width}, {p.ptr}, sizeof(float) * B * {width});"
+            self.line(f"if (train) {copy}" if i in self.guard else copy)
+
+    def elementwise(self, out: Place, width: str, expr: str) -> None:
+        self.line(f"for (long r = 0; r < B; r++)")
+        self.line(f"    for (long c = 0; c < {width}; c++)")
+        self.line(f"        {self.element(out, width)} = {expr};")
+
+    def compute(self, i: int) -> None:
+        g, node = self.g, self.g.nodes[i]
+        op = node.op
+        self.comment(node)
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+        owns = i in self.host.seq or any(nxt == i for _, _, nxt in g.carries)
+        if op == "slice" and not owns:
+            src = self.where(node.args[0])
+            self.place[i] = Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, not node.type.shape)
+            return
+        if op in ("softmax", "softmax_vjp", "reshape", "outer", "outer_vjp_a", "outer_vjp_b"):
+            raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
+        # A product's weight is handed in laid out for the loop (self.weights), not read in place.
+        args = [self.where(a) for a in node.args[op in ("matvec", "matvec_t"):]]
+        args = [None] + args if op in ("matvec", "matvec_t") else args
+        out = self.target(i)
+        self.place[i] = out
+        if op in _INFIX:
+            a, b = (self.element(p, width) for p in args)
+            self.elementwise(out, width, f"{a} {_INFIX[op]} {b}")
+        elif op == "neg":
+            self.elementwise(out, width, f"-{self.element(args[0], width)}")
+        elif op in _C_ACTIVATION:
+            self.elementwise(out, width, _C_ACTIVATION[op].format(x=self.element(args[0], width)))
+        elif op == "slice":
+            self.elementwise(out, width, self.element(Place(f"{args[0].ptr} + {c_size(node.attrs[0])}",
+                                                            args[0].row), width))
+        elif op == "zeros":
+            self.elementwise(out, width, "0.0f")
+        elif op == "concat":
+            column = Size.of(0)
+            for a, p in zip(node.args, args):
+                part = c_size(g.nodes[a].type.shape[0])
+                dest = Place(f"{out.ptr} + {c_size(column)}", out.row)
+                self.elementwise(dest, part, self.element(p, part))
+                column = column + g.nodes[a].type.shape[0]
+        elif op in ("matvec", "matvec_t"):
+            vec = args[1]
+            k = c_size(g.nodes[node.args[1]].type.shape[0])
+            weight = self.packed(self.weights[i], g.nodes[node.args[1]].type.shape[0], node.type.shape[0])
+            self.line(f"sp_gemm(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
+        else:
+            raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
+        self.also_kept(i, out)
+
+    def write(self) -> LoopSource:
+        g, s = self.g, self.s
+        for i, region in enumerate(s.region):
+            if (region == "loop" and g.nodes[i].op != "carry") or i in self.fused:
+                self.compute(i)
+        # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step.
+        for name, _, nxt in g.carries:
+            if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
+                width = c_size(g.nodes[nxt].type.shape[0])
+                src = self.where(nxt)
+                buf = self.arg(self.host.carry_buf[name], const=False)
+                dest = Place(f"{buf} + {self._carry_rows(False)} * {width}", width)
+                self.elementwise(dest, width, self.element(src, width))
+        head = [f"void {self.fn}(long T, long B, int train, float *const *arg) {{"]
+        head += self.decls
+        widths = " + ".join(self.scratch) or "0"
+        head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats, then the packed weights */")
+        if self.pack_lines:
+            head.append(f"    float *packed_at = scratch + B * ({widths});")
+            head += self.pack_lines
+        steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
+        text = head + ["    (void)train;", "    " + steps] + self.body + ["    }", "}"]
+        scratch = " + ".join(([f"B * ({' + '.join(self.scratch_py)})"] if self.scratch_py else [])
+                             + self.pack_sizes) or "0"
+        return LoopSource(self.fn, text, list(self.args), scratch)
+
+
+def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
+              taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
+    """The body of one pass: torch before the loop, one call of the C loop, torch after it."""
+    s, g = host.s, host.s.graph
+    cfn = f"specc_{fn}"
+    if not _C_IDENT.match(cfn):
+        raise Unsupported(f"cell name {fn!r} is not usable in C")
+    # Elementwise input-only values that only the loop reads are computed in it, at step t, as the
+    # Triton kernels do: made before the loop, each would cost a pass over memory to write and
+    # another to read. The loop has one stage, so nothing else of the Triton plan applies.
+    fused = plan_loop(s, keep).fused_pre
+    _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused)
+    namer = Namer(taken)
+    weights: dict[int, str] = {}
+    laid_out: dict[tuple[int, str], str] = {}
+    for i in s.nodes_in("loop"):
+        node = g.nodes[i]
+        if node.op in ("matvec", "matvec_t"):
+            key = (node.args[0], node.op)
+            if key not in laid_out:
+                src = host.ref(node.args[0])
+                # The loop's products read the weight as (K, N) rows: W.T for W @ h, W for W^T @ g.
+                if node.op == "matvec":
+                    laid_out[key] = namer(f"{src}_T")
+                    w.line(f"{laid_out[key]} = {src}.T.contiguous()")
+                else:
+                    laid_out[key] = namer(f"{src}_rows")
+                    w.line(f"{laid_out[key]} = {src}.contiguous()")
+            weights[i] = laid_out[key]
+    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused).write()
+    c_out.lines.extend(["", *loop.text])
+    w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
+              + f"in C: {cfn} in C_SOURCE.")
+    w.line(f"rt_c.run(c_lib, {cfn!r}, T, B, train, [{', '.join(loop.args)}], {loop.scratch})")
+    _emit_after(w, host)
+
+
+def finish(w: Writer, c_text: Writer, body: Writer) -> None:
+    w.line("from specc.backends import c_runtime as rt_c  # noqa: E402")
+    w.line("")
+    w.comment("The time loops, compiled on first use for the dimensions of a module (see rt_c.PRELUDE).")
+    text = "\n".join(c_text.lines).strip("\n") + "\n"
+    if '"""' in text or "\\" in text:
+        w.line(f"C_SOURCE = {text!r}")
+    else:
+        w.line('C_SOURCE = """\\')
+        w.lines.extend(text.rstrip("\n").split("\n"))
+        w.line('"""')
+    w.line("")
+    w.line("")
+    w.lines.extend(body.lines)

@@ -1,0 +1,241 @@
+"""What a generated module's C loops need at run time: a compiler, a cache, and the call.
+
+A module's C_SOURCE is compiled once per set of dimensions (they are constants in the C, so
+the compiler unrolls and vectorises for them) with the system's C compiler, `cc` or $CC, and
+kept in a cache directory ($SPECC_CACHE, else ~/.cache/specc) under a digest of everything that
+went into it: the source, the dimensions, the flags and this machine's CPU. Several processes
+compiling the same library at once each write their own file and rename it into place.
+
+SPECC_C=0 turns the C loops off (backend "auto" then uses NumPy on the CPU).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing", "-fopenmp"]
+
+# Helpers every generated file starts with: vectorisable exp / tanh / sigmoid (Cephes' float
+# polynomials; libm's scalar calls would cost more than the whole matrix product at small
+# sizes) and the product of a (M, K) block by a (K, N) matrix, tiled in 4 rows x 64 columns of
+# registers. GCC's vector extensions compile to AVX-512, AVX2 or SSE, whichever -march=native has.
+PRELUDE = r"""#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef SP_PARALLEL_WORK
+#define SP_PARALLEL_WORK (1L << 18)  /* multiply-adds below which one thread does a product alone */
+#endif
+
+typedef float sp_vec __attribute__((vector_size(64), aligned(4)));  /* 16 floats */
+
+static inline float sp_exp(float x) {
+    float y = x > 88.7228391f ? 88.7228391f : (x < -104.0f ? -104.0f : x);
+    float n = rintf(y * 1.44269504088896341f);  /* floorf(v + 0.5f) would not vectorise */
+    float z = y - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = ((((( 1.9875691500e-4f * z + 1.3981999507e-3f) * z + 8.3334519073e-3f) * z
+                 + 4.1665795894e-2f) * z + 1.6666665459e-1f) * z + 5.0000001201e-1f) * z * z + z + 1.0f;
+    /* 2^n as two factors, each a normal float, so that results down to the subnormals are exact */
+    int32_t k = (int32_t)n, half = k >> 1;
+    int32_t bits1 = (half + 127) << 23, bits2 = (k - half + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &bits1, sizeof s1);
+    memcpy(&s2, &bits2, sizeof s2);
+    float e = p * s1 * s2;
+    return x > 88.7228391f ? INFINITY : e;  /* NaN fails every test above and stays NaN */
+}
+
+static inline float sp_sigmoid(float x) { return 1.0f / (1.0f + sp_exp(-x)); }
+
+static inline float sp_tanh(float x) {
+    float ax = fabsf(x), z = x * x;
+    float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
+                    + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+    float big = 1.0f - 2.0f / (sp_exp(2.0f * ax) + 1.0f);
+    big = x < 0.0f ? -big : big;
+    return ax < 0.625f ? small : big;
+}
+
+static inline float sp_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(sp_exp(-fabsf(x))); }
+
+static inline __attribute__((always_inline)) void sp_tile(const long R, const long V, long K, const float *a,
+                                                           long lda, const float *w, long ldw, float *o, long ldo) {
+    sp_vec acc[4][4];
+    for (long r = 0; r < R; r++)
+        for (long v = 0; v < V; v++)
+            acc[r][v] = (sp_vec){0};
+    for (long k = 0; k < K; k++) {
+        sp_vec wv[4];
+        for (long v = 0; v < V; v++)
+            memcpy(&wv[v], w + k * ldw + 16 * v, sizeof(sp_vec));
+        for (long r = 0; r < R; r++) {
+            float av = a[r * lda + k];
+            for (long v = 0; v < V; v++)
+                acc[r][v] += av * wv[v];
+        }
+    }
+    for (long r = 0; r < R; r++)
+        for (long v = 0; v < V; v++)
+            memcpy(o + r * ldo + 16 * v, &acc[r][v], sizeof(sp_vec));
+}
+
+/* A (K, N) matrix as the products read it: per block of 64 columns, K rows of 64 floats, the last
+   block padded with zeros. Read in place, a block's rows would be N floats apart: for N = 1024,
+   4 KB, so that every row of it falls in the same L1 cache set. */
+static long sp_packed_size(long K, long N) { return (N + 63) / 64 * 64 * K; }
+
+static void sp_pack(long K, long N, const float *w, float *p) {
+    for (long n0 = 0; n0 < N; n0 += 64)
+        for (long k = 0; k < K; k++)
+            for (long j = 0; j < 64; j++)
+                *p++ = n0 + j < N ? w[k * N + n0 + j] : 0.0f;
+}
+
+/* o (M, N) = a (M, K) @ w (K, N), w packed; rows of a and o lda and ldo floats apart. Column
+   blocks are shared among OpenMP's threads when the product is large enough to pay for waking them. */
+static void sp_gemm(long M, long K, long N, const float *a, long lda, const float *p, float *o, long ldo) {
+    long blocks = (N + 63) / 64;
+    #pragma omp parallel for schedule(static) if (M * K * N >= SP_PARALLEL_WORK && blocks > 1)
+    for (long nb = 0; nb < blocks; nb++) {
+        const float *w = p + nb * 64 * K;
+        long n = nb * 64, m = 0;
+        if (n + 64 <= N) {
+            for (; m + 4 <= M; m += 4)
+                sp_tile(4, 4, K, a + m * lda, lda, w, 64, o + m * ldo + n, ldo);
+            for (; m < M; m++)
+                sp_tile(1, 4, K, a + m * lda, lda, w, 64, o + m * ldo + n, ldo);
+        } else {  /* the last, partial block: through a buffer */
+            float part[4 * 64];
+            for (; m < M; m += 4) {
+                long rows = M - m < 4 ? M - m : 4;
+                if (rows == 4)
+                    sp_tile(4, 4, K, a + m * lda, lda, w, 64, part, 64);
+                else
+                    for (long r = 0; r < rows; r++)
+                        sp_tile(1, 4, K, a + (m + r) * lda, lda, w, 64, part + 64 * r, 64);
+                for (long r = 0; r < rows; r++)
+                    memcpy(o + (m + r) * ldo + n, part + 64 * r, sizeof(float) * (N - n));
+            }
+        }
+    }
+}
+"""
+
+
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL] = {}
+_failed: dict[str, str] = {}
+
+
+def compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def problem() -> str | None:
+    """Why the C loops cannot run on this machine, or None."""
+    if os.environ.get("SPECC_C", "1") == "0":
+        return "the C loops are turned off (SPECC_C=0)"
+    if compiler() is None:
+        return "no C compiler found (install gcc or clang, or set CC)"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        import platform
+
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPECC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "specc")
+    return Path(root) / "c"
+
+
+def full_source(source: str, dims: dict[str, int]) -> str:
+    consts = "".join(f"static const long {k} = {int(v)};\n" for k, v in sorted(dims.items()))
+    return PRELUDE + "\n" + consts + "\n" + source
+
+
+_warned: set[tuple] = set()
+
+
+def first_failure(source: str, dims: dict[str, int]) -> bool:
+    """True the first time it is asked about a library that failed to compile."""
+    key = (source, tuple(sorted(dims.items())))
+    first = key not in _warned
+    _warned.add(key)
+    return first
+
+
+_by_source: dict[tuple, ctypes.CDLL] = {}
+
+
+def library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
+    """The compiled C loops of one module for these dimensions (compiled at most once)."""
+    memo = (source, tuple(sorted(dims.items())), os.environ.get("CC"))
+    lib = _by_source.get(memo)
+    if lib is None:
+        lib = _by_source[memo] = _library(source, dims)
+    return lib
+
+
+def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
+    text = full_source(source, dims)
+    cc = compiler()
+    if cc is None:
+        raise CompileError(problem() or "no C compiler")
+    key = hashlib.sha256("\0".join([text, cc, *FLAGS, _cpu()]).encode()).hexdigest()[:32]
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        if key in _failed:
+            raise CompileError(_failed[key])
+        path = _cache_dir() / f"{key}.so"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                src, out = Path(tmp) / "loops.c", Path(tmp) / "loops.so"
+                src.write_text(text)
+                done = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+                if done.returncode != 0:
+                    _failed[key] = f"the C compiler ({cc}) failed on the generated loops:\n{done.stderr[-2000:]}"
+                    raise CompileError(_failed[key])
+                os.replace(out, path)
+        _loaded[key] = ctypes.CDLL(str(path))
+        return _loaded[key]
+
+
+def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int) -> None:
+    """Call one pass's loop on the host's tensors (float32, contiguous, on the CPU; None where the
+    pass writes nothing)."""
+    work = torch.empty(max(int(scratch), 1), dtype=torch.float32)
+    ptrs = (ctypes.c_void_p * (len(tensors) + 1))()
+    for k, t in enumerate(tensors):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise AssertionError(f"argument {k} of {fn} is not a contiguous float32 CPU tensor")
+        ptrs[k] = t.data_ptr()
+    ptrs[len(tensors)] = work.data_ptr()
+    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ptrs)

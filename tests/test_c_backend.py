@@ -1,0 +1,226 @@
+"""The C backend: each pass's time loop compiled from C_SOURCE, the rest in torch.
+
+Every cell in specs/ whose loop the C backend writes must give what the NumPy backend gives, and
+what torch.nn (LSTM, GRU, RNN, weights copied) or a hand-written torch loop gives: outputs, final
+states and every gradient, in float32 to 1e-5, on sizes that are not powers of two (so the
+products' partial column blocks and row tails run). Its exp, tanh and sigmoid are its own
+polynomials: they are checked against torch at the edges of float32 (overflow, NaN, infinities).
+Where it cannot run (no compiler, a compiler that fails, a cell it cannot write, float64), "auto"
+uses NumPy and an explicit backend="c" says why.
+"""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import specc
+from specc.backends import c_runtime
+from test_triton import TORCH_LAYERS, TorchLayer, assert_same, odd_dims, run
+
+
+def _backend(module, x) -> str:
+    return module._backend_for([x, *module.parameters()], torch.float32)[0].name
+
+
+def test_every_spec_matches_the_numpy_backend(spec_cell):
+    dims = odd_dims(spec_cell.dims)
+    ref = specc.load(spec_cell.path, spec_cell.cell, backend="numpy", **dims)
+    if ref.program.C_UNSUPPORTED is not None:
+        with pytest.raises(RuntimeError, match="cannot use the C backend"):
+            specc.load(spec_cell.path, spec_cell.cell, backend="c", **dims)(
+                torch.randn(2, 1, ref.sizes["inputs"][ref.program.INPUTS[0]][0]) if ref.program.INPUTS else None,
+                None if ref.program.INPUTS else [torch.zeros(1, ref.sizes["states"][n][0])
+                                                 for n in ref.program.STATES])
+        return
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.4)
+    ours = specc.load(spec_cell.path, spec_cell.cell, backend="c", **dims)
+    ours.load_state_dict(ref.state_dict())
+    T, B = 4, 7
+    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in ref.program.INPUTS)
+    state = [torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES]
+    assert_same(run(ours, x, state), run(ref, x, state))
+    x = x[0] if len(x) == 1 else x
+    if ref.program.INPUTS:
+        with torch.no_grad():  # inference keeps nothing for backward, and takes another code path
+            torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(TORCH_LAYERS))
+@pytest.mark.parametrize("I, H, B", [(37, 100, 5), (16, 20, 9), (64, 64, 16)])
+def test_matches_torch_nn(name, I, H, B):
+    make, _ = TORCH_LAYERS[name]
+    ref = make(I, H)
+    ours = specc.from_torch(ref, backend="c")
+    x = torch.randn(6, B, I)
+    n_states = len(ours.program.STATES)
+    state = [torch.randn(B, H) * 0.5 for _ in range(n_states)]
+    assert_same(run(ours, x, state), run(TorchLayer(ref), x, state))
+
+
+def test_products_large_enough_for_threads_match_torch():
+    """Above SP_PARALLEL_WORK multiply-adds a step's product is split among OpenMP's threads."""
+    ref = torch.nn.LSTM(40, 96)
+    ours = specc.from_torch(ref, backend="c")
+    x = torch.randn(3, 48, 40)  # 48 x 96 x 384 multiply-adds a step: above the threshold
+    state = [torch.randn(48, 96) * 0.5 for _ in range(2)]
+    assert_same(run(ours, x, state), run(TorchLayer(ref), x, state), tol=2e-5)
+
+
+def test_custom_cells_match_hand_written_references():
+    from test_references import CASES, STATE_SIZE
+
+    checked = 0
+    for name, (reference, dims, shapes) in CASES.items():
+        module = specc.load(name, backend="numpy", **dims)
+        if module.program.C_UNSUPPORTED is not None:
+            continue
+        module = specc.load(name, backend="c", **dims)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p) * 0.4)
+        T, B = 5, 3
+        x = torch.randn(T, B, dims["I"])
+        h0 = torch.randn(B, dims[STATE_SIZE[name]]) * 0.5
+        got = run(module, x, [h0])
+        params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+        xr, hr = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        y, (final,) = reference(xr, hr, params)
+        g = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=g)).sum() + (final * torch.randn(final.shape, generator=g)).sum()
+        loss.backward()
+        want = {"y": y.detach(), "final0": final.detach(), "dx": xr.grad, "d0": hr.grad,
+                **{f"d{n}": p.grad for n, p in params.items()}}
+        assert_same(got, want)
+        checked += 1
+    assert checked >= 2
+
+
+ACTIVATION_SPEC = """
+cell acts(N) {
+    input x[N]
+    state s[N] = zeros
+    s' = s + ACT(x)
+    output s'
+}
+"""
+
+
+@pytest.mark.parametrize("act", ["exp", "tanh", "sigmoid", "softplus", "relu", "log"])
+def test_activations_at_the_edges_of_float32(act):
+    """Values from the subnormals to overflow, infinities and NaN, against torch's own functions."""
+    edges = [0.0, -0.0, 1e-30, -1e-30, 1e-7, 0.3, -0.6249, 0.6251, 1.0, -2.5, 9.0, 20.0, -20.0, 80.0,
+             88.5, 88.72, 88.8, -87.0, -87.4, -100.0, -103.9, -104.5, 200.0, -200.0,
+             float("inf"), float("-inf"), float("nan")]
+    grid = torch.linspace(-30.0, 30.0, 1001).tolist()
+    values = torch.tensor(edges + grid, dtype=torch.float32)
+    if act == "log":
+        values = torch.cat([values.abs(), torch.tensor([0.0, 1e-40, 3e38])])
+    spec = ACTIVATION_SPEC.replace("ACT", act)
+    module = specc.load(spec, N=values.numel(), backend="c")
+    with torch.no_grad():
+        got, _ = module(values[None, None, :])
+    fn = {"exp": torch.exp, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "log": torch.log,
+          "softplus": lambda v: torch.logaddexp(torch.zeros_like(v), v)}[act]
+    want = fn(values.double()).float()
+    # float32 is what both compute in: a few units in the last place, and below it at the subnormals
+    torch.testing.assert_close(got[0, 0], want, rtol=4e-7, atol=1e-37, equal_nan=True)
+
+
+def test_cells_it_cannot_write_run_on_numpy_and_say_why():
+    module = specc.load("second_order", I=3, H=4)
+    assert "outer" in module.program.C_UNSUPPORTED
+    assert _backend(module, torch.zeros(1)) == "numpy"
+    with pytest.raises(RuntimeError, match="second_order.*cannot use the C backend.*outer"):
+        specc.load("second_order", I=3, H=4, backend="c")(torch.randn(2, 1, 3))
+
+
+def test_auto_runs_float32_on_the_c_loops_and_float64_on_numpy():
+    assert _backend(specc.load("gru", I=3, H=4), torch.zeros(1)) == "c"
+    m64 = specc.load("gru", I=3, H=4, dtype=torch.float64)
+    assert m64._backend_for([torch.zeros(1, dtype=torch.float64)], torch.float64)[0].name == "numpy"
+    with pytest.raises(TypeError, match="C backend computes in float32.*backend='numpy'"):
+        specc.load("gru", I=3, H=4, dtype=torch.float64, backend="c")(torch.randn(2, 1, 3, dtype=torch.float64))
+
+
+def test_turned_off_or_without_a_compiler_auto_uses_numpy(monkeypatch):
+    module = specc.load("lstm", I=3, H=4)
+    monkeypatch.setenv("SPECC_C", "0")
+    assert _backend(module, torch.zeros(1)) == "numpy"
+    monkeypatch.setenv("SPECC_C", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert _backend(module, torch.zeros(1)) == "numpy"
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))
+
+
+def test_a_failing_compiler_is_reported_once_and_numpy_runs(monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile anything' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path / "cache"))
+    module = specc.load("lstm", I=3, H=5)
+    x = torch.randn(2, 1, 3)
+    with pytest.warns(RuntimeWarning, match="(?s)cannot compile anything.*NumPy backend instead"):
+        y, _ = module(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is quiet
+        y2, _ = module(x)
+    ref = specc.load("lstm", I=3, H=5, backend="numpy")
+    ref.load_state_dict(module.state_dict())
+    torch.testing.assert_close(y2, ref(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    with pytest.raises(c_runtime.CompileError, match="broken-cc.*failed"):
+        specc.load("lstm", I=3, H=5, backend="c")(x)
+
+
+def test_libraries_are_compiled_once_and_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path))
+    spec = ACTIVATION_SPEC.replace("ACT", "tanh")
+    module = specc.load(spec, N=9, backend="c")
+    module(torch.randn(2, 1, 9))
+    files = list((tmp_path / "c").glob("*.so"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    c_runtime._by_source.clear()
+    c_runtime._loaded.clear()  # as a new process would: found on disk, not compiled again
+    calls = []
+    real_run = c_runtime.subprocess.run
+    monkeypatch.setattr(c_runtime.subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    specc.load(spec, N=9, backend="c")(torch.randn(2, 1, 9))
+    assert calls == [] and files[0].stat().st_mtime_ns == stamp
+    specc.load(spec, N=10, backend="c")(torch.randn(2, 1, 10))  # other dimensions: another library
+    assert len(calls) == 1 and len(list((tmp_path / "c").glob("*.so"))) == 2
+
+
+def test_spec_names_that_are_c_words_are_renamed_in_the_c():
+    spec = textwrap.dedent("""
+        cell words(N) {
+            input x[N]
+            state int[N] = zeros
+            param W[N, N]
+            static = tanh(W @ int + x)
+            int' = static * 0.5
+            output int'
+        }
+    """)
+    ours = specc.load(spec, N=6, backend="c")
+    ref = specc.load(spec, N=6, backend="numpy")
+    ref.load_state_dict(ours.state_dict())
+    x, s = torch.randn(3, 2, 6), [torch.randn(2, 6)]
+    assert_same(run(ours, x, s), run(ref, x, s))
+    source = ours.program.C_SOURCE
+    assert "float *int =" not in source and "float *static =" not in source
+
+
+def test_the_c_is_readable_and_quotes_the_spec():
+    source = specc.load("lstm", I=3, H=4).program.C_SOURCE
+    assert "void specc_lstm_forward(long T, long B, int train, float *const *arg)" in source
+    assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
+    assert "sigmoid_f[r * H + c] = sp_sigmoid(" in source
