@@ -1,11 +1,12 @@
-"""CPU benchmark: specc's NumPy backend against torch, in one run and one table.
+"""CPU benchmark: specc on the CPU (its C loops, or its NumPy backend) against torch, in one run and one table.
 
     python bench/cpu.py                       # every cell and size, both passes (about 20 minutes)
     python bench/cpu.py --quick               # two small sizes, fewer repetitions (about 3 minutes)
     python bench/cpu.py --cells lstm,gru --sizes 100x64x256x256 --passes fb --rounds 3
     python bench/cpu.py --markdown bench/results/cpu-DATE.md    # also write the results file
     python bench/cpu.py --check               # first check that every peer computes what specc does
-    SPECC_ONEDNN=0 python bench/cpu.py        # specc's products in NumPy only (before/after oneDNN)
+    python bench/cpu.py --backend numpy       # specc's NumPy backend rather than its C loops
+    SPECC_ONEDNN=0 python bench/cpu.py --backend numpy   # ... with its products in NumPy only
 
 Cells and their peers:
   elman (cell rnn_tanh of specs/elman.rnn), lstm, gru: torch.nn.RNN / nn.LSTM / nn.GRU
@@ -108,14 +109,14 @@ def peak_bytes(fn) -> tuple[int, str]:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, "maxrss"
 
 
-def build(cell: str, impl: str, dims: dict):
+def build(cell: str, impl: str, dims: dict, backend: str = "auto"):
     import torch
 
     import specc
 
     spec, name, _ = CELLS[cell]
     torch.manual_seed(0)
-    ours = specc.load(spec, name, **dims)
+    ours = specc.load(spec, name, backend=backend, **dims)
     if impl == "specc":
         return ours
     if impl == "torch":
@@ -136,7 +137,7 @@ def worker(job: dict) -> dict:
     cell, impl = job["cell"], job["impl"]
     out = {}
     try:
-        m = build(cell, impl, dims_of(cell, T, B, I, H))
+        m = build(cell, impl, dims_of(cell, T, B, I, H), job.get("backend", "auto"))
     except Exception as e:  # noqa: BLE001 - reported in the table
         return {p: {"error": f"{type(e).__name__}: {e}"[:200]} for p in job["passes"]}
     params = list(m.parameters())
@@ -147,6 +148,8 @@ def worker(job: dict) -> dict:
         y, _ = m(x)
     grad = torch.randn(y.shape, generator=gen)
     del y
+    if impl == "specc":
+        out["backend"] = m._backend_for([x, *params], torch.float32)[0].name
 
     def fwd():
         with torch.no_grad():
@@ -323,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--noisy", type=float, default=0.15,
                     help="a worker during which other processes took more than this share of the CPU is run again")
     ap.add_argument("--retries", type=int, default=2, help="how many times a noisy worker is run again")
+    ap.add_argument("--backend", default="auto", choices=["auto", "c", "numpy"],
+                    help="specc's backend (default auto: the C loops where a compiler is, else NumPy)")
     ap.add_argument("--markdown", default=None, help="also write the results as markdown to this file")
     ap.add_argument("--check", action="store_true", help="check the peers against specc first (float64)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
             if only:
                 impls = [i for i in impls if i in only]
             job = {"cell": cell, "size": size, "passes": passes, "warmup": 2, "min_reps": 3 if args.quick else 5,
-                   "max_reps": 50, "min_time": min_time}
+                   "max_reps": 50, "min_time": min_time, "backend": args.backend}
             results: dict[str, dict] = {i: {} for i in impls}
             others: dict[str, list[float]] = {i: [] for i in impls}
             for r in range(rounds):
@@ -394,6 +399,8 @@ def main(argv=None) -> int:
                         if again.get("others", 1.0) < res.get("others", 1.0):
                             res = again
                     others[impl].append(res.get("others", 0.0))
+                    if "backend" in res:
+                        results[impl]["backend"] = res["backend"]
                     for p in passes:
                         got = res.get(p, {"error": res.get("error", "no result")})
                         have = results[impl].setdefault(p, got)
@@ -406,7 +413,8 @@ def main(argv=None) -> int:
                 ours_t = statistics.median(ours["times"]) if "times" in ours else None
                 for impl in impls:
                     res = results[impl][p]
-                    name = "specc (numpy)" if impl == "specc" else PEER_NAMES[impl].format(TORCH_CLASS.get(cell, ""))
+                    name = (f"specc ({results[impl].get('backend', '?')})" if impl == "specc"
+                            else PEER_NAMES[impl].format(TORCH_CLASS.get(cell, "")))
                     label = [cell, "×".join(map(str, size)), p, name]
                     noise = f"{100 * max(others[impl]):.0f}%"
                     if "times" not in res:

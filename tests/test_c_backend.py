@@ -223,4 +223,4 @@ def test_the_c_is_readable_and_quotes_the_spec():
     source = specc.load("lstm", I=3, H=4).program.C_SOURCE
     assert "void specc_lstm_forward(long T, long B, int train, float *const *arg)" in source
     assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
-    assert "sigmoid_f[r * H + c] = sp_sigmoid(" in source
+    assert "float sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value

@@ -58,6 +58,9 @@ _C_ACTIVATION = {
 assert set(_C_ACTIVATION) == set(ACTIVATIONS), "every activation needs a C spelling"
 
 _C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# The ops of one loop write only memory they do not read (each value has its own block), so the
+# compiler need not check for overlap before it vectorises.
+IVDEP = "#pragma GCC ivdep"
 
 def c_comment(text: str) -> str:
     """A C comment quoting spec text: printable, one line, and unable to end itself early."""
@@ -112,6 +115,11 @@ class CLoop:
         self.scratch: list[str] = []  # sizes (C) of the scratch blocks handed out so far
         self.scratch_py: list[str] = []
         self.last_line = 0
+        self.users = self.g.users()
+        self.todo: list[int] = []
+        self.absorbed: dict[int, set[int]] = {}  # concat -> parts written straight into it
+        self.virtual: set[int] = set()  # values never made whole (see _find_virtual)
+        self.body_indent = ""
         self.packs: dict[str, str] = {}  # host name of a weight -> its packed copy in C
         self.pack_lines: list[str] = []
         self.pack_sizes: list[str] = []  # Python expressions, floats
@@ -161,6 +169,8 @@ class CLoop:
 
     def where(self, i: int) -> Place:
         if i in self.place:
+            if self.place[i] is None:
+                raise AssertionError(f"value %{i} read outside the fused loop that made it")
             return self.place[i]
         g, node = self.g, self.g.nodes[i]
         width = c_size(node.type.shape[0]) if node.type.shape else "1"
@@ -187,7 +197,7 @@ class CLoop:
 
     # code
     def line(self, text: str) -> None:
-        self.body.append("        " + text)
+        self.body.append("        " + self.body_indent + text)
 
     def comment(self, node: Node) -> None:
         if node.line and node.line != self.last_line and node.line <= len(self.lines):
@@ -202,11 +212,11 @@ class CLoop:
         index = col if p.row == "0" else (f"r * {p.row}" if col == "0" else f"r * {p.row} + {col}")
         return f"{p.ptr}[{index}]" if p.ptr.isidentifier() else f"({p.ptr})[{index}]"
 
-    def target(self, i: int) -> Place:
+    def target(self, i: int, suffix: str = "") -> Place:
         """Where node i is written: its kept buffer, its state buffer, or scratch memory."""
         g, node = self.g, self.g.nodes[i]
         width = c_size(node.type.shape[0]) if node.type.shape else "1"
-        name = self.cname(self.host.names.get(i, f"v{i}"))
+        name = self.cname(self.host.names.get(i, f"v{i}") + suffix)
         for sname, _, nxt in g.carries:
             if nxt == i:
                 buf = self.arg(self.host.carry_buf[sname], const=False)
@@ -224,19 +234,164 @@ class CLoop:
         self.line(f"float *{name} = {block};")
         return Place(name, width, not node.type.shape)
 
-    def also_kept(self, i: int, p: Place) -> None:
-        """A state's next value that backward also keeps: copied into its kept buffer too."""
+    def also_kept(self, i: int, p: Place, local: str | None = None) -> None:
+        """A state's next value that backward also keeps: written into its kept buffer too."""
         node = self.g.nodes[i]
         if i in self.host.seq and any(nxt == i for _, _, nxt in self.g.carries):
             width = c_size(node.type.shape[0]) if node.type.shape else "1"
             buf = self.arg(self.host.seq[i], const=False)
-            copy = f"memcpy({buf} + t * B * {width}, {p.ptr}, sizeof(float) * B * {width});"
+            if local is not None:  # inside a fused loop: this element
+                copy = f"{self.element(Place(f'{buf} + t * B * {width}', width, p.scalar), width)} = {local};"
+            else:
+                copy = f"memcpy({buf} + t * B * {width}, {p.ptr}, sizeof(float) * B * {width});"
             self.line(f"if (train) {copy}" if i in self.guard else copy)
 
     def elementwise(self, out: Place, width: str, expr: str) -> None:
-        self.line(f"for (long r = 0; r < B; r++)")
+        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = 0; r < B; r++)")
+        self.line("    " + IVDEP)
         self.line(f"    for (long c = 0; c < {width}; c++)")
         self.line(f"        {self.element(out, width)} = {expr};")
+
+    # fusion: the elementwise ops of a step that share a width run in one loop, in registers
+    def _kind(self, i: int) -> str:
+        node = self.g.nodes[i]
+        if i in self.virtual:
+            return "virtual"
+        if node.op == "slice" and node.args[0] in self.virtual:
+            return "ew"  # computed where it is read, from its source's operands at its columns
+        if node.op == "slice" and not self._owns(i):
+            return "view"
+        if node.op in _INFIX or node.op in ("neg", "zeros", "slice") or node.op in _C_ACTIVATION:
+            return "ew"
+        return "other"
+
+    def _owns(self, i: int) -> bool:
+        return i in self.host.seq or any(nxt == i for _, _, nxt in self.g.carries)
+
+    def _width(self, i: int) -> str:
+        node = self.g.nodes[i]
+        return c_size(node.type.shape[0]) if node.type.shape else "1"
+
+    def fusion_order(self, todo: list[int]) -> list[int]:
+        """A topological order of `todo` that puts elementwise ops of one width next to each other."""
+        pending, done, order = list(todo), set(), []
+        inside = set(todo)
+        width = None
+        while pending:
+            ready = [i for i in pending if all(a in done or a not in inside for a in self.g.nodes[i].args)]
+            same = [i for i in ready if self._kind(i) == "ew" and self._width(i) == width]
+            views = [i for i in ready if self._kind(i) in ("view", "virtual")]
+            pick = (same or views or ready)[0]
+            if self._kind(pick) not in ("view", "virtual"):
+                width = self._width(pick) if self._kind(pick) == "ew" else None
+            order.append(pick)
+            done.add(pick)
+            pending.remove(pick)
+        return order
+
+    def group(self, members: list[int]) -> None:
+        """One loop over the batch and the features computing `members`, each a local float,
+        stored where something outside the loop reads it."""
+        g, users = self.g, self.users
+        inside = set(members)
+        width = self._width(members[0])
+        stored: dict[int, Place] = {}
+        for m in members:
+            outside = [u for u in users[m] if u not in inside]
+            absorb = (not self._owns(m) and len(users[m]) == 1 and g.nodes[users[m][0]].op == "concat"
+                      and users[m][0] in self.todo)
+            if absorb:  # its only reader is a concat: written straight into the concat's columns
+                c = users[m][0]
+                if c not in self.place:
+                    self.comment(g.nodes[c])
+                    self.place[c] = self.target(c)
+                    self.absorbed[c] = set()
+                column = Size.of(0)
+                for a in g.nodes[c].args:
+                    if a == m:
+                        break
+                    column = column + g.nodes[a].type.shape[0]
+                stored[m] = Place(f"{self.place[c].ptr} + {c_size(column)}", self.place[c].row)
+                self.absorbed[c].add(m)
+            elif self._owns(m) or outside:
+                self.comment(g.nodes[m])
+                stored[m] = self.target(m, "_out")
+        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = 0; r < B; r++) {")
+        self.line("    " + IVDEP)
+        self.line(f"    for (long c = 0; c < {width}; c++) {{")
+        self.body_indent = "        "
+        last = self.last_line
+        self.last_line = 0
+        for m in members:
+            node = g.nodes[m]
+            self.comment(node)
+            local = self.cname(self.host.names.get(m, f"v{m}"))
+            self.line(f"float {local} = {self.expr(m)};")
+            self.place[m] = Place(local, "0", True, literal=True)
+            if m in stored:
+                self.line(f"{self.element(stored[m], width)} = {local};")
+                self.also_kept(m, stored[m], local)
+        self.body_indent = ""
+        self.last_line = last
+        self.line("    }")
+        self.line("}")
+        for m, p in stored.items():  # later groups and products read it from memory
+            self.place[m] = p
+        for m in members:
+            if m not in stored:
+                self.place[m] = None  # lives only inside the loop above
+
+    def expr(self, i: int) -> str:
+        node = self.g.nodes[i]
+        op, width = node.op, self._width(i)
+        if op == "slice" and node.args[0] in self.virtual:
+            return self.inline(node.args[0], node.attrs[0], width)
+        args = [self.where(a) for a in node.args]
+        if op in _INFIX:
+            a, b = (self.element(p, width) for p in args)
+            return f"{a} {_INFIX[op]} {b}"
+        if op == "neg":
+            return f"-{self.element(args[0], width)}"
+        if op in _C_ACTIVATION:
+            return _C_ACTIVATION[op].format(x=self.element(args[0], width))
+        if op == "slice":
+            return self.element(Place(f"{args[0].ptr} + {c_size(node.attrs[0])}", args[0].row), width)
+        if op == "zeros":
+            return "0.0f"
+        raise AssertionError(op)
+
+    def _find_virtual(self) -> None:
+        """Elementwise values read only through slices (the LSTM's four gates' pre-activations,
+        split from one 4H-wide sum) are never made whole: each slice is computed from the
+        operands' columns where it is read, as the Triton kernels do, which spares writing and
+        reading back a (B, 4H) block a step."""
+        g = self.g
+        todo = set(self.todo)
+        for i in reversed(self.todo):
+            node = g.nodes[i]
+            if (self._kind(i) == "ew" and node.op not in ("slice", "zeros") and not self._owns(i)
+                    and self.users[i] and all(u in todo and (g.nodes[u].op == "slice" or u in self.virtual)
+                                              for u in self.users[i])):
+                self.virtual.add(i)
+
+    def inline(self, i: int, offset: Size, width: str) -> str:
+        """The element at row r, column c + offset of value i, as an expression."""
+        g, node = self.g, self.g.nodes[i]
+        if i in self.virtual:
+            a = [self.inline(x, offset, width) for x in node.args]
+            if node.op in _INFIX:
+                return f"({a[0]} {_INFIX[node.op]} {a[1]})"
+            if node.op == "neg":
+                return f"(-{a[0]})"
+            return _C_ACTIVATION[node.op].format(x=a[0])
+        if node.op == "slice" and node.args[0] in self.virtual:
+            return self.inline(node.args[0], offset + node.attrs[0], width)
+        p = self.where(i)
+        if not (p.literal or p.scalar) and offset != Size.of(0):
+            p = Place(f"{p.ptr} + {c_size(offset)}", p.row)
+        return self.element(p, width)
 
     def compute(self, i: int) -> None:
         g, node = self.g, self.g.nodes[i]
@@ -251,9 +406,10 @@ class CLoop:
         if op in ("softmax", "softmax_vjp", "reshape", "outer", "outer_vjp_a", "outer_vjp_b"):
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
         # A product's weight is handed in laid out for the loop (self.weights), not read in place.
-        args = [self.where(a) for a in node.args[op in ("matvec", "matvec_t"):]]
+        absorbed = self.absorbed.get(i, set())
+        args = [None if a in absorbed else self.where(a) for a in node.args[op in ("matvec", "matvec_t"):]]
         args = [None] + args if op in ("matvec", "matvec_t") else args
-        out = self.target(i)
+        out = self.place[i] if i in self.place else self.target(i)
         self.place[i] = out
         if op in _INFIX:
             a, b = (self.element(p, width) for p in args)
@@ -271,8 +427,9 @@ class CLoop:
             column = Size.of(0)
             for a, p in zip(node.args, args):
                 part = c_size(g.nodes[a].type.shape[0])
-                dest = Place(f"{out.ptr} + {c_size(column)}", out.row)
-                self.elementwise(dest, part, self.element(p, part))
+                if a not in self.absorbed.get(i, ()):
+                    dest = Place(f"{out.ptr} + {c_size(column)}", out.row)
+                    self.elementwise(dest, part, self.element(p, part))
                 column = column + g.nodes[a].type.shape[0]
         elif op in ("matvec", "matvec_t"):
             vec = args[1]
@@ -285,9 +442,26 @@ class CLoop:
 
     def write(self) -> LoopSource:
         g, s = self.g, self.s
-        for i, region in enumerate(s.region):
-            if (region == "loop" and g.nodes[i].op != "carry") or i in self.fused:
+        self.todo = [i for i, region in enumerate(s.region)
+                     if (region == "loop" and g.nodes[i].op != "carry") or i in self.fused]
+        self._find_virtual()
+        order = self.fusion_order(self.todo)
+        k = 0
+        while k < len(order):
+            i = order[k]
+            if self._kind(i) == "virtual":
+                k += 1
+                continue
+            if self._kind(i) != "ew":
                 self.compute(i)
+                k += 1
+                continue
+            run = [i]
+            while k + len(run) < len(order) and self._kind(order[k + len(run)]) == "ew" \
+                    and self._width(order[k + len(run)]) == self._width(i):
+                run.append(order[k + len(run)])
+            self.group(run)
+            k += len(run)
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step.
         for name, _, nxt in g.carries:
             if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":

@@ -35,6 +35,9 @@ PRELUDE = r"""#include <math.h>
 #ifndef SP_PARALLEL_WORK
 #define SP_PARALLEL_WORK (1L << 18)  /* multiply-adds below which one thread does a product alone */
 #endif
+#ifndef SP_PARALLEL_ELEMENTS
+#define SP_PARALLEL_ELEMENTS 65536  /* elements below which one thread runs an elementwise loop alone */
+#endif
 
 typedef float sp_vec __attribute__((vector_size(64), aligned(4)));  /* 16 floats */
 
@@ -67,14 +70,17 @@ static inline float sp_tanh(float x) {
 
 static inline float sp_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(sp_exp(-fabsf(x))); }
 
+/* One tile of o: R rows (up to 8) x V vectors of 16 columns (up to 2), in registers while k runs:
+   8 x 32 takes 16 of AVX-512's 32 registers and makes 16 multiply-adds per 2 loads of w (4 x 64
+   ran at half the speed: its 4 loads of w a step leave the loads, not the multiply-adds, the limit). */
 static inline __attribute__((always_inline)) void sp_tile(const long R, const long V, long K, const float *a,
                                                            long lda, const float *w, long ldw, float *o, long ldo) {
-    sp_vec acc[4][4];
+    sp_vec acc[8][2];
     for (long r = 0; r < R; r++)
         for (long v = 0; v < V; v++)
             acc[r][v] = (sp_vec){0};
     for (long k = 0; k < K; k++) {
-        sp_vec wv[4];
+        sp_vec wv[2];
         for (long v = 0; v < V; v++)
             memcpy(&wv[v], w + k * ldw + 16 * v, sizeof(sp_vec));
         for (long r = 0; r < R; r++) {
@@ -88,42 +94,46 @@ static inline __attribute__((always_inline)) void sp_tile(const long R, const lo
             memcpy(o + r * ldo + 16 * v, &acc[r][v], sizeof(sp_vec));
 }
 
-/* A (K, N) matrix as the products read it: per block of 64 columns, K rows of 64 floats, the last
+/* A (K, N) matrix as the products read it: per block of 32 columns, K rows of 32 floats, the last
    block padded with zeros. Read in place, a block's rows would be N floats apart: for N = 1024,
    4 KB, so that every row of it falls in the same L1 cache set. */
-static long sp_packed_size(long K, long N) { return (N + 63) / 64 * 64 * K; }
+static long sp_packed_size(long K, long N) { return (N + 31) / 32 * 32 * K; }
 
 static void sp_pack(long K, long N, const float *w, float *p) {
-    for (long n0 = 0; n0 < N; n0 += 64)
+    for (long n0 = 0; n0 < N; n0 += 32)
         for (long k = 0; k < K; k++)
-            for (long j = 0; j < 64; j++)
+            for (long j = 0; j < 32; j++)
                 *p++ = n0 + j < N ? w[k * N + n0 + j] : 0.0f;
+}
+
+/* Rows of one block of 32 columns: tiles of 8 rows, then 4, then 1. */
+static inline void sp_rows(long M, long K, const float *a, long lda, const float *w, float *o, long ldo) {
+    long m = 0;
+    for (; m + 8 <= M; m += 8)
+        sp_tile(8, 2, K, a + m * lda, lda, w, 32, o + m * ldo, ldo);
+    for (; m + 4 <= M; m += 4)
+        sp_tile(4, 2, K, a + m * lda, lda, w, 32, o + m * ldo, ldo);
+    for (; m < M; m++)
+        sp_tile(1, 2, K, a + m * lda, lda, w, 32, o + m * ldo, ldo);
 }
 
 /* o (M, N) = a (M, K) @ w (K, N), w packed; rows of a and o lda and ldo floats apart. Column
    blocks are shared among OpenMP's threads when the product is large enough to pay for waking them. */
 static void sp_gemm(long M, long K, long N, const float *a, long lda, const float *p, float *o, long ldo) {
-    long blocks = (N + 63) / 64;
+    long blocks = (N + 31) / 32;
     #pragma omp parallel for schedule(static) if (M * K * N >= SP_PARALLEL_WORK && blocks > 1)
     for (long nb = 0; nb < blocks; nb++) {
-        const float *w = p + nb * 64 * K;
-        long n = nb * 64, m = 0;
-        if (n + 64 <= N) {
-            for (; m + 4 <= M; m += 4)
-                sp_tile(4, 4, K, a + m * lda, lda, w, 64, o + m * ldo + n, ldo);
-            for (; m < M; m++)
-                sp_tile(1, 4, K, a + m * lda, lda, w, 64, o + m * ldo + n, ldo);
-        } else {  /* the last, partial block: through a buffer */
-            float part[4 * 64];
-            for (; m < M; m += 4) {
-                long rows = M - m < 4 ? M - m : 4;
-                if (rows == 4)
-                    sp_tile(4, 4, K, a + m * lda, lda, w, 64, part, 64);
-                else
-                    for (long r = 0; r < rows; r++)
-                        sp_tile(1, 4, K, a + (m + r) * lda, lda, w, 64, part + 64 * r, 64);
+        const float *w = p + nb * 32 * K;
+        long n = nb * 32;
+        if (n + 32 <= N) {
+            sp_rows(M, K, a, lda, w, o + n, ldo);
+        } else {  /* the last, partial block: 8 rows at a time through a buffer */
+            float part[8 * 32];
+            for (long m = 0; m < M; m += 8) {
+                long rows = M - m < 8 ? M - m : 8;
+                sp_rows(rows, K, a + m * lda, lda, w, part, 32);
                 for (long r = 0; r < rows; r++)
-                    memcpy(o + (m + r) * ldo + n, part + 64 * r, sizeof(float) * (N - n));
+                    memcpy(o + (m + r) * ldo + n, part + 32 * r, sizeof(float) * (N - n));
             }
         }
     }
