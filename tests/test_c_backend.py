@@ -224,3 +224,18 @@ def test_the_c_is_readable_and_quotes_the_spec():
     assert "void specc_lstm_forward(long T, long B, int train, float *const *arg)" in source
     assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
     assert "float sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 1, 1), (7, 5, 33), (70, 2500, 45), (130, 300, 64)])
+def test_the_host_products_match_float64(M, K, N):
+    """rt_c.matmul: views with any strides (a transposed weight), a depth over SP_CHUNK (packed and
+    accumulated in chunks), partial column blocks and row tails."""
+    lib = c_runtime.library(specc.load("gru", I=3, H=4).program.C_SOURCE, {"I": 3, "H": 4})
+    g = torch.Generator().manual_seed(M + K + N)
+    a = torch.randn(M, K, generator=g)
+    w_t = torch.randn(N, K, generator=g)  # the weight as torch keeps it: its transpose is a view
+    got = c_runtime.matmul(lib, a, w_t.T)
+    want = (a.double() @ w_t.double().T).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    got = c_runtime.matmul(lib, a[:, ::1], w_t.T.contiguous())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)

@@ -31,7 +31,7 @@ from ..ir import Node
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
-from .triton import HostNames, LoopPlan, Unsupported, _emit_after, _emit_buffers, _Host, _size, plan_loop
+from .triton import HostNames, LoopPlan, Unsupported, _emit_after, _emit_buffers, _Host, _size, plan_loop, torch_spell
 from .writer import Namer, Writer
 
 C_KEYWORDS = {
@@ -535,3 +535,14 @@ def finish(w: Writer, c_text: Writer, body: Writer) -> None:
     w.line("")
     w.line("")
     w.lines.extend(body.lines)
+
+
+def c_spell(node: Node, a: list[str], types: list) -> str:
+    """The host's ops as the Triton backend spells them, but W @ v and W^T @ g for all steps with the
+    library's products (rt_c.matmul), which ran 5-20% faster than torch's on a 2-core Zen 4. The
+    weight gradients (a transposed left side, T * B deep) stay with torch, which is faster there."""
+    if node.op == "matvec" and node.type.batched and not types[0].batched:
+        return f"rt_c.matmul(c_lib, {a[1]}, {a[0]}.T)"
+    if node.op == "matvec_t" and node.type.batched and not types[0].batched:
+        return f"rt_c.matmul(c_lib, {a[1]}, {a[0]})"
+    return torch_spell(node, a, types)

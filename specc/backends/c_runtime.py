@@ -35,6 +35,7 @@ PRELUDE = r"""#include <math.h>
 #ifndef SP_PARALLEL_WORK
 #define SP_PARALLEL_WORK (1L << 18)  /* multiply-adds below which one thread does a product alone */
 #endif
+#define SP_CHUNK 2048L  /* rows of w a host product packs at a time */
 #ifndef SP_PARALLEL_ELEMENTS
 #define SP_PARALLEL_ELEMENTS 65536  /* elements below which one thread runs an elementwise loop alone */
 #endif
@@ -72,9 +73,11 @@ static inline float sp_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(sp_exp
 
 /* One tile of o: R rows (up to 8) x V vectors of 16 columns (up to 2), in registers while k runs:
    8 x 32 takes 16 of AVX-512's 32 registers and makes 16 multiply-adds per 2 loads of w (4 x 64
-   ran at half the speed: its 4 loads of w a step leave the loads, not the multiply-adds, the limit). */
+   ran at half the speed: its 4 loads of w a step leave the loads, not the multiply-adds, the limit).
+   a's element (r, k) is a[r * lda + k * ldk]; with add, the tile is added to what o holds. */
 static inline __attribute__((always_inline)) void sp_tile(const long R, const long V, long K, const float *a,
-                                                           long lda, const float *w, long ldw, float *o, long ldo) {
+                                                           long lda, long ldk, const float *w, long ldw, float *o,
+                                                           long ldo, int add) {
     sp_vec acc[8][2];
     for (long r = 0; r < R; r++)
         for (long v = 0; v < V; v++)
@@ -84,37 +87,64 @@ static inline __attribute__((always_inline)) void sp_tile(const long R, const lo
         for (long v = 0; v < V; v++)
             memcpy(&wv[v], w + k * ldw + 16 * v, sizeof(sp_vec));
         for (long r = 0; r < R; r++) {
-            float av = a[r * lda + k];
+            float av = a[r * lda + k * ldk];
             for (long v = 0; v < V; v++)
                 acc[r][v] += av * wv[v];
         }
     }
     for (long r = 0; r < R; r++)
-        for (long v = 0; v < V; v++)
+        for (long v = 0; v < V; v++) {
+            if (add) {
+                sp_vec old;
+                memcpy(&old, o + r * ldo + 16 * v, sizeof(sp_vec));
+                acc[r][v] += old;
+            }
             memcpy(o + r * ldo + 16 * v, &acc[r][v], sizeof(sp_vec));
+        }
 }
 
 /* A (K, N) matrix as the products read it: per block of 32 columns, K rows of 32 floats, the last
    block padded with zeros. Read in place, a block's rows would be N floats apart: for N = 1024,
-   4 KB, so that every row of it falls in the same L1 cache set. */
+   4 KB, so that every row of it falls in the same L1 cache set. w's element (k, n) is
+   w[k * ldk + n * ldn]. */
 static long sp_packed_size(long K, long N) { return (N + 31) / 32 * 32 * K; }
+
+static void sp_pack_block(long K, long N, const float *w, long ldk, long ldn, long n0, float *p) {
+    for (long k = 0; k < K; k++)
+        for (long j = 0; j < 32; j++)
+            *p++ = n0 + j < N ? w[k * ldk + (n0 + j) * ldn] : 0.0f;
+}
 
 static void sp_pack(long K, long N, const float *w, float *p) {
     for (long n0 = 0; n0 < N; n0 += 32)
-        for (long k = 0; k < K; k++)
-            for (long j = 0; j < 32; j++)
-                *p++ = n0 + j < N ? w[k * N + n0 + j] : 0.0f;
+        sp_pack_block(K, N, w, N, 1, n0, p + n0 * K);
 }
 
-/* Rows of one block of 32 columns: tiles of 8 rows, then 4, then 1. */
-static inline void sp_rows(long M, long K, const float *a, long lda, const float *w, float *o, long ldo) {
-    long m = 0;
-    for (; m + 8 <= M; m += 8)
-        sp_tile(8, 2, K, a + m * lda, lda, w, 32, o + m * ldo, ldo);
-    for (; m + 4 <= M; m += 4)
-        sp_tile(4, 2, K, a + m * lda, lda, w, 32, o + m * ldo, ldo);
-    for (; m < M; m++)
-        sp_tile(1, 2, K, a + m * lda, lda, w, 32, o + m * ldo, ldo);
+/* M rows of one block of `width` (up to 32) columns of o: tiles of 8 rows, then 4, then 1; a
+   partial block goes through a buffer. */
+static inline __attribute__((always_inline)) void sp_block(long M, long K, const float *a, long lda, long ldk,
+                                                            const float *w, float *o, long ldo, long width, int add) {
+    if (width == 32) {
+        long m = 0;
+        for (; m + 8 <= M; m += 8)
+            sp_tile(8, 2, K, a + m * lda, lda, ldk, w, 32, o + m * ldo, ldo, add);
+        for (; m + 4 <= M; m += 4)
+            sp_tile(4, 2, K, a + m * lda, lda, ldk, w, 32, o + m * ldo, ldo, add);
+        for (; m < M; m++)
+            sp_tile(1, 2, K, a + m * lda, lda, ldk, w, 32, o + m * ldo, ldo, add);
+        return;
+    }
+    float part[8 * 32];
+    for (long m = 0; m < M; m += 8) {
+        long rows = M - m < 8 ? M - m : 8;
+        for (long r = 0; r < rows; r++)
+            for (long j = 0; j < 32; j++)
+                part[32 * r + j] = add && j < width ? o[(m + r) * ldo + j] : 0.0f;
+        for (long r = 0; r < rows; r++)
+            sp_tile(1, 2, K, a + (m + r) * lda, lda, ldk, w, 32, part + 32 * r, 32, 1);
+        for (long r = 0; r < rows; r++)
+            memcpy(o + (m + r) * ldo, part + 32 * r, sizeof(float) * width);
+    }
 }
 
 /* o (M, N) = a (M, K) @ w (K, N), w packed; rows of a and o lda and ldo floats apart. Column
@@ -123,24 +153,41 @@ static void sp_gemm(long M, long K, long N, const float *a, long lda, const floa
     long blocks = (N + 31) / 32;
     #pragma omp parallel for schedule(static) if (M * K * N >= SP_PARALLEL_WORK && blocks > 1)
     for (long nb = 0; nb < blocks; nb++) {
-        const float *w = p + nb * 32 * K;
         long n = nb * 32;
-        if (n + 32 <= N) {
-            sp_rows(M, K, a, lda, w, o + n, ldo);
-        } else {  /* the last, partial block: 8 rows at a time through a buffer */
-            float part[8 * 32];
-            for (long m = 0; m < M; m += 8) {
-                long rows = M - m < 8 ? M - m : 8;
-                sp_rows(rows, K, a + m * lda, lda, w, part, 32);
-                for (long r = 0; r < rows; r++)
-                    memcpy(o + (m + r) * ldo + n, part + 32 * r, sizeof(float) * (N - n));
+        sp_block(M, K, a, lda, 1, p + n * K, o + n, ldo, N - n < 32 ? N - n : 32, 0);
+    }
+}
+
+/* The host's large products (W @ x and W^T @ g for all steps at once): o (M, N) = a @ w, with any
+   strides (in floats), so that transposed views need no copy. K is taken in chunks of SP_CHUNK rows
+   of w, each chunk packed once (into `packed`, sp_packed_size(SP_CHUNK, N) floats) and shared by
+   every row of a; the work is shared among threads by column block and by 64 rows. */
+void specc_gemm(long M, long K, long N, const float *a, long a_row, long a_col, const float *w, long w_row,
+                long w_col, float *o, float *packed) {
+    long blocks = (N + 31) / 32, groups = (M + 63) / 64;
+    int parallel = M * K * N >= SP_PARALLEL_WORK;
+    for (long k0 = 0; k0 < K || k0 == 0; k0 += SP_CHUNK) {
+        long kc = K - k0 < SP_CHUNK ? K - k0 : SP_CHUNK;
+        #pragma omp parallel for schedule(static) if (parallel && blocks > 1)
+        for (long nb = 0; nb < blocks; nb++)
+            sp_pack_block(kc, N, w + k0 * w_row, w_row, w_col, nb * 32, packed + nb * 32 * kc);
+        #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+        for (long nb = 0; nb < blocks; nb++)
+            for (long mg = 0; mg < groups; mg++) {
+                long n = nb * 32, m = mg * 64;
+                sp_block(M - m < 64 ? M - m : 64, kc, a + m * a_row + k0 * a_col, a_row, a_col,
+                         packed + n * kc, o + m * N + n, N, N - n < 32 ? N - n : 32, k0 > 0);
             }
-        }
+        if (K == 0)
+            break;
     }
 }
 """
 
 
+
+
+CHUNK = 2048  # SP_CHUNK in PRELUDE
 
 
 class CompileError(RuntimeError):
@@ -234,6 +281,23 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
                 os.replace(out, path)
         _loaded[key] = ctypes.CDLL(str(path))
         return _loaded[key]
+
+
+def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w for float32 CPU matrices (any strides, views included) with the library's products."""
+    M, K = a.shape
+    N = w.shape[1]
+    if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
+        raise AssertionError(f"matmul of {tuple(a.shape)} {a.dtype} by {tuple(w.shape)} {w.dtype}")
+    out = torch.empty((M, N), dtype=torch.float32)
+    if M == 0 or N == 0:
+        return out
+    packed = torch.empty((N + 31) // 32 * 32 * max(min(K, CHUNK), 1), dtype=torch.float32)
+    lg = ctypes.c_long
+    lib.specc_gemm(lg(M), lg(K), lg(N), ctypes.c_void_p(a.data_ptr()), lg(a.stride(0)), lg(a.stride(1)),
+                   ctypes.c_void_p(w.data_ptr()), lg(w.stride(0)), lg(w.stride(1)), ctypes.c_void_p(out.data_ptr()),
+                   ctypes.c_void_p(packed.data_ptr()))
+    return out
 
 
 def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int) -> None:

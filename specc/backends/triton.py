@@ -22,6 +22,7 @@ Everything is computed in float32; half-precision inputs are widened on the way 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
@@ -523,6 +524,7 @@ class _Host:
     reverse: bool
     names: HostNames
     source: tuple[list[str], str]
+    spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
 
     def ref(self, i: int) -> str:
         """Node i over all steps, from the host code after (or before) the loop."""
@@ -554,7 +556,7 @@ def _emit_region(w: Writer, host: _Host, region: str, skip: frozenset[int] = fro
             w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
             last = node.line
         args = [host.ref(a) for a in node.args]
-        w.line(f"{host.names.names[i]} = {torch_spell(node, args, [g.nodes[a].type for a in node.args])}")
+        w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
 
 
 def _tuple(items: list[str]) -> str:
@@ -668,9 +670,9 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     compiled C loop per pass (backends/c.py) instead of kernel launches.
     """
     if target == "c":
-        from .c import emit_scan as scan, finish
+        from .c import c_spell as spell, emit_scan as scan, finish
     else:
-        scan, finish = _emit_scan, _finish
+        scan, finish, spell = _emit_scan, _finish, torch_spell
     kernels = Writer()
     body = Writer()
     taken: set[str] = set(dims)
@@ -682,7 +684,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     init_names = [namer(f"{name}0") for name, _, _ in g.carries]
     leaf_names.update({i: namer(name) for name, i in g.params})
     names = _name_values(fwd, namer, leaf_names, reverse=False)
-    host = _Host(fwd, False, names, (source_lines, file))
+    host = _Host(fwd, False, names, (source_lines, file), spell)
     args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
     kw = ", ".join(["T", "B", *dims])
     needed_by_pass = set()
@@ -732,7 +734,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
                 leaf_names[i] = namer(saved_keys[f])
                 binds.append((leaf_names[i], saved_keys[f]))
     names = _name_values(bwd, namer, leaf_names, reverse=True)
-    host = _Host(bwd, True, names, (source_lines, file))
+    host = _Host(bwd, True, names, (source_lines, file), spell)
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
     with body.block(f"def backward_{target}({', '.join(args)}, *, {kw}{extra}):"):
         body.line(DOCS[target][1])
