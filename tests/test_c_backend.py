@@ -239,3 +239,20 @@ def test_the_host_products_match_float64(M, K, N):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
     got = c_runtime.matmul(lib, a[:, ::1], w_t.T.contiguous())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+def test_a_compiler_without_openmp_still_builds_the_loops(monkeypatch, tmp_path):
+    """Apple's clang refuses -fopenmp: the loops are built without it and run on one thread."""
+    import shutil
+
+    real = shutil.which("cc")
+    picky = tmp_path / "picky-cc"
+    picky.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no openmp" >&2; exit 1; }}; done\n'
+                     f'exec {real} "$@"\n')
+    picky.chmod(0o755)
+    monkeypatch.setenv("CC", str(picky))
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path / "cache"))
+    ref = torch.nn.GRU(6, 9)
+    ours = specc.from_torch(ref, backend="c")
+    x, state = torch.randn(4, 3, 6), [torch.randn(3, 9)]
+    assert_same(run(ours, x, state), run(TorchLayer(ref), x, state))

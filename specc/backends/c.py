@@ -99,11 +99,12 @@ class CLoop:
 
     def __init__(self, s: Schedule, host: HostNames, reverse: bool, guard: frozenset[int], fn: str,
                  source: tuple[list[str], str], dims: tuple[str, ...], weights: dict[int, str],
-                 fused: set[int] = frozenset()):
+                 fused: set[int] = frozenset(), columns: dict[int, tuple[str, Size, Size]] | None = None):
         self.s, self.g, self.host, self.reverse, self.guard = s, s.graph, host, reverse, guard
         self.fn, (self.lines, self.file), self.dims = fn, source, dims
         self.weights = weights  # matvec node -> host name of its weight, laid out (K, N)
         self.fused = fused  # input-only values computed in the loop
+        self.columns = columns or {}  # kept value -> (host buffer, its width, first column) it is written to
         for d in dims:
             if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or d.startswith("sp_"):
                 raise Unsupported(f"dimension name {d!r} is not usable in C")
@@ -152,7 +153,7 @@ class CLoop:
             self.pack_lines += [f"    float *{name} = packed_at;",
                                 f"    sp_pack({c_size(k)}, {c_size(n)}, {src}, {name});",
                                 f"    packed_at += sp_packed_size({c_size(k)}, {c_size(n)});"]
-            self.pack_sizes.append(f"(({_size(n)}) + 63) // 64 * 64 * ({_size(k)})")
+            self.pack_sizes.append(f"(({_size(n)}) + 31) // 32 * 32 * ({_size(k)})")
         return self.packs[host_expr]
 
     def _scratch_block(self, width: Size) -> str:
@@ -222,6 +223,11 @@ class CLoop:
                 buf = self.arg(self.host.carry_buf[sname], const=False)
                 self.line(f"float *{name} = {buf} + {self._carry_rows(False)} * {width};")
                 return Place(name, width, not node.type.shape)
+        if i in self.columns:  # a part of a concatenation the host reads after the loop: in its columns
+            whole, total, column = self.columns[i]
+            buf = self.arg(whole, const=False)
+            self.line(f"float *{name} = {buf} + t * B * {c_size(total)} + {c_size(column)};")
+            return Place(name, c_size(total), not node.type.shape)
         if i in self.host.seq:
             buf = self.arg(self.host.seq[i], const=False)
             if i in self.guard:  # kept only for a backward pass: scratch when there is none
@@ -495,7 +501,15 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     # Triton kernels do: made before the loop, each would cost a pass over memory to write and
     # another to read. The loop has one stage, so nothing else of the Triton plan applies.
     fused = plan_loop(s, keep).fused_pre
+    columns, joined = _concatenated_after(s, host, guard)
+    for c in joined:
+        total = _size(g.nodes[c].type.shape[0])
+        w.line(f"{host.names.names[c]} = torch.empty((rows, {total}), device=dev, dtype=dtype)")
     _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused)
+    for i, (whole, _, column) in columns.items():
+        stop = column + g.nodes[i].type.shape[0]
+        host.names.seq[i] = f"{host.names.names[i]}_seq"
+        w.line(f"{host.names.seq[i]} = {whole}[:, {_size(column)}:{_size(stop)}]")
     namer = Namer(taken)
     weights: dict[int, str] = {}
     laid_out: dict[tuple[int, str], str] = {}
@@ -513,12 +527,35 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
                     laid_out[key] = namer(f"{src}_rows")
                     w.line(f"{laid_out[key]} = {src}.contiguous()")
             weights[i] = laid_out[key]
-    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused).write()
+    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused, columns).write()
     c_out.lines.extend(["", *loop.text])
     w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
               + f"in C: {cfn} in C_SOURCE.")
     w.line(f"rt_c.run(c_lib, {cfn!r}, T, B, train, [{', '.join(loop.args)}], {loop.scratch})")
-    _emit_after(w, host)
+    _emit_after(w, host, frozenset(joined))
+
+
+def _concatenated_after(s: Schedule, host: _Host, guard: frozenset[int]):
+    """Concatenations after the loop of values the loop keeps (a GRU's gate gradients, joined for
+    d_W_ih): the loop writes each part into its columns of the whole, which is then not copied
+    together, and the parts need no buffers of their own."""
+    g, names = s.graph, host.names
+    columns: dict[int, tuple[str, Size, Size]] = {}
+    joined = []
+    for c in s.nodes_in("post"):
+        node = g.nodes[c]
+        parts = node.args
+        if (node.op != "concat" or not node.type.batched or len(set(parts)) != len(parts)
+                or any(p in columns or p not in names.seq or p in guard or s.region[p] != "loop"
+                       or any(p == nxt for _, _, nxt in g.carries) for p in parts)):
+            continue
+        column = Size.of(0)
+        for p in parts:
+            columns[p] = (names.names[c], node.type.shape[0], column)
+            del names.seq[p]
+            column = column + g.nodes[p].type.shape[0]
+        joined.append(c)
+    return columns, joined
 
 
 def finish(w: Writer, c_text: Writer, body: Writer) -> None:

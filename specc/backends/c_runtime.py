@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing", "-fopenmp"]
+# What to drop, in turn, for a compiler that refuses a flag (Apple's clang has no -fopenmp, some
+# compilers no -march=native): the loops then run on one thread, or for a generic CPU.
+FALLBACKS = [(), ("-fopenmp",), ("-fopenmp", "-march=native")]
 
 # Helpers every generated file starts with: vectorisable exp / tanh / sigmoid (Cephes' float
 # polynomials; libm's scalar calls would cost more than the whole matrix product at small
@@ -274,12 +277,26 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 src, out = Path(tmp) / "loops.c", Path(tmp) / "loops.so"
                 src.write_text(text)
-                done = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
-                if done.returncode != 0:
-                    _failed[key] = f"the C compiler ({cc}) failed on the generated loops:\n{done.stderr[-2000:]}"
+                first = None
+                for dropped in FALLBACKS:
+                    flags = [f for f in FLAGS if f not in dropped]
+                    try:
+                        done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True,
+                                              text=True, timeout=300)
+                    except (OSError, subprocess.TimeoutExpired) as e:
+                        done = subprocess.CompletedProcess([cc], 1, "", str(e))
+                    if done.returncode == 0:
+                        break
+                    first = first or done.stderr
+                else:
+                    _failed[key] = f"the C compiler ({cc}) failed on the generated loops:\n{first[-2000:]}"
                     raise CompileError(_failed[key])
                 os.replace(out, path)
-        _loaded[key] = ctypes.CDLL(str(path))
+        try:
+            _loaded[key] = ctypes.CDLL(str(path))
+        except OSError as e:
+            _failed[key] = f"the compiled loops ({path}) do not load: {e}"
+            raise CompileError(_failed[key]) from None
         return _loaded[key]
 
 

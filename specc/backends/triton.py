@@ -583,11 +583,11 @@ def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan,
         w.line(f"{buf} = {alloc} if train else None" if guarded else f"{buf} = {alloc}")
 
 
-def _emit_after(w: Writer, host: _Host) -> None:
+def _emit_after(w: Writer, host: _Host, skip: frozenset[int] = frozenset()) -> None:
     s = host.s
     if s.nodes_in("post"):
         w.comment("After the loop: what the carried values do not need, for all steps at once.")
-        _emit_region(w, host, "post")
+        _emit_region(w, host, "post", skip)
     if s.nodes_in("reduce"):
         w.comment("Sums over time and batch, each one matrix product over all steps.")
         _emit_region(w, host, "reduce")
