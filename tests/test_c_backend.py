@@ -206,7 +206,8 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
             state int[N] = zeros
             param W[N, N]
             static = tanh(W @ int + x)
-            int' = static * 0.5
+            M_PI = static * 0.5
+            int' = M_PI * sigmoid(static)
             output int'
         }
     """)
@@ -216,7 +217,8 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
     x, s = torch.randn(3, 2, 6), [torch.randn(2, 6)]
     assert_same(run(ours, x, s), run(ref, x, s))
     source = ours.program.C_SOURCE
-    assert "float *int =" not in source and "float *static =" not in source
+    assert "float *int =" not in source and "float static =" not in source and "float M_PI =" not in source
+    assert "float v_M_PI =" in source  # a header's macro, renamed
 
 
 def test_the_c_is_readable_and_quotes_the_spec():

@@ -2,22 +2,25 @@
 
 On a CPU the time loop is where NumPy loses: every op of a step is a call from Python on a small
 array (a batch of 16 x 128 features), a few microseconds each, a dozen per step, while torch's
-nn.LSTM runs the step inside oneDNN. Here the loop itself is compiled: one call per pass, and
-inside it, per step, each matrix product with the state is a register-tiled product and each
-elementwise op one vectorised C loop over the batch. Everything outside the loop (the input
-products for all steps at once, the output layer, the weight gradients) is the host code the
-Triton backend writes, in torch, whose large products already run at the machine's GEMM peak.
+nn.LSTM runs the whole step inside oneDNN. Here the loop itself is compiled, one call per pass:
 
-Shape of the generated function (one per pass):
+    void specc_lstm_forward(long T, long B, int train, float *const *arg)
 
-    void lstm_forward_loop(long T, long B, int train, float *const *arg)
+`arg` holds the host's tensors in a fixed order; the dimensions are compile-time constants, so
+one compiled library serves one set of sizes. Per step:
 
-`arg` holds the host's tensors in a fixed order (named in a comment at the top of the function);
-the dimensions are compile-time constants, so one compiled library serves one set of sizes.
-Values are (B, width) blocks, row-major, read in place where they live: a state's block of its
-(T + 1) * B row buffer, a kept value's block of its T * B row buffer, the host's input-only
-values at row t * B, a slice as its source at a column offset. What the pass does not keep lives
-in scratch memory the host hands in.
+* each product of the state by a weight is sp_gemm (c_runtime.PRELUDE): register tiles of 8 rows
+  x 32 columns over the weight, packed once per pass, shared among OpenMP's threads when large;
+* the elementwise ops of one width run in one loop over the batch and the features, each value a
+  local named after the spec's, written to memory only where something outside that loop reads it
+  (a later product, the backward pass, the next step);
+* an elementwise value read only through slices (the LSTM's 4H-wide gate sum, split four ways) is
+  never made whole: each slice is computed from the operands' columns where it is read.
+
+Values live where the host put them: a state's block of its (T + 1) * B row buffer, a kept
+value's block of its T * B row buffer, the host's input-only values at row t * B; what the pass
+does not keep, in scratch memory the host hands in. The host code around the call is the Triton
+backend's (torch), with the library's own products for W @ x over all steps (c_spell).
 
 Ops the loop cannot run yet (second-order products, softmax, reshape inside the recurrence)
 raise Unsupported, and such a cell runs on the NumPy backend. Only float32 runs here.
@@ -58,6 +61,9 @@ _C_ACTIVATION = {
 assert set(_C_ACTIVATION) == set(ACTIVATIONS), "every activation needs a C spelling"
 
 _C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Macros the headers define (M_PI, FP_NAN, INT32_MAX, HUGE_VALF, ...) and this file's own (SP_...),
+# which a value's name would be replaced by.
+_C_MACRO = re.compile(r"(M|FP|INT|UINT|HUGE|MATH|SP|SIZE|PTRDIFF|FLT|DBL|LDBL)_|_[A-Z_]|sp_")
 # The ops of one loop write only memory they do not read (each value has its own block), so the
 # compiler need not check for overlap before it vectorises.
 IVDEP = "#pragma GCC ivdep"
@@ -106,7 +112,7 @@ class CLoop:
         self.fused = fused  # input-only values computed in the loop
         self.columns = columns or {}  # kept value -> (host buffer, its width, first column) it is written to
         for d in dims:
-            if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or d.startswith("sp_"):
+            if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or _C_MACRO.match(d):
                 raise Unsupported(f"dimension name {d!r} is not usable in C")
         self.taken = set(C_KEYWORDS | C_INTERNAL | set(dims))
         self.args: dict[str, str] = {}  # host expression -> C name
@@ -127,7 +133,9 @@ class CLoop:
 
     # names
     def cname(self, wanted: str) -> str:
-        base = wanted if _C_IDENT.match(wanted) and not wanted.startswith("sp_") else "v"
+        if not _C_IDENT.match(wanted):
+            wanted = "v"
+        base = f"v_{wanted}" if _C_MACRO.match(wanted) else wanted
         name, k = base, 1
         while name in self.taken:
             k += 1
