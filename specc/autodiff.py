@@ -33,6 +33,9 @@ def differentiate(fwd: Graph) -> Graph:
             node = fwd.nodes[i]
             if node.op == "const":
                 mirror[i] = b.const(node.attrs[0])
+            elif _recomputed(fwd, i):
+                # 1 - z: made again in the backward step from z, rather than kept for every step.
+                mirror[i] = b.add(node.op, tuple(m(a) for a in node.args), name=fwd_names[i], line=node.line)
             else:
                 kind = "input" if node.type.batched else "param"
                 mirror[i] = b.add(kind, (), (fwd_key(i),), name=fwd_names[i], type=node.type)
@@ -95,10 +98,23 @@ def differentiate(fwd: Graph) -> Graph:
     carries = [(name, d, whole(leaf)) for (name, leaf, _), (_, d) in zip(fwd.carries, carries_in)]
     outputs = [(name, whole(leaf)) for name, leaf in fwd.inputs]
     reduced = [(name, whole(leaf)) for name, leaf in fwd.params]
-    saved = sorted((i for i in mirror if fwd.nodes[i].op != "const"), key=lambda i: mirror[i])
+    saved = sorted((i for i in mirror if fwd.nodes[i].op != "const" and not _recomputed(fwd, i)),
+                   key=lambda i: mirror[i])
     inputs += [(fwd_key(i), mirror[i]) for i in saved if fwd.nodes[i].type.batched]
     params = [(fwd_key(i), mirror[i]) for i in saved if not fwd.nodes[i].type.batched]
     return Graph(tuple(b.nodes), tuple(inputs), tuple(carries), tuple(params), tuple(outputs), tuple(reduced))
+
+
+def _recomputed(fwd: Graph, i: int) -> bool:
+    """A value the backward step recomputes instead of keeping: a batched value at most one
+    addition or negation away from one other batched value (1 - z, -h, x + b), which never costs
+    more to keep than the value itself and often less (z is kept anyway)."""
+    node = fwd.nodes[i]
+    if not node.type.batched or node.op not in ("add", "sub", "neg"):
+        return False
+    batched = [a for a in node.args if fwd.nodes[a].type.batched]
+    return len(batched) == 1 and fwd.nodes[batched[0]].type == node.type and all(
+        fwd.nodes[a].op == "const" or not fwd.nodes[a].type.batched for a in node.args if a != batched[0])
 
 
 def _join_slices(b: Builder, whole: Type, parts: list[tuple[Size, Size, int]]) -> int:

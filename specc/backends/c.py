@@ -296,7 +296,10 @@ class CLoop:
             ready = [i for i in pending if all(a in done or a not in inside for a in self.g.nodes[i].args)]
             same = [i for i in ready if self._kind(i) == "ew" and self._width(i) == width]
             views = [i for i in ready if self._kind(i) in ("view", "virtual")]
-            pick = (same or views or ready)[0]
+            # A product before a new elementwise loop: the loop may then take in what the product
+            # feeds, where starting it first would close it at the product.
+            other = [i for i in ready if self._kind(i) == "other"]
+            pick = (same or views or other or ready)[0]
             if self._kind(pick) not in ("view", "virtual"):
                 width = self._width(pick) if self._kind(pick) == "ew" else None
             order.append(pick)
@@ -509,6 +512,7 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     # Triton kernels do: made before the loop, each would cost a pass over memory to write and
     # another to read. The loop has one stage, so nothing else of the Triton plan applies.
     fused = plan_loop(s, keep).fused_pre
+    split = _reduced_by_parts(s, host, guard)
     columns, joined = _concatenated_after(s, host, guard)
     for c in joined:
         total = _size(g.nodes[c].type.shape[0])
@@ -540,7 +544,42 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
               + f"in C: {cfn} in C_SOURCE.")
     w.line(f"rt_c.run(c_lib, {cfn!r}, T, B, train, [{', '.join(loop.args)}], {loop.scratch})")
-    _emit_after(w, host, frozenset(joined))
+    if split:
+        w.comment("Sums over time and batch of a concatenation the loop did not keep, part by part.")
+    for i in split:
+        node = g.nodes[i]
+        parts = [host.ref(p) for p in g.nodes[node.args[0]].args]
+        if node.op == "sum_rows":
+            w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'{p}.sum(0)' for p in parts)}])")
+        else:
+            v = host.ref(node.args[1])
+            w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'{p}.T @ {v}' for p in parts)}])")
+    _emit_after(w, host, frozenset(joined) | frozenset(split))
+
+
+def _reduced_by_parts(s: Schedule, host: _Host, guard: frozenset[int]) -> list[int]:
+    """A concatenation the loop makes for a product (a GRU's gate gradients, for W_hh^T @ d) and
+    that only weight gradients read after the loop is not kept for every step: its parts are (most
+    of them already are, for other uses), and each gradient is summed part by part. The GRU keeps
+    one (T * B, H) block instead of a (T * B, 3H) one that repeated two of its parts."""
+    g, names = s.graph, host.names
+    users = g.users()
+    split: list[int] = []
+    for c in sorted(names.seq):
+        node = g.nodes[c]
+        after = [u for u in users[c] if s.region[u] != "loop"]
+        if (node.op != "concat" or s.region[c] != "loop" or c in guard or not after
+                or any(c == nxt for _, _, nxt in g.carries)
+                or any(s.region[p] != "loop" or g.nodes[p].op == "carry" for p in node.args)
+                or not all(s.region[u] == "reduce" and (g.nodes[u].op == "sum_rows" or (
+                    g.nodes[u].op == "outer_sum" and g.nodes[u].args[0] == c and g.nodes[u].args[1] != c
+                    and s.region[g.nodes[u].args[1]] in ("loop", "pre", "const"))) for u in after)):
+            continue
+        del names.seq[c]
+        for p in node.args:
+            names.seq.setdefault(p, f"{names.names[p]}_seq")
+        split += after
+    return split
 
 
 def _concatenated_after(s: Schedule, host: _Host, guard: frozenset[int]):

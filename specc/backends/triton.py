@@ -590,7 +590,7 @@ def _emit_after(w: Writer, host: _Host, skip: frozenset[int] = frozenset()) -> N
         _emit_region(w, host, "post", skip)
     if s.nodes_in("reduce"):
         w.comment("Sums over time and batch, each one matrix product over all steps.")
-        _emit_region(w, host, "reduce")
+        _emit_region(w, host, "reduce", skip)
         _emit_region(w, host, "final")
 
 
