@@ -130,12 +130,28 @@ def test_activations_at_the_edges_of_float32(act):
     torch.testing.assert_close(got[0, 0], want, rtol=4e-7, atol=1e-37, equal_nan=True)
 
 
+SOFTMAX_SPEC = """
+cell attend(N) {
+    input x[N]
+    state h[N] = zeros
+    param W[N, N]
+    h' = softmax(W @ h + x)
+    output h'
+}
+"""
+
+
 def test_cells_it_cannot_write_run_on_numpy_and_say_why():
-    module = specc.load("second_order", I=3, H=4)
-    assert "outer" in module.program.C_UNSUPPORTED
+    module = specc.load(SOFTMAX_SPEC, N=4)
+    assert "softmax inside the recurrence" in module.program.C_UNSUPPORTED
     assert _backend(module, torch.zeros(1)) == "numpy"
-    with pytest.raises(RuntimeError, match="second_order.*cannot use the C backend.*outer"):
-        specc.load("second_order", I=3, H=4, backend="c")(torch.randn(2, 1, 3))
+    with pytest.raises(RuntimeError, match="attend.*cannot use the C backend.*softmax"):
+        specc.load(SOFTMAX_SPEC, N=4, backend="c")(torch.randn(2, 1, 4))
+
+
+def test_second_order_products_run_in_c():
+    """contract(W, x, h): x (x) h made per step, its gradient's two halves in the backward loop."""
+    assert specc.load("second_order", I=3, H=4).program.C_UNSUPPORTED is None
 
 
 def test_auto_runs_float32_on_the_c_loops_and_float64_on_numpy():

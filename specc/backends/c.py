@@ -46,7 +46,7 @@ C_KEYWORDS = {
     "memcpy", "memset", "expf", "logf", "log1pf", "fabsf", "fmaxf", "INFINITY", "NAN", "main",
 }
 # The generated function's own names.
-C_INTERNAL = {"T", "B", "t", "r", "c", "k", "train", "arg", "scratch", "packed_at"}
+C_INTERNAL = {"T", "B", "t", "r", "c", "i", "k", "a_ri", "sum", "train", "arg", "scratch", "packed_at"}
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _C_ACTIVATION = {
@@ -379,6 +379,49 @@ class CLoop:
             return "0.0f"
         raise AssertionError(op)
 
+    def outer(self, i: int, args: list[Place], out: Place) -> None:
+        """contract(W, a, b)'s operand a (x) b, one row per example (entry [i * k + j] = a[i] b[j]),
+        and the two halves of its gradient: G's rows as (n, k) matrices times b, and times a."""
+        g, node = self.g, self.g.nodes[i]
+
+        def at(p: Place, col: str) -> str:
+            return self.element(Place(f"{p.ptr} + {col}" if not p.scalar else p.ptr, p.row, p.scalar), "1")
+
+        if node.op == "outer":
+            n, k = (c_size(g.nodes[a].type.shape[0]) for a in node.args)
+            a, b = args
+            self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
+            self.line("for (long r = 0; r < B; r++)")
+            self.line(f"    for (long i = 0; i < {n}; i++) {{")
+            self.line(f"        float a_ri = {at(a, 'i').replace('[r', '[r').replace('c]', '0]')};")
+            self.line("        " + IVDEP)
+            self.line(f"        for (long c = 0; c < {k}; c++)")
+            self.line(f"            ({out.ptr} + i * {k})[r * {out.row} + c] = a_ri * {self.element(b, k)};")
+            self.line("    }")
+            return
+        n, k = (c_size(x) for x in node.attrs)
+        grad, other = args
+        width = n if node.op == "outer_vjp_a" else k
+        self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = 0; r < B; r++) {")
+        if node.op == "outer_vjp_a":  # out[i] = sum_j G[i * k + j] b[j]
+            self.line(f"    for (long i = 0; i < {n}; i++) {{")
+            self.line("        float sum = 0.0f;")
+            self.line(f"        for (long c = 0; c < {k}; c++)")
+            self.line(f"            sum += ({grad.ptr} + i * {k})[r * {grad.row} + c] * {self.element(other, k)};")
+            self.line(f"        {out.ptr}[r * {out.row} + i] = sum;")
+            self.line("    }")
+        else:  # out[j] = sum_i G[i * k + j] a[i]
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        {out.ptr}[r * {out.row} + c] = 0.0f;")
+            self.line(f"    for (long i = 0; i < {n}; i++) {{")
+            self.line(f"        float a_ri = {at(other, 'i').replace('c]', '0]')};")
+            self.line("        " + IVDEP)
+            self.line(f"        for (long c = 0; c < {k}; c++)")
+            self.line(f"            {out.ptr}[r * {out.row} + c] += a_ri * ({grad.ptr} + i * {k})[r * {grad.row} + c];")
+            self.line("    }")
+        self.line("}")
+
     def _find_virtual(self) -> None:
         """Elementwise values read only through slices (the LSTM's four gates' pre-activations,
         split from one 4H-wide sum) are never made whole: each slice is computed from the
@@ -420,7 +463,7 @@ class CLoop:
             src = self.where(node.args[0])
             self.place[i] = Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, not node.type.shape)
             return
-        if op in ("softmax", "softmax_vjp", "reshape", "outer", "outer_vjp_a", "outer_vjp_b"):
+        if op in ("softmax", "softmax_vjp", "reshape"):
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
         # A product's weight is handed in laid out for the loop (self.weights), not read in place.
         absorbed = self.absorbed.get(i, set())
@@ -448,6 +491,8 @@ class CLoop:
                     dest = Place(f"{out.ptr} + {c_size(column)}", out.row)
                     self.elementwise(dest, part, self.element(p, part))
                 column = column + g.nodes[a].type.shape[0]
+        elif op in ("outer", "outer_vjp_a", "outer_vjp_b"):
+            self.outer(i, args, out)
         elif op in ("matvec", "matvec_t"):
             vec = args[1]
             k = c_size(g.nodes[node.args[1]].type.shape[0])
@@ -460,7 +505,7 @@ class CLoop:
     def write(self) -> LoopSource:
         g, s = self.g, self.s
         self.todo = [i for i, region in enumerate(s.region)
-                     if (region == "loop" and g.nodes[i].op != "carry") or i in self.fused]
+                     if (region == "loop" and g.nodes[i].op != "carry") or i in self.fused]  # fused: see emit_scan
         self._find_virtual()
         order = self.fusion_order(self.todo)
         k = 0
@@ -513,6 +558,7 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     # another to read. The loop has one stage, so nothing else of the Triton plan applies.
     fused = plan_loop(s, keep).fused_pre
     split = _reduced_by_parts(s, host, guard)
+    sunk = _sunk_into_loop(s, host)
     columns, joined = _concatenated_after(s, host, guard)
     for c in joined:
         total = _size(g.nodes[c].type.shape[0])
@@ -539,11 +585,14 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
                     laid_out[key] = namer(f"{src}_rows")
                     w.line(f"{laid_out[key]} = {src}.contiguous()")
             weights[i] = laid_out[key]
-    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused, columns).write()
+    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused | set(sunk),
+                 columns).write()
     c_out.lines.extend(["", *loop.text])
     w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
               + f"in C: {cfn} in C_SOURCE.")
     w.line(f"rt_c.run(c_lib, {cfn!r}, T, B, train, [{', '.join(loop.args)}], {loop.scratch})")
+    for i in sunk:
+        w.line(f"{host.names.names[i]} = {host.names.seq[i]}")
     if split:
         w.comment("Sums over time and batch of a concatenation the loop did not keep, part by part.")
     for i in split:
@@ -554,7 +603,24 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
         else:
             v = host.ref(node.args[1])
             w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'{p}.T @ {v}' for p in parts)}])")
-    _emit_after(w, host, frozenset(joined) | frozenset(split))
+    _emit_after(w, host, frozenset(joined) | frozenset(split) | frozenset(sunk))
+
+
+def _sunk_into_loop(s: Schedule, host: _Host) -> list[int]:
+    """The halves of a second-order product's gradient that nothing in the loop needs (d_x) are
+    made in the loop anyway, step by step: after it, they would need the (T * B, I * H) gradient of
+    x (x) h kept for every step, where in it a (B, I * H) block a step is enough."""
+    g, names = s.graph, host.names
+    users = g.users()
+    sunk = [i for i in s.nodes_in("post") if g.nodes[i].op in ("outer_vjp_a", "outer_vjp_b")
+            and all(s.region[a] in ("loop", "pre", "const") for a in g.nodes[i].args)]
+    for i in sunk:
+        names.seq[i] = f"{names.names[i]}_seq"
+    for big in {g.nodes[i].args[0] for i in sunk}:
+        if big in names.seq and s.region[big] == "loop" and all(u in sunk or s.region[u] == "loop"
+                                                                 for u in users[big]):
+            del names.seq[big]
+    return sunk
 
 
 def _reduced_by_parts(s: Schedule, host: _Host, guard: frozenset[int]) -> list[int]:
