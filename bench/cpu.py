@@ -442,7 +442,7 @@ def run_worker_gemm(threads: int | None) -> dict:
 
 
 def write_markdown(path: Path, header: list[str], cols: list[str], rows: list[list[str]], elapsed: float) -> None:
-    text = ["# specc NumPy backend vs torch on CPU", ""] + header + [
+    text = ["# specc vs torch on the CPU", ""] + header + [
         f"- run time: {elapsed / 60:.1f} minutes", "",
         "Columns: see the docstring of bench/cpu.py. `specc / peer` is specc's median time over the peer's "
         "(below 1: specc is faster). `peak MB` is the peak resident memory of one call above what the "

@@ -17,7 +17,7 @@ import torch
 
 import specc
 from specc.backends import c_runtime
-from test_triton import TORCH_LAYERS, TorchLayer, assert_same, odd_dims, run
+from test_triton import TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, odd_dims, run
 
 
 def _backend(module, x) -> str:
@@ -71,32 +71,7 @@ def test_products_large_enough_for_threads_match_torch():
 
 
 def test_custom_cells_match_hand_written_references():
-    from test_references import CASES, STATE_SIZE
-
-    checked = 0
-    for name, (reference, dims, shapes) in CASES.items():
-        module = specc.load(name, backend="numpy", **dims)
-        if module.program.C_UNSUPPORTED is not None:
-            continue
-        module = specc.load(name, backend="c", **dims)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn_like(p) * 0.4)
-        T, B = 5, 3
-        x = torch.randn(T, B, dims["I"])
-        h0 = torch.randn(B, dims[STATE_SIZE[name]]) * 0.5
-        got = run(module, x, [h0])
-        params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
-        xr, hr = x.clone().requires_grad_(), h0.clone().requires_grad_()
-        y, (final,) = reference(xr, hr, params)
-        g = torch.Generator().manual_seed(1)
-        loss = (y * torch.randn(y.shape, generator=g)).sum() + (final * torch.randn(final.shape, generator=g)).sum()
-        loss.backward()
-        want = {"y": y.detach(), "final0": final.detach(), "dx": xr.grad, "d0": hr.grad,
-                **{f"d{n}": p.grad for n, p in params.items()}}
-        assert_same(got, want)
-        checked += 1
-    assert checked >= 2
+    assert_matches_references("c")
 
 
 ACTIVATION_SPEC = """

@@ -114,10 +114,15 @@ def test_matches_torch_nn(name, I, H):
 
 
 def test_custom_cells_match_hand_written_references():
+    assert_matches_references("triton")
+
+
+def assert_matches_references(backend):
+    """Every cell of test_references through `backend` against its hand-written torch loop."""
     from test_references import CASES, STATE_SIZE
 
     for name, (reference, dims, shapes) in CASES.items():
-        module = specc.load(name, backend="triton", **dims)
+        module = specc.load(name, backend=backend, **dims)
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.randn_like(p) * 0.4)

@@ -22,8 +22,8 @@ value's block of its T * B row buffer, the host's input-only values at row t * B
 does not keep, in scratch memory the host hands in. The host code around the call is the Triton
 backend's (torch), with the library's own products for W @ x over all steps (c_spell).
 
-Ops the loop cannot run yet (second-order products, softmax, reshape inside the recurrence)
-raise Unsupported, and such a cell runs on the NumPy backend. Only float32 runs here.
+Ops the loop cannot run yet (softmax and reshape inside the recurrence) raise Unsupported, and
+such a cell runs on the NumPy backend. Only float32 runs here.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class CLoop:
         for d in dims:
             if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or _C_MACRO.match(d):
                 raise Unsupported(f"dimension name {d!r} is not usable in C")
-        self.taken = set(C_KEYWORDS | C_INTERNAL | set(dims))
+        self.namer = Namer(C_KEYWORDS | C_INTERNAL | set(dims))
         self.args: dict[str, str] = {}  # host expression -> C name
         self.decls: list[str] = []
         self.body: list[str] = []
@@ -133,15 +133,10 @@ class CLoop:
 
     # names
     def cname(self, wanted: str) -> str:
+        """A C identifier for a value: its own name where C allows it (Namer makes it unique)."""
         if not _C_IDENT.match(wanted):
             wanted = "v"
-        base = f"v_{wanted}" if _C_MACRO.match(wanted) else wanted
-        name, k = base, 1
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return self.namer(f"v_{wanted}" if _C_MACRO.match(wanted) else wanted)
 
     def arg(self, host_expr: str, const: bool) -> str:
         if host_expr not in self.args:
