@@ -17,7 +17,8 @@ import torch
 
 import specc
 from specc.backends import c_runtime
-from test_triton import TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, odd_dims, run
+from test_triton import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, assert_spec_matches_numpy,
+                         odd_dims, run)
 
 
 def _backend(module, x) -> str:
@@ -34,19 +35,7 @@ def test_every_spec_matches_the_numpy_backend(spec_cell):
                 None if ref.program.INPUTS else [torch.zeros(1, ref.sizes["states"][n][0])
                                                  for n in ref.program.STATES])
         return
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.4)
-    ours = specc.load(spec_cell.path, spec_cell.cell, backend="c", **dims)
-    ours.load_state_dict(ref.state_dict())
-    T, B = 4, 7
-    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in ref.program.INPUTS)
-    state = [torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES]
-    assert_same(run(ours, x, state), run(ref, x, state))
-    x = x[0] if len(x) == 1 else x
-    if ref.program.INPUTS:
-        with torch.no_grad():  # inference keeps nothing for backward, and takes another code path
-            torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+    assert_spec_matches_numpy(spec_cell, "c", B=7)
 
 
 @pytest.mark.parametrize("name", list(TORCH_LAYERS))
