@@ -105,11 +105,13 @@ class CLoop:
 
     def __init__(self, s: Schedule, host: HostNames, reverse: bool, guard: frozenset[int], fn: str,
                  source: tuple[list[str], str], dims: tuple[str, ...], weights: dict[int, str],
-                 fused: set[int] = frozenset(), columns: dict[int, tuple[str, Size, Size]] | None = None):
+                 fused: set[int] = frozenset(), columns: dict[int, tuple[str, Size, Size]] | None = None,
+                 alternating: frozenset[str] = frozenset()):
         self.s, self.g, self.host, self.reverse, self.guard = s, s.graph, host, reverse, guard
         self.fn, (self.lines, self.file), self.dims = fn, source, dims
         self.weights = weights  # matvec node -> host name of its weight, laid out (K, N)
         self.fused = fused  # input-only values computed in the loop
+        self.alternating = alternating  # states whose buffer is two blocks used in turn
         self.columns = columns or {}  # kept value -> (host buffer, its width, first column) it is written to
         for d in dims:
             if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or _C_MACRO.match(d):
@@ -166,9 +168,11 @@ class CLoop:
         return f"scratch + B * ({offset})" if offset else "scratch"
 
     # where values are
-    def _carry_rows(self, leaf: bool) -> str:
+    def _carry_rows(self, name: str, leaf: bool) -> str:
         """The first row of step t's block of a state buffer: the state read (leaf) or written."""
         later = leaf == self.reverse  # forward reads block t, writes t + 1; backward the other way
+        if name in self.alternating:  # a buffer of two blocks
+            return "(t + 1) % 2 * B" if later else "t % 2 * B"
         return "(t + 1) * B" if later else "t * B"
 
     def where(self, i: int) -> Place:
@@ -187,7 +191,7 @@ class CLoop:
         for name, leaf, _ in g.carries:
             if i == leaf:
                 buf = self.arg(self.host.carry_buf[name], const=False)
-                return Place(f"{buf} + {self._carry_rows(True)} * {width}", width, scalar)
+                return Place(f"{buf} + {self._carry_rows(name, True)} * {width}", width, scalar)
         region = self.s.region[i]
         if region == "const":
             return Place(self.arg(self.host.names[i], const=True), "0", scalar)
@@ -224,7 +228,7 @@ class CLoop:
         for sname, _, nxt in g.carries:
             if nxt == i:
                 buf = self.arg(self.host.carry_buf[sname], const=False)
-                self.line(f"float *{name} = {buf} + {self._carry_rows(False)} * {width};")
+                self.line(f"float *{name} = {buf} + {self._carry_rows(sname, False)} * {width};")
                 return Place(name, width, not node.type.shape)
         if i in self.columns:  # a part of a concatenation the host reads after the loop: in its columns
             whole, total, column = self.columns[i]
@@ -525,7 +529,7 @@ class CLoop:
                 width = c_size(g.nodes[nxt].type.shape[0])
                 src = self.where(nxt)
                 buf = self.arg(self.host.carry_buf[name], const=False)
-                dest = Place(f"{buf} + {self._carry_rows(False)} * {width}", width)
+                dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
         head = [f"void {self.fn}(long T, long B, int train, float *const *arg) {{"]
         head += self.decls
@@ -558,7 +562,14 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     for c in joined:
         total = _size(g.nodes[c].type.shape[0])
         w.line(f"{host.names.names[c]} = torch.empty((rows, {total}), device=dev, dtype=dtype)")
-    _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused)
+    # The backward pass's carried gradients: only the last block (the initial states' gradients)
+    # is read after the loop, unless something after it reads them all.
+    users = g.users()
+    alternating = frozenset(
+        name for name, leaf, nxt in g.carries
+        if host.reverse and s.region[nxt] == "loop" and g.nodes[nxt].op != "carry"
+        and all(s.region[u] == "loop" or u in fused or u in sunk for v in (leaf, nxt) for u in users[v]))
+    _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused, alternating)
     for i, (whole, _, column) in columns.items():
         stop = column + g.nodes[i].type.shape[0]
         host.names.seq[i] = f"{host.names.names[i]}_seq"
@@ -581,7 +592,7 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
                     w.line(f"{laid_out[key]} = {src}.contiguous()")
             weights[i] = laid_out[key]
     loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused | set(sunk),
-                 columns).write()
+                 columns, alternating).write()
     c_out.lines.extend(["", *loop.text])
     w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
               + f"in C: {cfn} in C_SOURCE.")

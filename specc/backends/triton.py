@@ -564,7 +564,7 @@ def _tuple(items: list[str]) -> str:
 
 
 def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan, guard: frozenset[int],
-                  fused_pre: set[int]) -> None:
+                  fused_pre: set[int], alternating: frozenset[str] = frozenset()) -> None:
     """Before the loop: the host's values and every buffer the loop reads or writes."""
     s, g, names = host.s, host.s.graph, host.names
     w.comment("Fixed for the whole sequence.")
@@ -573,6 +573,10 @@ def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan,
     _emit_region(w, host, "pre", skip=frozenset(fused_pre))
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = _size(g.nodes[leaf].type.shape[0])
+        if name in alternating:  # two blocks, used in turn: nothing after the loop reads the others
+            w.line(f"{names.carry_buf[name]} = torch.empty((2 * B, {size}), device=dev, dtype=dtype)")
+            w.line(f"{names.carry_buf[name]}[T % 2 * B:(T % 2 + 1) * B] = {init}")
+            continue
         w.line(f"{names.carry_buf[name]} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
         w.line(f"{names.carry_buf[name]}[{'T * B:' if host.reverse else ':B'}] = {init}")
     for i, buf in names.seq.items():
