@@ -238,3 +238,20 @@ def test_a_compiler_without_openmp_still_builds_the_loops(monkeypatch, tmp_path)
     ours = specc.from_torch(ref, backend="c")
     x, state = torch.randn(4, 3, 6), [torch.randn(3, 9)]
     assert_same(run(ours, x, state), run(TorchLayer(ref), x, state))
+
+
+def test_inference_keeps_nothing_for_backward(monkeypatch):
+    """Under no_grad the loop writes what only backward reads (the LSTM's five gate activations
+    per step) into scratch: the host allocates none of those (T*B, H) buffers."""
+    handed = []
+    real_run = c_runtime.run
+    monkeypatch.setattr(c_runtime, "run", lambda lib, fn, T, B, train, tensors, scratch:
+                        handed.append([t for t in tensors]) or real_run(lib, fn, T, B, train, tensors, scratch))
+    module = specc.load("lstm", I=5, H=6, backend="c")
+    x = torch.randn(30, 4, 5)
+    with torch.no_grad():
+        module(x)
+    inference = handed.pop()
+    assert sum(t is None for t in inference) == 5
+    module(x.requires_grad_())
+    assert all(t is not None for t in handed.pop())
