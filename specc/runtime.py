@@ -109,10 +109,15 @@ class TritonBackend:
 
     name = "triton"
 
+    def _extra(self, prog, dims) -> dict:
+        """Keyword arguments of this backend's generated functions beyond the sizes."""
+        return {}
+
     def forward(self, prog, tensors, T, B, dims, train):
         work = [t.detach().contiguous() for t in tensors]
         with _on(tensors[0].device):
-            outs, finals, saved = prog.forward_triton(*work, T=T, B=B, train=train, **dims)
+            outs, finals, saved = getattr(prog, f"forward_{self.name}")(*work, T=T, B=B, train=train,
+                                                                        **self._extra(prog, dims), **dims)
         # As in NumpyBackend: no output shares memory with an input.
         inputs = {t.untyped_storage().data_ptr() for t in tensors}
         outs = [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]
@@ -121,35 +126,22 @@ class TritonBackend:
 
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
         with _on(d_outs[0].device):
-            grads = prog.backward_triton(saved, *(g.contiguous() for g in d_outs),
-                                         *(g.contiguous() for g in d_finals),
-                                         *(p.detach().contiguous() for p in params), T=T, B=B, **dims)
+            grads = getattr(prog, f"backward_{self.name}")(
+                saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
+                *(p.detach().contiguous() for p in params), T=T, B=B, **self._extra(prog, dims), **dims)
         return _unshared([g.contiguous() for part in grads for g in part])
 
 
-class CBackend:
-    """Runs the generated C loops (compiled on first use) on float32 CPU tensors, sharing their memory."""
+class CBackend(TritonBackend):
+    """Runs the generated C loops (compiled on first use) on float32 CPU tensors; around them, the
+    same torch host code as the Triton backend's."""
 
     name = "c"
 
-    def _lib(self, prog, dims):
+    def _extra(self, prog, dims) -> dict:
         from .backends import c_runtime
 
-        return c_runtime.library(prog.C_SOURCE, dims)
-
-    def forward(self, prog, tensors, T, B, dims, train):
-        work = [t.detach().contiguous() for t in tensors]
-        outs, finals, saved = prog.forward_c(*work, T=T, B=B, train=train, c_lib=self._lib(prog, dims), **dims)
-        # As in NumpyBackend: no output shares memory with an input.
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        outs = [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]
-        return outs, [f.clone() for f in finals], saved
-
-    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
-        grads = prog.backward_c(saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
-                                *(p.detach().contiguous() for p in params), T=T, B=B,
-                                c_lib=self._lib(prog, dims), **dims)
-        return _unshared([g.contiguous() for part in grads for g in part])
+        return {"c_lib": c_runtime.library(prog.C_SOURCE, dims)}
 
 
 def c_problem(prog) -> str | None:

@@ -121,8 +121,7 @@ class CLoop:
         self.decls: list[str] = []
         self.body: list[str] = []
         self.place: dict[int, Place] = {}
-        self.scratch: list[str] = []  # sizes (C) of the scratch blocks handed out so far
-        self.scratch_py: list[str] = []
+        self.scratch: list[Size] = []  # widths of the scratch blocks handed out so far (B rows each)
         self.last_line = 0
         self.users = self.g.users()
         self.todo: list[int] = []
@@ -162,9 +161,8 @@ class CLoop:
         return self.packs[host_expr]
 
     def _scratch_block(self, width: Size) -> str:
-        offset = " + ".join(self.scratch)
-        self.scratch.append(c_size(width))
-        self.scratch_py.append(_size(width))
+        offset = " + ".join(c_size(w) for w in self.scratch)
+        self.scratch.append(width)
         return f"scratch + B * ({offset})" if offset else "scratch"
 
     # where values are
@@ -453,12 +451,12 @@ class CLoop:
         return self.element(p, width)
 
     def compute(self, i: int) -> None:
+        """A value that is not elementwise: a view, a concatenation, a product, x (x) h."""
         g, node = self.g, self.g.nodes[i]
         op = node.op
         self.comment(node)
-        width = c_size(node.type.shape[0]) if node.type.shape else "1"
-        owns = i in self.host.seq or any(nxt == i for _, _, nxt in g.carries)
-        if op == "slice" and not owns:
+        width = self._width(i)
+        if op == "slice" and not self._owns(i):
             src = self.where(node.args[0])
             self.place[i] = Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, not node.type.shape)
             return
@@ -470,19 +468,8 @@ class CLoop:
         args = [None] + args if op in ("matvec", "matvec_t") else args
         out = self.place[i] if i in self.place else self.target(i)
         self.place[i] = out
-        if op in _INFIX:
-            a, b = (self.element(p, width) for p in args)
-            self.elementwise(out, width, f"{a} {_INFIX[op]} {b}")
-        elif op == "neg":
-            self.elementwise(out, width, f"-{self.element(args[0], width)}")
-        elif op in _C_ACTIVATION:
-            self.elementwise(out, width, _C_ACTIVATION[op].format(x=self.element(args[0], width)))
-        elif op == "slice":
-            self.elementwise(out, width, self.element(Place(f"{args[0].ptr} + {c_size(node.attrs[0])}",
-                                                            args[0].row), width))
-        elif op == "zeros":
-            self.elementwise(out, width, "0.0f")
-        elif op == "concat":
+        # Elementwise ops never come here: write() hands them to group(), one loop per width.
+        if op == "concat":
             column = Size.of(0)
             for a, p in zip(node.args, args):
                 part = c_size(g.nodes[a].type.shape[0])
@@ -533,14 +520,14 @@ class CLoop:
                 self.elementwise(dest, width, self.element(src, width))
         head = [f"void {self.fn}(long T, long B, int train, float *const *arg) {{"]
         head += self.decls
-        widths = " + ".join(self.scratch) or "0"
+        widths = " + ".join(c_size(w) for w in self.scratch) or "0"
         head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats, then the packed weights */")
         if self.pack_lines:
             head.append(f"    float *packed_at = scratch + B * ({widths});")
             head += self.pack_lines
         steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
         text = head + ["    (void)train;", "    " + steps] + self.body + ["    }", "}"]
-        scratch = " + ".join(([f"B * ({' + '.join(self.scratch_py)})"] if self.scratch_py else [])
+        scratch = " + ".join(([f"B * ({' + '.join(f'({_size(w)})' for w in self.scratch)})"] if self.scratch else [])
                              + self.pack_sizes) or "0"
         return LoopSource(self.fn, text, list(self.args), scratch)
 

@@ -27,18 +27,19 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing", "-f
 # compilers no -march=native): the loops then run on one thread, or for a generic CPU.
 FALLBACKS = [(), ("-fopenmp",), ("-fopenmp", "-march=native")]
 
+CHUNK = 2048  # rows of w a host product (specc_gemm) packs at a time
+
 # Helpers every generated file starts with: vectorisable exp / tanh / sigmoid (Cephes' float
 # polynomials; libm's scalar calls would cost more than the whole matrix product at small
-# sizes) and the product of a (M, K) block by a (K, N) matrix, tiled in 4 rows x 64 columns of
+# sizes) and the product of a (M, K) block by a (K, N) matrix, tiled in 8 rows x 32 columns of
 # registers. GCC's vector extensions compile to AVX-512, AVX2 or SSE, whichever -march=native has.
-PRELUDE = r"""#include <math.h>
+PRELUDE = f"#define SP_CHUNK {CHUNK}L\n" + r"""#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #ifndef SP_PARALLEL_WORK
 #define SP_PARALLEL_WORK (1L << 18)  /* multiply-adds below which one thread does a product alone */
 #endif
-#define SP_CHUNK 2048L  /* rows of w a host product packs at a time */
 #ifndef SP_PARALLEL_ELEMENTS
 #define SP_PARALLEL_ELEMENTS 65536  /* elements below which one thread runs an elementwise loop alone */
 #endif
@@ -169,7 +170,7 @@ void specc_gemm(long M, long K, long N, const float *a, long a_row, long a_col, 
                 long w_col, float *o, float *packed) {
     long blocks = (N + 31) / 32, groups = (M + 63) / 64;
     int parallel = M * K * N >= SP_PARALLEL_WORK;
-    for (long k0 = 0; k0 < K || k0 == 0; k0 += SP_CHUNK) {
+    for (long k0 = 0; k0 < K; k0 += SP_CHUNK) {
         long kc = K - k0 < SP_CHUNK ? K - k0 : SP_CHUNK;
         #pragma omp parallel for schedule(static) if (parallel && blocks > 1)
         for (long nb = 0; nb < blocks; nb++)
@@ -181,16 +182,9 @@ void specc_gemm(long M, long K, long N, const float *a, long a_row, long a_col, 
                 sp_block(M - m < 64 ? M - m : 64, kc, a + m * a_row + k0 * a_col, a_row, a_col,
                          packed + n * kc, o + m * N + n, N, N - n < 32 ? N - n : 32, k0 > 0);
             }
-        if (K == 0)
-            break;
     }
 }
 """
-
-
-
-
-CHUNK = 2048  # SP_CHUNK in PRELUDE
 
 
 class CompileError(RuntimeError):
@@ -306,9 +300,9 @@ def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     N = w.shape[1]
     if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
         raise AssertionError(f"matmul of {tuple(a.shape)} {a.dtype} by {tuple(w.shape)} {w.dtype}")
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), dtype=torch.float32)
     out = torch.empty((M, N), dtype=torch.float32)
-    if M == 0 or N == 0:
-        return out
     packed = torch.empty((N + 31) // 32 * 32 * max(min(K, CHUNK), 1), dtype=torch.float32)
     lg = ctypes.c_long
     lib.specc_gemm(lg(M), lg(K), lg(N), ctypes.c_void_p(a.data_ptr()), lg(a.stride(0)), lg(a.stride(1)),
