@@ -3,17 +3,28 @@
     python bench/gpu.py                      # the whole table (about ten minutes on an H100)
     python bench/gpu.py --quick              # one size per cell
     python bench/gpu.py --out bench/results/gpu-YYYY-MM-DD.md
+    python bench/gpu.py --tiles 16x64x32,32x32x32    # also specc with other tiles (BLOCK_B x BLOCK_F x BLOCK_K)
+    python bench/gpu.py --tf32 --graphed --skip torch.compile
 
 For LSTM and GRU at the sizes of PyTorch's fastrnns benchmarks (seq 100, batch 64, input =
 hidden = 512; hidden 256 and 1024; batch 1, 16 and 256): forward (under no_grad) and forward +
 backward time, tokens/s and peak memory of specc-Triton, cuDNN (nn.LSTM / nn.GRU), the same cell
 as a torch-eager loop, and that loop's step under torch.compile; ratios against cuDNN in the same
 run. For second_order and gru_cho (no cuDNN layer) the ratios are against the eager loop.
-Times are medians of CUDA-event-timed runs after warm-up.
+Times are medians of CUDA-event-timed runs after warm-up. cuDNN runs as torch configures it by
+default (TF32 tensor cores allowed); "cudnn-fp32" is the same layer with TF32 off, as specc's
+kernels multiply in float32 by default (`input_precision="ieee"`); "specc-triton tf32" runs under
+`torch.set_float32_matmul_precision("high")`, where they use TF32. "specc-triton graphed" replays the pass
+captured as a CUDA graph: the time left without the CPU's launch work (its peak memory is not
+measured).
+
+The table is written after every size, and sizes are taken in rounds (the first size of every
+cell, then the second, ...), so a run cut short still has a row for each cell.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import statistics
@@ -75,6 +86,36 @@ class EagerGRU(torch_cells._Loop):
         return self._run(xp, x.new_zeros(B, r.hidden_size), r.weight_hh_l0, r.bias_hh_l0)
 
 
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def launched_on(module, variant: tuple | None):
+    """specc's kernels with another tile ("16x64x32": BLOCK_B x BLOCK_F x BLOCK_K) and/or TF32 products.
+
+    The tile is a global of the generated module, which every module of the cell shares: put back after."""
+    if variant is None:
+        yield
+        return
+    tile, tf32_products, _ = variant
+    prog, precision = module.program, torch.get_float32_matmul_precision()
+    before = prog.TILES
+    prog.TILES = tuple(int(n) for n in tile.split("x")) if tile else None
+    torch.set_float32_matmul_precision("high" if tf32_products else "highest")
+    try:
+        yield
+    finally:
+        prog.TILES = before
+        torch.set_float32_matmul_precision(precision)
+
+
 def timed(fn, backward: bool, reps: int) -> tuple[float, int]:
     """Median milliseconds of fn (and backward through its output), and peak bytes allocated."""
     for _ in range(3):
@@ -93,7 +134,24 @@ def timed(fn, backward: bool, reps: int) -> tuple[float, int]:
     return statistics.median(times), torch.cuda.max_memory_allocated() - base
 
 
-def _run(fn, backward: bool):
+def timed_graph(fn, backward: bool, reps: int) -> tuple[float, int]:
+    """timed(), with fn (and its backward) captured once as a CUDA graph and replayed: what is left
+    when the CPU's launch work is taken out of the time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            _run(fn, backward)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _run(fn, backward)
+    return timed(graph.replay, None, reps)
+
+
+def _run(fn, backward: bool | None):
+    if backward is None:
+        return fn()
     if backward:
         out = fn()
         out.float().sum().backward()
@@ -102,17 +160,24 @@ def _run(fn, backward: bool):
             fn()
 
 
-def peers(cell: str, T: int, B: int, I: int, H: int):
-    """[(name, module)] for one cell: specc-Triton first, then its peers, all with the same weights."""
+def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[tuple]):
+    """[(name, make module, TF32 allowed in cuDNN, specc variant)] for one cell: specc-Triton
+    first (as it runs by default, then each of `variants`), then its peers, all with the same weights."""
     dev = "cuda"
     if cell in ("lstm", "gru"):
         ref = (nn.LSTM if cell == "lstm" else nn.GRU)(I, H).to(dev)
+        ours = specc.from_torch(ref, backend="triton")
         eager_cls = EagerLSTM if cell == "lstm" else EagerGRU
-        return [("specc-triton", specc.from_torch(ref, backend="triton")), ("cudnn", ref),
-                ("eager", eager_cls(ref)), ("torch.compile", eager_cls(ref, compiled=True))]
-    ours = specc.load(cell, I=I, H=H, backend="triton").to(dev)
-    return [("specc-triton", ours), ("eager", torch_cells.like(ours).to(dev)),
-            ("torch.compile", torch_cells.like(ours, compiled=True).to(dev))]
+        others = [("cudnn", lambda: ref, True, None), ("cudnn-fp32", lambda: ref, False, None),
+                  ("eager", lambda: eager_cls(ref), True, None),
+                  ("torch.compile", lambda: eager_cls(ref, compiled=True), True, None)]
+    else:
+        ours = specc.load(cell, I=I, H=H, backend="triton").to(dev)
+        others = [("eager", lambda: torch_cells.like(ours).to(dev), True, None),
+                  ("torch.compile", lambda: torch_cells.like(ours, compiled=True).to(dev), True, None)]
+    mine = [("specc-triton" + "".join(f" {w}" for w in (v[0], "tf32" if v[1] else "", "graphed" if v[2] else "") if w),
+             lambda: ours, True, v) for v in variants]
+    return [("specc-triton", lambda: ours, True, None)] + mine + others
 
 
 SIZES = [(100, 64, 512, 512), (100, 64, 256, 256), (100, 64, 1024, 1024), (100, 1, 512, 512), (100, 16, 512, 512),
@@ -121,52 +186,84 @@ SIZES = [(100, 64, 512, 512), (100, 64, 256, 256), (100, 64, 1024, 1024), (100, 
 CUSTOM_SIZES = {"second_order": [(100, 64, 64, 64), (100, 64, 128, 128)], "gru_cho": SIZES}
 
 
+def measure(cell, T, B, I, H, variants, skip, reps) -> list[list]:
+    torch._dynamo.reset()  # torch.compile's step would hit its recompile limit after eight sizes
+    x = torch.randn(T, B, I, device="cuda")
+    results = []
+    for name, make, allow_tf32, variant in peers(cell, T, B, I, H, variants):
+        if name in skip:
+            continue
+        try:
+            module = make()
+            time = timed_graph if variant and variant[2] else timed
+            with tf32(allow_tf32), launched_on(module, variant):
+                f_ms, _ = time(lambda: module(x)[0], False, reps)
+                xg = x.clone().requires_grad_()
+                b_ms, peak = time(lambda: module(xg)[0], True, reps)
+            results.append((name, f_ms, b_ms, peak))
+        except Exception as e:  # a peer that fails (torch.compile, say) is reported, not fatal
+            results.append((name, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+    base = next((r for r in results if r[0] == ("cudnn" if cell in ("lstm", "gru") else "eager")), None)
+    rows = []
+    for name, f_ms, b_ms, peak in results:
+        if f_ms is None or base is None or base[1] is None:
+            rows.append([cell, T, B, I, H, name, "failed" if f_ms is None else f"{f_ms:.3f}", "", "", "", "",
+                         peak if f_ms is None else f"{peak / 2**20:.1f}"])
+        else:
+            rows.append([cell, T, B, I, H, name, f"{f_ms:.3f}", f"{f_ms / base[1]:.2f}",
+                         f"{b_ms:.3f}", f"{b_ms / base[2]:.2f}", f"{T * B / (b_ms / 1e3):,.0f}",
+                         f"{peak / 2**20:.1f}"])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    return rows
+
+
+def markdown(header, rows) -> str:
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(table + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def write(path, header, rows, argv) -> None:
+    note = (f"# specc on {torch.cuda.get_device_name()}\n\n- date: {datetime.date.today()}\n"
+            f"- command: `python bench/gpu.py {' '.join(argv or sys.argv[1:])}`\n"
+            f"- torch {torch.__version__}, triton {__import__('triton').__version__}, "
+            f"Python {platform.python_version()}\n"
+            f"- ratios: time / cuDNN's (TF32 allowed, torch's default) for lstm and gru, time / the eager "
+            f"loop's for the custom cells (below 1.0 is faster); times are medians in milliseconds\n\n")
+    Path(path).write_text(note + markdown(header, rows) + "\n", encoding="utf-8")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="lstm,gru,gru_cho,second_order")
     ap.add_argument("--quick", action="store_true", help="only the first size of each cell")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", help="also write the table as markdown here")
+    ap.add_argument("--tiles", default="", help="comma-separated BLOCK_BxBLOCK_FxBLOCK_K tiles to time specc with too")
+    ap.add_argument("--tf32", action="store_true", help="also time specc with TF32 products (its tiles and --tiles)")
+    ap.add_argument("--graphed", action="store_true", help="also time specc replayed as a CUDA graph")
+    ap.add_argument("--skip", default="", help="comma-separated peers not to run (e.g. torch.compile)")
+    ap.add_argument("--out", help="also write the table as markdown here (after every size)")
     args = ap.parse_args(argv)
+    tiles = [t for t in args.tiles.split(",") if t]
+    variants = [(t, False, False) for t in tiles] + [(None, False, True)] * args.graphed
+    variants += [(t, True, False) for t in [None, *tiles]] if args.tf32 else []
+    skip = set(args.skip.split(","))
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU; for the CPU see bench/cpu.py", file=sys.stderr)
         return 1
     header = ["cell", "T", "B", "I", "H", "impl", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio",
               "tokens/s (fwd+bwd)", "peak MiB (fwd+bwd)"]
     rows = []
-    for cell in args.cells.split(","):
-        sizes = CUSTOM_SIZES.get(cell, SIZES)
-        for T, B, I, H in sizes[:1] if args.quick else sizes:
-            x = torch.randn(T, B, I, device="cuda")
-            results = []
-            for name, module in peers(cell, T, B, I, H):
-                try:
-                    f_ms, _ = timed(lambda: module(x)[0], False, args.reps)
-                    xg = x.clone().requires_grad_()
-                    b_ms, peak = timed(lambda: module(xg)[0], True, args.reps)
-                    results.append((name, f_ms, b_ms, peak))
-                except Exception as e:  # a peer that fails (torch.compile, say) is reported, not fatal
-                    results.append((name, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"))
-            base = next((r for r in results if r[0] == ("cudnn" if cell in ("lstm", "gru") else "eager")), None)
-            for name, f_ms, b_ms, peak in results:
-                if f_ms is None:
-                    rows.append([cell, T, B, I, H, name, "failed", "", "", "", "", peak])
-                    continue
-                rows.append([cell, T, B, I, H, name, f"{f_ms:.3f}", f"{f_ms / base[1]:.2f}" if base[1] else "",
-                             f"{b_ms:.3f}", f"{b_ms / base[2]:.2f}" if base[2] else "",
-                             f"{T * B / (b_ms / 1e3):,.0f}", f"{peak / 2**20:.1f}"])
-            for r in rows[-len(results):]:
-                print(" | ".join(str(c) for c in r), flush=True)
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    print("\n".join(table))
-    if args.out:
-        note = (f"# specc on {torch.cuda.get_device_name()}\n\n- date: {datetime.date.today()}\n"
-                f"- command: `python bench/gpu.py {' '.join(argv or sys.argv[1:])}`\n"
-                f"- torch {torch.__version__}, triton {__import__('triton').__version__}, {platform.python_version()}\n"
-                f"- ratios: time / cuDNN's for lstm and gru, time / eager loop's for the custom cells "
-                f"(below 1.0 is faster)\n\n")
-        Path(args.out).write_text(note + "\n".join(table) + "\n", encoding="utf-8")
+    cells = args.cells.split(",")
+    todo = {cell: CUSTOM_SIZES.get(cell, SIZES)[:1 if args.quick else None] for cell in cells}
+    for k in range(max(len(sizes) for sizes in todo.values())):
+        for cell in cells:
+            if k >= len(todo[cell]):
+                continue
+            T, B, I, H = todo[cell][k]
+            rows += measure(cell, T, B, I, H, variants, skip, args.reps)
+            if args.out:
+                write(args.out, header, sorted(rows, key=lambda r: cells.index(r[0])), argv)
+    print(markdown(header, sorted(rows, key=lambda r: cells.index(r[0]))))
     return 0
 
 

@@ -23,26 +23,28 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def run(module, x, state, dy_seed=1):
-    """Outputs, final states and the gradients of a loss touching both, for x, state and weights.
+def run(module, x, state, dy_seed=1, device="cpu"):
+    """Outputs, final states and the gradients of a loss touching both, for x, state and weights,
+    computed on `device` and returned on the CPU.
 
     x is a tensor, or a tuple of them for a cell with several inputs."""
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
-    xs = [xi.detach().clone().requires_grad_() for xi in xs]
-    state = [s.detach().clone().requires_grad_() for s in state]
+    xs = [xi.detach().to(device).clone().requires_grad_() for xi in xs]
+    state = [s.detach().to(device).clone().requires_grad_() for s in state]
     for p in module.parameters():
         p.grad = None
     y, final = module(xs[0] if len(xs) == 1 else tuple(xs), state[0] if len(state) == 1 else tuple(state))
     final = [final] if isinstance(final, torch.Tensor) else list(final)
     g = torch.Generator().manual_seed(dy_seed)
-    loss = (y * torch.randn(y.shape, generator=g)).sum()
+    loss = (y * torch.randn(y.shape, generator=g).to(device)).sum()
     for f in final:
-        loss = loss + (f * torch.randn(f.shape, generator=g)).sum()
+        loss = loss + (f * torch.randn(f.shape, generator=g).to(device)).sum()
     loss.backward()
-    return {"y": y.detach(), **{f"final{k}": f.detach() for k, f in enumerate(final)},
-            **{("dx" if k == 0 else f"dx{k}"): xi.grad for k, xi in enumerate(xs)},
-            **{f"d{k}": s.grad for k, s in enumerate(state)},
-            **{f"d{n}": p.grad for n, p in module.named_parameters()}}
+    got = {"y": y, **{f"final{k}": f for k, f in enumerate(final)},
+           **{("dx" if k == 0 else f"dx{k}"): xi.grad for k, xi in enumerate(xs)},
+           **{f"d{k}": s.grad for k, s in enumerate(state)},
+           **{f"d{n}": p.grad for n, p in module.named_parameters()}}
+    return {k: v.detach().cpu() for k, v in got.items()}
 
 
 def assert_same(got, want, tol=1e-5):
@@ -60,8 +62,8 @@ def test_every_spec_matches_the_numpy_backend(spec_cell):
     assert_spec_matches_numpy(spec_cell, "triton", B=3)
 
 
-def assert_spec_matches_numpy(spec_cell, backend, B):
-    """A spec's cell through `backend` against the NumPy backend, with the same random weights."""
+def assert_spec_matches_numpy(spec_cell, backend, B, device="cpu", T=4, tol=1e-5):
+    """A spec's cell through `backend` on `device` against the NumPy backend, same random weights."""
     dims = odd_dims(spec_cell.dims)
     ref = specc.load(spec_cell.path, spec_cell.cell, backend="numpy", **dims)
     with torch.no_grad():
@@ -69,14 +71,15 @@ def assert_spec_matches_numpy(spec_cell, backend, B):
             p.copy_(torch.randn_like(p) * 0.4)
     ours = specc.load(spec_cell.path, spec_cell.cell, backend=backend, **dims)
     ours.load_state_dict(ref.state_dict())
-    T = 4
+    ours.to(device)
     x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in ref.program.INPUTS)
     state = [torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES]
-    assert_same(run(ours, x, state), run(ref, x, state))
-    x = x[0] if len(x) == 1 else x
+    assert_same(run(ours, x, state, device=device), run(ref, x, state), tol)
     if ref.program.INPUTS:
         with torch.no_grad():  # inference keeps nothing for backward, and takes another code path
-            torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+            xd = tuple(xi.to(device) for xi in x)
+            torch.testing.assert_close(ours(xd[0] if len(xd) == 1 else xd)[0].cpu(), ref(x[0] if len(x) == 1 else x)[0],
+                                       rtol=tol, atol=tol)
 
 
 TORCH_LAYERS = {
@@ -119,12 +122,51 @@ def test_matches_torch_nn(name, I, H):
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("tiles", [(16, 64, 16), (32, 16, 64)])
+def test_any_tile_gives_the_same_numbers(tiles, monkeypatch):
+    for cell in ("lstm", "gru_cho"):
+        ref = specc.load(cell, I=21, H=19, backend="numpy")
+        ours = specc.load(cell, I=21, H=19, backend="triton")
+        ours.load_state_dict(ref.state_dict())
+        monkeypatch.setattr(ours.program, "TILES", tiles)
+        x, h = torch.randn(3, 35, 21), [torch.randn(35, 19) for _ in ref.program.STATES]
+        assert_same(run(ours, x, h), run(ref, x, h))
+
+
+def test_batch_picks_the_tile():
+    program = specc.load("gru", I=3, H=4, backend="triton").program
+    assert program.tiles(8, "ieee") == (16, 16, 32) and program.tiles(256, "ieee") == (32, 32, 32)
+    assert program.tiles(8, "tf32") == (16, 32, 32) and program.tiles(256, "tf32") == (32, 64, 32)
+    assert program.dot_precision() == "ieee"  # torch's default, "highest"
+
+
+def test_spec_names_that_are_the_generated_code_s_own_are_renamed():
+    spec = """
+        cell own(N) {
+            input x[N]
+            state tiles[N] = zeros
+            param precision[N, N]
+            param PRECISION[N]
+            dot_precision = tanh(precision @ tiles + x)
+            TILES = dot_precision * PRECISION
+            tiles' = TILES + sigmoid(dot_precision)
+            output tiles'
+        }
+    """
+    ours = specc.load(spec, N=5, backend="triton")
+    ref = specc.load(spec, N=5, backend="numpy")
+    ours.load_state_dict(ref.state_dict())
+    x, h = torch.randn(3, 2, 5), [torch.randn(2, 5)]
+    assert_same(run(ours, x, h), run(ref, x, h))
+
+
 def test_custom_cells_match_hand_written_references():
     assert_matches_references("triton")
 
 
-def assert_matches_references(backend):
-    """Every cell of test_references through `backend` against its hand-written torch loop."""
+def assert_matches_references(backend, device="cpu", B=3, tol=1e-5):
+    """Every cell of test_references through `backend` on `device` against its hand-written torch
+    loop on the CPU."""
     from test_references import CASES, STATE_SIZE
 
     for name, (reference, dims, shapes) in CASES.items():
@@ -132,12 +174,12 @@ def assert_matches_references(backend):
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.randn_like(p) * 0.4)
-        T, B = 5, 3
+        T = 5
         x = torch.randn(T, B, dims["I"])
         h0 = torch.randn(B, dims[STATE_SIZE[name]]) * 0.5
-        got = run(module, x, [h0])
+        got = run(module.to(device), x, [h0], device=device)
 
-        params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+        params = {n: p.detach().cpu().clone().requires_grad_() for n, p in module.named_parameters()}
         xr, hr = x.clone().requires_grad_(), h0.clone().requires_grad_()
         y, (final,) = reference(xr, hr, params)
         g = torch.Generator().manual_seed(1)
@@ -145,7 +187,7 @@ def assert_matches_references(backend):
         loss.backward()
         want = {"y": y.detach(), "final0": final.detach(), "dx": xr.grad, "d0": hr.grad,
                 **{f"d{n}": p.grad for n, p in params.items()}}
-        assert_same(got, want)
+        assert_same(got, want, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

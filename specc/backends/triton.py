@@ -14,10 +14,16 @@ The loop body becomes fused kernels, one launch per step each:
   and the product runs in the next "stage", a second kernel launched after the first.
 * Kernels launch once per step and stage instead of one persistent kernel looping over time: a
   step needs every feature of the previous state, which would need a grid-wide barrier between
-  steps; Triton has none, and spinning on global flags is fragile. Per-step launches cost a few
-  microseconds each. This choice has not yet been measured on a GPU (see bench/).
+  steps; Triton has none, and spinning on global flags is fragile. Measured on an H200
+  (bench/results/gpu-2026-11-26.md): replaying a whole pass as a CUDA graph, i.e. without the
+  CPU's launch work, saves 3-10% at the fastrnns sizes, so launches are not what costs.
+* The tile depends on the batch (`tiles()` in the generated module, TILES overrides it): small
+  batches want narrow tiles, so that a step has enough programs to fill the GPU; large ones want
+  wide tiles, which load each weight fewer times. The numbers are from that table.
 
-Everything is computed in float32; half-precision inputs are widened on the way in.
+Everything is computed in float32; half-precision inputs are widened on the way in. Products
+multiply in float32 ("ieee"), or in TF32 on tensor cores where torch is allowed to do the same
+for its own matmuls (`torch.set_float32_matmul_precision("high")`).
 """
 from __future__ import annotations
 
@@ -30,14 +36,19 @@ from ..schedule import Schedule
 from ..shapes import Size
 from .writer import Namer, Writer
 
-BLOCK_B, BLOCK_F, BLOCK_K = 16, 32, 32  # tl.dot needs every block side >= 16
+# (BLOCK_B, BLOCK_F, BLOCK_K) for batches up to SMALL_BATCH and above, by product precision: the
+# best of those measured at the fastrnns sizes on an H200 (bench/results/gpu-2026-11-26.md). TF32
+# tiles may be wider, as tensor cores make each product cheap. tl.dot needs sides >= 16.
+TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": ((16, 32, 32), (32, 64, 32))}
+SMALL_BATCH = 64
 
 # Ops a kernel can recompute at any feature index, so a product can read them without a store.
 _RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
-             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c"}
+             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
+             "PRECISION", "precision", "TILES", "tiles", "dot_precision"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
                                 "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
@@ -353,7 +364,7 @@ class KernelWriter:
                     else:  # W^T: rows k of W, columns offset + j
                         addr = f"{wptr} + offs_k[:, None] * {_p(cols_w)} + {rows}[None, :]"
                     b.line(f"weight = tl.load({addr}, mask=mask_k[:, None] & mask_f[None, :], other=0.0)")
-                    b.line(f"{acc} += tl.dot(operand, weight, input_precision=\"ieee\")")
+                    b.line(f"{acc} += tl.dot(operand, weight, input_precision=PRECISION)")
             for (i, offset), acc in zip(members, accs):
                 self.memo[(i, str(offset))] = acc
 
@@ -623,7 +634,8 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
                 kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
             tensors = list(kw.args)
             params = tensors + ["t", "B", *dims]
-            consts = (["TRAIN: tl.constexpr"] if kw.uses_train else []) + \
+            dots = any("tl.dot(" in line for line in kw.body.lines)
+            consts = (["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else []) + \
                      ["BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
             kernels_out.line("")
             kernels_out.line("")
@@ -639,9 +651,12 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             kernels_out.line("    mask_b = offs_b < B")
             kernels_out.line(f"    mask_f = offs_f < {_size(tile)}")
             kernels_out.lines.extend(kw.body.lines)
-            extra = (["TRAIN=train"] if kw.uses_train else []) + ["BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
+            extra = (["TRAIN=train"] if kw.uses_train else []) + (["PRECISION=precision"] if dots else []) + \
+                ["BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({_size(tile)}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
+    w.line("precision = dot_precision()")
+    w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
     w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
               "The time loop, from the last step to the first: one launch of each fused kernel per step.")
     with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
@@ -769,8 +784,25 @@ DOCS = {
 
 
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
-    w.line("BLOCK_B, BLOCK_F, BLOCK_K = %d, %d, %d  # examples, features and reduction width of a tile"
-           % (BLOCK_B, BLOCK_F, BLOCK_K))
+    w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
+    w.line("")
+    w.line("")
+    with w.block("def tiles(B, precision):"):
+        w.line('"""Examples, features and reduction width of a tile. Small batches take narrow tiles, so that a')
+        w.line("step has enough programs to fill the GPU; large ones wide tiles, which load each weight fewer")
+        w.line('times (measured on an H200: bench/results/gpu-2026-11-26.md)."""')
+        with w.block("if TILES:"):
+            w.line("return TILES")
+        for precision, (small, large) in TILES_BY_PRECISION.items():
+            with w.block(f'if precision == "{precision}":'):
+                w.line(f"return {small} if B <= {SMALL_BATCH} else {large}")
+        w.line('raise ValueError(f"no tiles for products in {precision}")')
+    w.line("")
+    w.line("")
+    with w.block("def dot_precision():"):
+        w.line('"""Products in float32, or in TF32 on tensor cores where torch allows that for its own float32')
+        w.line('matmuls (torch.set_float32_matmul_precision("high" or "medium"))."""')
+        w.line('return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"')
     w.lines.extend(kernels.lines)
     w.line("")
     w.line("")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# A GPU session's checks as one script, most needed first, so that a lease cut short still
+# brings back the earlier ones: versions, a smoke run, the GPU tests, then the benchmark table
+# (written after every size). Run on the GPU machine, in the repository's root:
+#
+#     bash bench/gpu_check.sh OUT_DIR [BENCH_SECONDS]
+#
+# lark, if that machine lacks it, travels as a wheel in .whl/ (git-ignored; see the device
+# tool's README): `pip download --no-deps -d .whl lark==1.3.1`.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [BENCH_SECONDS]}
+bench_s=${2:-330}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import lark" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import sys, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
+    date -u
+} 2>&1 | tee "$out/env.txt"
+timeout 90 python3 - <<'PY' 2>&1 | tee "$out/smoke.log" || exit 1
+import torch, specc
+m = specc.load("lstm", I=8, H=16, backend="triton").cuda()
+y, _ = m(torch.randn(3, 2, 8, device="cuda"))
+y.sum().backward()
+torch.cuda.synchronize()
+print("smoke ok", tuple(y.shape), float(m.W_hh.grad.abs().sum()))
+PY
+par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 200 python3 -m pytest -q $par -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$out/tests.log"
+timeout "$bench_s" python3 bench/gpu.py --tf32 --tiles 16x32x32,16x16x64,32x64x32 --skip torch.compile --out "$out/gpu.md" 2>&1 \
+    | tee "$out/bench.log"
+exit 0

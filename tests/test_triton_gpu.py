@@ -1,0 +1,114 @@
+"""The Triton backend compiled for a real GPU (no interpreter), against CPU references.
+
+These run only where torch sees a CUDA device: CI has none, so there they are skipped, and the
+same kernels are tested on CPU tensors by Triton's interpreter in test_triton.py. On a GPU
+machine run them with `python -m pytest -q tests/test_triton_gpu.py`; bench/results/ records
+the last such run.
+
+The references run on the CPU: the NumPy backend, torch.nn with copied weights, and the
+hand-written torch loops of test_references. Sizes are not powers of two and span several tiles
+of examples, features and the reduction (tiles() takes 16 x 16 x 32 tiles up to 64 examples,
+32 x 32 x 32 above, for float32 products); with six steps of 19 examples float32's rounding differs from the CPU's by a
+few 1e-5, hence tol 5e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specc
+from test_triton import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, assert_spec_matches_numpy,
+                         run)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # torch's own GPU products would use TF32 where allowed; the references are float32.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def test_every_spec_matches_the_numpy_backend(spec_cell):
+    assert_spec_matches_numpy(spec_cell, "triton", B=19, device="cuda", T=6, tol=5e-5)
+
+
+@pytest.mark.parametrize("name", list(TORCH_LAYERS))
+@pytest.mark.parametrize("I, H, B", [(37, 100, 70), (300, 67, 5)])
+def test_matches_torch_nn_on_the_cpu(name, I, H, B):
+    make, _ = TORCH_LAYERS[name]
+    ref = make(I, H)
+    ours = specc.from_torch(ref, backend="triton").cuda()
+    T = 7
+    x = torch.randn(T, B, I)
+    state = [torch.randn(B, H) * 0.5 for _ in ours.program.STATES]
+    assert_same(run(ours, x, state, device="cuda"), run(TorchLayer(ref), x, state), tol=2e-5)
+
+
+def test_auto_picks_triton_for_cuda_tensors():
+    ref = torch.nn.GRU(24, 40)
+    ours = specc.from_torch(ref).cuda()  # backend="auto"
+    x = torch.randn(5, 9, 24)
+    y, h = ours(x.cuda())
+    want, h_want = ref(x)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.cpu(), h_want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_custom_cells_match_hand_written_references():
+    assert_matches_references("triton", device="cuda", B=21, tol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    ref = specc.load("lstm", I=20, H=24)
+    module = specc.load("lstm", I=20, H=24, backend="triton")
+    module.load_state_dict(ref.state_dict())
+    module.cuda()
+    x = torch.randn(4, 3, 20)
+    y, (h, c) = module(x.to(dtype).cuda())
+    assert y.dtype == dtype and h.dtype == dtype
+    want, _ = ref(x.to(dtype).float())
+    torch.testing.assert_close(y.float().cpu(), want, rtol=0, atol=1e-2)
+    y.float().sum().backward()
+    assert module.W_hh.grad.dtype == torch.float32 and torch.isfinite(module.W_hh.grad).all()
+
+
+def test_runs_under_autocast():
+    module = specc.load("gru", I=12, H=10, backend="triton").cuda()
+    head = torch.nn.Linear(10, 3).cuda()
+    x = torch.randn(5, 2, 12, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = module(torch.nn.functional.linear(x, torch.eye(12, device="cuda")))  # bfloat16 under autocast
+        loss = head(y).float().square().mean()
+    loss.backward()
+    assert module.W_ih.grad is not None and torch.isfinite(module.W_ih.grad).all()
+
+
+def test_a_long_sequence_of_a_large_batch():
+    """Offsets past one tile in every direction, and many launches: T * B * H = 1.3M values."""
+    ref = torch.nn.LSTM(128, 160)
+    ours = specc.from_torch(ref, backend="triton").cuda()
+    x = torch.randn(50, 161, 128)
+    y, (h, c) = ours(x.cuda())
+    want, (h_want, c_want) = ref(x)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.cpu(), c_want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_tf32_products_where_torch_allows_them():
+    """Under torch.set_float32_matmul_precision("high") the step's products use TF32 tensor cores:
+    about three decimal digits, as torch's own matmuls then."""
+    ref = torch.nn.LSTM(64, 96)
+    ours = specc.from_torch(ref, backend="triton").cuda()
+    x = torch.randn(10, 100, 64)
+    want, _ = ref(x)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert ours.program.dot_precision() == "tf32"
+        y, _ = ours(x.cuda())
+    finally:
+        torch.set_float32_matmul_precision(before)
+    torch.testing.assert_close(y.cpu(), want, rtol=0, atol=5e-3)
