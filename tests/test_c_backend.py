@@ -17,8 +17,8 @@ import torch
 
 import specc
 from specc.backends import c_runtime
-from test_triton import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, assert_spec_matches_numpy,
-                         odd_dims, run)
+from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks, assert_matches_references,
+                         assert_same, assert_spec_matches_numpy, odd_dims, run)
 
 
 def _backend(module, x) -> str:
@@ -177,6 +177,10 @@ def test_libraries_are_compiled_once_and_kept(monkeypatch, tmp_path):
     assert calls == [] and files[0].stat().st_mtime_ns == stamp
     specc.load(spec, N=10, backend="c")(torch.randn(2, 1, 10))  # other dimensions: another library
     assert len(calls) == 1 and len(list((tmp_path / "c").glob("*.so"))) == 2
+
+
+def test_inference_keeps_c_in_two_blocks(monkeypatch):
+    assert_inference_keeps_c_in_two_blocks("c", monkeypatch)
 
 
 def test_spec_names_that_are_c_words_are_renamed_in_the_c():

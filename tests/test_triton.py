@@ -76,10 +76,16 @@ def assert_spec_matches_numpy(spec_cell, backend, B, device="cpu", T=4, tol=1e-5
     state = [torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES]
     assert_same(run(ours, x, state, device=device), run(ref, x, state), tol)
     if ref.program.INPUTS:
-        with torch.no_grad():  # inference keeps nothing for backward, and takes another code path
-            xd = tuple(xi.to(device) for xi in x)
-            torch.testing.assert_close(ours(xd[0] if len(xd) == 1 else xd)[0].cpu(), ref(x[0] if len(x) == 1 else x)[0],
-                                       rtol=tol, atol=tol)
+        # Inference keeps nothing for backward and takes another code path (states in two blocks
+        # used in turn): outputs and final states, after an even and an odd number of steps.
+        for steps in (T, T - 1):
+            with torch.no_grad():
+                xs = tuple(xi[:steps] for xi in x)
+                xd = tuple(xi.to(device) for xi in xs)
+                got = ours(xd[0] if len(xd) == 1 else xd, tuple(si.to(device) for si in state))
+                want = ref(xs[0] if len(xs) == 1 else xs, tuple(state))
+            for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
 
 
 TORCH_LAYERS = {
@@ -158,6 +164,33 @@ def test_spec_names_that_are_the_generated_code_s_own_are_renamed():
     ours.load_state_dict(ref.state_dict())
     x, h = torch.randn(3, 2, 5), [torch.randn(2, 5)]
     assert_same(run(ours, x, h), run(ref, x, h))
+
+
+def assert_inference_keeps_c_in_two_blocks(backend, monkeypatch):
+    """Without training, the LSTM's c (read by nothing after the loop but its final value) lives in
+    two blocks used in turn; h, the output, in one block a step. Training keeps both (backward
+    reads every c)."""
+    module = specc.load("lstm", I=3, H=4, backend=backend)
+    T, B = 50, 2
+    rows, real = [], torch.empty
+
+    def empty(*args, **kwargs):
+        made = real(*args, **kwargs)
+        rows.append(made.shape[0] if made.dim() else None)
+        return made
+
+    monkeypatch.setattr(torch, "empty", empty)
+    x = torch.randn(T, B, 3)
+    with torch.no_grad():
+        module(x)
+    assert rows.count((T + 1) * B) == 1 and rows.count(2 * B) == 1
+    rows.clear()
+    module(x)
+    assert rows.count((T + 1) * B) == 2
+
+
+def test_inference_keeps_c_in_two_blocks(monkeypatch):
+    assert_inference_keeps_c_in_two_blocks("triton", monkeypatch)
 
 
 def test_custom_cells_match_hand_written_references():

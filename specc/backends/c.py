@@ -46,7 +46,7 @@ C_KEYWORDS = {
     "memcpy", "memset", "expf", "logf", "log1pf", "fabsf", "fmaxf", "INFINITY", "NAN", "main",
 }
 # The generated function's own names.
-C_INTERNAL = {"T", "B", "t", "r", "c", "i", "k", "a_ri", "sum", "train", "arg", "scratch", "packed_at"}
+C_INTERNAL = {"T", "B", "t", "r", "c", "i", "k", "a_ri", "sum", "train", "arg", "scratch", "packed_at", "wrap"}
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _C_ACTIVATION = {
@@ -171,7 +171,7 @@ class CLoop:
         later = leaf == self.reverse  # forward reads block t, writes t + 1; backward the other way
         if name in self.alternating:  # a buffer of two blocks
             return "(t + 1) % 2 * B" if later else "t % 2 * B"
-        return "(t + 1) * B" if later else "t * B"
+        return self.host.carry_rows(name, later)
 
     def where(self, i: int) -> Place:
         if i in self.place:
@@ -519,6 +519,8 @@ class CLoop:
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
         head = [f"void {self.fn}(long T, long B, int train, float *const *arg) {{"]
+        if self.host.wrapped and not self.reverse:  # see HostNames.wrapped
+            head.append("    const long wrap = train ? T + 1 : 2;  /* blocks of the states only this loop reads */")
         head += self.decls
         widths = " + ".join(c_size(w) for w in self.scratch) or "0"
         head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats, then the packed weights */")

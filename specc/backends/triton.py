@@ -48,7 +48,7 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
              "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
-             "PRECISION", "precision", "TILES", "tiles", "dot_precision"}
+             "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
                                 "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
@@ -194,6 +194,14 @@ class HostNames:
     names: dict[int, str] = field(default_factory=dict)
     seq: dict[int, str] = field(default_factory=dict)
     carry_buf: dict[str, str] = field(default_factory=dict)
+    # States nothing outside the loop reads but the final one: without training, their buffer is
+    # two blocks used in turn (`wrap` = 2), not one per step (`wrap` = T + 1).
+    wrapped: set[str] = field(default_factory=set)
+
+    def carry_rows(self, name: str, later: bool) -> str:
+        """The first row of a state's block for step t (later: t + 1) in its buffer."""
+        step = "(t + 1)" if later else "t"
+        return f"{step} % wrap * B" if name in self.wrapped else f"{step} * B"
 
 
 class KernelWriter:
@@ -217,7 +225,7 @@ class KernelWriter:
     def _home(self, i: int) -> tuple[str, str] | None:
         for name, leaf, nxt in self.g.carries:
             if i == leaf:  # the forward pass reads block t; the backward pass, block t + 1
-                return self.host.carry_buf[name], ("(t + 1) * B" if self.reverse else "t * B")
+                return self.host.carry_buf[name], self.host.carry_rows(name, self.reverse)
         region = self.s.region[i]
         if region == "pre":
             if i in self.plan.fused_pre:
@@ -230,7 +238,7 @@ class KernelWriter:
                 return self.host.seq[i], "t * B"
             for name, leaf, nxt in self.g.carries:
                 if i == nxt:
-                    return self.host.carry_buf[name], ("t * B" if self.reverse else "(t + 1) * B")
+                    return self.host.carry_buf[name], self.host.carry_rows(name, not self.reverse)
         return None
 
     def _arg(self, name: str) -> str:
@@ -513,7 +521,7 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
             targets.append((host.seq[i], "t * B", i in guard and i not in plan.cross))
         for name, _, nxt in g.carries:
             if nxt == i:
-                targets.append((host.carry_buf[name], "t * B" if reverse else "(t + 1) * B", False))
+                targets.append((host.carry_buf[name], host.carry_rows(name, not reverse), False))
         for buf, row, guarded in targets:
             for part, column in parts(i, Size.of(0)):
                 tasks.append(StoreTask(part, buf, row, width, column, guarded))
@@ -522,7 +530,7 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
         for name, _, nxt in g.carries:
             if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
                 width = _size(g.nodes[nxt].type.shape[0])
-                tasks.append(StoreTask(nxt, host.carry_buf[name], "t * B" if reverse else "(t + 1) * B", width,
+                tasks.append(StoreTask(nxt, host.carry_buf[name], host.carry_rows(name, not reverse), width,
                                        Size.of(0), False))
     return tasks
 
@@ -588,7 +596,8 @@ def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan,
             w.line(f"{names.carry_buf[name]} = torch.empty((2 * B, {size}), device=dev, dtype=dtype)")
             w.line(f"{names.carry_buf[name]}[T % 2 * B:(T % 2 + 1) * B] = {init}")
             continue
-        w.line(f"{names.carry_buf[name]} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
+        blocks = "wrap" if name in names.wrapped else "(T + 1)"
+        w.line(f"{names.carry_buf[name]} = torch.empty(({blocks} * B, {size}), device=dev, dtype=dtype)")
         w.line(f"{names.carry_buf[name]}[{'T * B:' if host.reverse else ':B'}] = {init}")
     for i, buf in names.seq.items():
         size = _size(g.nodes[i].type.shape[0])
@@ -633,7 +642,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             for task in group:
                 kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
             tensors = list(kw.args)
-            params = tensors + ["t", "B", *dims]
+            params = tensors + ["t", "B", *dims] + (["wrap"] if names.wrapped else [])
             dots = any("tl.dot(" in line for line in kw.body.lines)
             consts = (["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else []) + \
                      ["BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
@@ -722,9 +731,14 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
             body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(g.nodes[i].type.shape[0])})")
         taken_here = taken | set(namer.taken)
         keep = set(saved_nodes) | {i for _, i in g.outputs}
+        names.wrapped = _wrapped(fwd)
+        if names.wrapped:
+            body.comment("States only the loop reads: one block a step when training (backward reads them), else two.")
+            body.line("wrap = T + 1 if train else 2")
         scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
         outs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
-        finals = _tuple([f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
+        finals = _tuple([f"{names.carry_buf[name]}[T % wrap * B:(T % wrap + 1) * B]" if name in names.wrapped
+                         else f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
         saved_keys = {i: key_namer(_saved_key(g, i, names)) for i in saved_nodes}
         items = ", ".join(f'"{saved_keys[i]}": {host.ref(i)}' for i in saved_nodes)
@@ -807,6 +821,17 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("")
     w.line("")
     w.lines.extend(body.lines)
+
+
+def _wrapped(s: Schedule) -> set[str]:
+    """The forward pass's states that nothing after the loop reads but their final value: made in
+    the loop, read only in it, and not an output."""
+    g = s.graph
+    users = g.users()
+    outputs = {i for _, i in g.outputs}
+    return {name for name, leaf, nxt in g.carries
+            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry" and not {leaf, nxt} & outputs
+            and all(s.region[u] == "loop" for v in (leaf, nxt) for u in users[v])}
 
 
 def _saved_key(g: Graph, i: int, names: HostNames) -> str:
