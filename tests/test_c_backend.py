@@ -18,7 +18,7 @@ import torch
 import specc
 from specc.backends import c_runtime
 from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks, assert_matches_references,
-                         assert_same, assert_spec_matches_numpy, odd_dims, run)
+                         assert_same, assert_softmax_in_the_recurrence, assert_spec_matches_numpy, odd_dims, run)
 
 
 def _backend(module, x) -> str:
@@ -94,23 +94,27 @@ def test_activations_at_the_edges_of_float32(act):
     torch.testing.assert_close(got[0, 0], want, rtol=4e-7, atol=1e-37, equal_nan=True)
 
 
-SOFTMAX_SPEC = """
-cell attend(N) {
-    input x[N]
-    state h[N] = zeros
-    param W[N, N]
-    h' = softmax(W @ h + x)
+UNSAFE_DIM_SPEC = """
+cell unsafe(double) {
+    input x[double]
+    state h[double] = zeros
+    param W[double, double]
+    h' = tanh(W @ h + x)
     output h'
 }
 """
 
 
 def test_cells_it_cannot_write_run_on_numpy_and_say_why():
-    module = specc.load(SOFTMAX_SPEC, N=4)
-    assert "softmax inside the recurrence" in module.program.C_UNSUPPORTED
+    module = specc.load(UNSAFE_DIM_SPEC, double=4)
+    assert "double" in module.program.C_UNSUPPORTED
     assert _backend(module, torch.zeros(1)) == "numpy"
-    with pytest.raises(RuntimeError, match="attend.*cannot use the C backend.*softmax"):
-        specc.load(SOFTMAX_SPEC, N=4, backend="c")(torch.randn(2, 1, 4))
+    with pytest.raises(RuntimeError, match="unsafe.*cannot use the C backend.*double"):
+        specc.load(UNSAFE_DIM_SPEC, double=4, backend="c")(torch.randn(2, 1, 4))
+
+
+def test_softmax_inside_the_recurrence():
+    assert_softmax_in_the_recurrence("c")
 
 
 def test_second_order_products_run_in_c():

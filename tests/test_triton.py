@@ -193,6 +193,68 @@ def test_inference_keeps_c_in_two_blocks(monkeypatch):
     assert_inference_keeps_c_in_two_blocks("triton", monkeypatch)
 
 
+ATTEND_SPEC = """
+cell attend(N) {
+    input x[N]
+    state h[N] = zeros
+    param W[N, N]
+    param U[N, N]
+    a = softmax(W @ h + x)
+    h' = tanh(U @ (a * h) + x)
+    output a
+    output h'
+}
+"""
+
+
+class AttendReference(torch.nn.Module):
+    """ATTEND_SPEC as a torch loop: a softmax over each example's features inside the recurrence,
+    feeding a product of the same step."""
+
+    def __init__(self, N):
+        super().__init__()
+        self.W, self.U = torch.nn.Parameter(torch.randn(N, N) * 0.5), torch.nn.Parameter(torch.randn(N, N) * 0.5)
+
+    def forward(self, x, h):
+        attention = []
+        for x_t in x:
+            a = torch.softmax(h @ self.W.T + x_t, dim=1)
+            h = torch.tanh((a * h) @ self.U.T + x_t)
+            attention.append(a)
+        return torch.stack(attention), h
+
+
+def assert_softmax_in_the_recurrence(backend, device="cpu", tol=1e-5):
+    """softmax and its gradient inside the loop, against autograd through the torch loop."""
+    for N, B in ((5, 3), (37, 4), (70, 2)):
+        ref = AttendReference(N)
+        ours = specc.load(ATTEND_SPEC, N=N, backend=backend)
+        ours.load_state_dict(ref.state_dict())
+        ours.to(device)
+        x, h0 = torch.randn(6, B, N), torch.randn(B, N)
+        got, want = run(_FirstOutput(ours), x, [h0], device=device), run(ref, x, [h0])
+        assert_same(got, want, tol)
+
+
+class _FirstOutput(torch.nn.Module):
+    """A module with outputs (a, h'): a, and the final state, as the reference gives them."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, h):
+        (a, _), final = self.module(x, h)
+        return a, final
+
+    def named_parameters(self, *args, **kwargs):
+        return self.module.named_parameters(*args, **kwargs)
+
+
+def test_softmax_inside_the_recurrence():
+    assert_softmax_in_the_recurrence("triton")
+
+
 def test_custom_cells_match_hand_written_references():
     assert_matches_references("triton")
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import specc
-from test_triton import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, assert_spec_matches_numpy,
-                         run)
+from test_triton import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same, assert_softmax_in_the_recurrence,
+                         assert_spec_matches_numpy, run)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -112,3 +112,7 @@ def test_tf32_products_where_torch_allows_them():
     finally:
         torch.set_float32_matmul_precision(before)
     torch.testing.assert_close(y.cpu(), want, rtol=0, atol=5e-3)
+
+
+def test_softmax_inside_the_recurrence():
+    assert_softmax_in_the_recurrence("triton", device="cuda", tol=5e-5)

@@ -22,8 +22,8 @@ value's block of its T * B row buffer, the host's input-only values at row t * B
 does not keep, in scratch memory the host hands in. The host code around the call is the Triton
 backend's (torch), with the library's own products for W @ x over all steps (c_spell).
 
-Ops the loop cannot run yet (softmax and reshape inside the recurrence) raise Unsupported, and
-such a cell runs on the NumPy backend. Only float32 runs here.
+Ops the loop cannot run yet (reshape inside the recurrence) raise Unsupported, and such a cell
+runs on the NumPy backend. Only float32 runs here.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ C_KEYWORDS = {
     "memcpy", "memset", "expf", "logf", "log1pf", "fabsf", "fmaxf", "INFINITY", "NAN", "main",
 }
 # The generated function's own names.
-C_INTERNAL = {"T", "B", "t", "r", "c", "i", "k", "a_ri", "sum", "train", "arg", "scratch", "packed_at", "wrap"}
+C_INTERNAL = {"T", "B", "t", "r", "c", "i", "k", "a_ri", "sum", "top", "e", "train", "arg", "scratch", "packed_at",
+              "wrap"}
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _C_ACTIVATION = {
@@ -419,6 +420,37 @@ class CLoop:
             self.line("    }")
         self.line("}")
 
+    def softmax(self, i: int, args: list[Place], out: Place) -> None:
+        """softmax(v) of each example's row (its maximum taken out first, so exp cannot overflow),
+        or its gradient softmax_vjp(g, y) = y * (g - sum(g * y))."""
+        width = self._width(i)
+
+        def at(p: Place) -> str:
+            return self.element(p, width)
+
+        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = 0; r < B; r++) {")
+        if self.g.nodes[i].op == "softmax":
+            v = args[0]
+            self.line("    float top = -INFINITY, sum = 0.0f;")
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        top = {at(v)} > top ? {at(v)} : top;")
+            self.line(f"    for (long c = 0; c < {width}; c++) {{")
+            self.line(f"        float e = sp_exp({at(v)} - top);")
+            self.line(f"        {at(out)} = e;")
+            self.line("        sum += e;")
+            self.line("    }")
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        {at(out)} /= sum;")
+        else:
+            grad, y = args
+            self.line("    float sum = 0.0f;")
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        sum += {at(grad)} * {at(y)};")
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        {at(out)} = {at(y)} * ({at(grad)} - sum);")
+        self.line("}")
+
     def _find_virtual(self) -> None:
         """Elementwise values read only through slices (the LSTM's four gates' pre-activations,
         split from one 4H-wide sum) are never made whole: each slice is computed from the
@@ -460,7 +492,7 @@ class CLoop:
             src = self.where(node.args[0])
             self.place[i] = Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, not node.type.shape)
             return
-        if op in ("softmax", "softmax_vjp", "reshape"):
+        if op == "reshape":
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
         # A product's weight is handed in laid out for the loop (self.weights), not read in place.
         absorbed = self.absorbed.get(i, set())
@@ -479,6 +511,8 @@ class CLoop:
                 column = column + g.nodes[a].type.shape[0]
         elif op in ("outer", "outer_vjp_a", "outer_vjp_b"):
             self.outer(i, args, out)
+        elif op in ("softmax", "softmax_vjp"):
+            self.softmax(i, args, out)
         elif op in ("matvec", "matvec_t"):
             vec = args[1]
             k = c_size(g.nodes[node.args[1]].type.shape[0])

@@ -166,10 +166,13 @@ def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
         node = g.nodes[i]
         if node.op == "carry":
             continue
-        if node.op in ("softmax", "softmax_vjp", "reshape"):
+        if node.op == "reshape":
             raise Unsupported(f"{node.op} inside the recurrence (spec line {node.line})")
         if node.op in ("matvec", "matvec_t"):
             st = operand_stage(node.args[1])
+        elif node.op in ("softmax", "softmax_vjp"):
+            # A row's sum runs over all its features, as a product's does over its operand's.
+            st = max(operand_stage(a) for a in node.args)
         elif node.op in ("outer_vjp_a", "outer_vjp_b"):
             # Each output feature sums over the whole gradient operand.
             st = max(operand_stage(node.args[0]), stage.get(node.args[1], 0) if in_loop(node.args[1]) else 0)
@@ -325,6 +328,8 @@ class KernelWriter:
             return self._emit(node, self.gather(i, _off("offs_f", offset), "mask_f"), self._wanted(i, offset))
         if op in ("outer_vjp_a", "outer_vjp_b"):
             return self._outer_vjp(i, node, offset)
+        if op in ("softmax", "softmax_vjp"):
+            return self._softmax(i, node, offset)
         raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
 
     def _product(self, i: int, node: Node, offset: Size) -> str:
@@ -414,6 +419,50 @@ class KernelWriter:
         if node.op == "slice" and self.s.region[i] == "pre":
             return False
         return self._home(i) is not None
+
+    def _row_sums(self, i: int, node: Node) -> tuple[str, str]:
+        """Per example, over all features, in one pass of BLOCK_K columns: for softmax(v) the
+        maximum of v and the sum of exp(v - maximum) (kept up to date as the maximum grows); for
+        softmax_vjp(g, y) the sum of g * y, and a second name left unused."""
+        key = (i, "row sums")
+        if key in self.memo:
+            return self.memo[key].split(",")
+        self._comment(node)
+        b = self.body
+        base = self._wanted(i, Size.of(0))
+        extent = _size(self.g.nodes[node.args[0]].type.shape[0])
+        if node.op == "softmax":
+            top, total = self.namer(f"{base}_max"), self.namer(f"{base}_sum")
+            b.line(f"{top} = tl.full((BLOCK_B,), float(\"-inf\"), dtype=tl.float32)")
+        else:
+            top, total = "", self.namer(f"{base}_dot")
+        b.line(f"{total} = tl.zeros((BLOCK_B,), dtype=tl.float32)")
+        with b.block(f"for k0 in range(0, {extent}, BLOCK_K):"):
+            b.line("offs_k = k0 + tl.arange(0, BLOCK_K)")
+            b.line(f"mask_k = offs_k < {extent}")
+            saved_memo, self.memo = self.memo, {}
+            parts = [self.gather(a, "offs_k", "mask_k") for a in node.args]
+            self.memo = saved_memo
+            if node.op == "softmax":
+                # Columns past the end take -inf, which exp() makes 0; recomputed values there are not.
+                b.line(f"operand = tl.where(mask_k[None, :], {parts[0]}, float(\"-inf\"))")
+                grown = self.namer(f"{base}_max_k")
+                b.line(f"{grown} = tl.maximum({top}, tl.max(operand, axis=1))")
+                b.line(f"{total} = {total} * tl.exp({top} - {grown}) + tl.sum(tl.exp(operand - {grown}[:, None]), axis=1)")
+                b.line(f"{top} = {grown}")
+            else:
+                b.line(f"operand = tl.where(mask_k[None, :], {parts[0]} * {parts[1]}, 0.0)")
+                b.line(f"{total} += tl.sum(operand, axis=1)")
+        self.memo[key] = f"{top},{total}"
+        return [top, total]
+
+    def _softmax(self, i: int, node: Node, offset: Size) -> str:
+        top, total = self._row_sums(i, node)
+        if node.op == "softmax":
+            v = self.value(node.args[0], offset)
+            return self._emit(node, f"tl.exp({v} - {top}[:, None]) / {total}[:, None]", self._wanted(i, offset))
+        g, y = (self.value(a, offset) for a in node.args)
+        return self._emit(node, f"{y} * ({g} - {total}[:, None])", self._wanted(i, offset))
 
     def _outer_vjp(self, i: int, node: Node, offset: Size) -> str:
         # outer_vjp_a: out[n] = sum_k G[n*K + k] b[k]; outer_vjp_b: out[k] = sum_n G[n*K + k] a[n]
