@@ -11,7 +11,8 @@ The loop body becomes fused kernels, one launch per step each:
   writes only h', c' and what backward keeps. No gate activation goes to memory and back.
 * A matrix product needs its whole vector operand. When that operand is itself made inside the
   step (U @ (r * h) in Cho's GRU, W_hh^T @ dgates in every backward step), the operand is stored
-  and the product runs in the next "stage", a second kernel launched after the first.
+  and the product runs in the next "stage", a second kernel launched after the first. A softmax, and
+  its gradient, need a whole row of their operand (its maximum and sum) and are staged the same way.
 * Kernels launch once per step and stage instead of one persistent kernel looping over time: a
   step needs every feature of the previous state, which would need a grid-wide barrier between
   steps; Triton has none, and spinning on global flags is fragile. Measured on an H200
