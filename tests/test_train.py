@@ -89,6 +89,7 @@ def test_resume_continues_bit_for_bit(tmp_path, task):
     resumed = train(config("b", 31), resume=True, progress=False)
     assert resumed.step == straight.step == 31
     assert resumed.history == straight.history
+    assert resumed.evals == straight.evals  # not the eval that ended the 13-step run
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ck_a, ck_b = checkpoint.load(tmp_path / "a" / "checkpoint.pt"), checkpoint.load(tmp_path / "b" / "checkpoint.pt")

@@ -170,7 +170,10 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
         checkpoint.set_rng_states(ck["rng"])
         source.load_state_dict(ck["data"])
         step = saved_step = ck["step"]
-        history, evals = list(ck["history"]), list(ck["evals"])
+        history = list(ck["history"])
+        # The eval that ended the earlier run (interrupted, or out of time) is off the schedule: an
+        # uninterrupted run would not have made it, so the resumed run's history does not keep it.
+        evals = [(at, m) for at, m in ck["evals"] if at % t["eval_every"] == 0]
         carry = None if ck["carry"] is None else tuple(c[lo:hi].to(device) for c in ck["carry"])
 
     net = model
