@@ -139,6 +139,30 @@ def _cell_output_and_states(cell: CheckedCell) -> tuple[Size, tuple[tuple[str, S
     return g.nodes[first].type.shape[0], tuple((name, g.nodes[nxt].type.shape[0]) for name, _, nxt in g.carries)
 
 
+def input_dim(cell: CheckedCell) -> str | None:
+    """The dimension that the size of the cell's first input is, when it is one dimension alone:
+    a layer binds it to the size of what feeds it (a stacked layer, to the layer below)."""
+    if not cell.inputs:
+        return None
+    first = cell.inputs[0].shape[0]
+    if len(first.terms) == 1 and len(first.terms[0][0]) == 1 and first.terms[0][1] == 1:
+        return first.terms[0][0][0]
+    return None
+
+
+def stackable(cell: CheckedCell) -> bool:
+    """A layer above the first reads the one below: its input size must be a dimension of its own,
+    one its output size does not depend on."""
+    dim = input_dim(cell)
+    out, _ = _cell_output_and_states(cell)
+    return dim is not None and dim not in out.names()
+
+
+def cannot_stack(cell: CheckedCell) -> str:
+    return (f"cell '{cell.name}' cannot be stacked: a layer above the first reads the one below, so its "
+            f"input size must be a dimension of its own (input {cell.inputs[0].name}[{cell.inputs[0].shape[0]}])")
+
+
 def _suggest(name: str, candidates) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -290,20 +314,13 @@ class _Checker:
             return None
         if not 0.0 <= layer.dropout < 1.0:
             self.errors.error(layer.loc, f"dropout must be at least 0 and less than 1, got {layer.dropout:g}")
-        first = cell.inputs[0].shape[0] if cell.inputs else None
-        input_dim = None
-        if first is not None and len(first.terms) == 1 and len(first.terms[0][0]) == 1 and first.terms[0][1] == 1:
-            input_dim = first.terms[0][0][0]
         if not cell.inputs:
             self.errors.error(layer.kind_loc, f"cell '{cell.name}' has no input, so nothing can feed it")
             return None
-        out, _ = _cell_output_and_states(cell)
-        if stacked != Size.of(1) and (input_dim is None or input_dim in out.names()):
-            self.errors.error(layer.kind_loc, f"cell '{cell.name}' cannot be stacked: a layer above the first "
-                                              f"reads the one below, so its input size must be a dimension of "
-                                              f"its own (input {cell.inputs[0].name}[{first}])")
+        if stacked != Size.of(1) and not stackable(cell):
+            self.errors.error(layer.kind_loc, cannot_stack(cell))
             return None
-        spec = RecurrentSpec(cell, text, file, tuple(dims.items()), input_dim, stacked, layer.bidirectional,
+        spec = RecurrentSpec(cell, text, file, tuple(dims.items()), input_dim(cell), stacked, layer.bidirectional,
                              layer.dropout, Size.of(0))
         return LayerSpec(layer.name, "recurrent", (), spec, layer.loc)
 

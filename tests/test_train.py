@@ -75,6 +75,96 @@ def test_truncated_bptt_with_clipping_matches_a_torch_reference(tmp_path):
     assert torch.allclose(got.head.weight, head.weight, atol=1e-5)
 
 
+def test_stacked_layers_match_a_two_layer_torch_lstm(tmp_path):
+    """model.layers: 2 -> the cell stacked (the upper layer reads the lower), its states carried
+    between chunks and reset at each epoch, against nn.LSTM(num_layers=2) trained by hand."""
+    cfg = corpus_config(tmp_path, steps=30)
+    cfg["model"]["layers"] = 2
+    result = train(cfg, progress=False)
+
+    vocab = sorted(set(TEXT))
+    ids = torch.tensor([vocab.index(c) for c in TEXT])
+    ids = ids[:len(ids) - int(len(ids) * 0.1)]
+    V, H, B, k = len(vocab), 12, 2, 8
+    torch.manual_seed(0)
+    init = loop_module.build_model(cfg["model"], V, V, "tokens")
+    lstm, head = nn.LSTM(V, H, num_layers=2), nn.Linear(H, V)
+    with torch.no_grad():
+        for layer in range(2):
+            cell = init.cell.cell(layer)
+            for theirs, ours in (("weight_ih", "W_ih"), ("weight_hh", "W_hh"), ("bias_ih", "b_ih"), ("bias_hh", "b_hh")):
+                getattr(lstm, f"{theirs}_l{layer}").copy_(getattr(cell, ours))
+        head.load_state_dict(init.head.state_dict())
+    params = list(lstm.parameters()) + list(head.parameters())
+    seg = (len(ids) - 1) // B
+    chunks = seg // k
+    state, losses = None, []
+    for step in range(30):
+        c = step % chunks
+        if c == 0:
+            state = None
+        x = torch.stack([ids[b * seg + c * k: b * seg + c * k + k] for b in range(B)], 1)
+        y = torch.stack([ids[b * seg + c * k + 1: b * seg + c * k + k + 1] for b in range(B)], 1)
+        out, state = lstm(nn.functional.one_hot(x, V).float(), state)
+        loss = nn.functional.cross_entropy(head(out).reshape(-1, V), y.reshape(-1))
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        scale = min(1.0, 0.1 / (norm.item() + 1e-6))
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.5 * scale * g
+        state = tuple(s.detach() for s in state)
+        losses.append(loss.item())
+    assert np.allclose(result.history, losses, atol=1e-5)
+    for layer in range(2):
+        assert torch.allclose(result.model.cell.cell(layer).W_hh, getattr(lstm, f"weight_hh_l{layer}"), atol=1e-5)
+    assert torch.allclose(result.model.head.weight, head.weight, atol=1e-5)
+
+
+def test_stacked_layers_with_dropout_resume_bit_for_bit_and_sample(tmp_path):
+    def config(out, steps):
+        cfg = corpus_config(tmp_path, steps=steps, optimizer="adam", lr=0.01, checkpoint_every=2)
+        cfg["model"].update(layers=3, dropout=0.3)
+        cfg["out"] = str(tmp_path / out)
+        return cfg
+
+    straight = train(config("a", 9), progress=False)
+    train(config("b", 5), progress=False)
+    resumed = train(config("b", 9), resume=True, progress=False)
+    assert resumed.history == straight.history
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, ck = load_model(tmp_path / "b" / "checkpoint.pt")
+    text = generate(model, ck["io"]["vocab"], "First", 20, temperature=0.0)
+    assert len(text) == 20 and set(text) <= set(TEXT)
+    # dropout while training only
+    x = torch.randint(0, len(ck["io"]["vocab"]), (5, 2))
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"layers": 0}, "model.layers: must be at least 1"),
+    ({"dropout": 0.2}, "model.dropout: applies between stacked layers"),
+    ({"layers": 2, "dropout": 1.0}, "model.dropout: must be at least 0 and less than 1"),
+])
+def test_stacking_options_are_checked(tmp_path, model, message):
+    cfg = corpus_config(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({**cfg, "model": {**cfg["model"], **model}})
+
+
+def test_a_cell_that_cannot_be_stacked_says_why(tmp_path):
+    text = "cell wide(I, H) {\n  input x[I]\n  state h[H] = zeros\n  param W[H, H]\n  h' = tanh(W @ h)\n" \
+           "  output y = concat(h', x)\n}\n"
+    cfg = corpus_config(tmp_path)
+    cfg["model"].update(spec=text, layers=2)
+    with pytest.raises(ValueError, match="cannot be stacked.*input x\\[I\\]"):
+        train(cfg, progress=False)
+
+
 @pytest.mark.parametrize("task", ["corpus", "reber"])
 def test_resume_continues_bit_for_bit(tmp_path, task):
     def config(out, steps):

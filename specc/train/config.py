@@ -22,6 +22,8 @@ SCHEMA = {
         "dims": ((dict,), {}),                # the cell's dimensions, e.g. {H: 128}; I (and O) are filled in
         "embed": ((int, NONE), None),         # token inputs: an embedding of this size instead of one-hot
         "head": ((bool,), True),              # a linear layer from the cell's output to the task's outputs
+        "layers": ((int,), 1),                # stacked copies of the cell, each reading the one below
+        "dropout": ((float,), 0.0),           # between stacked layers, while training
     },
     "task": {
         "name": ((str,), REQUIRED),           # one of TASKS; the task's own options sit beside it
@@ -38,7 +40,7 @@ SCHEMA = {
         "time_limit": ((float, NONE), None),  # ... or seconds of training in this run, whichever comes first
         "clip": ((float, NONE), 5.0),         # gradient clipping by global norm; null turns it off
         "seed": ((int,), 0),
-        "device": ((str,), "cpu"),            # cpu (NumPy backend) or cuda (Triton backend; nccl under torchrun)
+        "device": ((str,), "cpu"),            # cpu (C loops, else NumPy) or cuda (Triton backend; nccl under torchrun)
         "threads": ((int, NONE), 1),          # CPU threads for torch and BLAS (null: leave them as they are)
         "eval_every": ((int,), 200),          # steps between evaluations
         "eval_batches": ((int, NONE), 20),    # batches per evaluation (null: the whole validation stream)
@@ -187,6 +189,13 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
     for name, size in cfg["model"]["dims"].items():
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             fail("model", "dims", f"dimension {name} must be a positive whole number, got {size!r}")
+    m = cfg["model"]
+    if m["layers"] < 1:
+        fail("model", "layers", f"must be at least 1, got {m['layers']}")
+    if not 0.0 <= m["dropout"] < 1.0:
+        fail("model", "dropout", f"must be at least 0 and less than 1, got {m['dropout']}")
+    if m["dropout"] and m["layers"] == 1:
+        fail("model", "dropout", "applies between stacked layers; with it, set model.layers to 2 or more")
     task = cfg["task"]
     for key, (ok, what) in TASKS[task["name"]].LIMITS.items():
         if key in task and not ok(task[key]):
@@ -206,6 +215,12 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
         fail("train", "steps", "say when to stop: steps, epochs or time_limit")
     if t["epochs"] is not None and not TASKS[cfg["task"]["name"]].stream:
         fail("train", "epochs", f"task {cfg['task']['name']} generates fresh data without end; use steps")
+
+
+def model_section(model: dict) -> dict:
+    """A model section with every key, as read today: a checkpoint's from before a key existed
+    gets the key's default."""
+    return {**{k: copy.deepcopy(d) for k, (_, d) in SCHEMA["model"].items() if d is not REQUIRED}, **model}
 
 
 def load_config(path: str | Path) -> dict:

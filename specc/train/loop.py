@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint
-from .config import ConfigError
+from .config import ConfigError, model_section
 from .model import SequenceModel, build_model
 from .plot import write_loss_curve
 from .progress import Progress
@@ -103,7 +103,17 @@ def _as_tuple(state) -> tuple:
 
 def evaluate(task: Task, model: SequenceModel, cfg: dict) -> dict:
     """Loss on held-out data (the validation stream, or fresh sequences from a fixed generator),
-    and the task's own measures."""
+    and the task's own measures, with the model in eval mode (no dropout, so it draws no random
+    numbers either: a run evaluated at other steps trains the same)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(task, model, cfg)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(task: Task, model: SequenceModel, cfg: dict) -> dict:
     t = cfg["train"]
     device = next(model.parameters()).device
     n = t["eval_batches"]
@@ -162,7 +172,8 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
             raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from")
         ck = checkpoint.load(ckpt_path)
         for section in ("model", "task"):
-            if ck["config"][section] != cfg[section]:
+            theirs = model_section(ck["config"][section]) if section == "model" else ck["config"][section]
+            if theirs != cfg[section]:
                 raise ConfigError(f"--resume: the config's {section} section differs from the checkpoint's "
                                   f"({ck['config'][section]} there)")
         model.load_state_dict(ck["model"])

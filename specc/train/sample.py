@@ -27,17 +27,24 @@ def generate(model: SequenceModel, vocab: list[str], prime: str, length: int, te
         raise ValueError("the prime text is empty; give at least one character")
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        logits, state = model(torch.tensor([index[ch] for ch in prime], device=device).unsqueeze(1))
+    was_training = model.training
+    model.eval()  # no dropout between stacked layers while sampling
+    try:
+        with torch.no_grad():
+            return "".join(_draw(model, [index[ch] for ch in prime], length, temperature, gen, device, vocab))
+    finally:
+        model.train(was_training)
+
+
+def _draw(model, prime: list[int], length: int, temperature: float, gen, device, vocab):
+    logits, state = model(torch.tensor(prime, device=device).unsqueeze(1))
+    last = logits[-1, 0]
+    for _ in range(length):
+        if temperature <= 0:
+            k = int(last.argmax())
+        else:
+            probs = torch.softmax(last.double().cpu() / temperature, -1)
+            k = int(torch.multinomial(probs, 1, generator=gen))
+        yield vocab[k]
+        logits, state = model(torch.tensor([[k]], device=device), state)
         last = logits[-1, 0]
-        for _ in range(length):
-            if temperature <= 0:
-                k = int(last.argmax())
-            else:
-                probs = torch.softmax(last.double().cpu() / temperature, -1)
-                k = int(torch.multinomial(probs, 1, generator=gen))
-            out.append(vocab[k])
-            logits, state = model(torch.tensor([[k]], device=device), state)
-            last = logits[-1, 0]
-    return "".join(out)
