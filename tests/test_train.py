@@ -29,30 +29,28 @@ def corpus_config(tmp_path, **train):
                              "train": settings, "out": str(tmp_path / "run")})
 
 
-def test_truncated_bptt_with_clipping_matches_a_torch_reference(tmp_path):
-    cfg = corpus_config(tmp_path, steps=30)  # 30 chunks: past the end of an epoch (state reset)
-    result = train(cfg, progress=False)
-
-    # The reference: torch's own LSTM, stream slicing, clipping and SGD written out by hand,
-    # from the same initial weights (train seeds torch, then builds the model).
+def torch_reference_run(cfg, layers: int, steps: int):
+    """torch's own LSTM (num_layers=layers), stream slicing, state carrying and reset, clipping and
+    SGD written out by hand, from the initial weights train() starts from (it seeds torch, then
+    builds the model). The LSTM, the head and the losses."""
     vocab = sorted(set(TEXT))
     ids = torch.tensor([vocab.index(c) for c in TEXT])
     ids = ids[:len(ids) - int(len(ids) * 0.1)]
     V, H, B, k = len(vocab), 12, 2, 8
     torch.manual_seed(0)
     init = loop_module.build_model(cfg["model"], V, V, "tokens")
-    lstm, head = nn.LSTM(V, H), nn.Linear(H, V)
+    lstm, head = nn.LSTM(V, H, num_layers=layers), nn.Linear(H, V)
+    cells = [init.cell] if layers == 1 else [init.cell.cell(layer) for layer in range(layers)]
     with torch.no_grad():
-        lstm.weight_ih_l0.copy_(init.cell.W_ih)
-        lstm.weight_hh_l0.copy_(init.cell.W_hh)
-        lstm.bias_ih_l0.copy_(init.cell.b_ih)
-        lstm.bias_hh_l0.copy_(init.cell.b_hh)
+        for layer, cell in enumerate(cells):
+            for theirs, ours in (("weight_ih", "W_ih"), ("weight_hh", "W_hh"), ("bias_ih", "b_ih"), ("bias_hh", "b_hh")):
+                getattr(lstm, f"{theirs}_l{layer}").copy_(getattr(cell, ours))
         head.load_state_dict(init.head.state_dict())
     params = list(lstm.parameters()) + list(head.parameters())
     seg = (len(ids) - 1) // B
     chunks = seg // k
     state, losses = None, []
-    for step in range(30):
+    for step in range(steps):
         c = step % chunks
         if c == 0:
             state = None
@@ -68,6 +66,13 @@ def test_truncated_bptt_with_clipping_matches_a_torch_reference(tmp_path):
                 p -= 0.5 * scale * g
         state = tuple(s.detach() for s in state)
         losses.append(loss.item())
+    return lstm, head, losses
+
+
+def test_truncated_bptt_with_clipping_matches_a_torch_reference(tmp_path):
+    cfg = corpus_config(tmp_path, steps=30)  # 30 chunks: past the end of an epoch (state reset)
+    result = train(cfg, progress=False)
+    lstm, head, losses = torch_reference_run(cfg, 1, 30)
     assert np.allclose(result.history, losses, atol=1e-5)
     got = result.model
     assert torch.allclose(got.cell.W_hh, lstm.weight_hh_l0, atol=1e-5)
@@ -81,40 +86,7 @@ def test_stacked_layers_match_a_two_layer_torch_lstm(tmp_path):
     cfg = corpus_config(tmp_path, steps=30)
     cfg["model"]["layers"] = 2
     result = train(cfg, progress=False)
-
-    vocab = sorted(set(TEXT))
-    ids = torch.tensor([vocab.index(c) for c in TEXT])
-    ids = ids[:len(ids) - int(len(ids) * 0.1)]
-    V, H, B, k = len(vocab), 12, 2, 8
-    torch.manual_seed(0)
-    init = loop_module.build_model(cfg["model"], V, V, "tokens")
-    lstm, head = nn.LSTM(V, H, num_layers=2), nn.Linear(H, V)
-    with torch.no_grad():
-        for layer in range(2):
-            cell = init.cell.cell(layer)
-            for theirs, ours in (("weight_ih", "W_ih"), ("weight_hh", "W_hh"), ("bias_ih", "b_ih"), ("bias_hh", "b_hh")):
-                getattr(lstm, f"{theirs}_l{layer}").copy_(getattr(cell, ours))
-        head.load_state_dict(init.head.state_dict())
-    params = list(lstm.parameters()) + list(head.parameters())
-    seg = (len(ids) - 1) // B
-    chunks = seg // k
-    state, losses = None, []
-    for step in range(30):
-        c = step % chunks
-        if c == 0:
-            state = None
-        x = torch.stack([ids[b * seg + c * k: b * seg + c * k + k] for b in range(B)], 1)
-        y = torch.stack([ids[b * seg + c * k + 1: b * seg + c * k + k + 1] for b in range(B)], 1)
-        out, state = lstm(nn.functional.one_hot(x, V).float(), state)
-        loss = nn.functional.cross_entropy(head(out).reshape(-1, V), y.reshape(-1))
-        grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-        scale = min(1.0, 0.1 / (norm.item() + 1e-6))
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= 0.5 * scale * g
-        state = tuple(s.detach() for s in state)
-        losses.append(loss.item())
+    lstm, head, losses = torch_reference_run(cfg, 2, 30)
     assert np.allclose(result.history, losses, atol=1e-5)
     for layer in range(2):
         assert torch.allclose(result.model.cell.cell(layer).W_hh, getattr(lstm, f"weight_hh_l{layer}"), atol=1e-5)
