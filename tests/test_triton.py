@@ -6,6 +6,7 @@ final states and every gradient, in float32 to 1e-5, on sizes that are not power
 """
 from __future__ import annotations
 
+import inspect
 import sys
 
 import pytest
@@ -137,6 +138,19 @@ def test_any_tile_gives_the_same_numbers(tiles, monkeypatch):
         monkeypatch.setattr(ours.program, "TILES", tiles)
         x, h = torch.randn(3, 35, 21), [torch.randn(35, 19) for _ in ref.program.STATES]
         assert_same(run(ours, x, h), run(ref, x, h))
+
+
+def test_int64_offsets_give_the_same_numbers(monkeypatch):
+    """Kernels switch to int64 offsets for tensors of 2**31 elements or more (too large for CI:
+    here the switch is forced)."""
+    for cell, dims in (("lstm", dict(I=21, H=19)), ("gru_cho", dict(I=21, H=19)), ("second_order", dict(I=5, H=7))):
+        ref = specc.load(cell, backend="numpy", **dims)
+        ours = specc.load(cell, backend="triton", **dims)
+        ours.load_state_dict(ref.state_dict())
+        monkeypatch.setattr(ours.program, "WIDE_ELEMENTS", 0)
+        x, h = torch.randn(3, 35, dims["I"]), [torch.randn(35, dims["H"]) for _ in ref.program.STATES]
+        assert_same(run(ours, x, h), run(ref, x, h))
+        assert ">= WIDE_ELEMENTS" in inspect.getsource(ours.program.forward_triton)
 
 
 def test_batch_picks_the_tile():

@@ -49,7 +49,7 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
              "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
-             "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap"}
+             "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap", "WIDE", "wide", "WIDE_ELEMENTS"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
                                 "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
@@ -679,6 +679,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
     _emit_buffers(w, host, carry_init, plan, guard, plan.fused_pre)
 
     launches = []
+    every_tensor: dict[str, None] = {}
     for stage in range(plan.n_stages):
         tasks = _store_tasks(s, plan, names, host.reverse, stage, guard)
         by_tile: dict[str, list[StoreTask]] = {}
@@ -695,7 +696,8 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             params = tensors + ["t", "B", *dims] + (["wrap"] if names.wrapped else [])
             dots = any("tl.dot(" in line for line in kw.body.lines)
             consts = (["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else []) + \
-                     ["BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
+                     ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
+            every_tensor.update(dict.fromkeys(tensors))
             kernels_out.line("")
             kernels_out.line("")
             # t changes every step: specialising on it would compile the kernel again for t = 1.
@@ -708,14 +710,21 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             kernels_out.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")
             kernels_out.line("    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)")
             kernels_out.line("    mask_b = offs_b < B")
+            kernels_out.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
+            kernels_out.line("        offs_b = offs_b.to(tl.int64)")
+            kernels_out.line("        offs_f = offs_f.to(tl.int64)")
             kernels_out.line(f"    mask_f = offs_f < {_size(tile)}")
             kernels_out.lines.extend(kw.body.lines)
             extra = (["TRAIN=train"] if kw.uses_train else []) + (["PRECISION=precision"] if dots else []) + \
-                ["BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
+                ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({_size(tile)}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
     w.line("precision = dot_precision()")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
+    if every_tensor:
+        w.line(f"wide = max(a.numel() for a in ({', '.join(every_tensor)},) if a is not None) >= WIDE_ELEMENTS")
+    else:
+        w.line("wide = False")
     w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
               "The time loop, from the last step to the first: one launch of each fused kernel per step.")
     with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
@@ -849,6 +858,7 @@ DOCS = {
 
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
+    w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
     w.line("")
     w.line("")
     with w.block("def tiles(B, precision):"):
