@@ -43,7 +43,8 @@ def torch_reference_run(cfg, layers: int, steps: int):
     cells = [init.cell] if layers == 1 else [init.cell.cell(layer) for layer in range(layers)]
     with torch.no_grad():
         for layer, cell in enumerate(cells):
-            for theirs, ours in (("weight_ih", "W_ih"), ("weight_hh", "W_hh"), ("bias_ih", "b_ih"), ("bias_hh", "b_hh")):
+            for theirs, ours in (("weight_ih", "W_ih"), ("weight_hh", "W_hh"), ("bias_ih", "b_ih"),
+                                 ("bias_hh", "b_hh")):
                 getattr(lstm, f"{theirs}_l{layer}").copy_(getattr(cell, ours))
         head.load_state_dict(init.head.state_dict())
     params = list(lstm.parameters()) + list(head.parameters())

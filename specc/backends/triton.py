@@ -449,7 +449,8 @@ class KernelWriter:
                 b.line(f"operand = tl.where(mask_k[None, :], {parts[0]}, float(\"-inf\"))")
                 grown = self.namer(f"{base}_max_k")
                 b.line(f"{grown} = tl.maximum({top}, tl.max(operand, axis=1))")
-                b.line(f"{total} = {total} * tl.exp({top} - {grown}) + tl.sum(tl.exp(operand - {grown}[:, None]), axis=1)")
+                b.line(f"{total} = {total} * tl.exp({top} - {grown})"
+                       f" + tl.sum(tl.exp(operand - {grown}[:, None]), axis=1)")
                 b.line(f"{top} = {grown}")
             else:
                 b.line(f"operand = tl.where(mask_k[None, :], {parts[0]} * {parts[1]}, 0.0)")
@@ -695,8 +696,8 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             tensors = list(kw.args)
             params = tensors + ["t", "B", *dims] + (["wrap"] if names.wrapped else [])
             dots = any("tl.dot(" in line for line in kw.body.lines)
-            consts = (["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else []) + \
-                     ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"]
+            consts = ((["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else [])
+                      + ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"])
             every_tensor.update(dict.fromkeys(tensors))
             kernels_out.line("")
             kernels_out.line("")
