@@ -196,6 +196,7 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
         w.line(f"C_UNSUPPORTED = {str(e)!r}")
     else:
         w.line("C_UNSUPPORTED = None")
+        w.line("import torch  # the host code around the C loops (also where the Triton part is missing)")
         w.lines.extend(cpu.lines)
     w.line("")
     w.line("")

@@ -18,7 +18,8 @@ import torch
 import specc
 from specc.backends import c_runtime
 from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks, assert_matches_references,
-                         assert_same, assert_softmax_in_the_recurrence, assert_spec_matches_numpy, odd_dims, run)
+                         assert_same, assert_softmax_in_the_recurrence, assert_softmax_of_minus_inf_columns,
+                         assert_spec_matches_numpy, odd_dims, run)
 
 
 def _backend(module, x) -> str:
@@ -115,6 +116,60 @@ def test_cells_it_cannot_write_run_on_numpy_and_say_why():
 
 def test_softmax_inside_the_recurrence():
     assert_softmax_in_the_recurrence("c")
+
+
+def test_softmax_of_minus_inf_columns():
+    assert_softmax_of_minus_inf_columns("c")
+
+
+STRADDLE_SPEC = """
+cell straddle(N) {
+    input x[N]
+    state h[N] = zeros
+    param W[2*N, N]
+    param U[N, N]
+    z = tanh(W @ h + [x, x])
+    u, v = split(z, 2)
+    h' = tanh(U @ softmax(u)) + v
+    output z
+}
+"""
+
+
+def test_a_cell_only_c_can_run_runs_on_c():
+    """Triton refuses this one (a tile would straddle the parts of [x, x]); the C loops, and
+    their torch host code, run it on their own."""
+    ours = specc.load(STRADDLE_SPEC, N=5)
+    assert ours.program.TRITON_UNSUPPORTED and ours.program.C_UNSUPPORTED is None
+    assert _backend(ours, torch.zeros(1)) == "c"
+    ref = specc.load(STRADDLE_SPEC, N=5, backend="numpy")
+    ref.load_state_dict(ours.state_dict())
+    x, h = torch.randn(4, 3, 5), [torch.randn(3, 5)]
+    assert_same(run(ours, x, h), run(ref, x, h))
+
+
+SHARED_NEXT_SPEC = """
+cell shared(N) {
+    input x[N]
+    state h[N] = zeros
+    state c[N] = zeros
+    state d[N] = zeros
+    param W[N, N]
+    z = tanh(W @ h + c + x)
+    h' = tanh(W @ d + x)
+    c' = z
+    d' = z
+    output h'
+}
+"""
+
+
+def test_states_that_share_a_next_value():
+    ours = specc.load(SHARED_NEXT_SPEC, N=6, backend="c")
+    ref = specc.load(SHARED_NEXT_SPEC, N=6, backend="numpy")
+    ref.load_state_dict(ours.state_dict())
+    x, s = torch.randn(4, 3, 6), [torch.randn(3, 6) for _ in range(3)]
+    assert_same(run(ours, x, s), run(ref, x, s))
 
 
 def test_second_order_products_run_in_c():

@@ -160,6 +160,18 @@ def test_resume_continues_bit_for_bit(tmp_path, task):
     assert ck_a["carry"] is None if task == "reber" else all(torch.equal(x, y) for x, y in zip(ck_a["carry"], ck_b["carry"]))
 
 
+def test_resume_keeps_the_evals_of_an_earlier_schedule(tmp_path):
+    def config(steps, every):
+        return config_from_dict({"model": {"spec": "lstm", "dims": {"H": 6}}, "task": {"name": "hello"},
+                                 "train": dict(batch_size=4, seq_len=5, steps=steps, eval_every=every, eval_batches=2,
+                                               threads=1, checkpoint_every=2),
+                                 "out": str(tmp_path / "r")})
+
+    train(config(7, 3), progress=False)  # evals at 3, 6 and 7 (the end, off the schedule)
+    resumed = train(config(9, 4), resume=True, progress=False)
+    assert [at for at, _ in resumed.evals] == [3, 6, 8, 9]
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     cfg = corpus_config(tmp_path, steps=2)
     train(cfg, progress=False)

@@ -157,7 +157,7 @@ def test_batch_picks_the_tile():
     program = specc.load("gru", I=3, H=4, backend="triton").program
     assert program.tiles(8, "ieee") == (16, 16, 32) and program.tiles(256, "ieee") == (32, 32, 32)
     assert program.tiles(8, "tf32") == (16, 32, 32) and program.tiles(256, "tf32") == (32, 64, 32)
-    assert program.dot_precision() == "ieee"  # torch's default, "highest"
+    assert program.dot_precision(torch.device("cpu")) == "ieee"  # torch's default, "highest"
 
 
 def test_spec_names_that_are_the_generated_code_s_own_are_renamed():
@@ -267,6 +267,36 @@ class _FirstOutput(torch.nn.Module):
 
 def test_softmax_inside_the_recurrence():
     assert_softmax_in_the_recurrence("triton")
+
+
+MINUS_INF_SPEC = """
+cell scores(N) {
+    input x[N]
+    state h[N] = zeros
+    h' = softmax(log(x) + h)
+    output h'
+}
+"""
+
+
+def assert_softmax_of_minus_inf_columns(backend):
+    """A row whose first columns (more than a tile's) are -inf: they get 0, the rest a softmax."""
+    x = torch.rand(3, 2, 70) + 0.5
+    x[:, 0, :40] = 0.0  # log(0) = -inf
+    ours = specc.load(MINUS_INF_SPEC, N=70, backend=backend)
+    with torch.no_grad():
+        y, h = ours(x)
+        want, h_want = torch.zeros(2, 70), []
+        for x_t in x:
+            want = torch.softmax(torch.log(x_t) + want, dim=1)
+            h_want.append(want)
+    torch.testing.assert_close(y, torch.stack(h_want), rtol=1e-5, atol=1e-6)
+    assert torch.equal(y[:, 0, :40], torch.zeros(3, 40))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log(0), meant
+def test_softmax_of_minus_inf_columns():
+    assert_softmax_of_minus_inf_columns("triton")
 
 
 def test_custom_cells_match_hand_written_references():

@@ -107,7 +107,7 @@ def test_tf32_products_where_torch_allows_them():
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        assert ours.program.dot_precision() == "tf32"
+        assert ours.program.dot_precision(torch.device("cuda")) == "tf32"
         y, _ = ours(x.cuda())
     finally:
         torch.set_float32_matmul_precision(before)

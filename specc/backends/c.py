@@ -247,16 +247,25 @@ class CLoop:
         return Place(name, width, not node.type.shape)
 
     def also_kept(self, i: int, p: Place, local: str | None = None) -> None:
-        """A state's next value that backward also keeps: written into its kept buffer too."""
+        """A state's next value that backward also keeps: written into its kept buffer too; and
+        one that is the next value of several states (c' = z, d' = z): into each one's buffer
+        (target() wrote the first)."""
         node = self.g.nodes[i]
-        if i in self.host.seq and any(nxt == i for _, _, nxt in self.g.carries):
-            width = c_size(node.type.shape[0]) if node.type.shape else "1"
-            buf = self.arg(self.host.seq[i], const=False)
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+
+        def copy(dest: str) -> str:
             if local is not None:  # inside a fused loop: this element
-                copy = f"{self.element(Place(f'{buf} + t * B * {width}', width, p.scalar), width)} = {local};"
-            else:
-                copy = f"memcpy({buf} + t * B * {width}, {p.ptr}, sizeof(float) * B * {width});"
-            self.line(f"if (train) {copy}" if i in self.guard else copy)
+                return f"{self.element(Place(dest, width, p.scalar), width)} = {local};"
+            return f"memcpy({dest}, {p.ptr}, sizeof(float) * B * {width});"
+
+        sharing = [name for name, _, nxt in self.g.carries if nxt == i]
+        for name in sharing[1:]:
+            buf = self.arg(self.host.carry_buf[name], const=False)
+            self.line(copy(f"{buf} + {self._carry_rows(name, False)} * {width}"))
+        if i in self.host.seq and sharing:
+            buf = self.arg(self.host.seq[i], const=False)
+            line = copy(f"{buf} + t * B * {width}")
+            self.line(f"if (train) {line}" if i in self.guard else line)
 
     def elementwise(self, out: Place, width: str, expr: str) -> None:
         self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")

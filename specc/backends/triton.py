@@ -447,10 +447,12 @@ class KernelWriter:
             if node.op == "softmax":
                 # Columns past the end take -inf, which exp() makes 0; recomputed values there are not.
                 b.line(f"operand = tl.where(mask_k[None, :], {parts[0]}, float(\"-inf\"))")
-                grown = self.namer(f"{base}_max_k")
+                grown, shift = self.namer(f"{base}_max_k"), self.namer(f"{base}_shift")
                 b.line(f"{grown} = tl.maximum({top}, tl.max(operand, axis=1))")
-                b.line(f"{total} = {total} * tl.exp({top} - {grown})"
-                       f" + tl.sum(tl.exp(operand - {grown}[:, None]), axis=1)")
+                # Rows whose columns so far are all -inf: shifting by -inf would make exp(-inf + inf) NaN.
+                b.line(f"{shift} = tl.where({grown} == float(\"-inf\"), 0.0, {grown})")
+                b.line(f"{total} = {total} * tl.exp({top} - {shift})"
+                       f" + tl.sum(tl.exp(operand - {shift}[:, None]), axis=1)")
                 b.line(f"{top} = {grown}")
             else:
                 b.line(f"operand = tl.where(mask_k[None, :], {parts[0]} * {parts[1]}, 0.0)")
@@ -720,7 +722,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
                 ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({_size(tile)}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
-    w.line("precision = dot_precision()")
+    w.line("precision = dot_precision(dev)")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
     if every_tensor:
         w.line(f"wide = max(a.numel() for a in ({', '.join(every_tensor)},) if a is not None) >= WIDE_ELEMENTS")
@@ -874,10 +876,12 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
         w.line('raise ValueError(f"no tiles for products in {precision}")')
     w.line("")
     w.line("")
-    with w.block("def dot_precision():"):
+    with w.block("def dot_precision(dev):"):
         w.line('"""Products in float32, or in TF32 on tensor cores where torch allows that for its own float32')
-        w.line('matmuls (torch.set_float32_matmul_precision("high" or "medium"))."""')
-        w.line('return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"')
+        w.line('matmuls (torch.set_float32_matmul_precision("high" or "medium")) and the GPU has them (Ampere on)."""')
+        with w.block('if torch.get_float32_matmul_precision() == "highest":'):
+            w.line('return "ieee"')
+        w.line('return "tf32" if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 8 else "ieee"')
     w.lines.extend(kernels.lines)
     w.line("")
     w.line("")

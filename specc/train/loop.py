@@ -182,9 +182,10 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
         source.load_state_dict(ck["data"])
         step = saved_step = ck["step"]
         history = list(ck["history"])
-        # The eval that ended the earlier run (interrupted, or out of time) is off the schedule: an
-        # uninterrupted run would not have made it, so the resumed run's history does not keep it.
-        evals = [(at, m) for at, m in ck["evals"] if at % t["eval_every"] == 0]
+        # The eval that ended the earlier run (interrupted, or out of time) when it was off that run's
+        # schedule: an uninterrupted run would not have made it, so the resumed run does not keep it.
+        off_schedule = ck["step"] % ck["config"]["train"]["eval_every"] != 0
+        evals = [(at, m) for at, m in ck["evals"] if not (off_schedule and at == ck["step"])]
         carry = None if ck["carry"] is None else tuple(c[lo:hi].to(device) for c in ck["carry"])
 
     net = model
