@@ -101,6 +101,10 @@ class Recurrent(nn.Module):
             for d in range(self.num_directions):
                 self.cells[self.key(k, d)] = CellModule(program, dims, dtype=dtype, backend=backend)
         self.cell_name = program.CELL.removesuffix("_masked")  # the user's cell, not masking's variant
+        # (batch, first, end): this process trains on columns first:end of a batch of `batch`
+        # (DistributedDataParallel), and draws each dropout mask for the whole batch, keeping its
+        # columns, so that the processes together drop what one process would. None: torch's own.
+        self.batch_share: tuple[int, int, int] | None = None
 
     @staticmethod
     def key(layer: int, direction: int) -> str:
@@ -207,7 +211,7 @@ class Recurrent(nn.Module):
                     finals[name].append(f)
             layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if k < self.num_layers - 1 and self.dropout and self.training:
-                layer_in = F.dropout(layer_in, self.dropout, training=True)
+                layer_in = self._dropout(layer_in)
         final = tuple(torch.stack(finals[name]) for name in self.state_names)
         final = final[0] if len(final) == 1 else final
         out = layer_in
@@ -223,6 +227,17 @@ class Recurrent(nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, final
+
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_share is None:
+            return F.dropout(x, self.dropout, training=True)
+        batch, first, end = self.batch_share
+        if x.shape[1] != end - first:
+            raise ValueError(f"{self.cell_name}: batch_share says {end - first} sequences, got {x.shape[1]}")
+        keep = torch.empty((x.shape[0], batch, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        keep = keep.bernoulli_(1.0 - self.dropout)[:, first:end]
+        return x * keep / (1.0 - self.dropout)
 
 
 def _batch_of_one(hx, name: str):

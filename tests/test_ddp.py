@@ -42,12 +42,16 @@ def _worker(rank: int, world: int, port: int, raws: list, dump: str) -> None:
 def test_two_processes_stay_identical_and_match_one_process(tmp_path):
     # Reber strings have different lengths, so each process's share has its own number of counted
     # positions; the corpus is read in chunks with the state carried across them.
-    tasks = [{"name": "reber"}, {"name": "corpus"}]
+    # The third: two stacked layers with dropout between them, whose masks the processes draw as one would.
+    tasks = [{"name": "reber"}, {"name": "corpus"}, {"name": "corpus"}]
     raws = [_config(tmp_path, task, f"ddp{k}") for k, task in enumerate(tasks)]
+    raws[2]["model"].update(layers=2, dropout=0.3)
     mp.spawn(_worker, args=(2, _free_port(), raws, str(tmp_path)), nprocs=2, join=True)
     for k, task in enumerate(tasks):
         a, b = (torch.load(tmp_path / f"run{k}-rank{r}.pt", weights_only=True) for r in range(2))
-        single = train(config_from_dict(_config(tmp_path, task, f"single{k}")), progress=False)
+        one = _config(tmp_path, task, f"single{k}")
+        one["model"] = raws[k]["model"]
+        single = train(config_from_dict(one), progress=False)
         assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])  # the replicas never drift apart
         assert a["history"] == b["history"]
         # One process on the same global batch: the same losses and weights, up to summation order.

@@ -163,6 +163,9 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
     seed_everything(t["seed"])
     task = task_from_config(cfg)
     model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs).to(device)
+    # Dropout masks are drawn for the global batch by every process (each keeping its columns), as
+    # one process would draw them; in one process too, so that both draw the same numbers.
+    model.share_of_batch(B, lo, hi)
     opt = make_optimizer(model.parameters(), t)
     source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
     step, history, evals, carry, saved_step = 0, [], [], None, None
