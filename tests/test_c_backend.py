@@ -17,7 +17,8 @@ import torch
 
 import specc
 from specc.backends import c_runtime
-from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks, assert_matches_references,
+from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
+                         assert_long_inference_runs_in_chunks, assert_matches_references,
                          assert_same, assert_softmax_in_the_recurrence, assert_softmax_of_minus_inf_columns,
                          assert_spec_matches_numpy, odd_dims, run)
 
@@ -236,6 +237,10 @@ def test_libraries_are_compiled_once_and_kept(monkeypatch, tmp_path):
     assert calls == [] and files[0].stat().st_mtime_ns == stamp
     specc.load(spec, N=10, backend="c")(torch.randn(2, 1, 10))  # other dimensions: another library
     assert len(calls) == 1 and len(list((tmp_path / "c").glob("*.so"))) == 2
+
+
+def test_long_inference_runs_in_chunks(spec_cell, monkeypatch):
+    assert_long_inference_runs_in_chunks("c", spec_cell, monkeypatch)
 
 
 def test_inference_keeps_c_in_two_blocks(monkeypatch):

@@ -203,6 +203,45 @@ def assert_inference_keeps_c_in_two_blocks(backend, monkeypatch):
     assert rows.count((T + 1) * B) == 2
 
 
+def assert_long_inference_runs_in_chunks(backend, spec_cell, monkeypatch):
+    """Without training, a sequence longer than two chunks runs a chunk at a time (CHUNK_ROWS set
+    low here: chunks of 16 steps): the same outputs and final states as the NumPy backend's,
+    and no buffer of the whole sequence's input-only values (the LSTM's W_ih @ x, T * B rows)."""
+    dims = odd_dims(spec_cell.dims)
+    ref = specc.load(spec_cell.path, spec_cell.cell, backend="numpy", **dims)
+    if not ref.program.INPUTS:
+        return
+    ours = specc.load(spec_cell.path, spec_cell.cell, backend=backend, **dims)
+    ours.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(ours.program, "CHUNK_ROWS", 1)
+    T, B = 37, 2
+    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in ref.program.INPUTS)
+    state = tuple(torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES)
+    rows, real = [], torch.empty
+
+    def empty(*args, **kwargs):
+        made = real(*args, **kwargs)
+        if made.dim() == 2:  # (rows, features); scratch and packed weights are flat
+            rows.append(made.shape[0])
+        return made
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with torch.no_grad():
+        got = ours(x[0] if len(x) == 1 else x, state)
+        want = ref(x[0] if len(x) == 1 else x, state)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert max(rows) <= 17 * B  # a chunk's steps and its initial state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "jordan", "shortcut"])
+def test_long_inference_runs_in_chunks(cell, monkeypatch):
+    from conftest import discover_spec_cells
+
+    [spec_cell] = [c for c in discover_spec_cells() if c.cell == cell]
+    assert_long_inference_runs_in_chunks("triton", spec_cell, monkeypatch)
+
+
 def test_inference_keeps_c_in_two_blocks(monkeypatch):
     assert_inference_keeps_c_in_two_blocks("triton", monkeypatch)
 

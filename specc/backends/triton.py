@@ -49,7 +49,8 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
              "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
-             "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap", "WIDE", "wide", "WIDE_ELEMENTS"}
+             "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap", "WIDE", "wide", "WIDE_ELEMENTS",
+             "CHUNK_ROWS", "chunk", "chunk_start", "chunk_len", "chunk_outs", "chunk_state", "chunk_out", "whole", "part"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
                                 "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
@@ -791,6 +792,9 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
         body.line(f"dtype, dev = {first}.dtype, {first}.device")
         for name, i in g.inputs:
             body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(g.nodes[i].type.shape[0])})")
+        if g.inputs:
+            _emit_chunks(body, target, [leaf_names[i] for _, i in g.inputs], init_names,
+                         [leaf_names[i] for _, i in g.params], dims)
         taken_here = taken | set(namer.taken)
         keep = set(saved_nodes) | {i for _, i in g.outputs}
         names.wrapped = _wrapped(fwd)
@@ -886,6 +890,29 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("")
     w.line("")
     w.lines.extend(body.lines)
+
+
+def _emit_chunks(body: Writer, target: str, inputs: list[str], inits: list[str], params: list[str],
+                 dims: tuple[str, ...]) -> None:
+    """Inference over a long sequence, a chunk of steps at a time, by this same function: what the
+    loop reads of the inputs (the LSTM's W_ih @ x, 4H values a step) is then made for one chunk,
+    not for every step at once; outputs are joined, the last chunk's final states returned."""
+    body.comment("A long sequence without training: a chunk of steps at a time (see CHUNK_ROWS).")
+    body.line("chunk = max(16, CHUNK_ROWS // max(B, 1))")
+    with body.block("if not train and T > 2 * chunk:"):
+        body.line(f"chunk_outs, chunk_state = None, {_tuple(inits)}")
+        with body.block("for chunk_start in range(0, T, chunk):"):
+            body.line("chunk_len = min(chunk, T - chunk_start)")
+            rows = [f"{x}[chunk_start * B:(chunk_start + chunk_len) * B]" for x in inputs]
+            kw = ", ".join(["T=chunk_len", "B=B", *(f"{d}={d}" for d in dims)]
+                           + (["c_lib=c_lib"] if target == "c" else []))
+            body.line(f"chunk_out, chunk_state, _ = forward_{target}({', '.join([*rows, '*chunk_state', *params, kw])})")
+            with body.block("if chunk_outs is None:"):
+                body.line("chunk_outs = tuple(torch.empty((T, *part.shape[1:]), device=dev, dtype=part.dtype) "
+                          "for part in chunk_out)")
+            with body.block("for whole, part in zip(chunk_outs, chunk_out):"):
+                body.line("whole[chunk_start:chunk_start + chunk_len] = part")
+        body.line("return chunk_outs, chunk_state, None")
 
 
 def _wrapped(s: Schedule) -> set[str]:
