@@ -19,7 +19,8 @@ import specc
 from specc.backends import c_runtime
 from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
                          assert_long_inference_runs_in_chunks, assert_matches_references,
-                         assert_same, assert_softmax_in_the_recurrence, assert_softmax_of_minus_inf_columns,
+                         assert_same, assert_softmax_feeds_a_contraction, assert_softmax_in_the_recurrence,
+                         assert_softmax_of_minus_inf_columns,
                          assert_spec_matches_numpy, odd_dims, run)
 
 
@@ -121,6 +122,10 @@ def test_softmax_inside_the_recurrence():
 
 def test_softmax_of_minus_inf_columns():
     assert_softmax_of_minus_inf_columns("c")
+
+
+def test_softmax_feeds_a_contraction():
+    assert_softmax_feeds_a_contraction("c")
 
 
 STRADDLE_SPEC = """

@@ -308,6 +308,48 @@ def test_softmax_inside_the_recurrence():
     assert_softmax_in_the_recurrence("triton")
 
 
+CONTRACT_SOFTMAX_SPEC = """
+cell weigh(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[H, I, H]
+    param U[I, H]
+    p = softmax(x + U @ h)
+    h' = tanh(contract(W, p, h))
+    output h'
+}
+"""
+
+
+class ContractSoftmaxReference(torch.nn.Module):
+    """CONTRACT_SOFTMAX_SPEC as a torch loop: a softmax made in the step is a factor of x (x) h."""
+
+    def __init__(self, I, H):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(H, I, H) * 0.5)
+        self.U = torch.nn.Parameter(torch.randn(I, H) * 0.5)
+
+    def forward(self, x, h):
+        states = []
+        for x_t in x:
+            p = torch.softmax(x_t + h @ self.U.T, dim=1)
+            h = torch.tanh(torch.einsum("ijk,bj,bk->bi", self.W, p, h))
+            states.append(h)
+        return torch.stack(states), h
+
+
+def assert_softmax_feeds_a_contraction(backend):
+    ref = ContractSoftmaxReference(4, 6)
+    ours = specc.load(CONTRACT_SOFTMAX_SPEC, I=4, H=6, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x, h0 = torch.randn(5, 3, 4), torch.randn(3, 6)
+    assert_same(run(ours, x, [h0]), run(ref, x, [h0]))
+
+
+def test_softmax_feeds_a_contraction():
+    assert_softmax_feeds_a_contraction("triton")
+
+
 MINUS_INF_SPEC = """
 cell scores(N) {
     input x[N]

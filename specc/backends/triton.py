@@ -172,8 +172,9 @@ def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
             raise Unsupported(f"{node.op} inside the recurrence (spec line {node.line})")
         if node.op in ("matvec", "matvec_t"):
             st = operand_stage(node.args[1])
-        elif node.op in ("softmax", "softmax_vjp"):
-            # A row's sum runs over all its features, as a product's does over its operand's.
+        elif node.op in ("softmax", "softmax_vjp", "outer"):
+            # A row's sum runs over all its features, as a product's does over its operand's; x (x) h
+            # reads its factors at any feature index (feature j of it is x[j // H] h[j % H]).
             st = max(operand_stage(a) for a in node.args)
         elif node.op in ("outer_vjp_a", "outer_vjp_b"):
             # Each output feature sums over the whole gradient operand.
