@@ -10,6 +10,7 @@ uses NumPy and an explicit backend="c" says why.
 """
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -232,16 +233,33 @@ def test_libraries_are_compiled_once_and_kept(monkeypatch, tmp_path):
     module(torch.randn(2, 1, 9))
     files = list((tmp_path / "c").glob("*.so"))
     assert len(files) == 1
-    stamp = files[0].stat().st_mtime_ns
+    inode = files[0].stat().st_ino
     c_runtime._by_source.clear()
     c_runtime._loaded.clear()  # as a new process would: found on disk, not compiled again
     calls = []
     real_run = c_runtime.subprocess.run
     monkeypatch.setattr(c_runtime.subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
     specc.load(spec, N=9, backend="c")(torch.randn(2, 1, 9))
-    assert calls == [] and files[0].stat().st_mtime_ns == stamp
+    assert calls == [] and files[0].stat().st_ino == inode  # the same file, not written again
     specc.load(spec, N=10, backend="c")(torch.randn(2, 1, 10))  # other dimensions: another library
     assert len(calls) == 1 and len(list((tmp_path / "c").glob("*.so"))) == 2
+
+
+def test_the_cache_keeps_the_libraries_used_last(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path))
+    monkeypatch.setattr(c_runtime, "KEEP", 2)
+    spec = ACTIVATION_SPEC.replace("ACT", "tanh")
+    for n, age in ((5, 300), (6, 200)):
+        specc.load(spec, N=n, backend="c")(torch.randn(2, 1, n))
+        for f in (tmp_path / "c").glob("*.so"):  # make what is there older than what comes next
+            os.utime(f, (f.stat().st_atime - age, f.stat().st_mtime - age))
+    first = min((tmp_path / "c").glob("*.so"), key=lambda f: f.stat().st_mtime)
+    c_runtime._by_source.clear()
+    c_runtime._loaded.clear()
+    specc.load(spec, N=5, backend="c")(torch.randn(2, 1, 5))  # found on disk: now the one used last
+    specc.load(spec, N=7, backend="c")(torch.randn(2, 1, 7))  # a third: the least recently used goes
+    kept = list((tmp_path / "c").glob("*.so"))
+    assert len(kept) == 2 and first in kept
 
 
 def test_long_inference_runs_in_chunks(spec_cell, monkeypatch):

@@ -286,12 +286,35 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
                     _failed[key] = f"the C compiler ({cc}) failed on the generated loops:\n{first[-2000:]}"
                     raise CompileError(_failed[key])
                 os.replace(out, path)
+            prune(path.parent, KEEP)
+        else:
+            try:
+                os.utime(path)  # used now: pruning keeps the libraries used last
+            except OSError:
+                pass
         try:
             _loaded[key] = ctypes.CDLL(str(path))
         except OSError as e:
             _failed[key] = f"the compiled loops ({path}) do not load: {e}"
             raise CompileError(_failed[key]) from None
         return _loaded[key]
+
+
+KEEP = 512  # compiled libraries the cache keeps (each ~30 KB); the least recently used go first
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used libraries. One that a process has loaded stays
+    mapped in it after its file is gone; another process needing it compiles it again."""
+    try:
+        found = [(p.stat().st_mtime, p) for p in folder.glob("*.so")]
+    except OSError:
+        return
+    for _, p in sorted(found, reverse=True)[keep:]:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
