@@ -106,13 +106,11 @@ class CLoop:
 
     def __init__(self, s: Schedule, host: HostNames, reverse: bool, guard: frozenset[int], fn: str,
                  source: tuple[list[str], str], dims: tuple[str, ...], weights: dict[int, str],
-                 fused: set[int] = frozenset(), columns: dict[int, tuple[str, Size, Size]] | None = None,
-                 alternating: frozenset[str] = frozenset()):
+                 fused: set[int] = frozenset(), columns: dict[int, tuple[str, Size, Size]] | None = None):
         self.s, self.g, self.host, self.reverse, self.guard = s, s.graph, host, reverse, guard
         self.fn, (self.lines, self.file), self.dims = fn, source, dims
         self.weights = weights  # matvec node -> host name of its weight, laid out (K, N)
         self.fused = fused  # input-only values computed in the loop
-        self.alternating = alternating  # states whose buffer is two blocks used in turn
         self.columns = columns or {}  # kept value -> (host buffer, its width, first column) it is written to
         for d in dims:
             if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or _C_MACRO.match(d):
@@ -170,8 +168,6 @@ class CLoop:
     def _carry_rows(self, name: str, leaf: bool) -> str:
         """The first row of step t's block of a state buffer: the state read (leaf) or written."""
         later = leaf == self.reverse  # forward reads block t, writes t + 1; backward the other way
-        if name in self.alternating:  # a buffer of two blocks
-            return "(t + 1) % 2 * B" if later else "t % 2 * B"
         return self.host.carry_rows(name, later)
 
     def where(self, i: int) -> Place:
@@ -562,8 +558,9 @@ class CLoop:
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
         head = [f"void {self.fn}(long T, long B, int train, float *const *arg) {{"]
-        if self.host.wrapped and not self.reverse:  # see HostNames.wrapped
-            head.append("    const long wrap = train ? T + 1 : 2;  /* blocks of the states only this loop reads */")
+        if self.host.wrapped:  # see HostNames.wrapped
+            wrap = "2" if self.reverse else "train ? T + 1 : 2"
+            head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
         head += self.decls
         widths = " + ".join(c_size(w) for w in self.scratch) or "0"
         head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats, then the packed weights */")
@@ -596,12 +593,15 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
         w.line(f"{host.names.names[c]} = torch.empty((rows, {total}), device=dev, dtype=dtype)")
     # The backward pass's carried gradients: only the last block (the initial states' gradients)
     # is read after the loop, unless something after it reads them all.
-    users = g.users()
-    alternating = frozenset(
-        name for name, leaf, nxt in g.carries
-        if host.reverse and s.region[nxt] == "loop" and g.nodes[nxt].op != "carry"
-        and all(s.region[u] == "loop" or u in fused or u in sunk for v in (leaf, nxt) for u in users[v]))
-    _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused, alternating)
+    if host.reverse:
+        users = g.users()
+        host.names.wrapped = {
+            name for name, leaf, nxt in g.carries
+            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry"
+            and all(s.region[u] == "loop" or u in fused or u in sunk for v in (leaf, nxt) for u in users[v])}
+        if host.names.wrapped:
+            w.line("wrap = 2  # carried gradients only the loop reads: two blocks used in turn")
+    _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused)
     for i, (whole, _, column) in columns.items():
         stop = column + g.nodes[i].type.shape[0]
         host.names.seq[i] = f"{host.names.names[i]}_seq"
@@ -624,7 +624,7 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
                     w.line(f"{laid_out[key]} = {src}.contiguous()")
             weights[i] = laid_out[key]
     loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused | set(sunk),
-                 columns, alternating).write()
+                 columns).write()
     c_out.lines.extend(["", *loop.text])
     w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
               + f"in C: {cfn} in C_SOURCE.")

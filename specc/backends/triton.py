@@ -200,8 +200,9 @@ class HostNames:
     names: dict[int, str] = field(default_factory=dict)
     seq: dict[int, str] = field(default_factory=dict)
     carry_buf: dict[str, str] = field(default_factory=dict)
-    # States nothing outside the loop reads but the final one: without training, their buffer is
-    # two blocks used in turn (`wrap` = 2), not one per step (`wrap` = T + 1).
+    # States (or carried gradients) nothing outside the loop reads but their last value: their
+    # buffer is `wrap` blocks used in turn, the host's and the loop's `wrap` = 2, or T + 1 in a
+    # forward pass that trains (backward reads every step's state).
     wrapped: set[str] = field(default_factory=set)
 
     def carry_rows(self, name: str, later: bool) -> str:
@@ -638,7 +639,7 @@ def _tuple(items: list[str]) -> str:
 
 
 def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan, guard: frozenset[int],
-                  fused_pre: set[int], alternating: frozenset[str] = frozenset()) -> None:
+                  fused_pre: set[int]) -> None:
     """Before the loop: the host's values and every buffer the loop reads or writes."""
     s, g, names = host.s, host.s.graph, host.names
     w.comment("Fixed for the whole sequence.")
@@ -647,13 +648,14 @@ def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan,
     _emit_region(w, host, "pre", skip=frozenset(fused_pre))
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = _size(g.nodes[leaf].type.shape[0])
-        if name in alternating:  # two blocks, used in turn: nothing after the loop reads the others
-            w.line(f"{names.carry_buf[name]} = torch.empty((2 * B, {size}), device=dev, dtype=dtype)")
-            w.line(f"{names.carry_buf[name]}[T % 2 * B:(T % 2 + 1) * B] = {init}")
-            continue
-        blocks = "wrap" if name in names.wrapped else "(T + 1)"
-        w.line(f"{names.carry_buf[name]} = torch.empty(({blocks} * B, {size}), device=dev, dtype=dtype)")
-        w.line(f"{names.carry_buf[name]}[{'T * B:' if host.reverse else ':B'}] = {init}")
+        buf = names.carry_buf[name]
+        if name in names.wrapped:  # `wrap` blocks used in turn (see HostNames.wrapped)
+            w.line(f"{buf} = torch.empty((wrap * B, {size}), device=dev, dtype=dtype)")
+            first = "T % wrap * B:(T % wrap + 1) * B" if host.reverse else ":B"
+        else:
+            w.line(f"{buf} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
+            first = "T * B:" if host.reverse else ":B"
+        w.line(f"{buf}[{first}] = {init}")
     for i, buf in names.seq.items():
         size = _size(g.nodes[i].type.shape[0])
         rows = "B" if i in plan.scratch else "rows"
