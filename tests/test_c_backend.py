@@ -262,6 +262,55 @@ def test_the_cache_keeps_the_libraries_used_last(monkeypatch, tmp_path):
     assert len(kept) == 2 and first in kept
 
 
+def test_a_library_just_made_is_kept_whatever_the_clocks_say(monkeypatch, tmp_path):
+    """Files dated ahead (a cache copied from elsewhere) must not make pruning take the new one."""
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path))
+    monkeypatch.setattr(c_runtime, "KEEP", 2)
+    (tmp_path / "c").mkdir()
+    for k in range(2):
+        future = tmp_path / "c" / f"future{k}.so"
+        future.write_bytes(b"")
+        os.utime(future, (future.stat().st_atime + 3600, future.stat().st_mtime + 3600))
+    spec = ACTIVATION_SPEC.replace("ACT", "tanh")
+    x = torch.randn(2, 1, 11)
+    y, _ = specc.load(spec, N=11, backend="c")(x)
+    torch.testing.assert_close(y[0], torch.tanh(x[0]), rtol=1e-6, atol=1e-6)
+    names = [f.name for f in (tmp_path / "c").glob("*.so")]
+    assert len(names) == 2 and len([n for n in names if n.startswith("future")]) == 1  # and the new one
+
+
+def test_a_library_pruned_by_another_process_is_made_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path))
+    spec = ACTIVATION_SPEC.replace("ACT", "sigmoid")
+    source, dims = specc.load(spec, N=13).program.C_SOURCE, {"N": 13}
+    text = c_runtime.full_source(source, dims)
+    cc = c_runtime.compiler()
+    key = c_runtime.hashlib.sha256("\0".join([text, cc, *c_runtime.FLAGS, c_runtime._cpu()]).encode()).hexdigest()[:32]
+    path = tmp_path / "c" / f"{key}.so"
+    c_runtime._compile(cc, text, path, key)  # on disk, never loaded by this process
+    real_utime = os.utime
+
+    def pruned_meanwhile(p, *args, **kwargs):  # another process deletes it just after our look
+        os.unlink(p)
+        return real_utime(tmp_path, *args, **kwargs)
+
+    monkeypatch.setattr(c_runtime.os, "utime", pruned_meanwhile)
+    x = torch.randn(2, 1, 13)
+    y, _ = specc.load(spec, N=13, backend="c")(x)
+    torch.testing.assert_close(y[0], torch.sigmoid(x[0]), rtol=1e-6, atol=1e-6)
+    assert path.exists()
+
+
+def test_an_unusable_cache_folder_means_numpy_with_a_warning(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path / "a_file" / "cache"))
+    spec = ACTIVATION_SPEC.replace("ACT", "relu")
+    with pytest.warns(RuntimeWarning, match="cannot write the compiled loops"):
+        y, _ = specc.load(spec, N=14)(torch.randn(2, 1, 14))
+    with pytest.raises(RuntimeError, match="cannot write the compiled loops"):
+        specc.load(spec, N=15, backend="c")(torch.randn(2, 1, 15))
+
+
 def test_long_inference_runs_in_chunks(spec_cell, monkeypatch):
     assert_long_inference_runs_in_chunks("c", spec_cell, monkeypatch)
 

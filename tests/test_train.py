@@ -105,6 +105,7 @@ def test_stacked_layers_with_dropout_resume_bit_for_bit_and_sample(tmp_path):
     train(config("b", 5), progress=False)
     resumed = train(config("b", 9), resume=True, progress=False)
     assert resumed.history == straight.history
+    assert resumed.model.cell.batch_share is None  # the model handed back trains on any batch
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     model, ck = load_model(tmp_path / "b" / "checkpoint.pt")

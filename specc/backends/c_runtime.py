@@ -266,51 +266,66 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
         if key in _failed:
             raise CompileError(_failed[key])
         path = _cache_dir() / f"{key}.so"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, out = Path(tmp) / "loops.c", Path(tmp) / "loops.so"
-                src.write_text(text)
-                first = None
-                for dropped in FALLBACKS:
-                    flags = [f for f in FLAGS if f not in dropped]
-                    try:
-                        done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True,
-                                              text=True, timeout=300)
-                    except (OSError, subprocess.TimeoutExpired) as e:
-                        done = subprocess.CompletedProcess([cc], 1, "", str(e))
-                    if done.returncode == 0:
-                        break
-                    first = first or done.stderr
-                else:
-                    _failed[key] = f"the C compiler ({cc}) failed on the generated loops:\n{first[-2000:]}"
-                    raise CompileError(_failed[key])
-                os.replace(out, path)
-            prune(path.parent, KEEP)
-        else:
+        for attempt in range(2):
+            fresh = not path.exists()
+            if fresh:
+                _compile(cc, text, path, key)
+            else:
+                try:
+                    os.utime(path)  # used now: pruning keeps the libraries used last
+                except OSError:
+                    pass
             try:
-                os.utime(path)  # used now: pruning keeps the libraries used last
-            except OSError:
-                pass
-        try:
-            _loaded[key] = ctypes.CDLL(str(path))
-        except OSError as e:
-            _failed[key] = f"the compiled loops ({path}) do not load: {e}"
-            raise CompileError(_failed[key]) from None
-        return _loaded[key]
+                _loaded[key] = ctypes.CDLL(str(path))
+            except OSError as e:
+                if path.exists() or attempt:
+                    _failed[key] = f"the compiled loops ({path}) do not load: {e}"
+                    raise CompileError(_failed[key]) from None
+                continue  # another process pruned it between our look and our load: compile it again
+            if fresh:
+                prune(path.parent, KEEP, spare=path)
+            return _loaded[key]
+
+
+def _compile(cc: str, text: str, path: Path, key: str) -> None:
+    """Compile `text` into `path`, through a temporary file renamed into place (atomic)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src, out = Path(tmp) / "loops.c", Path(tmp) / "loops.so"
+            src.write_text(text)
+            first = None
+            for dropped in FALLBACKS:
+                flags = [f for f in FLAGS if f not in dropped]
+                try:
+                    done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True,
+                                          text=True, timeout=300)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    done = subprocess.CompletedProcess([cc], 1, "", str(e))
+                if done.returncode == 0:
+                    break
+                first = first or done.stderr
+            else:
+                _failed[key] = f"the C compiler ({cc}) failed on the generated loops:\n{first[-2000:]}"
+                raise CompileError(_failed[key])
+            os.replace(out, path)
+    except OSError as e:  # the cache folder cannot be made or written (set SPECC_CACHE elsewhere)
+        _failed[key] = f"cannot write the compiled loops into {path.parent}: {e}"
+        raise CompileError(_failed[key]) from None
 
 
 KEEP = 512  # compiled libraries the cache keeps (each ~30 KB); the least recently used go first
 
 
-def prune(folder: Path, keep: int) -> None:
-    """Delete all but the `keep` most recently used libraries. One that a process has loaded stays
-    mapped in it after its file is gone; another process needing it compiles it again."""
+def prune(folder: Path, keep: int, spare: Path | None = None) -> None:
+    """Delete all but the `keep` most recently used libraries, never `spare` (the one just made,
+    whatever the files' clocks say). One that a process has loaded stays mapped in it after its
+    file is gone; another process needing it compiles it again."""
     try:
-        found = [(p.stat().st_mtime, p) for p in folder.glob("*.so")]
+        found = [(p.stat().st_mtime, p) for p in folder.glob("*.so") if p != spare]
     except OSError:
         return
-    for _, p in sorted(found, reverse=True)[keep:]:
+    for _, p in sorted(found, reverse=True)[max(keep - (spare is not None), 0):]:
         try:
             p.unlink()
         except OSError:

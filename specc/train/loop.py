@@ -165,7 +165,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
     model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs).to(device)
     # Dropout masks are drawn for the global batch by every process (each keeping its columns), as
     # one process would draw them; in one process too, so that both draw the same numbers.
-    model.share_of_batch(B, lo, hi)
+    model.share_of_batch((B, lo, hi))
     opt = make_optimizer(model.parameters(), t)
     source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
     step, history, evals, carry, saved_step = 0, [], [], None, None
@@ -282,6 +282,7 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
                 break
     finally:
         bar.close()
+        model.share_of_batch(None)  # the model handed back takes any batch
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     if status == "done" and saved_step != step:

@@ -30,10 +30,11 @@ class SequenceModel(nn.Module):
         if not head and out_size != n_out:
             raise ValueError(f"model.head is off, so the cell's output must have {n_out} entries, not {out_size}")
 
-    def share_of_batch(self, batch: int, first: int, end: int) -> None:
-        """Train on columns first:end of each global batch of `batch` (see Recurrent.batch_share)."""
+    def share_of_batch(self, share: tuple[int, int, int] | None) -> None:
+        """Train on columns first:end of each global batch of `batch`, share = (batch, first, end)
+        (see Recurrent.batch_share); None: any batch, torch's own dropout."""
         if self.stacked:
-            self.cell.batch_share = (batch, first, end)
+            self.cell.batch_share = share
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "vector":
