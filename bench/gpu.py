@@ -5,6 +5,7 @@
     python bench/gpu.py --out bench/results/gpu-YYYY-MM-DD.md
     python bench/gpu.py --tiles 16x64x32,32x32x32    # also specc with other tiles (BLOCK_B x BLOCK_F x BLOCK_K)
     python bench/gpu.py --tf32 --graphed --skip torch.compile
+    python bench/gpu.py --warps 1,2,8                # also specc with other numbers of warps a program
 
 For LSTM and GRU at the sizes of PyTorch's fastrnns benchmarks (seq 100, batch 64, input =
 hidden = 512; hidden 256 and 1024; batch 1, 16 and 256): forward (under no_grad) and forward +
@@ -29,6 +30,7 @@ import datetime
 import platform
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,23 +98,37 @@ def tf32(allowed: bool):
         torch.backends.cudnn.allow_tf32 = before
 
 
-@contextlib.contextmanager
-def launched_on(module, variant: tuple | None):
-    """specc's kernels with another tile ("16x64x32": BLOCK_B x BLOCK_F x BLOCK_K) and/or TF32 products.
+@dataclass(frozen=True)
+class Variant:
+    """specc run otherwise than by default: another tile ("16x64x32": BLOCK_B x BLOCK_F x BLOCK_K),
+    TF32 products, another number of warps a program, or replayed as a CUDA graph."""
+    tile: str | None = None
+    tf32: bool = False
+    warps: int | None = None
+    graphed: bool = False
 
-    The tile is a global of the generated module, which every module of the cell shares: put back after."""
+    def label(self) -> str:
+        parts = [self.tile, "tf32" if self.tf32 else None, f"{self.warps} warps" if self.warps else None,
+                 "graphed" if self.graphed else None]
+        return " ".join(["specc-triton", *(p for p in parts if p)])
+
+
+@contextlib.contextmanager
+def launched_on(module, variant: Variant | None):
+    """specc's kernels as `variant` says. The tile and the warps are globals of the generated
+    module, which every module of the cell shares: put back after."""
     if variant is None:
         yield
         return
-    tile, tf32_products, _ = variant
     prog, precision = module.program, torch.get_float32_matmul_precision()
-    before = prog.TILES
-    prog.TILES = tuple(int(n) for n in tile.split("x")) if tile else None
-    torch.set_float32_matmul_precision("high" if tf32_products else "highest")
+    before = prog.TILES, prog.NUM_WARPS
+    prog.TILES = tuple(int(n) for n in variant.tile.split("x")) if variant.tile else None
+    prog.NUM_WARPS = variant.warps or prog.NUM_WARPS
+    torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
     try:
         yield
     finally:
-        prog.TILES = before
+        prog.TILES, prog.NUM_WARPS = before
         torch.set_float32_matmul_precision(precision)
 
 
@@ -160,7 +176,7 @@ def _run(fn, backward: bool | None):
             fn()
 
 
-def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[tuple]):
+def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[Variant]):
     """[(name, make module, TF32 allowed in cuDNN, specc variant)] for one cell: specc-Triton
     first (as it runs by default, then each of `variants`), then its peers, all with the same weights."""
     dev = "cuda"
@@ -175,8 +191,7 @@ def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[tuple]):
         ours = specc.load(cell, I=I, H=H, backend="triton").to(dev)
         others = [("eager", lambda: torch_cells.like(ours).to(dev), True, None),
                   ("torch.compile", lambda: torch_cells.like(ours, compiled=True).to(dev), True, None)]
-    mine = [("specc-triton" + "".join(f" {w}" for w in (v[0], "tf32" if v[1] else "", "graphed" if v[2] else "") if w),
-             lambda: ours, True, v) for v in variants]
+    mine = [(v.label(), lambda: ours, True, v) for v in variants]
     return [("specc-triton", lambda: ours, True, None)] + mine + others
 
 
@@ -195,7 +210,7 @@ def measure(cell, T, B, I, H, variants, skip, reps) -> list[list]:
             continue
         try:
             module = make()
-            time = timed_graph if variant and variant[2] else timed
+            time = timed_graph if variant and variant.graphed else timed
             with tf32(allow_tf32), launched_on(module, variant):
                 f_ms, _ = time(lambda: module(x)[0], False, reps)
                 xg = x.clone().requires_grad_()
@@ -240,12 +255,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", default="", help="comma-separated BLOCK_BxBLOCK_FxBLOCK_K tiles to time specc with too")
     ap.add_argument("--tf32", action="store_true", help="also time specc with TF32 products (its tiles and --tiles)")
     ap.add_argument("--graphed", action="store_true", help="also time specc replayed as a CUDA graph")
+    ap.add_argument("--warps", default="", help="comma-separated numbers of warps a program to time specc with too")
     ap.add_argument("--skip", default="", help="comma-separated peers not to run (e.g. torch.compile)")
     ap.add_argument("--out", help="also write the table as markdown here (after every size)")
     args = ap.parse_args(argv)
     tiles = [t for t in args.tiles.split(",") if t]
-    variants = [(t, False, False) for t in tiles] + [(None, False, True)] * args.graphed
-    variants += [(t, True, False) for t in [None, *tiles]] if args.tf32 else []
+    variants = [Variant(tile=t) for t in tiles] + [Variant(graphed=True)] * args.graphed
+    variants += [Variant(warps=int(n)) for n in args.warps.split(",") if n]
+    variants += [Variant(tile=t, tf32=True) for t in [None, *tiles]] if args.tf32 else []
     skip = set(args.skip.split(","))
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU; for the CPU see bench/cpu.py", file=sys.stderr)

@@ -37,7 +37,8 @@ def _shape_code(shape) -> str:
 # Module-level names of a generated module, which its class may not take.
 MODULE_GLOBALS = {"math", "sys", "Fraction", "np", "init", "rt", "CellModule", "torch", "triton", "tl", "CELL",
                   "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "BLOCK_B", "BLOCK_F",
-                  "BLOCK_K", "TILES", "tiles", "dot_precision", "WIDE_ELEMENTS", "CHUNK_ROWS", "TRITON_UNSUPPORTED",
+                  "BLOCK_K", "TILES", "tiles", "dot_precision", "WIDE_ELEMENTS", "CHUNK_ROWS", "NUM_WARPS",
+                  "TRITON_UNSUPPORTED",
                   "C_UNSUPPORTED", "C_SOURCE", "rt_c"}
 
 

@@ -50,7 +50,7 @@ _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dty
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
              "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
              "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap", "WIDE", "wide", "WIDE_ELEMENTS",
-             "CHUNK_ROWS", "chunk", "chunk_start", "chunk_len", "chunk_outs", "chunk_state", "chunk_out", "whole", "part"}
+             "CHUNK_ROWS", "NUM_WARPS", "chunk", "chunk_start", "chunk_len", "chunk_outs", "chunk_state", "chunk_out", "whole", "part"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
                                 "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
@@ -723,7 +723,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             kernels_out.line(f"    mask_f = offs_f < {_size(tile)}")
             kernels_out.lines.extend(kw.body.lines)
             extra = (["TRAIN=train"] if kw.uses_train else []) + (["PRECISION=precision"] if dots else []) + \
-                ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K"]
+                ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({_size(tile)}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
     w.line("precision = dot_precision(dev)")
@@ -869,6 +869,7 @@ DOCS = {
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
     w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
+    w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
     w.line("")
     w.line("")
     with w.block("def tiles(B, precision):"):
