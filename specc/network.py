@@ -228,7 +228,6 @@ class Recurrent(nn.Module):
             out = out.transpose(0, 1)
         return out, final
 
-
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_share is None:
             return F.dropout(x, self.dropout, training=True)
