@@ -21,8 +21,8 @@ from specc.backends import c_runtime
 from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
                          assert_long_inference_runs_in_chunks, assert_matches_references,
                          assert_same, assert_softmax_feeds_a_contraction, assert_softmax_in_the_recurrence,
-                         assert_softmax_of_minus_inf_columns,
-                         assert_spec_matches_numpy, odd_dims, run)
+                         assert_softmax_of_minus_inf_columns, assert_spec_matches_numpy, assert_text_spec_matches_numpy,
+                         odd_dims, run)
 
 
 def _backend(module, x) -> str:
@@ -146,13 +146,9 @@ cell straddle(N) {
 def test_a_cell_only_c_can_run_runs_on_c():
     """Triton refuses this one (a tile would straddle the parts of [x, x]); the C loops, and
     their torch host code, run it on their own."""
-    ours = specc.load(STRADDLE_SPEC, N=5)
+    ours = assert_text_spec_matches_numpy(STRADDLE_SPEC, "auto", N=5)
     assert ours.program.TRITON_UNSUPPORTED and ours.program.C_UNSUPPORTED is None
     assert _backend(ours, torch.zeros(1)) == "c"
-    ref = specc.load(STRADDLE_SPEC, N=5, backend="numpy")
-    ref.load_state_dict(ours.state_dict())
-    x, h = torch.randn(4, 3, 5), [torch.randn(3, 5)]
-    assert_same(run(ours, x, h), run(ref, x, h))
 
 
 SHARED_NEXT_SPEC = """
@@ -172,11 +168,7 @@ cell shared(N) {
 
 
 def test_states_that_share_a_next_value():
-    ours = specc.load(SHARED_NEXT_SPEC, N=6, backend="c")
-    ref = specc.load(SHARED_NEXT_SPEC, N=6, backend="numpy")
-    ref.load_state_dict(ours.state_dict())
-    x, s = torch.randn(4, 3, 6), [torch.randn(3, 6) for _ in range(3)]
-    assert_same(run(ours, x, s), run(ref, x, s))
+    assert_text_spec_matches_numpy(SHARED_NEXT_SPEC, "c", N=6)
 
 
 def test_second_order_products_run_in_c():
@@ -331,12 +323,7 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
             output int'
         }
     """)
-    ours = specc.load(spec, N=6, backend="c")
-    ref = specc.load(spec, N=6, backend="numpy")
-    ref.load_state_dict(ours.state_dict())
-    x, s = torch.randn(3, 2, 6), [torch.randn(2, 6)]
-    assert_same(run(ours, x, s), run(ref, x, s))
-    source = ours.program.C_SOURCE
+    source = assert_text_spec_matches_numpy(spec, "c", T=3, B=2, N=6).program.C_SOURCE
     assert "float *int =" not in source and "float static =" not in source and "float M_PI =" not in source
     assert "float v_M_PI =" in source  # a header's macro, renamed
 

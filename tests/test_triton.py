@@ -89,6 +89,18 @@ def assert_spec_matches_numpy(spec_cell, backend, B, device="cpu", T=4, tol=1e-5
                 torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
 
 
+def assert_text_spec_matches_numpy(spec: str, backend: str, T: int = 4, B: int = 3, **dims):
+    """A cell written in the test through `backend` against the NumPy backend, same weights; the
+    module, for further checks."""
+    ours = specc.load(spec, backend=backend, **dims)
+    ref = specc.load(spec, backend="numpy", **dims)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, ref.sizes["inputs"][ref.program.INPUTS[0]][0])
+    state = [torch.randn(B, ref.sizes["states"][n][0]) for n in ref.program.STATES]
+    assert_same(run(ours, x, state), run(ref, x, state))
+    return ours
+
+
 TORCH_LAYERS = {
     "lstm": (lambda I, H: torch.nn.LSTM(I, H), ("lstm", None)),
     "gru": (lambda I, H: torch.nn.GRU(I, H), ("gru", None)),
@@ -173,11 +185,7 @@ def test_spec_names_that_are_the_generated_code_s_own_are_renamed():
             output tiles'
         }
     """
-    ours = specc.load(spec, N=5, backend="triton")
-    ref = specc.load(spec, N=5, backend="numpy")
-    ours.load_state_dict(ref.state_dict())
-    x, h = torch.randn(3, 2, 5), [torch.randn(2, 5)]
-    assert_same(run(ours, x, h), run(ref, x, h))
+    assert_text_spec_matches_numpy(spec, "triton", T=3, B=2, N=5)
 
 
 def assert_inference_keeps_c_in_two_blocks(backend, monkeypatch):
