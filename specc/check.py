@@ -9,11 +9,12 @@ import difflib
 import keyword
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from . import ast, ops
 from .backends import numpy as numpy_backend
 from .backends import triton as triton_backend
-from .errors import Collector, Loc
+from .errors import Collector, Loc, SpecError
 from .ir import Type
 from .shapes import Shape, Size, shape_str
 
@@ -94,14 +95,15 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def dim_size(d: ast.Dim, dims: set[str], errors: Collector) -> Size | None:
-    """A shape entry as a polynomial in the dimensions, or None after reporting why not."""
+def dim_size(d: ast.Dim, dims: set[str], errors: Collector, what: str = "size") -> Size | None:
+    """A shape entry as a polynomial in the dimensions, or None after reporting why not. `what` names
+    the quantity in the messages (a network's start token is a whole number written the same way)."""
     if isinstance(d, ast.DimNum):
         if not math.isfinite(d.value) or d.value != int(d.value) or d.value < 0:
-            errors.error(d.loc, f"a size must be a whole number, got {_number(d.value)}")
+            errors.error(d.loc, f"a {what} must be a whole number, got {_number(d.value)}")
             return None
         if d.value >= 2 ** 53:
-            errors.error(d.loc, f"the size {_number(d.value)} is too large")
+            errors.error(d.loc, f"the {what} {_number(d.value)} is too large")
             return None
         return Size.of(int(d.value))
     if isinstance(d, ast.DimName):
@@ -111,18 +113,18 @@ def dim_size(d: ast.Dim, dims: set[str], errors: Collector) -> Size | None:
             return None
         return Size.of(d.name)
     if isinstance(d, ast.DimNeg):
-        inner = dim_size(d.arg, dims, errors)
+        inner = dim_size(d.arg, dims, errors, what)
         return None if inner is None else -inner
     if isinstance(d, ast.DimCall):
-        errors.error(d.loc, f"{d.fn}(...) cannot be used in a shape")
+        errors.error(d.loc, f"{d.fn}(...) cannot be used in a " + ("shape" if what == "size" else what))
         return None
-    left, right = dim_size(d.left, dims, errors), dim_size(d.right, dims, errors)
+    left, right = dim_size(d.left, dims, errors, what), dim_size(d.right, dims, errors, what)
     if left is None or right is None:
         return None
     if d.op == "/":
         k = right.constant
         if k is None or k.denominator != 1 or k <= 0:
-            errors.error(d.loc, "a size can only be divided by a positive whole number")
+            errors.error(d.loc, f"a {what} can only be divided by a positive whole number")
             return None
         return left / int(k)
     return {"+": left + right, "-": left - right, "*": left * right}[d.op]
@@ -142,38 +144,335 @@ def _size_problem(size: Size) -> str | None:
     return None
 
 
-def _constant(d: ast.Dim) -> float | None:
-    """An initialiser argument's value when it is made of numbers alone (None when it names a
-    dimension, or cannot be computed)."""
+class BindError(SpecError, ValueError):
+    """A spec that checks, bound to dimensions that make part of it wrong (an initialiser's
+    argument, a start token): reported at its line like any SpecError, and a ValueError, as a bad
+    argument of specc.load is."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Every value a scalar can take over all bindings of the dimensions (each a whole number from 1
+    up): lo to hi, each end included or not. An infinite end is never included, unless the value
+    overflows to it."""
+    lo: float
+    lo_in: bool
+    hi: float
+    hi_in: bool
+
+    @staticmethod
+    def point(v: float) -> "Range":
+        return Range(v, True, v, True)
+
+    @property
+    def fixed(self) -> bool:
+        return self.lo == self.hi and self.lo_in and self.hi_in
+
+    def below(self, x: float) -> bool:
+        """Every value is less than x."""
+        return self.hi < x or (self.hi == x and not self.hi_in)
+
+    def at_least(self, x: float) -> bool:
+        """Every value is x or more."""
+        return self.lo >= x
+
+    def holds(self, x: float) -> bool:
+        return (self.lo < x or (self.lo == x and self.lo_in)) and (x < self.hi or (x == self.hi and self.hi_in))
+
+
+_ANY = Range(-math.inf, False, math.inf, False)
+_DIM = Range(1.0, True, math.inf, False)
+
+
+def _float(k) -> float:
     try:
-        if isinstance(d, ast.DimNum):
-            return d.value
-        if isinstance(d, ast.DimNeg):
-            v = _constant(d.arg)
-            return None if v is None else -v
-        if isinstance(d, ast.DimCall):
-            v = _constant(d.arg)
-            return None if v is None or v < 0 or d.fn != "sqrt" else math.sqrt(v)
-        if isinstance(d, ast.DimBin):
-            a, b = _constant(d.left), _constant(d.right)
-            if a is None or b is None or (d.op == "/" and b == 0):
-                return None
-            return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[d.op]
-    except (OverflowError, ValueError):
-        return None
+        return float(k)
+    except OverflowError:
+        return math.inf if k > 0 else -math.inf
+
+
+def size_range(size: Size) -> Range:
+    """The values of a polynomial in the dimensions: each monomial is 1 when every dimension is 1,
+    and grows without bound, so the constant term plus the positive coefficients is the least value
+    (when no coefficient is negative), and likewise for the greatest."""
+    c0 = sum((c for m, c in size.terms if not m), Fraction(0))
+    pos = [c for m, c in size.terms if m and c > 0]
+    neg = [c for m, c in size.terms if m and c < 0]
+    lo = (_float(c0 + sum(pos)), True) if not neg else (-math.inf, False)
+    hi = (_float(c0 + sum(neg)), True) if not pos else (math.inf, False)
+    return Range(lo[0], lo[1], hi[0], hi[1])
+
+
+def _polynomial(d: ast.Dim, dims: set[str]) -> Size | None:
+    """The argument as a polynomial in the dimensions (exact, so H - H is 0), or None where it takes
+    a square root or divides by something other than a number."""
+    if isinstance(d, ast.DimNum):
+        return Size.of(Fraction(d.value)) if math.isfinite(d.value) else None
+    if isinstance(d, ast.DimName):
+        return Size.of(d.name) if d.name in dims else None
+    if isinstance(d, ast.DimNeg):
+        inner = _polynomial(d.arg, dims)
+        return None if inner is None else -inner
+    if isinstance(d, ast.DimBin):
+        left, right = _polynomial(d.left, dims), _polynomial(d.right, dims)
+        if left is None or right is None:
+            return None
+        if d.op == "/":
+            k = right.constant
+            return None if k is None or k == 0 else Size(tuple((m, c / k) for m, c in left.terms))
+        return {"+": left + right, "-": left - right, "*": left * right}[d.op]
     return None
 
 
-def _check_init_values(init: ast.Init, errors: Collector) -> None:
-    """What the numbers of an initialiser must be, where they are numbers alone (arguments made
-    with dimensions are checked when the dimensions are known, at load)."""
-    values = [_constant(a) for a in init.args]
-    if init.name == "uniform" and len(values) == 1 and values[0] is not None and values[0] < 0:
-        errors.error(init.args[0].loc, f"uniform(k) draws from U(-k, k): k must be 0 or more, got {values[0]:g}")
-    elif init.name == "uniform" and len(values) == 2 and None not in values and values[0] > values[1]:
-        errors.error(init.loc, f"uniform(a, b) draws from U(a, b): a must not exceed b, got {values[0]:g} > {values[1]:g}")
-    elif init.name == "normal" and values and values[-1] is not None and values[-1] < 0:
-        errors.error(init.args[-1].loc, f"normal's standard deviation must be 0 or more, got {values[-1]:g}")
+def _ends(r: Range):
+    return ((r.lo, r.lo_in), (r.hi, r.hi_in))
+
+
+def _hull(candidates) -> Range:
+    lo = min(v for v, _ in candidates)
+    hi = max(v for v, _ in candidates)
+    return Range(lo, any(i for v, i in candidates if v == lo), hi, any(i for v, i in candidates if v == hi))
+
+
+def _by_sign(a: Range, b: Range) -> Range:
+    """a * b or a / b (b never 0) from the signs alone."""
+    def sign(r):
+        if r.lo > 0 or (r.lo == 0 and not r.lo_in):
+            return 1, True
+        if r.lo >= 0:
+            return 1, False
+        if r.hi < 0 or (r.hi == 0 and not r.hi_in):
+            return -1, True
+        if r.hi <= 0:
+            return -1, False
+        return 0, False
+    (sa, strict_a), (sb, strict_b) = sign(a), sign(b)
+    if not sa or not sb:
+        return _ANY
+    strict = strict_a and strict_b
+    return Range(0.0, not strict, math.inf, False) if sa == sb else Range(-math.inf, False, 0.0, not strict)
+
+
+def scalar_range(d: ast.Dim, dims: set[str], problems: list | None = None) -> Range | None:
+    """The values an initialiser argument takes over every binding of the dimensions, computed as the
+    generated code computes it (in floats, so a number alone comes out exactly as it will at load),
+    or None where it names something unknown or has a number too large. What fails whatever the dimensions (a division by
+    zero, the square root of a negative number) is appended to `problems` as (loc, message)."""
+    problems = [] if problems is None else problems
+    if _names(d) - dims:
+        return None
+    if _names(d):
+        poly = _polynomial(d, dims)
+        if poly is not None:
+            return size_range(poly)
+    if isinstance(d, ast.DimNum):
+        return Range.point(d.value) if math.isfinite(d.value) else None  # check_scalar reports it
+    if isinstance(d, ast.DimName):
+        return _DIM
+    if isinstance(d, ast.DimNeg):
+        r = scalar_range(d.arg, dims, problems)
+        return None if r is None else Range(-r.hi, r.hi_in, -r.lo, r.lo_in)
+    if isinstance(d, ast.DimCall):
+        r = scalar_range(d.arg, dims, problems)
+        if r is None or d.fn != "sqrt":
+            return None
+        if r.below(0):
+            problems.append((d.loc, f"sqrt({scalar_text(d.arg)}) is the square root of a negative number"
+                                    + ("" if not _names(d.arg) else ": " + _never(d.arg, r, "< 0", lead=""))))
+            return None
+        if r.lo < 0:
+            return Range(0.0, True, math.sqrt(r.hi), r.hi_in)
+        return Range(math.sqrt(r.lo), r.lo_in, math.sqrt(r.hi), r.hi_in)
+    a, b = scalar_range(d.left, dims, problems), scalar_range(d.right, dims, problems)
+    if a is None or b is None:
+        return None
+    if d.op == "+":
+        return Range(a.lo + b.lo, a.lo_in and b.lo_in, a.hi + b.hi, a.hi_in and b.hi_in)
+    if d.op == "-":
+        return Range(a.lo - b.hi, a.lo_in and b.hi_in, a.hi - b.lo, a.hi_in and b.lo_in)
+    if d.op == "*":
+        # 0 times an unbounded end: 0 is the bound, included where the 0 is.
+        candidates = [(0.0 if x == 0 or y == 0 else x * y, (xi and yi) or (x == 0 and xi) or (y == 0 and yi))
+                      for x, xi in _ends(a) for y, yi in _ends(b)]
+        if any(math.isnan(v) for v, _ in candidates):
+            return _by_sign(a, b)
+        return _hull(candidates)
+    if b.fixed and b.lo == 0:
+        problems.append((d.loc, f"{scalar_text(d)} divides by zero"
+                                + ("" if not _names(d.right) else ": " + _never(d.right, b, "= 0", lead=""))))
+        return None
+    if b.holds(0):
+        return _ANY  # a division by zero for some dimensions: found at load, when they are known
+    if b.lo <= 0 <= b.hi or any(math.isinf(x) and math.isinf(y) for x, _ in _ends(a) for y, _ in _ends(b)):
+        return _by_sign(a, b)  # 0 is an end b never reaches, or inf / inf: the signs still tell
+    return _hull([(x / y, (xi and yi) or (x == 0 and xi)) for x, xi in _ends(a) for y, yi in _ends(b)])
+
+
+def _names(d: ast.Dim) -> set[str]:
+    if isinstance(d, ast.DimName):
+        return {d.name}
+    if isinstance(d, ast.DimBin):
+        return _names(d.left) | _names(d.right)
+    if isinstance(d, (ast.DimNeg, ast.DimCall)):
+        return _names(d.arg)
+    return set()
+
+
+def scalar_text(d: ast.Dim, outer: int = 0) -> str:
+    """An initialiser argument written out again, with only the parentheses it needs."""
+    if isinstance(d, ast.DimNum):
+        return _number(d.value)
+    if isinstance(d, ast.DimName):
+        return d.name
+    if isinstance(d, ast.DimCall):
+        return f"{d.fn}({scalar_text(d.arg)})"
+    if isinstance(d, ast.DimNeg):
+        return "-" + scalar_text(d.arg, 3)
+    level = 1 if d.op in "+-" else 2
+    text = f"{scalar_text(d.left, level)} {d.op} {scalar_text(d.right, level + 1)}"
+    return f"({text})" if level < outer else text
+
+
+def scalar_start(d: ast.Dim) -> Loc:
+    """Where an argument begins (a binary operation's own location is its operator)."""
+    return scalar_start(d.left) if isinstance(d, ast.DimBin) else d.loc
+
+
+def _never(d: ast.Dim, r: Range, relation: str, lead: str = "but ") -> str:
+    """'but -1 / sqrt(H) < 0 for every H', or for a number alone, 'got' its value."""
+    names = sorted(_names(d))
+    if not names:
+        return f"got {_number(r.lo)}"
+    every = " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{lead}{scalar_text(d)} {relation} for every {every}"
+
+
+def _check_init_values(init: ast.Init, dims: set[str], errors: Collector) -> None:
+    """What the arguments of an initialiser must be, where the text alone decides it: numbers are
+    computed as at load, and an argument made with dimensions is reported when it is wrong for every
+    binding of them (dimensions are whole numbers from 1 up), so -1 / sqrt(H) is never a valid k.
+    What depends on the dimensions' values is checked at load (bind_inits)."""
+    problems: list = []
+    ranges = [scalar_range(a, dims, problems) for a in init.args]
+    for loc, message in problems:
+        errors.error(loc, message)
+    if init.name in INITS and len(init.args) not in INITS[init.name]:
+        return
+    for a, r in zip(init.args, ranges):
+        if r is not None and r.fixed and math.isinf(r.lo):
+            errors.error(scalar_start(a), f"{scalar_text(a)} overflows to infinity")
+            return
+    args = init.args
+    if init.name == "uniform" and len(args) == 1 and ranges[0] is not None and ranges[0].below(0):
+        errors.error(scalar_start(args[0]), "uniform(k) draws from U(-k, k): k must be 0 or more, "
+                                            + _never(args[0], ranges[0], "< 0"))
+    elif init.name == "uniform" and len(args) == 2 and None not in ranges:
+        a, b = ranges
+        width = scalar_range(ast.DimBin("-", args[1], args[0], init.loc), dims)
+        if a.lo > b.hi or (a.lo == b.hi and not (a.lo_in and b.hi_in)) or (width is not None and width.below(0)):
+            if _names(args[0]) or _names(args[1]):
+                every = " and ".join(sorted(_names(args[0]) | _names(args[1])))
+                why = f"but {scalar_text(args[0])} > {scalar_text(args[1])} for every {every}"
+            else:
+                why = f"got {_number(a.lo)} > {_number(b.lo)}"
+            errors.error(init.loc, f"uniform(a, b) draws from U(a, b): a must not exceed b, {why}")
+    elif init.name == "normal" and ranges and ranges[-1] is not None and ranges[-1].below(0):
+        errors.error(scalar_start(args[-1]), "normal's standard deviation must be 0 or more, "
+                                             + _never(args[-1], ranges[-1], "< 0"))
+
+
+def scalar_value(d: ast.Dim, dims: dict[str, int]):
+    """An initialiser argument's value for these dimensions, computed as the generated code computes
+    it (assemble.scalar_code); a step that fails (a division by zero, the square root of a negative
+    number) raises _Fails at that step."""
+    if isinstance(d, ast.DimNum):
+        return d.value
+    if isinstance(d, ast.DimName):
+        return dims[d.name]
+    if isinstance(d, ast.DimNeg):
+        return -scalar_value(d.arg, dims)
+    if isinstance(d, ast.DimCall):
+        v = scalar_value(d.arg, dims)
+        try:
+            return math.sqrt(v)
+        except (ValueError, OverflowError):
+            raise _Fails(d.loc, f"sqrt({scalar_text(d.arg)}) = sqrt({_number(v)}), the square root of a "
+                                "negative number" if v < 0 else f"{scalar_text(d.arg)} is too large") from None
+    a, b = scalar_value(d.left, dims), scalar_value(d.right, dims)
+    if d.op == "/" and b == 0:
+        raise _Fails(d.loc, f"{scalar_text(d)} divides by {scalar_text(d.right)} = 0")
+    try:
+        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[d.op]()
+    except OverflowError:
+        raise _Fails(d.loc, f"{scalar_text(d)} is too large") from None
+
+
+class _Fails(Exception):
+    """A step of scalar_value that fails for these dimensions, and where it is written."""
+
+    def __init__(self, loc: Loc, message: str):
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+
+def bind_inits(cell: CheckedCell, values: dict[str, int], dtype=None, context: str = "") -> None:
+    """Raise BindError, at the spec's line, for each initialiser that these dimensions give an
+    argument torch would refuse (a negative spread, an empty range, a division by zero) or that is
+    not a finite number, before the module is made: what the checker could not decide from the
+    text alone. `values` are the cell's dimensions, already checked; `dtype` the parameters' (a
+    uniform range must fit in it); `context` says where the cell is used (a network's layer)."""
+    import torch
+
+    dtype = dtype or torch.get_default_dtype()
+    largest = torch.finfo(dtype).max
+    bound = ", ".join(f"{d}={values[d]}" for d in cell.dims)
+    head = f"with {bound}" + (f" ({context})" if context else "") + ", "
+    errors = Collector()
+    for decl in (*cell.states, *cell.params):
+        init = decl.init
+        if init is None or not init.args:
+            continue
+        try:
+            args = [float(scalar_value(a, values)) for a in init.args]
+        except _Fails as e:
+            errors.error(e.loc, f"{head}{init.name} for {decl.name} cannot be computed: {e.message}")
+            continue
+        except OverflowError:
+            errors.error(init.loc, f"{head}an argument of {init.name} for {decl.name} is too large")
+            continue
+
+        def shown(i: int) -> str:
+            a = init.args[i]
+            return f"{scalar_text(a)} = {_number(args[i])}" if _names(a) else _number(args[i])
+
+        bad = [i for i, v in enumerate(args) if not math.isfinite(v)]
+        if bad:
+            errors.error(scalar_start(init.args[bad[0]]), f"{head}{init.name}'s argument {shown(bad[0])} for "
+                                                          f"{decl.name} is not a finite number")
+        elif init.name == "uniform":
+            low, high = (-args[0], args[0]) if len(args) == 1 else args
+            if low > high:
+                what = (f"k must be 0 or more, got {shown(0)}" if len(args) == 1
+                        else f"a must not exceed b, got {shown(0)} > {shown(1)}")
+                where = scalar_start(init.args[0]) if len(args) == 1 else init.loc
+                form = "uniform(k) draws from U(-k, k)" if len(args) == 1 else "uniform(a, b) draws from U(a, b)"
+                errors.error(where, f"{head}{form}: {what}")
+            elif max(abs(low), abs(high)) > largest or high - low > largest:
+                errors.error(init.loc, f"{head}uniform's range [{_number(low)}, {_number(high)}] for {decl.name} "
+                                       f"is too wide for {str(dtype).removeprefix('torch.')} (its width and ends "
+                                       f"must be at most {_number(largest)})")
+        elif init.name == "normal" and args[-1] < 0:
+            errors.error(scalar_start(init.args[-1]), f"{head}normal's standard deviation must be 0 or more, "
+                                                      f"got {shown(len(args) - 1)}")
+    raise_bound(errors)
+
+
+def raise_bound(errors: Collector) -> None:
+    """raise_if_any, as a BindError."""
+    try:
+        errors.raise_if_any()
+    except SpecError as e:
+        raise BindError(e.diagnostics) from None
 
 
 def check_scalar(d: ast.Dim, dims: set[str], errors: Collector) -> None:
@@ -290,7 +589,7 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
                                    f"got {len(init.args)}")
         for a in init.args:
             check_scalar(a, dims, errors)
-        _check_init_values(init, errors)
+        _check_init_values(init, dims, errors)
 
     # env: the type of every value a step sees; None for a value whose definition is in error.
     env: dict[tuple[str, bool], Type | None] = {}

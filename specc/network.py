@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .errors import Diagnostic
 from .runtime import CellModule, check_dims
+
+# What CellModule takes; a network checks it too, so that one without recurrent layers refuses the
+# same names.
+BACKENDS = ("auto", "numpy", "c", "triton")
 
 
 def length_mask(lengths: torch.Tensor | None, T: int, B: int, dtype, device=None) -> torch.Tensor:
@@ -300,13 +305,24 @@ class Network(nn.Module):
     sequences made by repeat/first when nothing else gives one.
 
     Sequence outputs are (T, B, n), zero past each sequence's end. `generate` decodes.
+
+    With batch_first=True every sequence going in or coming out has its batch first, as with
+    torch's batch_first: sequence inputs and outputs (B, T, n), token sequences and targets (B, T),
+    and generate's tokens (B, T); what is one per sequence stays (B, n) or (B,). `backend` is that
+    of every compiled cell in the recurrent layers ("auto", "numpy", "c", "triton").
     """
 
-    def __init__(self, checked, dims: dict, dtype=None):
+    def __init__(self, checked, dims: dict, dtype=None, batch_first: bool = False, backend: str = "auto"):
         super().__init__()
         check_dims(f"network '{checked.name}'", checked.dims, dims)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy', 'c' or 'triton'")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
         self.checked = checked
         self.dims = dict(dims)
+        self.batch_first = batch_first
+        self.backend = backend
         dtype = dtype or torch.get_default_dtype()
         self.layers = nn.ModuleDict()
         for spec in checked.layers:
@@ -317,20 +333,35 @@ class Network(nn.Module):
                 n_in, n_out = (_evaluate(s, dims, f"the size of {spec.name}") for s in spec.sizes)
                 self.layers[spec.name] = nn.Linear(n_in, n_out, dtype=dtype)
             else:
-                self.layers[spec.name] = self._recurrent(spec, dims, dtype)
+                self.layers[spec.name] = self._recurrent(spec, dims, dtype, backend)
         self.start = None
         if checked.prev is not None:
-            self.start = _evaluate(checked.prev[2] + 1, dims, "the start token + 1") - 1
-            y = checked.prev[0]
-            vocab = _evaluate(checked.ops[dict(checked.outputs)[y]].value.size, dims, f"the size of {y}")
-            if self.start >= vocab:
-                raise ValueError(f"network '{checked.name}': the start token of prev({y}) is {self.start}, "
-                                 f"but {y} scores only {vocab} tokens")
+            self.start = self._start_token(checked, dims)
         self.output_names = tuple(name for name, _ in checked.outputs)
         self.input_names = tuple(name for name, _, _ in checked.inputs)
 
     @staticmethod
-    def _recurrent(spec, dims, dtype) -> Recurrent:
+    def _start_token(checked, dims: dict) -> int:
+        """prev(y)'s start token for these dimensions: a token id of y, or a BindError at its line
+        (the checker has refused what no dimensions could make right)."""
+        from .check import BindError
+
+        y, op, start = checked.prev
+        vocab = _evaluate(checked.ops[dict(checked.outputs)[y]].value.size, dims, f"the size of {y}")
+        value = start.evaluate(dims)
+        if value.denominator == 1 and 0 <= value < vocab:
+            return int(value)
+        bound = ", ".join(f"{k}={v}" for k, v in dims.items())
+        written = "" if start.constant is not None else f"{str(start).replace('//', '/')} = "
+        loc = checked.start_loc or checked.ops[op].loc
+        raise BindError(Diagnostic(loc, f"with {bound}, the start token of prev({y}) would be {written}{value}; "
+                                        f"it must be a token id of {y}, a whole number from 0 to {vocab - 1} "
+                                        f"({y} scores {vocab} tokens)"))
+
+    @staticmethod
+    def _recurrent(spec, dims, dtype, backend: str = "auto") -> Recurrent:
+        from .check import bind_inits
+
         rec = spec.recurrent
         prog = _compile_layer_program(rec)
         layers = _evaluate(rec.layers, dims, f"the number of layers of {spec.name}")
@@ -341,11 +372,17 @@ class Network(nn.Module):
             above = dict(base)
             above[rec.input_dim] = directions * _evaluate(rec.output, dims, f"the output size of {spec.name}")
             layer_dims.append(above)
+        # Initialisers the checker could not decide from the text, at the cell's line.
+        for k, layer in enumerate(layer_dims):
+            if layer not in layer_dims[:k]:
+                where = f"layer '{spec.name}'" + (f", stacked layer {k}" if len(layer_dims) > 1 else "")
+                bind_inits(rec.cell, layer, dtype, context=where)
         return Recurrent(prog, layer_dims, len(rec.cell.inputs), bidirectional=rec.bidirectional,
-                         dropout=rec.dropout, dtype=dtype)
+                         dropout=rec.dropout, dtype=dtype, backend=backend)
 
     def extra_repr(self) -> str:
-        return f"{self.checked.name}, " + ", ".join(f"{k}={v}" for k, v in self.dims.items())
+        return (f"{self.checked.name}, " + ", ".join(f"{k}={v}" for k, v in self.dims.items())
+                + (", batch_first=True" if self.batch_first else ""))
 
     def _dtype(self):
         for p in self.parameters():
@@ -391,9 +428,13 @@ class Network(nn.Module):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         want = {"sequence": 3, "vector": 2, "tokens": 2, "token": 1}[kind]
         if t.dim() != want:
-            raise ValueError(f"{name} is a {kind} input: expected {want} axes, got shape {tuple(t.shape)}")
+            layout = {"sequence": "(B, T, n)" if self.batch_first else "(T, B, n)", "vector": "(B, n)",
+                      "tokens": "(B, T)" if self.batch_first else "(T, B)", "token": "(B,)"}[kind]
+            raise ValueError(f"{name} is a {kind} input: expected {want} axes, {layout}, got shape {tuple(t.shape)}")
         if kind in ("sequence", "vector"):
             t = t.to(self._dtype())
+        if self.batch_first and kind in ("sequence", "tokens"):
+            t = t.transpose(0, 1)  # the plan runs time first, as the recurrent layers do
         return _Val(t, as_lengths(lengths, t.shape[1]) if kind in ("sequence", "tokens") else None)
 
     # --- running the plan ---
@@ -405,15 +446,22 @@ class Network(nn.Module):
             y = self.checked.prev[0]
             if y not in named:
                 raise TypeError(f"output {y} is fed back with prev({y}): pass the targets for teacher forcing, "
-                                f"{y}=(T, B) token ids, or decode with generate()")
+                                f"{y}={'(B, T)' if self.batch_first else '(T, B)'} token ids, or decode with "
+                                f"generate()")
             targets[y] = self._sequence(named.pop(y), lengths.get(y), "tokens", y)
         if named:
             raise TypeError(f"network '{self.checked.name}' has no input {', '.join(named)}")
         env: dict[int, _Val] = {}
         for i, op in enumerate(self.checked.ops):
             env[i] = self._run(op, env, values, targets, steps)
-        outs = tuple(self._masked(env[i]) for _, i in self.checked.outputs)
+        outs = tuple(self._output(i, env[i]) for _, i in self.checked.outputs)
         return outs[0] if len(outs) == 1 else outs
+
+    def _output(self, op: int, v: _Val) -> torch.Tensor:
+        t = self._masked(v)
+        if self.batch_first and self.checked.ops[op].value.kind in ("sequence", "tokens"):
+            t = t.transpose(0, 1)
+        return t
 
     @staticmethod
     def _masked(v: _Val) -> torch.Tensor:
@@ -515,16 +563,16 @@ class Network(nn.Module):
         """Decode the output fed back with prev(y): greedily (the most likely token at each step)
         or by sampling, up to max_len steps or until every sequence has produced `end`.
 
-        Returns (tokens, lengths): tokens (T, B) with T <= max_len, and each sequence's length
-        (up to and including its end token); tokens after a sequence's end are `end`. `batch` is
-        the batch size for a network without inputs.
+        Returns (tokens, lengths): tokens (T, B) with T <= max_len ((B, T) with batch_first), and
+        each sequence's length (up to and including its end token); tokens after a sequence's end
+        are `end`. `batch` is the batch size for a network without inputs.
         """
         if self.checked.prev is None:
             raise TypeError(f"network '{self.checked.name}' feeds nothing back with prev(...); call it instead")
         values, _ = self._bind(args, named, lengths)
         if named:
             raise TypeError(f"network '{self.checked.name}' has no input {', '.join(named)}")
-        y, prev_op, _ = self.checked.prev
+        y = self.checked.prev[0]
         y_op = dict(self.checked.outputs)[y]
         if batch is None:
             for (name, kind, _) in self.checked.inputs:
@@ -569,7 +617,8 @@ class Network(nn.Module):
             tokens.append(token)
             if end is not None and bool(done.all()):
                 break
-        return torch.stack(tokens), out_len
+        tokens = torch.stack(tokens)
+        return (tokens.transpose(0, 1) if self.batch_first else tokens), out_len
 
 
 # --- loading ---
@@ -586,7 +635,8 @@ def _library_network_file(name: str):
     return None
 
 
-def load_network(spec, name: str | None = None, *, dtype=None, **dims) -> Network | None:
+def load_network(spec, name: str | None = None, *, dtype=None, batch_first: bool = False, backend: str = "auto",
+                 **dims) -> Network | None:
     """The Network for a spec holding `network` blocks, or None when `spec` (or `name`) is a cell.
 
     `spec` is a path, spec text, a library file's name, or the name of a network in the library.
@@ -621,7 +671,7 @@ def load_network(spec, name: str | None = None, *, dtype=None, **dims) -> Networ
             raise SpecError(f"{file} has no network or cell '{name}'; it defines "
                             f"{', '.join([n.name for n in parsed.networks] + [c.name for c in cells])}")
         net = matches[0]
-    return Network(check_network(net, parsed, cells), dims, dtype=dtype)
+    return Network(check_network(net, parsed, cells), dims, dtype=dtype, batch_first=batch_first, backend=backend)
 
 
 def library_recurrent(cell: str, layer_dims: list[dict], bidirectional: bool = False, dropout: float = 0.0,

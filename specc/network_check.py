@@ -27,7 +27,7 @@ import functools
 from dataclasses import dataclass
 
 from . import ast
-from .check import CheckedCell, check, dim_size
+from .check import CheckedCell, check, dim_size, scalar_start, size_range
 from .errors import Collector, Loc, SpecError
 from .lower import lower
 from .shapes import Size
@@ -90,6 +90,7 @@ class CheckedNetwork:
     outputs: tuple[tuple[str, int], ...]
     prev: tuple[str, int, Size] | None  # (output fed back, its prev op, start token)
     loc: Loc
+    start_loc: Loc | None = None  # where the start token is written, for errors at load
 
 
 def describe(v: Value) -> str:
@@ -201,12 +202,13 @@ class _Checker:
         self.runs: dict[str, list[int]] = {}  # recurrent layer -> flows that run it
         self.run_op: dict[str, int] = {}
         self.prev: tuple[str, int, Size] | None = None
+        self.start_loc: Loc | None = None
         self.pending_vocab: list[tuple[Size, Loc]] = []  # embeddings reading prev(y): their V
         self.current: int | None = None
 
     # --- sizes ---
 
-    def size(self, d: ast.Dim) -> Size | None:
+    def size(self, d: ast.Dim, what: str = "size") -> Size | None:
         for name_loc in _dim_names(d):
             name, loc = name_loc
             if name not in self.dims:
@@ -214,7 +216,7 @@ class _Checker:
                                   + f"; declare it in the network's header: network "
                                     f"{self.net.name}({', '.join([n for n, _ in self.net.dims] + [name])})")
                 return None
-        return dim_size(d, self.dims, self.errors)
+        return dim_size(d, self.dims, self.errors, what)
 
     # --- declarations ---
 
@@ -419,12 +421,33 @@ class _Checker:
         if self.prev is not None:
             self.errors.error(s.loc, "a network feeds back one output; prev(...) is used twice")
             return None
-        start = Size.of(0) if s.start is None else self.size(s.start)
+        start = Size.of(0) if s.start is None else self.size(s.start, "token id")
         if start is None:
             return None
+        self.start_loc = None if s.start is None else scalar_start(s.start)
         op = self.add("prev", (), (s.name, start), Value("tokens", None), s.loc)
         self.prev = (s.name, op, start)
         return op
+
+    def check_start(self, y: str, start: Size, vocab: Size) -> None:
+        """The start token is a token id of y, from 0 to its vocabulary size - 1: reported here where
+        no binding of the dimensions (whole numbers from 1 up) could make it one, else at load."""
+        if self.start_loc is None:
+            return  # the default, 0, is always a token id
+        names = sorted(start.names() | vocab.names())
+        every = f" for every {' and '.join(names)}" if names else ""
+        shown, size = (str(v).replace("//", "/") for v in (start, vocab))
+        k = start.constant
+        if k is not None and k.denominator != 1:
+            why = f"got {shown}"
+        elif size_range(start).below(0):
+            why = f"got {shown}" if k is not None else f"but {shown} < 0{every}"
+        elif size_range(start - vocab).at_least(0):
+            why = f"but {shown} is not below {size}{every}"
+        else:
+            return
+        self.errors.error(self.start_loc, f"the start token of prev({y}) must be a token id of {y}, a whole "
+                                          f"number from 0 to {size} - 1 ({y} scores {size} tokens), {why}")
 
     def _top_dims(self, spec: LayerSpec) -> dict[str, Size]:
         rec = spec.recurrent
@@ -597,13 +620,15 @@ class _Checker:
                                                f"{value.size} (the size of {name}), but this embedding reads "
                                                f"ids below {vocab}")
                 self.ops[op] = Op("prev", (), (name, start), Value("tokens", value.size), self.ops[op].loc, True)
+                if value.kind == "sequence":
+                    self.check_start(name, start, value.size)
         self.errors.raise_if_any()
         inputs = tuple((i.name, INPUT_KINDS[i.kind], dim_size(i.size, self.dims, Collector()))
                        for i in self.inputs.values())
         return CheckedNetwork(self.net.name, self.net.doc, self.spec.file, tuple(n for n, _ in self.net.dims),
                               inputs, tuple(self.layers[layer.name] for layer in self.net.layers
                                             if layer.name in self.layers),
-                              tuple(self.ops), tuple(outputs), self.prev, self.net.loc)
+                              tuple(self.ops), tuple(outputs), self.prev, self.net.loc, self.start_loc)
 
 
 def _dim_names(d: ast.Dim):

@@ -13,6 +13,7 @@ import textwrap
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import specc
 from specc.check import MODULE_ATTRS, check, check_dims
@@ -173,6 +174,28 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "initialiser with an empty range": (
         cell("param V[H] ~ uniform(2, 1 / 2)", "h' = tanh(W @ x)", "output h'"),
         [want(7, 18, "a must not exceed b, got 2 > 0.5")]),
+    # --- initialiser arguments wrong whatever the dimensions (each a whole number from 1 up) ---
+    "spread negative for every dimension": (
+        cell("param V[H] ~ uniform(-1 / sqrt(H))", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 26, "uniform(k)", "k must be 0 or more", "but -1 / sqrt(H) < 0 for every H")]),
+    "standard deviation negative for every dimension": (
+        cell("param V[H] ~ normal(0, 1 - 2 * H * I)", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 28, "standard deviation must be 0 or more", "1 - 2 * H * I < 0 for every H and I")]),
+    "range empty for every dimension": (
+        cell("param V[H] ~ uniform(H, H - 1)", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 18, "a must not exceed b", "but H > H - 1 for every H")]),
+    "initialiser dividing by zero": (
+        cell("param V[H] ~ constant(1 / (H - H))", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 29, "1 / (H - H) divides by zero", "H - H = 0 for every H")]),
+    "gain the square root of a negative number": (
+        cell("param V[H, H] ~ orthogonal(sqrt(1 - 2 * H))", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 32, "sqrt(1 - 2 * H) is the square root of a negative number", "1 - 2 * H < 0 for every H")]),
+    "gain that overflows": (
+        cell("param V[H, H] ~ identity(1e200 * 1e200)", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 30, "1e+200 * 1e+200 overflows to infinity")]),
+    "state constant dividing by zero": (
+        cell("state s[H] = constant(2 / 0)", "s' = tanh(W @ x + s)", "h' = tanh(W @ x)", "output h'"),
+        [want(7, 29, "2 / 0 divides by zero")]),
     "state initialiser that is not a constant": (
         "cell c(H) {\n    state h[H] = normal(1)\n    h' = tanh(h)\n    output h'\n}\n",
         [want(2, 18, "unknown initialiser 'normal'", "zeros, ones, constant")]),
@@ -397,6 +420,167 @@ def test_check_dims_rejects_a_declared_size_that_is_not_positive():
 def test_loading_with_a_split_that_does_not_divide():
     with pytest.raises(Exception, match=r"split\(\.\.\., 2\)"):
         specc.load(SPLIT, I=3, H=5)
+
+
+# --- initialiser arguments that depend on the dimensions' values: refused at load, at their line ----
+
+def _with_init(init: str, state: str = "zeros") -> str:
+    return (f"cell c(I, H) {{\n    input x[I]\n    state h[H] = {state}\n    param W[H, I] ~ {init}\n"
+            f"    h' = tanh(W @ x + h)\n    output h'\n}}\n")
+
+
+@pytest.mark.parametrize("init, dims, where, words", [
+    ("uniform(H - 4)", dict(I=3, H=2), (4, 29), "with I=3, H=2, uniform(k) draws from U(-k, k): k must be 0 or more, "
+                                                "got H - 4 = -2"),
+    ("normal(0, 1 - H)", dict(I=3, H=2), (4, 31), "with I=3, H=2, normal's standard deviation must be 0 or more, "
+                                                  "got 1 - H = -1"),
+    ("uniform(H, 3)", dict(I=3, H=4), (4, 21), "with I=3, H=4, uniform(a, b) draws from U(a, b): a must not "
+                                               "exceed b, got H = 4 > 3"),
+    ("constant(1 / (H - 2))", dict(I=3, H=2), (4, 32), "with I=3, H=2, constant for W cannot be computed: "
+                                                       "1 / (H - 2) divides by H - 2 = 0"),
+    ("orthogonal(sqrt(H - 3))", dict(I=3, H=2), (4, 32), "with I=3, H=2, orthogonal for W cannot be computed: "
+                                                         "sqrt(H - 3) = sqrt(-1), the square root of a negative"),
+    ("identity(1e306 * H * I)", dict(I=20, H=20), (4, 30), "with I=20, H=20, identity's argument 1e+306 * H * I = "
+                                                           "inf for W is not a finite number"),
+    ("uniform(1e38 * H)", dict(I=3, H=4), (4, 21), "with I=3, H=4, uniform's range [-4e+38, 4e+38] for W is too "
+                                                   "wide for float32"),
+])
+def test_an_initialiser_the_dimensions_make_wrong_is_refused_at_load_at_its_line(init, dims, where, words):
+    text = _with_init(init)
+    check(parse(text))  # nothing the checker can prove: these are right for other dimensions
+    with pytest.raises(ValueError) as info:
+        specc.load(text, **dims, dtype=torch.float32)
+    assert isinstance(info.value, SpecError)
+    [d] = info.value.diagnostics
+    assert ((d.loc.line, d.loc.col), d.message[:len(words)]) == (where, words), d.message
+    assert "\n    " + " " * (where[1] - 1) + "^" in str(info.value)
+
+
+def test_the_same_initialisers_load_with_other_dimensions():
+    for init, dims in (("uniform(H - 4)", dict(I=3, H=5)), ("normal(0, 1 - H)", dict(I=3, H=1)),
+                       ("uniform(H, 3)", dict(I=3, H=3)), ("constant(1 / (H - 2))", dict(I=3, H=4)),
+                       ("orthogonal(sqrt(H - 3))", dict(I=3, H=3))):
+        m = specc.load(_with_init(init), **dims)
+        assert torch.isfinite(m.W).all(), init
+    m = specc.load(_with_init("uniform(1e38 * H)"), I=3, H=4, dtype=torch.float64)
+    assert m.W.abs().max() <= 4e38
+
+
+def test_a_state_constant_the_dimensions_make_wrong_is_refused_at_load_not_at_the_first_step():
+    text = _with_init("normal(0.1)", state="constant(1 / (H - 2))")
+    with pytest.raises(ValueError, match=r"<spec>:3:29: error: with I=3, H=2, constant for h cannot be computed"):
+        specc.load(text, I=3, H=2)
+    m = specc.load(text, I=3, H=4)
+    assert m.initial_state(2)[0][0, 0].item() == 0.5
+
+
+def test_an_initialiser_of_a_networks_cell_is_checked_for_each_layer_it_makes():
+    net = """cell wide(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[H, I] ~ uniform(I - 4)
+    h' = tanh(W @ x + h)
+    output h'
+}
+network n(I, H) {
+    input x: sequence[I]
+    layer enc = wide(H=H) stacked 2
+    output y = x -> enc
+}
+"""
+    with pytest.raises(ValueError) as info:
+        specc.load(net, "n", I=2, H=5)  # the first layer's I is 2
+    assert str(info.value).startswith("<spec>:4:29: error: with I=2, H=5 (layer 'enc', stacked layer 0), "
+                                      "uniform(k) draws from U(-k, k): k must be 0 or more, got I - 4 = -2")
+    with pytest.raises(ValueError, match=r"^<spec>:4:29: error: with I=3, H=3 \(layer 'enc', stacked layer 1\)"):
+        specc.load(net, "n", I=5, H=3)  # the first layer is right; the second's I is H = 3
+    assert specc.load(net, "n", I=5, H=4)(torch.randn(3, 2, 5)).shape == (3, 2, 4)
+
+
+def _expressions(rng, depth: int) -> str:
+    """A random initialiser argument: numbers, H and I, + - * /, unary minus and sqrt."""
+    if depth == 0 or rng.random() < 0.25:
+        return rng.choice(["H", "I", "0", "1", "2", "3", "0.5", "4"])
+    kind = rng.random()
+    if kind < 0.15:
+        return f"-{_expressions(rng, depth - 1)}"
+    if kind < 0.3:
+        return f"sqrt({_expressions(rng, depth - 1)})"
+    return f"({_expressions(rng, depth - 1)} {rng.choice('+-*/')} {_expressions(rng, depth - 1)})"
+
+
+def test_what_the_checker_accepts_loads_or_is_refused_at_its_line():
+    """For random arguments of every initialiser: when specc check proves one wrong, it is wrong for
+    every binding tried; when it does not, each binding either fills the tensor as the generated
+    code would (specc.init, the arguments computed by the generated expressions) or is refused by
+    the load-time check, at the initialiser's line."""
+    import math
+    import random
+
+    from specc import init as initialisers
+    from specc.assemble import scalar_code
+    from specc.check import bind_inits
+
+    rng = random.Random(0)
+    bindings = [dict(I=1, H=1), dict(I=2, H=1), dict(I=1, H=3), dict(I=5, H=2), dict(I=4, H=9)]
+    shapes = {"orthogonal": "[H, I]", "identity": "[H, H]"}
+    counts = {"proved": 0, "refused": 0, "loaded": 0}
+    for _ in range(400):
+        name, arity = rng.choice([("uniform", 1), ("uniform", 2), ("normal", 1), ("normal", 2), ("constant", 1),
+                                  ("orthogonal", 1), ("identity", 1)])
+        args = [_expressions(rng, 3) for _ in range(arity)]
+        text = (f"cell c(I, H) {{\n    input x[I]\n    state h[H]\n    param V{shapes.get(name, '[H]')} ~ "
+                f"{name}({', '.join(args)})\n    h' = tanh(h)\n    output h'\n}}\n")
+        try:
+            [cell_] = check(parse(text))
+        except SpecError as e:
+            assert all(d.loc.line == 4 for d in e.diagnostics), e.format()
+            counts["proved"] += 1  # the next test shows these wrong for every binding
+            continue
+        init = cell_.params[0].init
+        for dims in bindings:
+            try:
+                bind_inits(cell_, dims, torch.float32)
+            except SpecError as e:
+                assert isinstance(e, ValueError) and all(d.loc.line == 4 for d in e.diagnostics), e.format()
+                counts["refused"] += 1
+                continue
+            values = [eval(scalar_code(a), {"math": math}, dict(dims)) for a in init.args]
+            t = torch.empty(tuple(dims[n] for n in shapes.get(name, "[H]").strip("[]").split(", ")))
+            getattr(initialisers, name)(t, *values)  # must not raise
+            assert all(math.isfinite(v) for v in values), (text, dims)
+            counts["loaded"] += 1
+    assert min(counts.values()) >= 20, counts
+
+
+def test_what_the_checker_proves_wrong_is_wrong_for_every_binding():
+    import math
+    import random
+
+    from specc import init as initialisers
+    from specc.assemble import scalar_code
+
+    rng = random.Random(1)
+    proved = 0
+    for _ in range(400):
+        name, arity = rng.choice([("uniform", 1), ("uniform", 2), ("normal", 1), ("normal", 2), ("constant", 1)])
+        args = [_expressions(rng, 3) for _ in range(arity)]
+        text = (f"cell c(I, H) {{\n    input x[I]\n    state h[H]\n    param V[H] ~ {name}({', '.join(args)})\n"
+                f"    h' = tanh(h)\n    output h'\n}}\n")
+        try:
+            check(parse(text))
+            continue
+        except SpecError:
+            proved += 1
+        init = parse(text).cells[0].stmts[2].init
+        for dims in (dict(I=1, H=1), dict(I=3, H=2), dict(I=2, H=7), dict(I=40, H=31)):
+            try:
+                values = [eval(scalar_code(a), {"math": math}, dict(dims)) for a in init.args]
+                getattr(initialisers, name)(torch.empty(dims["H"]), *values)
+            except (ArithmeticError, ValueError, RuntimeError):
+                continue
+            assert not all(math.isfinite(v) for v in values), f"proved wrong, but {text} loads with {dims}"
+    assert proved >= 20
 
 
 def test_module_attribute_names_are_reserved_for_parameters():

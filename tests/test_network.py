@@ -278,15 +278,65 @@ def test_language_model_and_generator_train_and_generate():
     assert torch.equal(gen(features, tokens=tokens).argmax(-1), tokens)
 
 
-def test_a_start_token_outside_the_vocabulary_is_refused():
-    spec = """network lm(V, E, H) {
+LM = """network lm(V, E, H) {
         layer embed = embedding(V, E)
         layer rnn = gru(H=H)
         layer head = linear(H, V)
-        output y = prev(y, start=V) -> embed -> rnn -> head
+        output y = prev(y, start=START) -> embed -> rnn -> head
     }"""
-    with pytest.raises(ValueError, match="start token"):
+
+
+@pytest.mark.parametrize("start, words", [
+    ("V", "but V is not below V for every V"),
+    ("V + 2", "but V + 2 is not below V for every V"),
+    ("-1", "got -1"),
+    ("1 - 2*V", "but -2*V + 1 < 0 for every V"),
+    ("1 / 2", "got 1/2"),
+])
+def test_a_start_token_that_is_never_a_token_id_is_reported_at_its_place(start, words):
+    # A token id of y is a whole number from 0 to V - 1: these are outside for every V.
+    msg = _error(LM.replace("START", start))
+    assert msg.startswith("<spec>:5:34: error: the start token of prev(y) must be a token id of y, a whole number "
+                          "from 0 to V - 1 (y scores V tokens), " + words), msg
+    assert msg.splitlines()[2] == "    " + " " * 33 + "^"
+
+
+@pytest.mark.parametrize("start, words", [
+    ("V / 0", "<spec>:5:36: error: a token id can only be divided by a positive whole number"),
+    ("0.5", "<spec>:5:34: error: a token id must be a whole number, got 0.5"),
+    ("sqrt(V)", "<spec>:5:34: error: sqrt(...) cannot be used in a token id"),
+])
+def test_a_start_token_that_is_no_whole_number_is_reported(start, words):
+    msg = _error(LM.replace("START", start))
+    assert msg.startswith(words), msg
+
+
+def test_a_start_token_that_the_dimensions_make_wrong_is_refused_at_load_at_its_line():
+    spec = LM.replace("START", "V - 6")  # a token id when V is 6 or more
+    with pytest.raises(ValueError) as e:
         specc.load(spec, V=5, E=3, H=4)
+    assert isinstance(e.value, SpecError)
+    assert str(e.value).startswith("<spec>:5:34: error: with V=5, E=3, H=4, the start token of prev(y) would be "
+                                   "V - 6 = -1; it must be a token id of y, a whole number from 0 to 4 "
+                                   "(y scores 5 tokens)"), str(e.value)
+    assert specc.load(spec, V=8, E=3, H=4).start == 2
+    assert specc.load(LM.replace("START", "V - 1"), V=5, E=3, H=4).start == 4
+    with pytest.raises(ValueError, match="start token of prev.y. would be V/2 = 5/2; it must be"):
+        specc.load(LM.replace("START", "V / 2"), V=5, E=3, H=4)
+
+
+def test_specc_check_reports_a_start_token_out_of_range(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "lm.rnn"
+    path.write_text(LM.replace("START", "-1") + "\n")
+    result = subprocess.run([sys.executable, "-m", "specc.cli", "check", str(path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{path}:5:34: error: the start token of prev(y) must be a token id of y"), \
+        result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_packed_sequences_packed_sorted_and_checked_lengths():
