@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 
 import pytest
 import torch
 
 import specc
+from specc.backends import c as c_backend
 from specc.backends import c_runtime
 from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
                          assert_long_inference_runs_in_chunks, assert_matches_references,
@@ -98,23 +100,29 @@ def test_activations_at_the_edges_of_float32(act):
     torch.testing.assert_close(got[0, 0], want, rtol=4e-7, atol=1e-37, equal_nan=True)
 
 
-UNSAFE_DIM_SPEC = """
-cell unsafe(double) {
-    input x[double]
-    state h[double] = zeros
-    param W[double, double]
+ELMAN_SPEC = """
+cell elman(N) {
+    input x[N]
+    state h[N] = zeros
+    param W[N, N]
     h' = tanh(W @ h + x)
     output h'
 }
 """
 
 
-def test_cells_it_cannot_write_run_on_numpy_and_say_why():
-    module = specc.load(UNSAFE_DIM_SPEC, double=4)
-    assert "double" in module.program.C_UNSUPPORTED
+def test_cells_it_cannot_write_run_on_numpy_and_say_why(monkeypatch):
+    """No cell of the language reaches an op the loop cannot run today (a reshape inside the
+    recurrence would): the writer is made to refuse one, as it would such a cell."""
+    def refuse(loop):
+        raise c_backend.Unsupported("reshape inside the recurrence (spec line 6)")
+
+    monkeypatch.setattr(c_backend.CLoop, "write", refuse)
+    module = specc.load(ELMAN_SPEC, N=4)
+    assert "reshape" in module.program.C_UNSUPPORTED
     assert _backend(module, torch.zeros(1)) == "numpy"
-    with pytest.raises(RuntimeError, match="unsafe.*cannot use the C backend.*double"):
-        specc.load(UNSAFE_DIM_SPEC, double=4, backend="c")(torch.randn(2, 1, 4))
+    with pytest.raises(RuntimeError, match="elman.*cannot use the C backend.*reshape inside the recurrence"):
+        specc.load(ELMAN_SPEC, N=4, backend="c")(torch.randn(2, 1, 4))
 
 
 def test_softmax_inside_the_recurrence():
@@ -330,9 +338,9 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
 
 def test_the_c_is_readable_and_quotes_the_spec():
     source = specc.load("lstm", I=3, H=4).program.C_SOURCE
-    assert "void specc_lstm_forward(long T, long B, int train, float *const *arg)" in source
+    assert "void specc_lstm_forward(long T, long B, int train, float *const *arg, const long *row)" in source
     assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
-    assert "float sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
+    assert "float v_sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
 
 
 @pytest.mark.parametrize("M, K, N", [(1, 1, 1), (7, 5, 33), (70, 2500, 45), (130, 300, 64)])
@@ -372,8 +380,8 @@ def test_inference_keeps_nothing_for_backward(monkeypatch):
     per step) into scratch: the host allocates none of those (T*B, H) buffers."""
     handed = []
     real_run = c_runtime.run
-    monkeypatch.setattr(c_runtime, "run", lambda lib, fn, T, B, train, tensors, scratch:
-                        handed.append([t for t in tensors]) or real_run(lib, fn, T, B, train, tensors, scratch))
+    monkeypatch.setattr(c_runtime, "run", lambda lib, fn, T, B, train, tensors, scratch, **kw:
+                        handed.append([t for t in tensors]) or real_run(lib, fn, T, B, train, tensors, scratch, **kw))
     module = specc.load("lstm", I=5, H=6, backend="c")
     x = torch.randn(30, 4, 5)
     with torch.no_grad():
@@ -382,3 +390,189 @@ def test_inference_keeps_nothing_for_backward(monkeypatch):
     assert sum(t is None for t in inference) == 5
     module(x.requires_grad_())
     assert all(t is not None for t in handed.pop())
+
+
+# --- cells checked against a hand-written torch loop ------------------------------------------
+
+def assert_matches_torch_loop(module, step, x, state, tol=1e-5):
+    """`module` against `step(x_t, states, params) -> (y_t, next states)`, one step of the same
+    cell in torch, run over x by hand with autograd: outputs, final states, and the gradients of
+    x, of the initial states and of every parameter (the loss of run())."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    got = run(module, x, state)
+    params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+    xr = x.clone().requires_grad_()
+    first = [s.clone().requires_grad_() for s in state]
+    states, ys = first, []
+    for t in range(x.shape[0]):
+        y, states = step(xr[t], states, params)
+        ys.append(y)
+    y = torch.stack(ys)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g)).sum()
+    for f in states:
+        loss = loss + (f * torch.randn(f.shape, generator=g)).sum()
+    loss.backward()
+    want = {"y": y, **{f"final{k}": f for k, f in enumerate(states)}, "dx": xr.grad,
+            **{f"d{k}": s.grad for k, s in enumerate(first)}, **{f"d{n}": p.grad for n, p in params.items()}}
+    assert_same(got, {k: v.detach() for k, v in want.items()}, tol)
+
+
+STACKED_SPEC = """
+cell stacked(I, H) {
+    input x[I]
+    state h[H] = ones
+    param A[H, I]
+    param C[H, I]
+    h' = (A @ x) * h + C @ x
+    output h'
+}
+"""
+
+
+@pytest.mark.parametrize("I, H", [(5, 3), (7, 1), (1, 6)])
+def test_a_part_of_stacked_products_that_backward_keeps(I, H):
+    """A @ x and C @ x are one product over [A; C] before the loop; backward reads the part A @ x,
+    which the forward pass's host code holds as columns of that product (rows 2H apart)."""
+    module = specc.load(STACKED_SPEC, backend="c", I=I, H=H)
+
+    def step(x, states, p):
+        h = (x @ p["A"].T) * states[0] + x @ p["C"].T
+        return h, [h]
+
+    assert_matches_torch_loop(module, step, torch.randn(4, 2, I), [torch.randn(2, H)])
+
+
+JOINED_SPEC = """
+cell joined(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[H, H]
+    param U[H, I]
+    a = tanh(W @ h + U @ x)
+    b = sigmoid(a)
+    h' = a * b
+    y = [a, b]
+    output y
+}
+"""
+
+
+@pytest.mark.parametrize("I, H", [(5, 3), (7, 1)])
+def test_parts_of_a_concatenation_that_backward_keeps(I, H):
+    """The loop writes a and b into their columns of the output y; backward reads them there."""
+    module = specc.load(JOINED_SPEC, backend="c", I=I, H=H)
+
+    def step(x, states, p):
+        a = torch.tanh(states[0] @ p["W"].T + x @ p["U"].T)
+        b = torch.sigmoid(a)
+        return torch.cat([a, b], dim=1), [a * b]
+
+    assert_matches_torch_loop(module, step, torch.randn(5, 3, I), [torch.randn(3, H)])
+    source = module.program.C_SOURCE
+    assert "const long v_a_row = row[" in source and "const long v_b_row = row[" in source
+
+
+def test_the_loop_refuses_a_view_it_was_not_told_of():
+    """What the C reads as contiguous must be: a strided tensor in its place is an error, not
+    wrong numbers."""
+    module = specc.load(STACKED_SPEC, backend="c", I=5, H=3)
+    lib = c_runtime.library(module.program.C_SOURCE, {"I": 5, "H": 3})
+    wide = torch.zeros(8, 6)
+    state = torch.zeros(5 * 2, 3)
+    with pytest.raises(AssertionError, match="argument 0 of specc_stacked_forward is not a contiguous"):
+        c_runtime.run(lib, "specc_stacked_forward", 4, 2, False, [wide[:, :3], state], 0)
+    with pytest.raises(AssertionError, match="argument 0 of .* not a float32 CPU matrix with adjacent columns"):
+        c_runtime.run(lib, "specc_stacked_forward", 4, 2, False, [wide[:, ::2], state], 0, views=(0,))
+
+
+CONSTANT_SPEC = """
+cell k(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[H, I]
+    h' = tanh(W @ x - K / (1 + K * K)) * 0.5 + h * K / (1 + K * K)
+    output h'
+}
+"""
+
+
+@pytest.mark.parametrize("spec_text, value, I, H", [
+    ("-0.5", -0.5, 5, 3), ("-0.5", -0.5, 7, 1), ("0.25", 0.25, 5, 3), ("1e-3", 1e-3, 5, 3), ("100", 100.0, 7, 1),
+    ("-1e-3", -1e-3, 5, 3), ("-100", -100.0, 5, 3), ("(0 - 3)", -3.0, 5, 3), ("2 * -1.5", -3.0, 1, 4),
+    ("-tanh(0.5) / 4", None, 5, 3),
+])
+def test_constants_of_every_sign_and_size(spec_text, value, I, H):
+    """Constants in the loop are C literals, and so is a number made of constants alone (-0.5 is
+    neg(0.5)): the host holds those as Python floats, and backward gets them from forward. The
+    state's gain, K / (1 + K^2), stays below 1/2 whatever K is, so float32 is enough to compare."""
+    if value is None:
+        value = -torch.tanh(torch.tensor(0.5, dtype=torch.float64)).item() / 4
+    module = specc.load(CONSTANT_SPEC.replace("K", spec_text), backend="c", I=I, H=H)
+
+    def step(x, states, p):
+        gain = value / (1 + value * value)
+        h = torch.tanh(x @ p["W"].T - gain) * 0.5 + states[0] * value / (1 + value * value)
+        return h, [h]
+
+    assert_matches_torch_loop(module, step, torch.randn(4, 2, I), [torch.randn(2, H)])
+    if spec_text.lstrip("-").replace(".", "").replace("e-", "").isdigit():  # a plain number: a C literal
+        assert c_backend.c_float(float(spec_text)) in module.program.C_SOURCE
+
+
+NAMES_SPEC = """
+cell clash(linux, WCHAR_MAX) {
+    input stdin[WCHAR_MAX]
+    state errno[linux] = zeros
+    param NULL[linux, linux]
+    param EOF[linux, WCHAR_MAX]
+    param M_PI[linux]
+    INT32_MAX = NULL @ errno + EOF @ stdin + M_PI
+    int = tanh(INT32_MAX)
+    float = sigmoid(INT32_MAX)
+    restrict = int * float
+    main = restrict - 0.25 * errno
+    math_errhandling = exp(-0.5 * main)
+    abs = main * math_errhandling
+    sqrt = abs + 0.5 * errno
+    errno' = sqrt
+    output unix = abs
+}
+"""
+
+
+def _names_step(x, states, p):
+    errno = states[0]
+    int32_max = errno @ p["NULL"].T + x @ p["EOF"].T + p["M_PI"]
+    main = torch.tanh(int32_max) * torch.sigmoid(int32_max) - 0.25 * errno
+    a = main * torch.exp(-0.5 * main)
+    return a, [a + 0.5 * errno]
+
+
+@pytest.mark.parametrize("linux, wchar", [(4, 5), (1, 7)])
+def test_spec_names_that_are_c_macros_or_library_names(linux, wchar):
+    """Header macros (linux, WCHAR_MAX, INT32_MAX, EOF, NULL, M_PI, errno, stdin), the library's
+    names (abs, sqrt, exp, main) and keywords (int, float, restrict) as dimensions, parameters, an
+    input, a state and values: the C names them with a prefix, keeping the spec's names readable."""
+    module = specc.load(NAMES_SPEC, backend="c", linux=linux, WCHAR_MAX=wchar)
+    assert_matches_torch_loop(module, _names_step, torch.randn(4, 3, wchar), [torch.randn(3, linux)])
+    source = module.program.C_SOURCE
+    assert "/* <spec>:9  int = tanh(INT32_MAX) */" in source
+    assert "float v_int = sp_tanh(v_INT32_MAX);" in source
+    assert "B * d_linux" in source and "v_NULL" in source and "v_errno" in source
+
+
+def test_auto_runs_cells_named_like_c_on_the_c_loops_without_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = specc.load(NAMES_SPEC, linux=3, WCHAR_MAX=6)
+        assert module.program.C_UNSUPPORTED is None
+        assert _backend(module, torch.zeros(1)) == "c"
+        assert_matches_torch_loop(module, _names_step, torch.randn(3, 2, 6), [torch.randn(2, 3)])
+        for dim in ("double", "main", "unix"):  # a keyword, the library's name, a macro
+            elman = specc.load(ELMAN_SPEC.replace("N", dim), **{dim: 3})
+            assert _backend(elman, torch.zeros(1)) == "c"
+            h, _ = elman(torch.randn(2, 1, 3))
+    assert [str(w.message) for w in caught] == []

@@ -4,10 +4,11 @@ On a CPU the time loop is where NumPy loses: every op of a step is a call from P
 array (a batch of 16 x 128 features), a few microseconds each, a dozen per step, while torch's
 nn.LSTM runs the whole step inside oneDNN. Here the loop itself is compiled, one call per pass:
 
-    void specc_lstm_forward(long T, long B, int train, float *const *arg)
+    void specc_lstm_forward(long T, long B, int train, float *const *arg, const long *row)
 
-`arg` holds the host's tensors in a fixed order; the dimensions are compile-time constants, so
-one compiled library serves one set of sizes. Per step:
+`arg` holds the host's tensors in a fixed order (`row`, the distance between the rows of each,
+for those the host may hand in as views); the dimensions are compile-time constants, so one
+compiled library serves one set of sizes. Per step:
 
 * each product of the state by a weight is sp_gemm (c_runtime.PRELUDE): register tiles of 8 rows
   x 32 columns over the weight, packed once per pass, shared among OpenMP's threads when large;
@@ -22,32 +23,32 @@ value's block of its T * B row buffer, the host's input-only values at row t * B
 does not keep, in scratch memory the host hands in. The host code around the call is the Triton
 backend's (torch), with the library's own products for W @ x over all steps (c_spell).
 
+Every identifier the C takes from the spec carries a prefix: v_ for values and buffers (v_h_seq,
+v_sigmoid_f), d_ for dimensions (d_H). A spec may then name anything as it likes (linux, errno,
+EOF, M_PI, int, main are all macros, keywords or the library's names in C), and the C still
+reads as the spec does. Constants are C literals, and so is any number made of constants alone
+(-0.5, tanh(0.5)), which the host holds as a Python number rather than as memory.
+
 Ops the loop cannot run yet (reshape inside the recurrence) raise Unsupported, and such a cell
 runs on the NumPy backend. Only float32 runs here.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from ..ir import Node
+from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
 from .triton import HostNames, LoopPlan, Unsupported, _emit_after, _emit_buffers, _Host, _size, plan_loop, torch_spell
 from .writer import Namer, Writer
 
-C_KEYWORDS = {
-    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern",
-    "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed",
-    "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while",
-    "_Bool", "_Complex", "_Imaginary", "bool", "true", "false", "NULL", "asm", "typeof",
-    # names of the C library and of what this file defines, which a value must not shadow
-    "memcpy", "memset", "expf", "logf", "log1pf", "fabsf", "fmaxf", "INFINITY", "NAN", "main",
-}
-# The generated function's own names.
-C_INTERNAL = {"T", "B", "t", "r", "c", "i", "k", "a_ri", "sum", "top", "e", "train", "arg", "scratch", "packed_at",
-              "wrap"}
+# Prefixes of the identifiers made from the spec's names: no keyword, macro or name of the C
+# library or of PRELUDE starts with either, so no spec name can clash with one.
+VALUE_PREFIX = "v_"
+DIM_PREFIX = "d_"
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _C_ACTIVATION = {
@@ -62,9 +63,6 @@ _C_ACTIVATION = {
 assert set(_C_ACTIVATION) == set(ACTIVATIONS), "every activation needs a C spelling"
 
 _C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# Macros the headers define (M_PI, FP_NAN, INT32_MAX, HUGE_VALF, ...) and this file's own (SP_...),
-# which a value's name would be replaced by.
-_C_MACRO = re.compile(r"(M|FP|INT|UINT|HUGE|MATH|SP|SIZE|PTRDIFF|FLT|DBL|LDBL)_|_[A-Z_]|sp_")
 # The ops of one loop write only memory they do not read (each value has its own block), so the
 # compiler need not check for overlap before it vectorises.
 IVDEP = "#pragma GCC ivdep"
@@ -75,10 +73,56 @@ def c_comment(text: str) -> str:
     return f"/* {text} */"
 
 
+def c_dim(name: str) -> str:
+    """The C constant holding a dimension (c_runtime.full_source defines it)."""
+    return DIM_PREFIX + name
+
+
 def c_size(s: Size) -> str:
-    """A size as a C expression in the dimension constants (which the file defines)."""
-    code = _size(s).replace("//", "/")
+    """A size as a C expression in the dimension constants."""
+    code = str(Size(tuple((tuple(c_dim(n) for n in m), c) for m, c in s.terms))).replace("//", "/")
     return code if code.replace("*", "").replace("_", "").isalnum() else f"({code})"
+
+
+def c_float(v: float) -> str:
+    """A number as a C float literal; parenthesised when negative, so that it reads as one operand."""
+    if v != v:
+        return "NAN"
+    text = "INFINITY" if math.isinf(v) else f"{abs(float(v))!r}f"
+    return f"(-{text})" if math.copysign(1.0, v) < 0 else text
+
+
+def _may_be_a_view(s: Schedule, i: int) -> bool:
+    """Whether the forward pass's host code may hold its batched value i as a view of a wider one:
+    a slice or reshape made before the loop, or a part of a concatenation made after it (which
+    the loop writes into its columns: _concatenated_after)."""
+    g = s.graph
+    if s.region[i] == "pre":
+        return g.nodes[i].op in ("slice", "reshape")
+    return any(g.nodes[u].op == "concat" and s.region[u] == "post" for u in g.users()[i])
+
+
+def c_constant(g: Graph, i: int, forward: Graph | None = None) -> str | None:
+    """Node i as a C expression when it is made of constants alone (-0.5, 2 * 3, tanh(0.5)), else
+    None. The host holds such a number as a Python float, which is not memory the C could read.
+    In a backward pass (`forward` given), a forward value handed in ("%i") is followed there."""
+    node = g.nodes[i]
+    if node.op == "const":
+        return c_float(node.attrs[0])
+    if node.type.shape != () or node.type.batched:
+        return None
+    if node.op == "param" and forward is not None and str(node.attrs[0]).startswith("%"):
+        return c_constant(forward, int(node.attrs[0][1:]))
+    if not (node.op in _INFIX or node.op == "neg" or node.op in _C_ACTIVATION):
+        return None
+    args = [c_constant(g, a, forward) for a in node.args]
+    if any(a is None for a in args):
+        return None
+    if node.op in _INFIX:
+        return f"({args[0]} {_INFIX[node.op]} {args[1]})"
+    if node.op == "neg":
+        return f"(-{args[0]})"
+    return _C_ACTIVATION[node.op].format(x=args[0])
 
 
 @dataclass(frozen=True)
@@ -99,24 +143,32 @@ class LoopSource:
     text: list[str]
     args: list[str]  # host expressions, one per pointer the function reads
     scratch: str  # a Python expression in B and the dimensions: floats of scratch memory
+    views: list[int]  # the arguments read at their own rows' distance (`row`): they may be views
 
 
 class CLoop:
     """Writes the C function running one pass's time loop (forward, or backward when `reverse`)."""
 
     def __init__(self, s: Schedule, host: HostNames, reverse: bool, guard: frozenset[int], fn: str,
-                 source: tuple[list[str], str], dims: tuple[str, ...], weights: dict[int, str],
-                 fused: set[int] = frozenset(), columns: dict[int, tuple[str, Size, Size]] | None = None):
+                 source: tuple[list[str], str], weights: dict[int, str], fused: set[int] = frozenset(),
+                 columns: dict[int, tuple[str, Size, Size]] | None = None, forward: Schedule | None = None):
         self.s, self.g, self.host, self.reverse, self.guard = s, s.graph, host, reverse, guard
-        self.fn, (self.lines, self.file), self.dims = fn, source, dims
+        self.fn, (self.lines, self.file) = fn, source
         self.weights = weights  # matvec node -> host name of its weight, laid out (K, N)
         self.fused = fused  # input-only values computed in the loop
         self.columns = columns or {}  # kept value -> (host buffer, its width, first column) it is written to
-        for d in dims:
-            if not _C_IDENT.match(d) or d in C_KEYWORDS | C_INTERNAL or _C_MACRO.match(d):
-                raise Unsupported(f"dimension name {d!r} is not usable in C")
-        self.namer = Namer(C_KEYWORDS | C_INTERNAL | set(dims))
+        self.forward = forward.graph if forward else None  # a backward pass's forward step
+        # A backward pass's per-step forward values come from the forward pass's host code, which
+        # may hold one as a view: a part of a stacked product (W_x[:, :H]), a part of a
+        # concatenation the loop wrote in place. Those are read at the distance between their
+        # rows that the host hands in; everything else is contiguous, and read as such.
+        self.views = {i for key, i in self.g.inputs
+                      if key.startswith("%") and (forward is None or _may_be_a_view(forward, int(key[1:])))}
+        self.namer = Namer()
+        # The spec's names of values, as the host's (int_2, where Python has a builtin int) need not be.
+        self.suggested = suggested_names(self.g)
         self.args: dict[str, str] = {}  # host expression -> C name
+        self.view_rows: dict[str, str] = {}  # host expression of a view -> the C name of its rows' distance
         self.decls: list[str] = []
         self.body: list[str] = []
         self.place: dict[int, Place] = {}
@@ -133,25 +185,27 @@ class CLoop:
 
     # names
     def cname(self, wanted: str) -> str:
-        """A C identifier for a value: its own name where C allows it (Namer makes it unique)."""
-        if not _C_IDENT.match(wanted):
-            wanted = "v"
-        return self.namer(f"v_{wanted}" if _C_MACRO.match(wanted) else wanted)
+        """A C identifier for a value: its own name, prefixed (see VALUE_PREFIX), made unique."""
+        return self.namer(VALUE_PREFIX + (wanted if _C_IDENT.match(wanted) else "v"))
 
-    def arg(self, host_expr: str, const: bool) -> str:
+    def arg(self, host_expr: str, const: bool, view: bool = False) -> str:
         if host_expr not in self.args:
             name = self.cname(host_expr)
+            k = len(self.args)
             self.args[host_expr] = name
             qual = "const float *" if const else "float *"
-            self.decls.append(f"    {qual}{name} = {'(const float *)' if const else ''}arg[{len(self.args) - 1}];"
-                              + ("" if name == host_expr else f"  {c_comment(host_expr)}"))
+            self.decls.append(f"    {qual}{name} = {'(const float *)' if const else ''}arg[{k}];"
+                              + ("" if name == VALUE_PREFIX + host_expr else f"  {c_comment(host_expr)}"))
+            if view:
+                self.view_rows[host_expr] = self.cname(f"{host_expr}_row")
+                self.decls.append(f"    const long {self.view_rows[host_expr]} = row[{k}];")
         return self.args[host_expr]
 
     def packed(self, host_expr: str, k: Size, n: Size) -> str:
         """A weight packed for sp_gemm once per pass, before the loop, in scratch memory."""
         if host_expr not in self.packs:
             src = self.arg(host_expr, const=True)
-            name = self.cname(f"{src}_packed")
+            name = self.cname(f"{host_expr}_packed")
             self.packs[host_expr] = name
             self.pack_lines += [f"    float *{name} = packed_at;",
                                 f"    sp_pack({c_size(k)}, {c_size(n)}, {src}, {name});",
@@ -178,11 +232,9 @@ class CLoop:
         g, node = self.g, self.g.nodes[i]
         width = c_size(node.type.shape[0]) if node.type.shape else "1"
         scalar = not node.type.shape
-        if node.op == "const":
-            v = node.attrs[0]
-            if v != v or v in (float("inf"), float("-inf")):
-                raise Unsupported(f"the constant {v} inside the recurrence")
-            return Place(f"{float(v)!r}f" if v >= 0 else f"({float(v)!r}f)", "0", True, literal=True)
+        number = c_constant(g, i, self.forward)
+        if number is not None:
+            return Place(number, "0", True, literal=True)
         for name, leaf, _ in g.carries:
             if i == leaf:
                 buf = self.arg(self.host.carry_buf[name], const=False)
@@ -194,8 +246,10 @@ class CLoop:
             if node.op == "slice":
                 src = self.where(node.args[0])
                 return Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, scalar)
-            buf = self.arg(self.host.names[i], const=True)
-            return Place(f"{buf} + t * B * {width}", width, scalar)
+            name = self.host.names[i]
+            buf = self.arg(name, const=True, view=i in self.views)
+            row = self.view_rows.get(name, width)
+            return Place(f"{buf} + t * B * {row}", row, scalar)
         raise AssertionError(f"value %{i} ({node.op}) read before it was computed")
 
     # code
@@ -219,7 +273,7 @@ class CLoop:
         """Where node i is written: its kept buffer, its state buffer, or scratch memory."""
         g, node = self.g, self.g.nodes[i]
         width = c_size(node.type.shape[0]) if node.type.shape else "1"
-        name = self.cname(self.host.names.get(i, f"v{i}") + suffix)
+        name = self.cname(self.suggested[i] + suffix)
         for sname, _, nxt in g.carries:
             if nxt == i:
                 buf = self.arg(self.host.carry_buf[sname], const=False)
@@ -347,7 +401,7 @@ class CLoop:
         for m in members:
             node = g.nodes[m]
             self.comment(node)
-            local = self.cname(self.host.names.get(m, f"v{m}"))
+            local = self.cname(self.suggested[m])
             self.line(f"float {local} = {self.expr(m)};")
             self.place[m] = Place(local, "0", True, literal=True)
             if m in stored:
@@ -557,7 +611,7 @@ class CLoop:
                 buf = self.arg(self.host.carry_buf[name], const=False)
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
-        head = [f"void {self.fn}(long T, long B, int train, float *const *arg) {{"]
+        head = [f"void {self.fn}(long T, long B, int train, float *const *arg, const long *row) {{"]
         if self.host.wrapped:  # see HostNames.wrapped
             wrap = "2" if self.reverse else "train ? T + 1 : 2"
             head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
@@ -568,10 +622,12 @@ class CLoop:
             head.append(f"    float *packed_at = scratch + B * ({widths});")
             head += self.pack_lines
         steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
-        text = head + ["    (void)train;", "    " + steps] + self.body + ["    }", "}"]
+        text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + ["    " + steps] \
+            + self.body + ["    }", "}"]
         scratch = " + ".join(([f"B * ({' + '.join(f'({_size(w)})' for w in self.scratch)})"] if self.scratch else [])
                              + self.pack_sizes) or "0"
-        return LoopSource(self.fn, text, list(self.args), scratch)
+        views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
+        return LoopSource(self.fn, text, list(self.args), scratch, views)
 
 
 def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
@@ -623,12 +679,13 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
                     laid_out[key] = namer(f"{src}_rows")
                     w.line(f"{laid_out[key]} = {src}.contiguous()")
             weights[i] = laid_out[key]
-    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, dims, weights, fused | set(sunk),
-                 columns).write()
+    loop = CLoop(s, host.names, host.reverse, guard, cfn, host.source, weights, fused | set(sunk), columns,
+                 host.forward).write()
     c_out.lines.extend(["", *loop.text])
     w.comment("The time loop, " + ("from the last step to the first, " if host.reverse else "")
               + f"in C: {cfn} in C_SOURCE.")
-    w.line(f"rt_c.run(c_lib, {cfn!r}, T, B, train, [{', '.join(loop.args)}], {loop.scratch})")
+    views = f", views={tuple(loop.views)}" if loop.views else ""
+    w.line(f"rt_c.run(c_lib, {cfn!r}, T, B, train, [{', '.join(loop.args)}], {loop.scratch}{views})")
     for i in sunk:
         w.line(f"{host.names.names[i]} = {host.names.seq[i]}")
     if split:
@@ -733,4 +790,8 @@ def c_spell(node: Node, a: list[str], types: list) -> str:
         return f"rt_c.matmul(c_lib, {a[1]}, {a[0]}.T)"
     if node.op == "matvec_t" and node.type.batched and not types[0].batched:
         return f"rt_c.matmul(c_lib, {a[1]}, {a[0]})"
+    if node.op in ACTIVATIONS and not node.type.batched and node.type.shape == ():
+        # Of a number made of constants alone (tanh(0.5)), which the host holds as a Python float
+        # and torch's functions refuse; the loop has it as a C literal (c_constant).
+        return torch_spell(node, [f"torch.as_tensor({a[0]}, dtype=dtype)"], types)
     return torch_spell(node, a, types)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .c import c_dim
+
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing", "-fopenmp"]
 # What to drop, in turn, for a compiler that refuses a flag (Apple's clang has no -fopenmp, some
 # compilers no -march=native): the loops then run on one thread, or for a generic CPU.
@@ -227,7 +229,7 @@ def _cache_dir() -> Path:
 
 
 def full_source(source: str, dims: dict[str, int]) -> str:
-    consts = "".join(f"static const long {k} = {int(v)};\n" for k, v in sorted(dims.items()))
+    consts = "".join(f"static const long {c_dim(k)} = {int(v)};\n" for k, v in sorted(dims.items()))
     return PRELUDE + "\n" + consts + "\n" + source
 
 
@@ -349,16 +351,25 @@ def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int) -> None:
-    """Call one pass's loop on the host's tensors (float32, contiguous, on the CPU; None where the
-    pass writes nothing)."""
+def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int,
+        views: tuple[int, ...] = ()) -> None:
+    """Call one pass's loop on the host's tensors (float32 on the CPU; None where the pass writes
+    nothing). Each is contiguous but those in `views`, which the loop reads at the distance between
+    their rows that it is handed (their columns must be adjacent)."""
     work = torch.empty(max(int(scratch), 1), dtype=torch.float32)
     ptrs = (ctypes.c_void_p * (len(tensors) + 1))()
+    rows = (ctypes.c_long * max(len(tensors), 1))()
     for k, t in enumerate(tensors):
         if t is None:
             continue
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise AssertionError(f"argument {k} of {fn} is not a contiguous float32 CPU tensor")
+        if k in views:
+            laid_out = t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1)
+            what = "a float32 CPU matrix with adjacent columns"
+        else:
+            laid_out, what = t.is_contiguous(), "a contiguous float32 CPU tensor"
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not laid_out:
+            raise AssertionError(f"argument {k} of {fn} is not {what}")
         ptrs[k] = t.data_ptr()
+        rows[k] = t.stride(0) if t.dim() == 2 else 0
     ptrs[len(tensors)] = work.data_ptr()
-    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ptrs)
+    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ptrs, rows)

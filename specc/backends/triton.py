@@ -600,6 +600,7 @@ class _Host:
     names: HostNames
     source: tuple[list[str], str]
     spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
+    forward: Schedule | None = None  # a backward pass's forward step, whose values its "%i" leaves are
 
     def ref(self, i: int) -> str:
         """Node i over all steps, from the host code after (or before) the loop."""
@@ -836,7 +837,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
                 leaf_names[i] = namer(saved_keys[f])
                 binds.append((leaf_names[i], saved_keys[f]))
     names = _name_values(bwd, namer, leaf_names, reverse=True)
-    host = _Host(bwd, True, names, (source_lines, file), spell)
+    host = _Host(bwd, True, names, (source_lines, file), spell, forward=fwd)
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
     with body.block(f"def backward_{target}({', '.join(args)}, *, {kw}{extra}):"):
         body.line(DOCS[target][1])
