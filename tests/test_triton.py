@@ -478,3 +478,236 @@ def test_compiled_module_holds_readable_kernels():
     assert kernel.count("for k0 in range(0, H, BLOCK_K):") == 1
     assert kernel.count("tl.dot(") == 4
     assert "tl.store(h_seq + ((t + 1) * B + offs_b)" in kernel
+
+
+class StepLoop(torch.nn.Module):
+    """A cell as a hand-written torch loop: `step(p, x_t, *states)` gives the next states, the
+    first of which is the output. Its parameters carry the spec's names."""
+
+    def __init__(self, step, shapes, scale=0.5):
+        super().__init__()
+        self.step = step
+        for name, shape in shapes.items():
+            setattr(self, name, torch.nn.Parameter(torch.randn(shape) * scale))
+
+    def forward(self, x, state):
+        states = list(state) if isinstance(state, tuple) else [state]
+        outs = []
+        for x_t in x:
+            states = list(self.step(self, x_t, *states))
+            outs.append(states[0])
+        return torch.stack(outs), tuple(states) if len(states) > 1 else states[0]
+
+
+def assert_matches_step_loop(spec, step, shapes, dims, T=4, B=2, tol=1e-5, fixed=None):
+    """A cell written in the test through Triton against its torch loop, same random weights (but
+    those `fixed`) and a random initial state that takes a gradient too; the module."""
+    ref = StepLoop(step, shapes)
+    with torch.no_grad():
+        for name, value in (fixed or {}).items():
+            getattr(ref, name).copy_(value)
+    ours = specc.load(spec, backend="triton", **dims)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, dims["I"])
+    state = [torch.randn(B, ours.sizes["states"][n][0]) for n in ours.program.STATES]
+    assert_same(run(ours, x, state), run(ref, x, state), tol)
+    return ours
+
+
+def _products_cell(equation, params):
+    decls = "\n".join(f"    param {name}[{shape}]" for name, shape in params)
+    return f"cell t(I, H) {{\n    input x[I]\n    state h[H] = ones\n{decls}\n    {equation}\n    output h'\n}}\n"
+
+
+# Products of one vector are stacked into one (2H or 3H wide), then sliced; the slices the
+# backward pass reads are saved, and their rows are the stacked value's, not H apart.
+STACKED_PRODUCTS = {
+    "first_part_kept": ("h' = (A @ x) * h + C @ x", [("A", "H, I"), ("C", "H, I")],
+                        lambda p, x, h: ((x @ p.A.T) * h + x @ p.C.T,)),
+    "second_part_kept": ("h' = A @ x + (C @ x) * h", [("A", "H, I"), ("C", "H, I")],
+                         lambda p, x, h: (x @ p.A.T + (x @ p.C.T) * h,)),
+    "three_products": ("h' = (A @ x) * h + (C @ x) * tanh(h) + D @ x", [("A", "H, I"), ("C", "H, I"), ("D", "H, I")],
+                       lambda p, x, h: ((x @ p.A.T) * h + (x @ p.C.T) * torch.tanh(h) + x @ p.D.T,)),
+    "middle_of_three": ("h' = A @ x + (C @ x) * h + D @ x", [("A", "H, I"), ("C", "H, I"), ("D", "H, I")],
+                        lambda p, x, h: (x @ p.A.T + (x @ p.C.T) * h + x @ p.D.T,)),
+    "products_of_the_state": ("h' = tanh((U @ h) * (V @ h) + (A @ x) * (C @ x))",
+                              [("A", "H, I"), ("C", "H, I"), ("U", "H, H"), ("V", "H, H")],
+                              lambda p, x, h: (torch.tanh((h @ p.U.T) * (h @ p.V.T) + (x @ p.A.T) * (x @ p.C.T)),)),
+}
+
+
+@pytest.mark.parametrize("case", list(STACKED_PRODUCTS))
+def test_slices_of_stacked_products_kept_for_backward(case):
+    equation, params, step = STACKED_PRODUCTS[case]
+    dims = {"I": 5, "H": 3}
+    shapes = {name: tuple(dims[d.strip()] for d in shape.split(",")) for name, shape in params}
+    assert_matches_step_loop(_products_cell(equation, params), step, shapes, dims)
+
+
+MLSTM_SPEC = """
+cell mlstm(I, H) {
+    \"\"\"Multiplicative LSTM (Krause et al. 2016): the gates read m = (W_mx x) * (W_mh h), not h.\"\"\"
+    input x[I]
+    state h[H] = zeros
+    state c[H] = zeros
+    param W_mx[H, I]
+    param W_mh[H, H]
+    param W_x[4*H, I]
+    param W_m[4*H, H]
+    param b[4*H]
+    m = (W_mx @ x) * (W_mh @ h)
+    i, f, o, u = split(W_x @ x + W_m @ m + b, 4)
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(u)
+    h' = sigmoid(o) * tanh(c')
+    output h'
+}
+"""
+
+
+def mlstm_step(p, x, h, c):
+    m = (x @ p.W_mx.T) * (h @ p.W_mh.T)
+    i, f, o, u = (x @ p.W_x.T + m @ p.W_m.T + p.b).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_multiplicative_lstm_matches_a_torch_loop():
+    """W_mx @ x is stacked with W_x @ x (5H wide); backward reads its slice, for the gradient of m."""
+    I, H = 6, 7
+    shapes = {"W_mx": (H, I), "W_mh": (H, H), "W_x": (4 * H, I), "W_m": (4 * H, H), "b": (4 * H,)}
+    assert_matches_step_loop(MLSTM_SPEC, mlstm_step, shapes, {"I": I, "H": H}, T=5, B=3)
+
+
+LN_LSTM_SPEC = """
+cell lnlstm(I, H) {
+    \"\"\"A layer-normalised LSTM, each gate's pre-activation normalised over its H features by the
+    averaging matrix M (blocks of 1/H), the cell state by N (1/H).\"\"\"
+    input x[I]
+    state h[H] = zeros
+    state c[H] = zeros
+    param W[4*H, I]
+    param U[4*H, H]
+    param gain[4*H] = ones
+    param b[4*H] = zeros
+    param M[4*H, 4*H]
+    param N[H, H]
+    z = W @ x + U @ h
+    d = z - M @ z
+    zn = gain * d * exp(-0.5 * log(M @ (d * d) + 0.01)) + b
+    i, f, g, o = split(zn, 4)
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+    e = c' - N @ c'
+    h' = sigmoid(o) * tanh(e * exp(-0.5 * log(N @ (e * e) + 0.01)))
+    output h'
+}
+"""
+
+
+def ln_lstm_step(p, x, h, c):
+    def normalise(v, mean):  # v's deviation from its mean over its group, over the group's spread
+        d = v - v @ mean.T
+        return d * ((d * d) @ mean.T + 0.01) ** -0.5
+
+    zn = p.gain * normalise(x @ p.W.T + h @ p.U.T, p.M) + p.b
+    i, f, g, o = zn.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(normalise(c, p.N)), c
+
+
+def test_layer_normalised_lstm_matches_a_torch_loop():
+    """The gradient of zn joins the four gates' gradients (H features each), and the normalisation
+    reads it whole, 4H features a tile: once refused as a tile straddling a concatenation."""
+    from specc.runtime import triton_problem
+
+    I, H = 5, 6
+    shapes = {"W": (4 * H, I), "U": (4 * H, H), "gain": (4 * H,), "b": (4 * H,), "M": (4 * H, 4 * H), "N": (H, H)}
+    averaging = {"M": torch.block_diag(*[torch.full((H, H), 1 / H)] * 4), "N": torch.full((H, H), 1 / H)}
+    ours = assert_matches_step_loop(LN_LSTM_SPEC, ln_lstm_step, shapes, {"I": I, "H": H}, T=5, B=3,
+                                    fixed=averaging)
+    # backend="auto" runs CUDA tensors on Triton, which can run this cell: nothing stops it there.
+    assert ours.program.TRITON_UNSUPPORTED is None
+    assert triton_problem(ours.program, on_cuda=True) is None
+
+
+def test_a_straddling_tile_left_unstaged_is_refused_naming_the_split(monkeypatch):
+    """Should plan_loop ever miss such a tile, the refusal names what the spec wrote, the split,
+    at its line (not the line of the value split)."""
+    import specc.backends.triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "_straddled", lambda *args: set())
+    source = specc.compile_spec(LN_LSTM_SPEC).source
+    line = LN_LSTM_SPEC.split("\n").index("    i, f, g, o = split(zn, 4)") + 1
+    assert (f"TRITON_UNSUPPORTED = 'a tile straddles the parts of the gradient of a split, or of products stacked "
+            f"into one (spec line {line})'") in source
+
+
+def test_numbers_made_of_numbers_inside_the_recurrence():
+    """-0.5 is neg(0.5), and 1 - 0.25 a difference of numbers: the host makes them Python floats,
+    which the kernels (forward, and backward's copies of them) take as numbers, not as pointers. A
+    scalar parameter, and what is made from it, stays a tensor."""
+    spec = """
+        cell t(I, H) {
+            input x[I]
+            state h[H] = zeros
+            param A[H, I]
+            param U[H, H]
+            param s[]
+            h' = tanh(-0.5 * (U @ h) + (1 - 0.25) * h * (A @ x) + (s * -2) * h)
+            output h'
+        }
+    """
+
+    def step(p, x, h):
+        return (torch.tanh(-0.5 * (h @ p.U.T) + 0.75 * h * (x @ p.A.T) + (p.s * -2) * h),)
+
+    assert_matches_step_loop(spec, step, {"A": (3, 5), "U": (3, 3), "s": ()}, {"I": 5, "H": 3})
+
+
+def _halves_of_quarters_step(p, x, h):
+    a, b, e, f = torch.tanh(h @ p.U.T).chunk(4, dim=1)
+    first, second = torch.cat([a * b, e, f, b], dim=1).chunk(2, dim=1)
+    return (torch.tanh((first * second) @ p.W.T + x @ p.A.T),)
+
+
+def _joined_and_read_whole_step(p, x, h, g):
+    z = torch.cat([x @ p.A.T + h @ p.U.T, torch.tanh(g @ p.V.T)], dim=1)
+    return torch.tanh(z - z @ p.M.T).chunk(2, dim=1)
+
+
+# Tiles of 2H features over concatenations of H-wide parts: in the forward pass (a concatenation
+# split in halves), and in the backward pass (the gradient of a split, read whole).
+STRADDLING = {
+    "halves_of_quarters": ("""
+        cell t(I, H) {
+            input x[I]
+            state h[H] = zeros
+            param A[H, I]
+            param U[4*H, H]
+            param W[H, 2*H]
+            a, b, e, f = split(tanh(U @ h), 4)
+            p, q = split([a * b, e, f, b], 2)
+            h' = tanh(W @ (p * q) + A @ x)
+            output h'
+        }
+    """, _halves_of_quarters_step, lambda I, H: {"A": (H, I), "U": (4 * H, H), "W": (H, 2 * H)}),
+    "joined_and_read_whole": ("""
+        cell t(I, H) {
+            input x[I]
+            state h[H] = zeros
+            state g[H] = zeros
+            param A[H, I]
+            param U[H, H]
+            param V[H, H]
+            param M[2*H, 2*H]
+            z = [A @ x + U @ h, tanh(V @ g)]
+            h', g' = split(tanh(z - M @ z), 2)
+            output h'
+        }
+    """, _joined_and_read_whole_step, lambda I, H: {"A": (H, I), "U": (H, H), "V": (H, H), "M": (2 * H, 2 * H)}),
+}
+
+
+@pytest.mark.parametrize("case", list(STRADDLING))
+def test_tiles_that_straddle_the_parts_of_a_concatenation(case):
+    spec, step, shapes = STRADDLING[case]
+    assert_matches_step_loop(spec, step, shapes(5, 6), {"I": 5, "H": 6}, T=4, B=3)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..ir import Graph, Node, suggested_names
+from ..ir import LEAVES, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
@@ -46,6 +46,8 @@ SMALL_BATCH = 64
 # Ops a kernel can recompute at any feature index, so a product can read them without a store.
 _RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+# Ops whose torch spelling outside the loop may be a strided view of their operand, not rows of their own.
+_VIEWS = ("slice", "reshape")
 _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
              "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
@@ -147,12 +149,37 @@ def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
                 and all((s.region[u] == "loop" and g.nodes[u].op not in ("matvec", "matvec_t")) or u in fused_pre
                         for u in users[i])):
             fused_pre.add(i)
+    # A tile covers BLOCK_F features of the stored value it was launched for. Where one reads a
+    # concatenation across the boundary of its parts (2H features of [a, b], the gradient of a
+    # split read whole), no one part can be computed for it; such a concatenation is stored, and
+    # what reads it runs in a later stage and loads it. Which tiles read what is known only once
+    # the stages are, so the two are found together, until no tile straddles a part it computes.
+    whole: set[int] = set()
+    while True:
+        stage, cross = _stages(s, whole)
+        stored = cross | set(s.kept) | {i for i in carried_next if _in_loop(s, i)}
+        straddled = _straddled(s, stage, cross, stored, fused_pre)
+        if straddled <= whole:
+            break
+        whole |= straddled
+    scratch = {i for i in cross if i not in s.kept and i not in carried_next}
+    n_stages = max(stage.values(), default=0) + 1
+    return LoopPlan(stage, stored, scratch, n_stages, fused_pre, cross)
+
+
+def _in_loop(s: Schedule, i: int) -> bool:
+    return s.region[i] == "loop" and s.graph.nodes[i].op != "carry"
+
+
+def _stages(s: Schedule, whole: set[int]) -> tuple[dict[int, int], set[int]]:
+    """The kernel stage of each loop value, and the values a later stage of the step reads from
+    memory. `whole`: concatenations that are read across their parts, so from memory."""
+    g = s.graph
     stage: dict[int, int] = {}
+    cross: set[int] = set()
 
     def in_loop(i: int) -> bool:
-        return s.region[i] == "loop" and g.nodes[i].op != "carry"
-
-    cross: set[int] = set()  # loop values a later stage of the same step reads from memory
+        return _in_loop(s, i)
 
     def operand_stage(v: int) -> int:
         """The first stage that can read a product's operand v at any feature index."""
@@ -180,17 +207,73 @@ def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
             # Each output feature sums over the whole gradient operand.
             st = max(operand_stage(node.args[0]), stage.get(node.args[1], 0) if in_loop(node.args[1]) else 0)
         else:
-            st = max((stage[a] for a in node.args if in_loop(a)), default=0)
+            st = max((stage[a] + (a in whole) for a in node.args if in_loop(a)), default=0)
         stage[i] = st
     for i in stage:
         for a in g.nodes[i].args:
             if in_loop(a) and stage[a] < stage[i] and not (g.nodes[a].op == "outer" and
                                                           g.nodes[i].op in ("matvec", "matvec_t")):
                 cross.add(a)
-    stored = cross | set(s.kept) | {i for i in carried_next if in_loop(i)}
-    scratch = {i for i in cross if i not in s.kept and i not in carried_next}
-    n_stages = max(stage.values(), default=0) + 1
-    return LoopPlan(stage, stored, scratch, n_stages, fused_pre, cross)
+    return stage, cross
+
+
+def _straddled(s: Schedule, stage: dict[int, int], cross: set[int], stored: set[int],
+               fused_pre: set[int]) -> set[int]:
+    """Concatenations made in the loop that some kernel would have to compute at a tile which is
+    not one of their parts: the demand walk of KernelWriter.value, on sizes alone."""
+    g = s.graph
+    leaves = {leaf for _, leaf, _ in g.carries}
+    found: set[int] = set()
+    seen: set[tuple] = set()
+
+    def walk(i: int, offset: Size, tile: Size, st: int) -> None:
+        key = (i, str(offset), str(tile), st)
+        if key in seen:
+            return
+        seen.add(key)
+        node = g.nodes[i]
+        if node.op == "const" or not node.type.batched or i in leaves:
+            return
+        if s.region[i] == "pre":
+            if node.op == "slice":
+                walk(node.args[0], offset + node.attrs[0], tile, st)
+            elif i in fused_pre:
+                for a in node.args:
+                    walk(a, offset, tile, st)
+            return
+        if s.region[i] != "loop" or (i in cross and stage[i] < st):
+            return  # in memory
+        if node.op == "slice":
+            walk(node.args[0], offset + node.attrs[0], tile, st)
+        elif node.op == "concat":
+            at = Size.of(0)
+            for a in node.args:
+                size = g.nodes[a].type.shape[0]
+                if at == offset and size == tile:
+                    walk(a, Size.of(0), tile, st)
+                    return
+                at = at + size
+            found.add(i)
+        elif node.op in _INFIX or node.op in ("neg", "softmax", "softmax_vjp") or node.op in ACTIVATIONS:
+            for a in node.args:
+                walk(a, offset, tile, st)
+
+    for i in stored:
+        if i in stage:
+            for part, _ in _parts(g, i, Size.of(0)):
+                walk(part, Size.of(0), g.nodes[part].type.shape[0], stage[i])
+    return found
+
+
+def _parts(g: Graph, i: int, column: Size):
+    """(value, first column) of what is stored for node i: a concatenation part by part."""
+    node = g.nodes[i]
+    if node.op == "concat":
+        for a in node.args:
+            yield from _parts(g, a, column)
+            column = column + g.nodes[a].type.shape[0]
+    else:
+        yield i, column
 
 
 @dataclass
@@ -204,6 +287,9 @@ class HostNames:
     # buffer is `wrap` blocks used in turn, the host's and the loop's `wrap` = 2, or T + 1 in a
     # forward pass that trains (backward reads every step's state).
     wrapped: set[str] = field(default_factory=set)
+    # Scalars made of numbers alone (-0.5 is neg(0.5)), and the backward pass's copies of them: the
+    # host holds Python floats, not tensors, so kernels take them by value.
+    numbers: set[int] = field(default_factory=set)
 
     def carry_rows(self, name: str, later: bool) -> str:
         """The first row of a state's block for step t (later: t + 1) in its buffer."""
@@ -225,6 +311,7 @@ class KernelWriter:
         self.suggested = suggested_names(self.g)
         self.memo: dict[tuple[int, str], str] = {}
         self.args: dict[str, None] = {}  # tensors the kernel reads or writes, in first-use order
+        self.scalars: set[str] = set()  # those of them that are numbers, passed by value
         self.uses_train = False
         self.last_line = 0
 
@@ -273,6 +360,9 @@ class KernelWriter:
         if not node.type.batched:
             if self.s.region[i] not in ("const",):
                 return None
+            if i in self.host.numbers:
+                self.scalars.add(self.host.names[i])
+                return self._arg(self.host.names[i])
             ptr = self._arg(self.host.names[i])
             if node.type.shape == ():
                 return f"tl.load({ptr})"
@@ -320,7 +410,15 @@ class KernelWriter:
                 if at == offset and size == self.tile:
                     return self.value(a, Size.of(0))
                 at = at + size
-            raise Unsupported(f"a tile straddles the parts of a concatenation (spec line {node.line})")
+            # plan_loop stages every concatenation read across its parts: reaching here is its mistake.
+            if not self.reverse:
+                raise Unsupported(f"a tile straddles the parts of a concatenation (spec line {node.line})")
+            # In the backward pass a concatenation is the gradient of a value read in parts. Its own
+            # line is that value's; the parts' gradients carry the line of the split that made them.
+            line = next((self.g.nodes[a].line for a in node.args
+                         if self.g.nodes[a].op != "zeros" and self.g.nodes[a].line), node.line)
+            raise Unsupported(f"a tile straddles the parts of the gradient of a split, or of products stacked "
+                              f"into one (spec line {line})")
         if op == "zeros":
             return "0.0"
         if op in _INFIX or op == "neg" or op in ACTIVATIONS:
@@ -557,15 +655,6 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
     g = s.graph
     tasks: list[StoreTask] = []
 
-    def parts(i: int, column: Size):
-        node = g.nodes[i]
-        if node.op == "concat":
-            for a in node.args:
-                yield from parts(a, column)
-                column = column + g.nodes[a].type.shape[0]
-        else:
-            yield i, column
-
     for i in sorted(plan.stored):
         if plan.stage.get(i, 0) != stage:
             continue
@@ -579,7 +668,7 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
             if nxt == i:
                 targets.append((host.carry_buf[name], host.carry_rows(name, not reverse), False))
         for buf, row, guarded in targets:
-            for part, column in parts(i, Size.of(0)):
+            for part, column in _parts(g, i, Size.of(0)):
                 tasks.append(StoreTask(part, buf, row, width, column, guarded))
     if stage == plan.n_stages - 1:
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied here.
@@ -618,6 +707,20 @@ class _Host:
         if self.s.region[i] == "loop":
             return self.names.seq[i]
         return self.names.names[i]
+
+    def saved_ref(self, i: int) -> str:
+        """Node i as the forward pass hands it to the Triton backward pass.
+
+        The backward kernels address a saved value as rows of exactly its width. A slice made
+        outside the loop is a view with the rows of what it slices (a stacked product's 2H or 5H),
+        so it is saved as a copy of its own; that also lets the stacked value go rather than be
+        held, whole, until backward. (The C loops read such views at their own row stride.)
+        """
+        node = self.s.graph.nodes[i]
+        ref = self.ref(i)
+        if node.type.batched and node.op in _VIEWS and ref == self.names.names.get(i):
+            return f"{ref}.contiguous()"
+        return ref
 
 
 def _emit_region(w: Writer, host: _Host, region: str, skip: frozenset[int] = frozenset()) -> None:
@@ -705,7 +808,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             dots = any("tl.dot(" in line for line in kw.body.lines)
             consts = ((["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else [])
                       + ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"])
-            every_tensor.update(dict.fromkeys(tensors))
+            every_tensor.update(dict.fromkeys(t for t in tensors if t not in kw.scalars))
             kernels_out.line("")
             kernels_out.line("")
             # t changes every step: specialising on it would compile the kernel again for t = 1.
@@ -739,6 +842,17 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
         for launch in launches:
             w.line(launch)
     _emit_after(w, host)
+
+
+def _numbers(g: Graph, given: set[int] = frozenset()) -> set[int]:
+    """The scalars of g made of numbers alone, or of those `given`."""
+    out: set[int] = set()
+    for i, node in enumerate(g.nodes):
+        if node.type.batched or node.type.shape != ():
+            continue
+        if node.op == "const" or i in given or (node.op not in LEAVES and node.args and all(a in out for a in node.args)):
+            out.add(i)
+    return out
 
 
 def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
@@ -779,6 +893,8 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     init_names = [namer(f"{name}0") for name, _, _ in g.carries]
     leaf_names.update({i: namer(name) for name, i in g.params})
     names = _name_values(fwd, namer, leaf_names, reverse=False)
+    names.numbers = _numbers(g)
+    fwd_numbers = names.numbers
     host = _Host(fwd, False, names, (source_lines, file), spell)
     args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
     kw = ", ".join(["T", "B", *dims])
@@ -811,7 +927,8 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
                          else f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
         saved_keys = {i: key_namer(_saved_key(g, i, names)) for i in saved_nodes}
-        items = ", ".join(f'"{saved_keys[i]}": {host.ref(i)}' for i in saved_nodes)
+        saved_ref = host.saved_ref if target == "triton" else host.ref
+        items = ", ".join(f'"{saved_keys[i]}": {saved_ref(i)}' for i in saved_nodes)
         body.line(f"saved = {{{items}}} if train else None")
         body.line(f"return {outs}, {finals}, saved")
 
@@ -837,6 +954,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
                 leaf_names[i] = namer(saved_keys[f])
                 binds.append((leaf_names[i], saved_keys[f]))
     names = _name_values(bwd, namer, leaf_names, reverse=True)
+    names.numbers = _numbers(gb, {i for key, i in gb.params if key.startswith("%") and int(key[1:]) in fwd_numbers})
     host = _Host(bwd, True, names, (source_lines, file), spell, forward=fwd)
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
     with body.block(f"def backward_{target}({', '.join(args)}, *, {kw}{extra}):"):
