@@ -44,6 +44,13 @@ def lower(cell: CheckedCell) -> Graph:
     return Graph(tuple(b.nodes), tuple(inputs), tuple(carries), tuple(params), outputs)
 
 
+def _per_example(b: Builder, v: int, line: int) -> int:
+    t = b.type(v)
+    if t.batched:
+        return v
+    return b.add("add", (v, b.add("zeros", (), (t.shape, True), line=line)), line=line)
+
+
 def _name(t: ast.Target) -> str:
     return t.name + ("_next" if t.next else "")
 
@@ -67,6 +74,9 @@ def _expr(b: Builder, e: ast.Expr, env, line: int) -> int:
         # sum_jk W_ijk a_j b_k = W.reshape(M, N*K) @ outer(a, b): one matrix product.
         w, x, y = args
         m, n, k = b.type(w).shape
+        # Every backend's outer product takes two per-example vectors: one made of parameters
+        # alone is broadcast over the batch first (its gradient is summed back by add's VJP).
+        x, y = (_per_example(b, v, line) if b.type(x).batched != b.type(y).batched else v for v in (x, y))
         flat = b.add("reshape", (w,), ((m, n * k),), line=line)
         return b.add("matvec", (flat, b.add("outer", (x, y), line=line)), line=line)
     return b.add(e.fn, tuple(args), line=line)

@@ -10,6 +10,7 @@ is adding a row there.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,12 +126,37 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
     raise AssertionError(f"no type rule for op {op!r}")
 
 
+# Numbers computed as the graph is built: `-0.5`, `2 * 3`, `tanh(0.5)` are constants, not values
+# every backend would have to carry as a tensor of no shape.
+_SCALAR = {
+    "neg": lambda x: -x, "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
+    "div": lambda x, y: x / y, "sigmoid": lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)),
+    "tanh": math.tanh, "relu": lambda x: max(x, 0.0), "exp": math.exp, "log": math.log,
+    "softplus": lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))), "step": lambda x: float(x > 0),
+}
+
+
+def _fold_constants(nodes, op: str, args: tuple) -> float | None:
+    if op not in _SCALAR or not args or any(nodes[a].op != "const" for a in args):
+        return None
+    try:
+        value = float(_SCALAR[op](*(nodes[a].attrs[0] for a in args)))
+    except (ArithmeticError, ValueError):  # log(-1), 1/0: left to the backends' own arithmetic
+        return None
+    return value if math.isfinite(value) else None
+
+
 def fold(b: Builder, op: str, args: tuple, attrs: tuple) -> int | None:
-    """Algebraic simplifications applied as nodes are built: x*1, x+0, x-0, --x, slice of all."""
+    """Algebraic simplifications applied as nodes are built: constants computed, x*1, x+0, x-0,
+    --x, slice of all."""
     nodes = b.nodes
 
     def const(i):
         return nodes[i].attrs[0] if nodes[i].op == "const" else None
+
+    value = _fold_constants(nodes, op, args)
+    if value is not None:
+        return b.const(value)
 
     if op == "mul":
         x, y = args
@@ -216,6 +242,7 @@ VJP: dict[str, Callable] = {
     "outer": _outer_vjp,
     "reshape": _reshape_vjp,
     "softmax": _softmax_vjp,
+    "zeros": lambda b, node, args, n, g: (),
 }
 
 # Functions a spec may call, with their arity (split and contract are lowered specially).

@@ -310,6 +310,10 @@ class CellModule(nn.Module):
             raise TypeError(f"cell '{name}' takes {len(prog.INPUTS)} input sequence(s) "
                             f"({', '.join(prog.INPUTS) or 'none'}), got {len(inputs)}")
         dtype = self._dtype()
+        if not self.program.PARAMS and inputs and inputs[0].dtype in _NUMPY_DTYPES:
+            # Nothing of its own fixes the precision of a cell without parameters: the inputs do,
+            # as for torch's own parameterless modules.
+            dtype = inputs[0].dtype
         unbatched = bool(inputs) and inputs[0].dim() == 2
         xs = []
         for x, iname in zip(inputs, prog.INPUTS):
