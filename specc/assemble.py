@@ -37,7 +37,7 @@ def _shape_code(shape) -> str:
 # Module-level names of a generated module, which its class may not take.
 MODULE_GLOBALS = {"math", "sys", "Fraction", "np", "init", "rt", "CellModule", "torch", "triton", "tl", "CELL",
                   "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "BLOCK_B", "BLOCK_F",
-                  "BLOCK_K", "TILES", "tiles", "dot_precision", "WIDE_ELEMENTS", "CHUNK_ROWS", "NUM_WARPS",
+                  "BLOCK_K", "TILES", "tiles", "dot_precision", "WIDE_ELEMENTS", "CHUNK_ROWS", "CHUNK_STEPS", "NUM_WARPS",
                   "TRITON_UNSUPPORTED",
                   "C_UNSUPPORTED", "C_SOURCE", "rt_c"}
 
@@ -87,9 +87,10 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
     w.line("from specc.runtime import CellModule")
     w.line("")
     w.line(f"CELL = {cell.name!r}")
-    w.line("# Inference over more than 2 * max(16, CHUNK_ROWS // B) steps runs a chunk of that many steps")
-    w.line("# at a time (Triton and C backends), so that what the loop reads of the inputs is made per chunk.")
+    w.line("# Inference over more than 2 * max(CHUNK_STEPS, CHUNK_ROWS // B) steps runs a chunk of that many")
+    w.line("# steps at a time (Triton and C backends), so that what the loop reads of the inputs is made per chunk.")
     w.line("CHUNK_ROWS = 4096")
+    w.line("CHUNK_STEPS = 16")
     w.line(f"SPEC_FILE = {file!r}")
     w.line(f"DOC = {cell.doc!r}")
     w.line(f"DIMS = {tuple(cell.dims)!r}")

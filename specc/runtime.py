@@ -43,7 +43,12 @@ def load_program(source: str, cell: str) -> types.ModuleType:
         sys.modules[name] = module  # so the module's own class can find it
         # Triton reads a kernel's source through inspect, which reads it through linecache.
         linecache.cache[module.__file__] = (len(source), None, source.splitlines(True), module.__file__)
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        try:
+            exec(compile(source, module.__file__, "exec"), module.__dict__)
+        except BaseException:
+            # Not left half-made for the next load of the same source to find.
+            del sys.modules[name]
+            raise
     return sys.modules[name]
 
 

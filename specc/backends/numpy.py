@@ -54,7 +54,7 @@ UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "n
 ACTIVATION_OUT = {
     "sigmoid": "rt.sigmoid({x}, {out})",
     "tanh": "np.tanh({x}, {out})",
-    "relu": "np.maximum({x}, 0, out={out})",
+    "relu": "np.maximum({x}, 0, {out})",
     "exp": "np.exp({x}, {out})",
     "log": "np.log({x}, {out})",
     "softplus": "np.logaddexp(0, {x}, {out})",

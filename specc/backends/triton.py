@@ -52,7 +52,7 @@ _INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dty
              "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
              "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
              "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap", "WIDE", "wide", "WIDE_ELEMENTS",
-             "CHUNK_ROWS", "NUM_WARPS", "chunk", "chunk_start", "chunk_len", "chunk_outs", "chunk_state", "chunk_out", "whole", "part"}
+             "CHUNK_ROWS", "CHUNK_STEPS", "NUM_WARPS", "chunk", "chunk_start", "chunk_len", "chunk_outs", "chunk_state", "chunk_out", "whole", "part"}
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
                                 "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
@@ -1021,7 +1021,7 @@ def _emit_chunks(body: Writer, target: str, inputs: list[str], inits: list[str],
     loop reads of the inputs (the LSTM's W_ih @ x, 4H values a step) is then made for one chunk,
     not for every step at once; outputs are joined, the last chunk's final states returned."""
     body.comment("A long sequence without training: a chunk of steps at a time (see CHUNK_ROWS).")
-    body.line("chunk = max(16, CHUNK_ROWS // max(B, 1))")
+    body.line("chunk = max(CHUNK_STEPS, CHUNK_ROWS // max(B, 1))")
     with body.block("if not train and T > 2 * chunk:"):
         body.line(f"chunk_outs, chunk_state = None, {_tuple(inits)}")
         with body.block("for chunk_start in range(0, T, chunk):"):

@@ -285,7 +285,7 @@ def cells(draw, max_values: int = 5, max_depth: int = 3) -> GenCell:
             z = w.expr(sz, 1)
             text = f"sigmoid({z}) * {name} + (1 - sigmoid({z})) * tanh({text})"
         equations.append(f"    {name}' = {w.per_example(text, sz)}")
-    for name, sz in states:
+        # A later state's next value may read this one's (the LSTM's h' = o * tanh(c')).
         w.pool.append(_Val(name + "'", sz, True))
     outputs = []
     used: set[str] = set()
