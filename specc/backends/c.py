@@ -10,8 +10,8 @@ nn.LSTM runs the whole step inside oneDNN. Here the loop itself is compiled, one
 for those the host may hand in as views); the dimensions are compile-time constants, so one
 compiled library serves one set of sizes. Per step:
 
-* each product of the state by a weight is sp_gemm (c_runtime.PRELUDE): register tiles of 8 rows
-  x 32 columns over the weight, packed once per pass, shared among OpenMP's threads when large;
+* each product of the state by a weight is one call of OpenBLAS's sgemm (sp_gemm in
+  c_runtime.PRELUDE), on one thread: a (B, K) @ (K, N) product a step is too small to share;
 * the elementwise ops of one width run in one loop over the batch and the features, each value a
   local named after the spec's, written to memory only where something outside that loop reads it
   (a later product, the backward pass, the next step);
@@ -21,7 +21,7 @@ compiled library serves one set of sizes. Per step:
 Values live where the host put them: a state's block of its (T + 1) * B row buffer, a kept
 value's block of its T * B row buffer, the host's input-only values at row t * B; what the pass
 does not keep, in scratch memory the host hands in. The host code around the call is the Triton
-backend's (torch), with the library's own products for W @ x over all steps (c_spell).
+backend's (torch): the products for W @ x over all steps are torch's, on its threads (c_spell).
 
 Every identifier the C takes from the spec carries a prefix: v_ for values and buffers (v_h_seq,
 v_sigmoid_f), d_ for dimensions (d_H). A spec may then name anything as it likes (linux, errno,
@@ -179,9 +179,6 @@ class CLoop:
         self.absorbed: dict[int, set[int]] = {}  # concat -> parts written straight into it
         self.virtual: set[int] = set()  # values never made whole (see _find_virtual)
         self.body_indent = ""
-        self.packs: dict[str, str] = {}  # host name of a weight -> its packed copy in C
-        self.pack_lines: list[str] = []
-        self.pack_sizes: list[str] = []  # Python expressions, floats
 
     # names
     def cname(self, wanted: str) -> str:
@@ -200,18 +197,6 @@ class CLoop:
                 self.view_rows[host_expr] = self.cname(f"{host_expr}_row")
                 self.decls.append(f"    const long {self.view_rows[host_expr]} = row[{k}];")
         return self.args[host_expr]
-
-    def packed(self, host_expr: str, k: Size, n: Size) -> str:
-        """A weight packed for sp_gemm once per pass, before the loop, in scratch memory."""
-        if host_expr not in self.packs:
-            src = self.arg(host_expr, const=True)
-            name = self.cname(f"{host_expr}_packed")
-            self.packs[host_expr] = name
-            self.pack_lines += [f"    float *{name} = packed_at;",
-                                f"    sp_pack({c_size(k)}, {c_size(n)}, {src}, {name});",
-                                f"    packed_at += sp_packed_size({c_size(k)}, {c_size(n)});"]
-            self.pack_sizes.append(f"(({_size(n)}) + 31) // 32 * 32 * ({_size(k)})")
-        return self.packs[host_expr]
 
     def _scratch_block(self, width: Size) -> str:
         offset = " + ".join(c_size(w) for w in self.scratch)
@@ -574,8 +559,10 @@ class CLoop:
             self.softmax(i, args, out)
         elif op in ("matvec", "matvec_t"):
             vec = args[1]
+            if vec.row == "0" or vec.literal:  # BLAS wants rows at least K apart; schedule() hoists these
+                raise Unsupported(f"a product of a vector shared by every example in the loop (spec line {node.line})")
             k = c_size(g.nodes[node.args[1]].type.shape[0])
-            weight = self.packed(self.weights[i], g.nodes[node.args[1]].type.shape[0], node.type.shape[0])
+            weight = self.arg(self.weights[i], const=True)
             self.line(f"sp_gemm(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
         else:
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
@@ -617,15 +604,11 @@ class CLoop:
             head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
         head += self.decls
         widths = " + ".join(c_size(w) for w in self.scratch) or "0"
-        head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats, then the packed weights */")
-        if self.pack_lines:
-            head.append(f"    float *packed_at = scratch + B * ({widths});")
-            head += self.pack_lines
+        head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats */")
         steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
         text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + ["    " + steps] \
             + self.body + ["    }", "}"]
-        scratch = " + ".join(([f"B * ({' + '.join(f'({_size(w)})' for w in self.scratch)})"] if self.scratch else [])
-                             + self.pack_sizes) or "0"
+        scratch = f"B * ({' + '.join(f'({_size(w)})' for w in self.scratch)})" if self.scratch else "0"
         views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
         return LoopSource(self.fn, text, list(self.args), scratch, views)
 
@@ -783,13 +766,9 @@ def finish(w: Writer, c_text: Writer, body: Writer) -> None:
 
 
 def c_spell(node: Node, a: list[str], types: list) -> str:
-    """The host's ops as the Triton backend spells them, but W @ v and W^T @ g for all steps with the
-    library's products (rt_c.matmul), which ran 5-20% faster than torch's on a 2-core Zen 4. The
-    weight gradients (a transposed left side, T * B deep) stay with torch, which is faster there."""
-    if node.op == "matvec" and node.type.batched and not types[0].batched:
-        return f"rt_c.matmul(c_lib, {a[1]}, {a[0]}.T)"
-    if node.op == "matvec_t" and node.type.batched and not types[0].batched:
-        return f"rt_c.matmul(c_lib, {a[1]}, {a[0]})"
+    """The host's ops as the Triton backend spells them (the large products, W @ x over all steps
+    and the weight gradients, are torch's: one large GEMM, where its thread pool pays), except a
+    number made of constants alone."""
     if node.op in ACTIVATIONS and not node.type.batched and node.type.shape == ():
         # Of a number made of constants alone (tanh(0.5)), which the host holds as a Python float
         # and torch's functions refuse; the loop has it as a C literal (c_constant).

@@ -1,9 +1,9 @@
 """What a generated module's C loops need at run time: a compiler, a cache, and the call.
 
 A module's C_SOURCE is compiled once per set of dimensions (they are constants in the C, so
-the compiler unrolls and vectorises for them) with the system's C compiler, `cc` or $CC, and
-kept in a cache directory ($SPECC_CACHE, else ~/.cache/specc) under a digest of everything that
-went into it: the source, the dimensions, the flags and this machine's CPU. Several processes
+the compiler unrolls and vectorises for them) with the system's C compiler, `cc` or $CC, linked
+to OpenBLAS (the scipy-openblas32 package) for its products, and kept in a cache directory ($SPECC_CACHE, else ~/.cache/specc) under a digest of everything that
+went into it: the source, the dimensions, the flags, OpenBLAS's path and this machine's CPU. Several processes
 compiling the same library at once each write their own file and rename it into place.
 
 SPECC_C=0 turns the C loops off (backend "auto" then uses NumPy on the CPU).
@@ -24,29 +24,57 @@ import torch
 
 from .c import c_dim
 
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing", "-fopenmp"]
+# The flags that tune the code: -march=native lets the compiler vectorise the elementwise loops for
+# this CPU. SPECC_MARCH=x86-64-v3 (or armv8.2-a, ...) compiles for another level instead, and
+# SPECC_CFLAGS replaces both (e.g. "-O3 -march=x86-64-v2"): the benchmark compiles the loops for
+# several levels of one machine. Nothing in the generated C is particular to one architecture.
+# Without a GEMM of its own to compile, an LSTM's library takes ~0.3 s at -O3 (2.3-2.5 s before,
+# gcc 12; -O2 is no quicker).
+DEFAULT_TUNING = ["-O3", "-march=native"]
+BASE_FLAGS = ["-shared", "-fPIC", "-fno-strict-aliasing", "-fopenmp"]
+
+
+def tuning() -> list[str]:
+    custom = os.environ.get("SPECC_CFLAGS")
+    if custom is not None and custom.strip():
+        return custom.split()
+    march = os.environ.get("SPECC_MARCH")
+    return ["-O3", f"-march={march}"] if march else list(DEFAULT_TUNING)
+
+
+def flags() -> list[str]:
+    """The compiler's flags, without the file names and the libraries."""
+    return tuning() + BASE_FLAGS
+
+
+def _dropped(flag: str, what: str) -> bool:
+    return flag == what or (what.endswith("=") and flag.startswith(what))
+
+
 # What to drop, in turn, for a compiler that refuses a flag (Apple's clang has no -fopenmp, some
 # compilers no -march=native): the loops then run on one thread, or for a generic CPU.
-FALLBACKS = [(), ("-fopenmp",), ("-fopenmp", "-march=native")]
+FALLBACKS = [(), ("-fopenmp",), ("-fopenmp", "-march=")]
 
-CHUNK = 2048  # rows of w a host product (specc_gemm) packs at a time
+# The step's products go to OpenBLAS: it picks its kernels for the CPU when it starts (AVX-512,
+# AVX2, NEON, ...), where a GEMM written here would be tuned for one machine and slow on the next
+# (issue 13: an 8x32 tile of 16-float vectors, sized for AVX-512's 32 registers, spilled on AVX2's
+# 16 and ran at 0.3-1.5 GFLOP/s where OpenBLAS runs at 50-65 per core). The scipy-openblas32 wheel
+# is a dependency because it ships the headers and a shared library with prefixed symbols
+# (scipy_cblas_sgemm), which cannot clash with the copies NumPy and torch bring. It runs on one
+# thread inside the loops: see _single_thread.
+BLAS_PREFIX = "scipy_"
 
 # Helpers every generated file starts with: vectorisable exp / tanh / sigmoid (Cephes' float
 # polynomials; libm's scalar calls would cost more than the whole matrix product at small
-# sizes) and the product of a (M, K) block by a (K, N) matrix, tiled in 8 rows x 32 columns of
-# registers. GCC's vector extensions compile to AVX-512, AVX2 or SSE, whichever -march=native has.
-PRELUDE = f"#define SP_CHUNK {CHUNK}L\n" + r"""#include <math.h>
+# sizes) and the call of OpenBLAS for o (M, N) = a (M, K) @ w (K, N), rows lda, N and ldo floats apart.
+PRELUDE = r"""#include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <cblas.h>
 
-#ifndef SP_PARALLEL_WORK
-#define SP_PARALLEL_WORK (1L << 18)  /* multiply-adds below which one thread does a product alone */
-#endif
 #ifndef SP_PARALLEL_ELEMENTS
 #define SP_PARALLEL_ELEMENTS 65536  /* elements below which one thread runs an elementwise loop alone */
 #endif
-
-typedef float sp_vec __attribute__((vector_size(64), aligned(4)));  /* 16 floats */
 
 static inline float sp_exp(float x) {
     float y = x > 88.7228391f ? 88.7228391f : (x < -104.0f ? -104.0f : x);
@@ -77,114 +105,9 @@ static inline float sp_tanh(float x) {
 
 static inline float sp_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(sp_exp(-fabsf(x))); }
 
-/* One tile of o: R rows (up to 8) x V vectors of 16 columns (up to 2), in registers while k runs:
-   8 x 32 takes 16 of AVX-512's 32 registers and makes 16 multiply-adds per 2 loads of w (4 x 64
-   ran at half the speed: its 4 loads of w a step leave the loads, not the multiply-adds, the limit).
-   a's element (r, k) is a[r * lda + k * ldk]; with add, the tile is added to what o holds. */
-static inline __attribute__((always_inline)) void sp_tile(const long R, const long V, long K, const float *a,
-                                                           long lda, long ldk, const float *w, long ldw, float *o,
-                                                           long ldo, int add) {
-    sp_vec acc[8][2];
-    for (long r = 0; r < R; r++)
-        for (long v = 0; v < V; v++)
-            acc[r][v] = (sp_vec){0};
-    for (long k = 0; k < K; k++) {
-        sp_vec wv[2];
-        for (long v = 0; v < V; v++)
-            memcpy(&wv[v], w + k * ldw + 16 * v, sizeof(sp_vec));
-        for (long r = 0; r < R; r++) {
-            float av = a[r * lda + k * ldk];
-            for (long v = 0; v < V; v++)
-                acc[r][v] += av * wv[v];
-        }
-    }
-    for (long r = 0; r < R; r++)
-        for (long v = 0; v < V; v++) {
-            if (add) {
-                sp_vec old;
-                memcpy(&old, o + r * ldo + 16 * v, sizeof(sp_vec));
-                acc[r][v] += old;
-            }
-            memcpy(o + r * ldo + 16 * v, &acc[r][v], sizeof(sp_vec));
-        }
-}
-
-/* A (K, N) matrix as the products read it: per block of 32 columns, K rows of 32 floats, the last
-   block padded with zeros. Read in place, a block's rows would be N floats apart: for N = 1024,
-   4 KB, so that every row of it falls in the same L1 cache set. w's element (k, n) is
-   w[k * ldk + n * ldn]. */
-static long sp_packed_size(long K, long N) { return (N + 31) / 32 * 32 * K; }
-
-static void sp_pack_block(long K, long N, const float *w, long ldk, long ldn, long n0, float *p) {
-    for (long k = 0; k < K; k++)
-        for (long j = 0; j < 32; j++)
-            *p++ = n0 + j < N ? w[k * ldk + (n0 + j) * ldn] : 0.0f;
-}
-
-static void sp_pack(long K, long N, const float *w, float *p) {
-    for (long n0 = 0; n0 < N; n0 += 32)
-        sp_pack_block(K, N, w, N, 1, n0, p + n0 * K);
-}
-
-/* M rows of one block of `width` (up to 32) columns of o: tiles of 8 rows, then 4, then 1; a
-   partial block goes through a buffer. */
-static inline __attribute__((always_inline)) void sp_block(long M, long K, const float *a, long lda, long ldk,
-                                                            const float *w, float *o, long ldo, long width, int add) {
-    if (width == 32) {
-        long m = 0;
-        for (; m + 8 <= M; m += 8)
-            sp_tile(8, 2, K, a + m * lda, lda, ldk, w, 32, o + m * ldo, ldo, add);
-        for (; m + 4 <= M; m += 4)
-            sp_tile(4, 2, K, a + m * lda, lda, ldk, w, 32, o + m * ldo, ldo, add);
-        for (; m < M; m++)
-            sp_tile(1, 2, K, a + m * lda, lda, ldk, w, 32, o + m * ldo, ldo, add);
-        return;
-    }
-    float part[8 * 32];
-    for (long m = 0; m < M; m += 8) {
-        long rows = M - m < 8 ? M - m : 8;
-        for (long r = 0; r < rows; r++)
-            for (long j = 0; j < 32; j++)
-                part[32 * r + j] = add && j < width ? o[(m + r) * ldo + j] : 0.0f;
-        for (long r = 0; r < rows; r++)
-            sp_tile(1, 2, K, a + (m + r) * lda, lda, ldk, w, 32, part + 32 * r, 32, 1);
-        for (long r = 0; r < rows; r++)
-            memcpy(o + (m + r) * ldo, part + 32 * r, sizeof(float) * width);
-    }
-}
-
-/* o (M, N) = a (M, K) @ w (K, N), w packed; rows of a and o lda and ldo floats apart. Column
-   blocks are shared among OpenMP's threads when the product is large enough to pay for waking them. */
-static void sp_gemm(long M, long K, long N, const float *a, long lda, const float *p, float *o, long ldo) {
-    long blocks = (N + 31) / 32;
-    #pragma omp parallel for schedule(static) if (M * K * N >= SP_PARALLEL_WORK && blocks > 1)
-    for (long nb = 0; nb < blocks; nb++) {
-        long n = nb * 32;
-        sp_block(M, K, a, lda, 1, p + n * K, o + n, ldo, N - n < 32 ? N - n : 32, 0);
-    }
-}
-
-/* The host's large products (W @ x and W^T @ g for all steps at once): o (M, N) = a @ w, with any
-   strides (in floats), so that transposed views need no copy. K is taken in chunks of SP_CHUNK rows
-   of w, each chunk packed once (into `packed`, sp_packed_size(SP_CHUNK, N) floats) and shared by
-   every row of a; the work is shared among threads by column block and by 64 rows. */
-void specc_gemm(long M, long K, long N, const float *a, long a_row, long a_col, const float *w, long w_row,
-                long w_col, float *o, float *packed) {
-    long blocks = (N + 31) / 32, groups = (M + 63) / 64;
-    int parallel = M * K * N >= SP_PARALLEL_WORK;
-    for (long k0 = 0; k0 < K; k0 += SP_CHUNK) {
-        long kc = K - k0 < SP_CHUNK ? K - k0 : SP_CHUNK;
-        #pragma omp parallel for schedule(static) if (parallel && blocks > 1)
-        for (long nb = 0; nb < blocks; nb++)
-            sp_pack_block(kc, N, w + k0 * w_row, w_row, w_col, nb * 32, packed + nb * 32 * kc);
-        #pragma omp parallel for collapse(2) schedule(static) if (parallel)
-        for (long nb = 0; nb < blocks; nb++)
-            for (long mg = 0; mg < groups; mg++) {
-                long n = nb * 32, m = mg * 64;
-                sp_block(M - m < 64 ? M - m : 64, kc, a + m * a_row + k0 * a_col, a_row, a_col,
-                         packed + n * kc, o + m * N + n, N, N - n < 32 ? N - n : 32, k0 > 0);
-            }
-    }
+static inline void sp_gemm(long M, long K, long N, const float *a, long lda, const float *w, float *o, long ldo) {
+    """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f,
+                      a, (blasint)lda, w, (blasint)N, 0.0f, o, (blasint)ldo);
 }
 """
 
@@ -209,7 +132,20 @@ def problem() -> str | None:
         return "the C loops are turned off (SPECC_C=0)"
     if compiler() is None:
         return "no C compiler found (install gcc or clang, or set CC)"
+    if openblas() is None:
+        return "the C loops need OpenBLAS's scipy-openblas32 package (pip install scipy-openblas32)"
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def openblas() -> tuple[str, str, str] | None:
+    """OpenBLAS from the scipy-openblas32 wheel: (its headers' folder, its library's folder, the
+    library's name for -l), or None where the package is not installed."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    return scipy_openblas32.get_include_dir(), scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library()
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,7 +185,7 @@ _by_source: dict[tuple, ctypes.CDLL] = {}
 
 def library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
     """The compiled C loops of one module for these dimensions (compiled at most once)."""
-    memo = (source, tuple(sorted(dims.items())), os.environ.get("CC"))
+    memo = (source, tuple(sorted(dims.items())), os.environ.get("CC"), tuple(flags()))
     lib = _by_source.get(memo)
     if lib is None:
         lib = _by_source[memo] = _library(source, dims)
@@ -261,7 +197,10 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
         raise CompileError(problem() or "no C compiler")
-    key = hashlib.sha256("\0".join([text, cc, *FLAGS, _cpu()]).encode()).hexdigest()[:32]
+    blas = openblas()
+    if blas is None:
+        raise CompileError(problem() or "no OpenBLAS")
+    key = cache_key(text, cc)
     with _lock:
         if key in _loaded:
             return _loaded[key]
@@ -279,6 +218,7 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
                     pass
             try:
                 _loaded[key] = ctypes.CDLL(str(path))
+                _single_thread(_loaded[key])
             except OSError as e:
                 if path.exists() or attempt:
                     _failed[key] = f"the compiled loops ({path}) do not load: {e}"
@@ -289,6 +229,35 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
             return _loaded[key]
 
 
+def cache_key(text: str, cc: str) -> str:
+    """The digest a library is cached under: everything that went into it (the OpenBLAS it links
+    to by path, so that another installation of it is another library)."""
+    return hashlib.sha256("\0".join([text, cc, *flags(), *(openblas() or ()), _cpu()]).encode()).hexdigest()[:32]
+
+
+_threads_set = False
+
+
+def _single_thread(lib: ctypes.CDLL) -> None:
+    """OpenBLAS on one thread: the loops call it once per product per step, on a (B, H) block of
+    the state, which is over before a second thread is worth waking, while threads left spinning
+    after it take the cores from the elementwise loops and from torch. Measured on 2 shared cores
+    (AMD EPYC, AVX2, no AVX-512; another process busy on one core, as on CI runners and laptops),
+    forward + backward, median of 7, OpenBLAS on one thread with the OpenMP elementwise loops
+    against OpenBLAS on two threads with no OpenMP (two runs each):
+        LSTM 100x64x256x256   918 /  954 ms  against 2623 / 2317 ms
+        LSTM 100x16x128x128   172 /  168 ms  against  305 /  638 ms
+        GRU  100x64x256x256   797 /  799 ms  against 1697 / 2271 ms
+        GRU  100x16x128x128   252 /  248 ms  against  493 /  443 ms
+    One product alone, (64, 256) @ (256, 1024): 60 GFLOP/s on one thread, 2-4 on two. This copy of
+    OpenBLAS is specc's alone (NumPy, SciPy and torch bring their own), so the setting, which is
+    the whole process's, touches nobody else's products."""
+    global _threads_set
+    if not _threads_set:
+        getattr(lib, BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(1))
+        _threads_set = True
+
+
 def _compile(cc: str, text: str, path: Path, key: str) -> None:
     """Compile `text` into `path`, through a temporary file renamed into place (atomic)."""
     try:
@@ -297,11 +266,14 @@ def _compile(cc: str, text: str, path: Path, key: str) -> None:
             src, out = Path(tmp) / "loops.c", Path(tmp) / "loops.so"
             src.write_text(text)
             first = None
+            include, libdir, name = openblas()
+            # rpath: the library finds OpenBLAS where pip put it, whatever LD_LIBRARY_PATH says.
+            link = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", f"-l{name}", "-lm"]
             for dropped in FALLBACKS:
-                flags = [f for f in FLAGS if f not in dropped]
+                used = [f for f in flags() if not any(_dropped(f, d) for d in dropped)]
                 try:
-                    done = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True,
-                                          text=True, timeout=300)
+                    done = subprocess.run([cc, *used, f"-I{include}", "-o", str(out), str(src), *link],
+                                          capture_output=True, text=True, timeout=300)
                 except (OSError, subprocess.TimeoutExpired) as e:
                     done = subprocess.CompletedProcess([cc], 1, "", str(e))
                 if done.returncode == 0:
@@ -332,23 +304,6 @@ def prune(folder: Path, keep: int, spare: Path | None = None) -> None:
             p.unlink()
         except OSError:
             pass
-
-
-def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ w for float32 CPU matrices (any strides, views included) with the library's products."""
-    M, K = a.shape
-    N = w.shape[1]
-    if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
-        raise AssertionError(f"matmul of {tuple(a.shape)} {a.dtype} by {tuple(w.shape)} {w.dtype}")
-    if M == 0 or N == 0 or K == 0:
-        return torch.zeros((M, N), dtype=torch.float32)
-    out = torch.empty((M, N), dtype=torch.float32)
-    packed = torch.empty((N + 31) // 32 * 32 * max(min(K, CHUNK), 1), dtype=torch.float32)
-    lg = ctypes.c_long
-    lib.specc_gemm(lg(M), lg(K), lg(N), ctypes.c_void_p(a.data_ptr()), lg(a.stride(0)), lg(a.stride(1)),
-                   ctypes.c_void_p(w.data_ptr()), lg(w.stride(0)), lg(w.stride(1)), ctypes.c_void_p(out.data_ptr()),
-                   ctypes.c_void_p(packed.data_ptr()))
-    return out
 
 
 def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int,
