@@ -711,3 +711,25 @@ STRADDLING = {
 def test_tiles_that_straddle_the_parts_of_a_concatenation(case):
     spec, step, shapes = STRADDLING[case]
     assert_matches_step_loop(spec, step, shapes(5, 6), {"I": 5, "H": 6}, T=4, B=3)
+
+
+def test_contraction_with_a_factor_whose_size_is_a_product():
+    """Feature j of x (x) e is x[j // K] e[j % K]; with K = 2*I the kernel once read x[(j // 2) * I]
+    and e[(j % 2) * I], unparenthesised. e, a parameter, is broadcast over the batch first."""
+    spec = """
+        cell t(I, H) {
+            input x[I]
+            state h[H] = zeros
+            param A[H, I]
+            param e[2*I]
+            param W[H, H, 2*I]
+            h' = tanh(contract(W, h, e) + A @ x)
+            output h'
+        }
+    """
+
+    def step(p, x, h):
+        return (torch.tanh(torch.einsum("ijk,bj,k->bi", p.W, h, p.e) + x @ p.A.T),)
+
+    I, H = 3, 5
+    assert_matches_step_loop(spec, step, {"A": (H, I), "e": (2 * I,), "W": (H, H, 2 * I)}, {"I": I, "H": H})

@@ -71,6 +71,11 @@ def _p(code: str) -> str:
     return code if code.replace("*", "").replace("_", "").isalnum() else f"({code})"
 
 
+def _atom(code: str) -> str:
+    """A size's code, safe to divide by or take a remainder by: `j // 2*I` is (j // 2) * I."""
+    return code if code.isidentifier() or code.isdigit() else f"({code})"
+
+
 def _off(base: str, o: Size) -> str:
     return base if o == Size.of(0) else f"({_size(o)} + {base})"
 
@@ -605,8 +610,8 @@ class KernelWriter:
         elif node.op == "outer":
             a, bb = node.args
             kk = _size(self.g.nodes[bb].type.shape[0])
-            left = self.gather(a, f"({cols} // {_p(kk)})", cmask)
-            right = self.gather(bb, f"({cols} % {_p(kk)})", cmask)
+            left = self.gather(a, f"({cols} // {_atom(kk)})", cmask)
+            right = self.gather(bb, f"({cols} % {_atom(kk)})", cmask)
             out = f"({left} * {right})"
         elif node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS:
             out = _tile_spell(node.op, [self.gather(a, cols, cmask) for a in node.args])
