@@ -158,23 +158,76 @@ def c_problem(prog) -> str | None:
     return c_runtime.problem()
 
 
-def _c_usable(prog, dims) -> bool:
-    """Whether backend "auto" runs this cell's loops in C on the CPU: a compiler is there, the cell's
-    loop is one the C backend writes, and its library compiles. A compiler's failure is reported
-    once and the NumPy backend runs instead."""
+def _c_unusable(prog, dims) -> str | None:
+    """Why backend "auto" cannot run this cell's loops in C on the CPU, or None: a compiler is
+    there, the cell's loop is one the C backend writes, and its library compiles. A compiler's
+    failure is reported once (a warning) and the NumPy backend runs instead."""
     from .backends import c_runtime
 
-    if c_problem(prog) is not None:
-        return False
+    problem = c_problem(prog)
+    if problem is not None:
+        return problem
     try:
         c_runtime.library(prog.C_SOURCE, dims)
     except c_runtime.CompileError as e:
         import warnings
 
         if c_runtime.first_failure(prog.C_SOURCE, dims):
-            warnings.warn(f"cell '{prog.CELL}': {e}\nusing the NumPy backend instead", RuntimeWarning, stacklevel=4)
-        return False
-    return True
+            warnings.warn(f"cell '{prog.CELL}': {e}\nusing the NumPy backend instead", RuntimeWarning, stacklevel=5)
+        return f"the C loops did not compile ({str(e).splitlines()[0]})"
+    return None
+
+
+# Backend "auto" on float32 CPU tensors times the C loops and the NumPy backend on the first call
+# of a cell with its dimensions and batch size, and runs the faster from then on: which one wins
+# depends on the CPU (its vector width, its cores, who else uses them), not only on the sizes, and
+# issue 13 had the C loops 10-20x slower than NumPy on an AVX2 machine that no rule of sizes would
+# have caught. The choice is kept per process in _CHOICES.
+PROBE_STEPS = 8  # steps of the timed forward + backward (fewer if the sequence is shorter)
+PROBE_RUNS = 3  # calls of each backend; the first warms up (first-touch memory, oneDNN's plans)
+_CHOICES: dict[tuple, tuple[str, str]] = {}
+
+
+def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> dict[str, float]:
+    """Seconds of one forward + backward on each of the C loops and the NumPy backend (the best of
+    PROBE_RUNS - 1 timed calls), on the first T steps of the caller's own tensors."""
+    import time
+    import warnings
+
+    prog, dims = module.program, module.dims
+    work = [t.detach().float() for t in tensors]  # half-precision tensors are widened for the real call too
+    work[:n_inputs] = [x[:T] for x in work[:n_inputs]]
+    params = work[n_inputs + n_states:]
+    d_outs = [torch.ones((T, B, module.sizes["outputs"][n][0])) for n in prog.OUTPUTS]
+    d_finals = [torch.ones((B, module.sizes["states"][n][0])) for n in prog.STATES]
+    seconds = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
+        for backend in (CBackend(), NumpyBackend()):
+            best = float("inf")
+            for k in range(PROBE_RUNS):
+                start = time.perf_counter()
+                _, _, saved = backend.forward(prog, work, T, B, dims, train=True)
+                backend.backward(prog, saved, d_outs, d_finals, params, T, B, dims)
+                if k:
+                    best = min(best, time.perf_counter() - start)
+            seconds[backend.name] = best
+    return seconds
+
+
+def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> tuple[str, str]:
+    """("c" or "numpy", why) for a float32 cell whose C loops compile."""
+    from .backends import c_runtime
+
+    key = (module.program.__name__, tuple(sorted(module.dims.items())), B, tuple(c_runtime.flags()))
+    if key not in _CHOICES:
+        steps = min(T, PROBE_STEPS)
+        seconds = time_backends(module, tensors, n_inputs, n_states, steps, B)
+        name = min(seconds, key=seconds.get)
+        timings = ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in sorted(seconds.items(), key=lambda kv: kv[1]))
+        _CHOICES[key] = (name, f"the faster on this CPU, timed on first use with batch {B} "
+                               f"(forward + backward of {steps} steps: {timings})")
+    return _CHOICES[key]
 
 
 def triton_problem(prog, on_cuda: bool) -> str | None:
@@ -242,6 +295,9 @@ class CellModule(nn.Module):
         self.dims = dict(dims)
         self.batch_first = batch_first
         self.backend = backend
+        # Which backend the last call ran on, and why ("c: the faster on this CPU, ..."): set by
+        # each call, since what "auto" picks depends on the tensors (device, dtype, batch size).
+        self.backend_choice: str | None = None
         program.check_sizes(**self.dims)
         self.sizes = program.sizes(**self.dims)
         for kind in ("params", "states", "inputs", "outputs"):
@@ -280,6 +336,7 @@ class CellModule(nn.Module):
 
     def __setstate__(self, state):
         ref = state.pop("_program_ref")
+        state.setdefault("backend_choice", None)  # a module pickled before it had one
         if ref[0] == "source":
             state["program"] = load_program(ref[1], ref[2])
         else:
@@ -354,7 +411,8 @@ class CellModule(nn.Module):
         if batch == 0:
             raise ValueError("the batch is empty (B = 0)")
         tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
-        backend, work = self._backend_for(tensors, dtype)
+        T = xs[0].shape[0] if xs else steps
+        backend, work = self._backend_for(tensors, dtype, n_inputs=len(xs), steps=T, batch=batch)
         out_dtype = xs[0].dtype if xs and xs[0].dtype in _HALF else work
         # Half-precision tensors (from autocast, or a module in bfloat16) are widened here, outside
         # the autograd node, so their gradients come back narrowed by autograd itself.
@@ -363,7 +421,6 @@ class CellModule(nn.Module):
             results = _Scan.apply(self, backend, len(xs), len(states), *tensors)
         else:
             # Inference: nothing is kept for a backward pass.
-            T = xs[0].shape[0] if xs else steps
             outs, finals, _ = backend.forward(prog, tensors, T, batch, self.dims, train=False)
             results = (*outs, *finals)
         outs, finals = results[:len(prog.OUTPUTS)], results[len(prog.OUTPUTS):]
@@ -377,8 +434,15 @@ class CellModule(nn.Module):
             outs = tuple(o.transpose(0, 1) for o in outs)
         return (outs[0] if len(outs) == 1 else outs), (finals[0] if len(finals) == 1 else finals)
 
-    def _backend_for(self, tensors, dtype):
-        """The backend for these tensors, and the dtype it computes in."""
+    def _backend_for(self, tensors, dtype, n_inputs: int | None = None, steps: int | None = None,
+                     batch: int | None = None):
+        """The backend for these tensors, and the dtype it computes in; the sizes (inputs, T, B)
+        let "auto" time the C loops against NumPy, and by default are read off the tensors."""
+        backend, work, why = self._choose(tensors, dtype, n_inputs, steps, batch)
+        self.backend_choice = f"{backend.name}: {why}"
+        return backend, work
+
+    def _choose(self, tensors, dtype, n_inputs, steps, batch):
         name = self.program.CELL
         devices = {t.device for t in tensors}
         if len(devices) > 1:
@@ -394,7 +458,7 @@ class CellModule(nn.Module):
                 raise TypeError(f"the Triton backend computes in float32 (float16 and bfloat16 are widened), not "
                                 f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' on the CPU "
                                 f"for float64")
-            return TritonBackend(), torch.float32
+            return TritonBackend(), torch.float32, ("asked for" if self.backend == "triton" else "CUDA tensors")
         if on_cuda or tensors[0].device.type != "cpu":
             raise RuntimeError(f"the {self.backend if self.backend == 'c' else 'numpy'} backend runs on the CPU, "
                                f"but got tensors on {tensors[0].device}; "
@@ -406,15 +470,26 @@ class CellModule(nn.Module):
             if full - {torch.float32}:
                 raise TypeError(f"the C backend computes in float32 (float16 and bfloat16 are widened), not "
                                 f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' for float64")
-            return CBackend(), torch.float32
+            return CBackend(), torch.float32, "asked for"
         work = dtype if dtype in _NUMPY_DTYPES else torch.float32
         if len(full) > 1 or (full and full != {work}):
             other = sorted(map(str, full - {work}))[0] if full - {work} else str(work)
             raise TypeError(f"cell '{name}' has {dtype} parameters but got a {other} tensor; "
                             f"convert one to the other (module.double() or x.float())")
-        if self.backend == "auto" and work == torch.float32 and _c_usable(self.program, self.dims):
-            return CBackend(), work
-        return NumpyBackend(), work
+        if self.backend == "numpy":
+            return NumpyBackend(), work, "asked for"
+        if work != torch.float32:
+            return NumpyBackend(), work, f"{work} (the C loops compute in float32)"
+        unusable = _c_unusable(self.program, self.dims)
+        if unusable is not None:
+            return NumpyBackend(), work, unusable
+        n_states = len(self.program.STATES)
+        if n_inputs is None:
+            n_inputs = len(self.program.INPUTS)
+        if batch is None or steps is None:
+            steps, batch = self._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
+        name, why = _auto_choice(self, tensors, n_inputs, n_states, steps, batch)
+        return (CBackend() if name == "c" else NumpyBackend()), work, why
 
     def _check_state(self, state, batch, unbatched, device):
         prog = self.program

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import specc
+from specc import runtime
 from specc.backends import c as c_backend
 from specc.backends import c_runtime
 from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
@@ -27,8 +28,27 @@ from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_t
                          odd_dims, run)
 
 
-def _backend(module, x) -> str:
-    return module._backend_for([x, *module.parameters()], torch.float32)[0].name
+def _backend(module, steps: int = 2, batch: int = 1) -> str:
+    """The backend a call of `module` runs on (backend_choice reads "c: why" or "numpy: why")."""
+    x = torch.randn(steps, batch, module.sizes["inputs"][module.program.INPUTS[0]][0], dtype=module._dtype())
+    with torch.no_grad():
+        module(x)
+    return module.backend_choice.split(":")[0]
+
+
+@pytest.fixture
+def timed_faster(monkeypatch):
+    """Makes backend "auto"'s timing of the C loops against NumPy name a winner: which one is
+    faster on the machine running the tests is no business of theirs."""
+    timed = []
+
+    def make(winner: str) -> list:
+        monkeypatch.setattr(runtime, "_CHOICES", {})
+        monkeypatch.setattr(runtime, "time_backends", lambda module, tensors, n_inputs, n_states, T, B: timed.append(
+            (module.program.CELL, T, B)) or {"c": 1.0 if winner == "c" else 2.0, "numpy": 1.5})
+        return timed
+
+    return make
 
 
 def test_every_spec_matches_the_numpy_backend(spec_cell):
@@ -120,7 +140,8 @@ def test_cells_it_cannot_write_run_on_numpy_and_say_why(monkeypatch):
     monkeypatch.setattr(c_backend.CLoop, "write", refuse)
     module = specc.load(ELMAN_SPEC, N=4)
     assert "reshape" in module.program.C_UNSUPPORTED
-    assert _backend(module, torch.zeros(1)) == "numpy"
+    assert _backend(module) == "numpy"
+    assert "reshape inside the recurrence" in module.backend_choice
     with pytest.raises(RuntimeError, match="elman.*cannot use the C backend.*reshape inside the recurrence"):
         specc.load(ELMAN_SPEC, N=4, backend="c")(torch.randn(2, 1, 4))
 
@@ -151,12 +172,13 @@ cell straddle(N) {
 """
 
 
-def test_a_cell_whose_tiles_straddle_a_concatenation_runs_on_c():
+def test_a_cell_whose_tiles_straddle_a_concatenation_runs_on_c(timed_faster):
     """A tile would straddle the parts of [x, x] (Triton stages it); the C loops, and their torch
     host code, run it on their own."""
+    timed_faster("c")
     ours = assert_text_spec_matches_numpy(STRADDLE_SPEC, "auto", N=5)
     assert ours.program.C_UNSUPPORTED is None
-    assert _backend(ours, torch.zeros(1)) == "c"
+    assert _backend(ours) == "c"
 
 
 SHARED_NEXT_SPEC = """
@@ -184,21 +206,64 @@ def test_second_order_products_run_in_c():
     assert specc.load("second_order", I=3, H=4).program.C_UNSUPPORTED is None
 
 
-def test_auto_runs_float32_on_the_c_loops_and_float64_on_numpy():
-    assert _backend(specc.load("gru", I=3, H=4), torch.zeros(1)) == "c"
+def test_auto_runs_float32_on_the_c_loops_and_float64_on_numpy(timed_faster):
+    timed_faster("c")
+    assert _backend(specc.load("gru", I=3, H=4)) == "c"
     m64 = specc.load("gru", I=3, H=4, dtype=torch.float64)
-    assert m64._backend_for([torch.zeros(1, dtype=torch.float64)], torch.float64)[0].name == "numpy"
+    assert _backend(m64) == "numpy" and m64.backend_choice == "numpy: torch.float64 (the C loops compute in float32)"
     with pytest.raises(TypeError, match="C backend computes in float32.*backend='numpy'"):
         specc.load("gru", I=3, H=4, dtype=torch.float64, backend="c")(torch.randn(2, 1, 3, dtype=torch.float64))
+
+
+def test_auto_runs_numpy_where_numpy_timed_faster(timed_faster, monkeypatch):
+    """Where the C loops time slower than NumPy (issue 13: 10-20x on an AVX2 CPU with the old
+    products), "auto" runs NumPy, and says why; the choice is made once per batch size."""
+    timed = timed_faster("numpy")
+    loops = []
+    real_run = c_runtime.run
+    monkeypatch.setattr(c_runtime, "run", lambda *a, **k: loops.append(a[1]) or real_run(*a, **k))
+    module = specc.load("lstm", I=5, H=6)
+    ref = specc.load("lstm", I=5, H=6, backend="numpy")
+    ref.load_state_dict(module.state_dict())
+    x = torch.randn(12, 3, 5)
+    state = [torch.randn(3, 6) * 0.5 for _ in range(2)]
+    assert_same(run(module, x, state), run(ref, x, state), tol=0)
+    assert module.backend_choice.startswith("numpy: the faster on this CPU, timed on first use with batch 3")
+    assert "numpy 1500.00 ms, c 2000.00 ms" in module.backend_choice
+    assert loops == [] and timed == [("lstm", 8, 3)]  # 8 steps timed; the C loops never ran for real
+    run(module, x, state)
+    assert timed == [("lstm", 8, 3)]  # the same batch size: not timed again
+    timed_faster("c")
+    assert _backend(module, steps=4, batch=3) == "c" and timed[-1] == ("lstm", 4, 3)
+    assert loops == ["specc_lstm_forward"]
+
+
+def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch):
+    """time_backends itself: one forward + backward of each backend, the caller's tensors and the
+    global random state untouched (what it measures is not asserted: the machine may be busy)."""
+    monkeypatch.setattr(runtime, "_CHOICES", {})
+    loops = []
+    real_run = c_runtime.run
+    monkeypatch.setattr(c_runtime, "run", lambda *a, **k: loops.append(a[1]) or real_run(*a, **k))
+    module = specc.load("gru", I=4, H=5)
+    x = torch.randn(20, 2, 4, dtype=torch.bfloat16)
+    before, rng = x.clone(), torch.get_rng_state()
+    y, h = module(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(x, before) and torch.equal(torch.get_rng_state(), rng)
+    name, why = module.backend_choice.split(": ", 1)
+    assert name in ("c", "numpy") and "forward + backward of 8 steps" in why
+    runs = runtime.PROBE_RUNS
+    assert loops[:2 * runs] == ["specc_gru_forward", "specc_gru_backward"] * runs
+    assert len(loops) == 2 * runs + (name == "c")
 
 
 def test_turned_off_or_without_a_compiler_auto_uses_numpy(monkeypatch):
     module = specc.load("lstm", I=3, H=4)
     monkeypatch.setenv("SPECC_C", "0")
-    assert _backend(module, torch.zeros(1)) == "numpy"
+    assert _backend(module) == "numpy" and "SPECC_C=0" in module.backend_choice
     monkeypatch.setenv("SPECC_C", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert _backend(module, torch.zeros(1)) == "numpy"
+    assert _backend(module) == "numpy" and "no C compiler found" in module.backend_choice
     with pytest.raises(RuntimeError, match="no C compiler found"):
         specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))
 
@@ -549,15 +614,16 @@ def test_spec_names_that_are_c_macros_or_library_names(linux, wchar):
     assert "B * d_linux" in source and "v_NULL" in source and "v_errno" in source
 
 
-def test_auto_runs_cells_named_like_c_on_the_c_loops_without_a_warning():
+def test_auto_runs_cells_named_like_c_on_the_c_loops_without_a_warning(timed_faster):
+    timed_faster("c")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module = specc.load(NAMES_SPEC, linux=3, WCHAR_MAX=6)
         assert module.program.C_UNSUPPORTED is None
-        assert _backend(module, torch.zeros(1)) == "c"
+        assert _backend(module) == "c"
         assert_matches_torch_loop(module, _names_step, torch.randn(3, 2, 6), [torch.randn(2, 3)])
         for dim in ("double", "main", "unix"):  # a keyword, the library's name, a macro
             elman = specc.load(ELMAN_SPEC.replace("N", dim), **{dim: 3})
-            assert _backend(elman, torch.zeros(1)) == "c"
+            assert _backend(elman) == "c"
             h, _ = elman(torch.randn(2, 1, 3))
     assert [str(w.message) for w in caught] == []
