@@ -61,7 +61,7 @@ FALLBACKS = [(), ("-fopenmp",), ("-fopenmp", "-march=")]
 # 16 and ran at 0.3-1.5 GFLOP/s where OpenBLAS runs at 50-65 per core). The scipy-openblas32 wheel
 # is a dependency because it ships the headers and a shared library with prefixed symbols
 # (scipy_cblas_sgemm), which cannot clash with the copies NumPy and torch bring. It runs on one
-# thread inside the loops: see _single_thread.
+# thread: see blas().
 BLAS_PREFIX = "scipy_"
 
 # Helpers every generated file starts with: vectorisable exp / tanh / sigmoid (Cephes' float
@@ -197,8 +197,7 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
         raise CompileError(problem() or "no C compiler")
-    blas = openblas()
-    if blas is None:
+    if openblas() is None:
         raise CompileError(problem() or "no OpenBLAS")
     key = cache_key(text, cc)
     with _lock:
@@ -217,8 +216,8 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
                 except OSError:
                     pass
             try:
+                blas()  # first: its thread count is set before any loop calls it
                 _loaded[key] = ctypes.CDLL(str(path))
-                _single_thread(_loaded[key])
             except OSError as e:
                 if path.exists() or attempt:
                     _failed[key] = f"the compiled loops ({path}) do not load: {e}"
@@ -235,14 +234,16 @@ def cache_key(text: str, cc: str) -> str:
     return hashlib.sha256("\0".join([text, cc, *flags(), *(openblas() or ()), _cpu()]).encode()).hexdigest()[:32]
 
 
-_threads_set = False
+@functools.lru_cache(maxsize=1)
+def blas() -> ctypes.CDLL:
+    """OpenBLAS's library itself, the one the loops link to (a library whose loop has no product may
+    not name it at all): for its thread count and the host's products. Loaded, it is set to run on
+    one thread.
 
-
-def _single_thread(lib: ctypes.CDLL) -> None:
-    """OpenBLAS on one thread: the loops call it once per product per step, on a (B, H) block of
-    the state, which is over before a second thread is worth waking, while threads left spinning
-    after it take the cores from the elementwise loops and from torch. Measured on 2 shared cores
-    (AMD EPYC, AVX2, no AVX-512; another process busy on one core, as on CI runners and laptops),
+    One thread: the loops call it once per product per step, on a (B, H) block of the state,
+    which is over before a second thread is worth waking, while threads left spinning after it
+    take the cores from the elementwise loops and from torch. Measured on 2 shared cores (AMD
+    EPYC, AVX2, no AVX-512; another process busy on one core, as on CI runners and laptops),
     forward + backward, median of 7, OpenBLAS on one thread with the OpenMP elementwise loops
     against OpenBLAS on two threads with no OpenMP (two runs each):
         LSTM 100x64x256x256   918 /  954 ms  against 2623 / 2317 ms
@@ -252,10 +253,17 @@ def _single_thread(lib: ctypes.CDLL) -> None:
     One product alone, (64, 256) @ (256, 1024): 60 GFLOP/s on one thread, 2-4 on two. This copy of
     OpenBLAS is specc's alone (NumPy, SciPy and torch bring their own), so the setting, which is
     the whole process's, touches nobody else's products."""
-    global _threads_set
-    if not _threads_set:
-        getattr(lib, BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(1))
-        _threads_set = True
+    include, libdir, name = openblas()
+    found = sorted(Path(libdir).glob(f"lib{name}.*"))
+    if not found:
+        raise CompileError(f"no lib{name} in {libdir}")
+    lib = ctypes.CDLL(str(found[0]))
+    getattr(lib, BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(1))
+    sgemm = getattr(lib, BLAS_PREFIX + "cblas_sgemm")
+    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    sgemm.restype = None
+    return lib
 
 
 def _compile(cc: str, text: str, path: Path, key: str) -> None:
@@ -268,7 +276,9 @@ def _compile(cc: str, text: str, path: Path, key: str) -> None:
             first = None
             include, libdir, name = openblas()
             # rpath: the library finds OpenBLAS where pip put it, whatever LD_LIBRARY_PATH says.
-            link = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", f"-l{name}", "-lm"]
+            # --no-as-needed: the host code calls OpenBLAS through this library (its products
+            # over all steps), also when the loops themselves make no product.
+            link = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-Wl,--no-as-needed", f"-l{name}", "-lm"]
             for dropped in FALLBACKS:
                 used = [f for f in flags() if not any(_dropped(f, d) for d in dropped)]
                 try:
@@ -304,6 +314,38 @@ def prune(folder: Path, keep: int, spare: Path | None = None) -> None:
             p.unlink()
         except OSError:
             pass
+
+
+def _blas_layout(t: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """(CBLAS transpose flag, distance between rows, tensor) of a matrix as sgemm reads it: a
+    transposed view as it is (its rows are the columns of what it views), else contiguous."""
+    rows, cols = t.shape
+    if t.stride(1) == 1 and t.stride(0) >= max(1, cols):
+        return 111, t.stride(0), t  # CblasNoTrans
+    if t.stride(0) == 1 and t.stride(1) >= max(1, rows):
+        return 112, t.stride(1), t  # CblasTrans
+    return 111, max(1, cols), t.contiguous()
+
+
+def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w for float32 CPU matrices (transposed views need no copy): the host's products around
+    the loop (W @ x for all steps, the gradients), by the OpenBLAS the loop calls, on one thread.
+    With torch's, on its pool of 2 threads on 2 shared cores, each product waited for the core
+    another process held: a GRU at 20x4x16x16 took 87-150 ms a forward + backward (80x16 @ 16x48
+    took 23 ms), 6 ms with these; at the benchmark's sizes (LSTM, GRU; 100x64x256x256,
+    100x16x128x128) 1122 / 200 / 776 / 159 ms with torch's, 872 / 148 / 723 / 176 with these."""
+    M, K = a.shape
+    N = w.shape[1]
+    if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
+        raise AssertionError(f"matmul of {tuple(a.shape)} {a.dtype} by {tuple(w.shape)} {w.dtype}")
+    out = torch.empty((M, N), dtype=torch.float32)
+    if M == 0 or N == 0 or K == 0:
+        return out.zero_()
+    fn = getattr(blas(), BLAS_PREFIX + "cblas_sgemm")
+    ta, lda, a = _blas_layout(a)
+    tw, ldw, w = _blas_layout(w)
+    fn(101, ta, tw, M, N, K, 1.0, a.data_ptr(), lda, w.data_ptr(), ldw, 0.0, out.data_ptr(), N)  # 101: CblasRowMajor
+    return out
 
 
 def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int,

@@ -19,6 +19,7 @@ def _kind(finding) -> str:
     """A finding with its numbers and names taken out, so that one bug counts as one kind."""
     what = re.sub(r"(d |output |final )\S+", r"\1_", finding.what)
     what = re.sub(r"<specc [^>]*>", "<module>", what)
+    what = re.sub(r"/\S+/", "", what)  # a cached library's path
     what = re.sub(r"\d+", "N", what.splitlines()[0] if what else what)[:160]
     return f"[{finding.backend} {finding.mode}] {what}"
 
