@@ -408,6 +408,26 @@ def test_the_c_is_readable_and_quotes_the_spec():
     assert "float v_sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
 
 
+@pytest.mark.parametrize("M, K, N", [(1, 1, 1), (7, 5, 33), (70, 2500, 45), (130, 300, 64)])
+def test_the_host_products_match_float64(M, K, N):
+    """rt_c.matmul (OpenBLAS): row-major operands, transposed views read as they are (a weight as
+    torch keeps it, g^T for a weight gradient) and other strides copied first."""
+    lib = c_runtime.library(specc.load("gru", I=3, H=4).program.C_SOURCE, {"I": 3, "H": 4})
+    g = torch.Generator().manual_seed(M + K + N)
+    a = torch.randn(M, K, generator=g)
+    w_t = torch.randn(N, K, generator=g)
+    want = (a.double() @ w_t.double().T).float()
+    tol = dict(rtol=1e-5, atol=1e-5 * K ** 0.5)
+    torch.testing.assert_close(c_runtime.matmul(lib, a, w_t.T), want, **tol)
+    torch.testing.assert_close(c_runtime.matmul(lib, a.T.contiguous().T, w_t.T.contiguous()), want, **tol)
+    wide = torch.randn(M, 2 * K, generator=g)
+    wide[:, ::2] = a
+    torch.testing.assert_close(c_runtime.matmul(lib, wide[:, ::2], w_t.T), want, **tol)  # copied first
+    rows = torch.randn(M, K + 3, generator=g)
+    rows[:, :K] = a
+    torch.testing.assert_close(c_runtime.matmul(lib, rows[:, :K], w_t.T), want, **tol)  # rows K + 3 apart
+
+
 def test_a_compiler_without_openmp_still_builds_the_loops(monkeypatch, tmp_path):
     """Apple's clang refuses -fopenmp: the loops are built without it and run on one thread."""
     import shutil

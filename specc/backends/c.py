@@ -21,7 +21,7 @@ compiled library serves one set of sizes. Per step:
 Values live where the host put them: a state's block of its (T + 1) * B row buffer, a kept
 value's block of its T * B row buffer, the host's input-only values at row t * B; what the pass
 does not keep, in scratch memory the host hands in. The host code around the call is the Triton
-backend's (torch): the products for W @ x over all steps are torch's, on its threads (c_spell).
+backend's (torch), with OpenBLAS's products for W @ x over all steps and the gradients (c_spell).
 
 Every identifier the C takes from the spec carries a prefix: v_ for values and buffers (v_h_seq,
 v_sigmoid_f), d_ for dimensions (d_H). A spec may then name anything as it likes (linux, errno,
@@ -680,7 +680,7 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
             w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'{p}.sum(0)' for p in parts)}])")
         else:
             v = host.ref(node.args[1])
-            w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'{p}.T @ {v}' for p in parts)}])")
+            w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'rt_c.matmul(c_lib, {p}.T, {v})' for p in parts)}])")
     _emit_after(w, host, frozenset(joined) | frozenset(split) | frozenset(sunk))
 
 
@@ -766,9 +766,15 @@ def finish(w: Writer, c_text: Writer, body: Writer) -> None:
 
 
 def c_spell(node: Node, a: list[str], types: list) -> str:
-    """The host's ops as the Triton backend spells them (the large products, W @ x over all steps
-    and the weight gradients, are torch's: one large GEMM, where its thread pool pays), except a
-    number made of constants alone."""
+    """The host's ops as the Triton backend spells them, but the products over all steps (W @ x,
+    W^T @ g, the weight gradients g^T @ x) by the OpenBLAS the loop calls (rt_c.matmul, which says
+    why not torch's)."""
+    if node.op == "matvec" and node.type.batched and not types[0].batched:
+        return f"rt_c.matmul(c_lib, {a[1]}, {a[0]}.T)"
+    if node.op == "matvec_t" and node.type.batched and not types[0].batched:
+        return f"rt_c.matmul(c_lib, {a[1]}, {a[0]})"
+    if node.op == "outer_sum" and types[0].batched and types[1].batched:
+        return f"rt_c.matmul(c_lib, {a[0]}.T, {a[1]})"
     if node.op in ACTIVATIONS and not node.type.batched and node.type.shape == ():
         # Of a number made of constants alone (tanh(0.5)), which the host holds as a Python float
         # and torch's functions refuse; the loop has it as a C literal (c_constant).
