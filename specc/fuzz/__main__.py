@@ -60,6 +60,8 @@ def main(argv=None) -> int:
             raise AssertionError("\n".join(str(f) for f in found))
         if found:
             counts["cells with findings"] += 1
+        if found:  # as they come, so that a long run's findings can be looked at before it ends
+            print(f"finding in cell {counts['cells']}: {found[0]}\n{cell!r}", file=sys.stderr, flush=True)
         for f in found:
             per_mode[(f.backend, f.mode, "crash" if f.error != f.error else "mismatch")] += 1
             shown = examples.setdefault(_kind(f), [])
