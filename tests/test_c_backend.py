@@ -37,13 +37,17 @@ def _backend(module, steps: int = 2, batch: int = 1) -> str:
 
 
 @pytest.fixture
-def timed_faster(monkeypatch):
+def timed_faster(monkeypatch, tmp_path):
     """Makes backend "auto"'s timing of the C loops against NumPy name a winner: which one is
-    faster on the machine running the tests is no business of theirs."""
+    faster on the machine running the tests is no business of theirs. Choices are kept on disk,
+    in a cache of the test's own."""
     timed = []
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path / "cache"))
 
     def make(winner: str) -> list:
         monkeypatch.setattr(runtime, "_CHOICES", {})
+        for kept in (tmp_path / "cache" / "c" / "choices").glob("*.txt"):
+            kept.unlink()
         monkeypatch.setattr(runtime, "time_backends", lambda module, tensors, n_inputs, n_states, T, B: timed.append(
             (module.program.CELL, T, B)) or {"c": 1.0 if winner == "c" else 2.0, "numpy": 1.5})
         return timed
@@ -238,10 +242,22 @@ def test_auto_runs_numpy_where_numpy_timed_faster(timed_faster, monkeypatch):
     assert loops == ["specc_lstm_forward"]
 
 
-def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch):
+def test_a_choice_is_kept_for_the_next_process(timed_faster, monkeypatch):
+    timed = timed_faster("numpy")
+    module = specc.load("gru", I=3, H=4)
+    assert _backend(module, batch=2) == "numpy" and len(timed) == 1
+    monkeypatch.setattr(runtime, "_CHOICES", {})  # as a new process starts
+    again = specc.load("gru", I=3, H=4)
+    assert _backend(again, batch=2) == "numpy" and len(timed) == 1
+    assert "timed by an earlier process" in again.backend_choice
+    assert _backend(again, batch=5) == "numpy" and len(timed) == 2  # another batch size: timed
+
+
+def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch, tmp_path):
     """time_backends itself: one forward + backward of each backend, the caller's tensors and the
     global random state untouched (what it measures is not asserted: the machine may be busy)."""
     monkeypatch.setattr(runtime, "_CHOICES", {})
+    monkeypatch.setenv("SPECC_CACHE", str(tmp_path))
     loops = []
     real_run = c_runtime.run
     monkeypatch.setattr(c_runtime, "run", lambda *a, **k: loops.append(a[1]) or real_run(*a, **k))
