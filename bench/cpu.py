@@ -7,6 +7,8 @@
     python bench/cpu.py --check               # first check that every peer computes what specc does
     python bench/cpu.py --backend numpy       # specc's NumPy backend rather than its C loops
     SPECC_ONEDNN=0 python bench/cpu.py --backend numpy   # ... with its products in NumPy only
+    python bench/cpu.py --march x86-64-v2,x86-64-v3,native   # the C loops compiled for each level,
+                                              # beside the NumPy backend and the peers, in one table
 
 Cells and their peers:
   elman (cell rnn_tanh of specs/elman.rnn), lstm, gru: torch.nn.RNN / nn.LSTM / nn.GRU
@@ -18,7 +20,8 @@ What is measured, per cell, size (T, B, I, H), pass and implementation:
   fb    forward + backward: outputs = m(x); outputs.backward(grad); x and every parameter need
         gradients (parameter .grad set to None before each repetition, as zero_grad does)
   time  the median over repetitions, after warm-up, of wall-clock time (float32, all cores)
-  ratio specc's median over this peer's median, both from the same run (below 1: specc faster)
+  ratio specc's median over this peer's median, both from the same run (below 1: specc faster);
+        with --march, on each specc row: its median over the first peer's (torch.nn's)
   peak  the peak resident memory of one call above what the process held just before it: the
         worker process frees what it can (gc, malloc_trim), resets the kernel's high-water mark
         (/proc/self/clear_refs), makes one call and reads VmHWM; so it counts every page the
@@ -132,6 +135,8 @@ def worker(job: dict) -> dict:
 
     if os.environ.get("SPECC_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["SPECC_BENCH_THREADS"]))
+    if job.get("march"):
+        os.environ["SPECC_MARCH"] = job["march"]  # read when the C loops are compiled
 
     T, B, I, H = job["size"]
     cell, impl = job["cell"], job["impl"]
@@ -149,7 +154,7 @@ def worker(job: dict) -> dict:
     grad = torch.randn(y.shape, generator=gen)
     del y
     if impl == "specc":
-        out["backend"] = m._backend_for([x, *params], torch.float32)[0].name
+        out["backend"] = m.backend_choice.split(":")[0]
 
     def fwd():
         with torch.no_grad():
@@ -287,6 +292,14 @@ def machine() -> str:
     return f"{model} ({cores})"
 
 
+def cpu_flags() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "?"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Flags:")), "?")
+
+
 def versions() -> str:
     import numpy
     import torch
@@ -297,7 +310,13 @@ def versions() -> str:
         blas = f"{blas['name']} {blas['version']}"
     except (KeyError, TypeError):
         blas = "?"
-    return f"Python {platform.python_version()}, NumPy {numpy.__version__} ({blas}), torch {torch.__version__}"
+    try:
+        import scipy_openblas32
+
+        ours = f", specc's C loops: {scipy_openblas32.get_openblas_config().split(' DYNAMIC')[0]} (scipy-openblas32)"
+    except ImportError:
+        ours = ""
+    return f"Python {platform.python_version()}, NumPy {numpy.__version__} ({blas}), torch {torch.__version__}{ours}"
 
 
 def parse_size(text: str) -> tuple[int, int, int, int]:
@@ -328,6 +347,9 @@ def main(argv=None) -> int:
     ap.add_argument("--retries", type=int, default=2, help="how many times a noisy worker is run again")
     ap.add_argument("--backend", default="auto", choices=["auto", "c", "numpy"],
                     help="specc's backend (default auto: the C loops where a compiler is, else NumPy)")
+    ap.add_argument("--march", default=None,
+                    help="comma-separated -march levels (x86-64-v2,x86-64-v3,native): a row of specc's C loops "
+                         "compiled for each (SPECC_MARCH), and one of its NumPy backend, beside the peers")
     ap.add_argument("--markdown", default=None, help="also write the results as markdown to this file")
     ap.add_argument("--check", action="store_true", help="check the peers against specc first (float64)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -370,8 +392,10 @@ def main(argv=None) -> int:
         f"- float32 GEMM peak (2048^3, median): NumPy {gemm['numpy']:.0f} GFLOP/s, torch {gemm['torch']:.0f} GFLOP/s; "
         f"the % column is against {peak_gflops:.0f}",
     ]
+    if args.march:
+        header.append(f"- CPU flags (lscpu): {cpu_flags()}")
     print("\n".join(header), flush=True)
-    cols = ["cell", "T×B×I×H", "pass", "implementation", "median ms", "specc / peer", "peak MB", "GFLOP/s", "% peak",
+    cols = ["cell", "T×B×I×H", "pass", "implementation", "median ms", "specc / peer" if not args.march else "time / peer's", "peak MB", "GFLOP/s", "% peak",
             "others' CPU"]
     rows: list[list[str]] = []
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
@@ -379,9 +403,13 @@ def main(argv=None) -> int:
     for cell in cells:
         for size in sizes:
             T, B, I, H = size
-            impls = ["specc"] + CELLS[cell][2]
-            if only:
-                impls = [i for i in impls if i in only]
+            # label -> what the worker runs
+            variants = {"specc": {"impl": "specc"}}
+            if args.march:
+                variants = {f"c {m}": {"impl": "specc", "backend": "c", "march": m} for m in args.march.split(",")}
+                variants["numpy"] = {"impl": "specc", "backend": "numpy"}
+            variants.update({p: {"impl": p} for p in CELLS[cell][2]})
+            impls = [i for i in variants if not only or variants[i]["impl"] in only]
             job = {"cell": cell, "size": size, "passes": passes, "warmup": 2, "min_reps": 3 if args.quick else 5,
                    "max_reps": 50, "min_time": min_time, "backend": args.backend}
             results: dict[str, dict] = {i: {} for i in impls}
@@ -389,13 +417,13 @@ def main(argv=None) -> int:
             for r in range(rounds):
                 order = impls if r % 2 == 0 else impls[::-1]
                 for impl in order:
-                    res = run_worker({**job, "impl": impl}, args.threads)
+                    res = run_worker({**job, **variants[impl]}, args.threads)
                     # On a shared machine: run again (up to --retries times) while other processes
                     # took more than --noisy of the CPU, and keep the quietest run.
                     for _ in range(args.retries):
                         if res.get("others", 0.0) <= args.noisy:
                             break
-                        again = run_worker({**job, "impl": impl}, args.threads)
+                        again = run_worker({**job, **variants[impl]}, args.threads)
                         if again.get("others", 1.0) < res.get("others", 1.0):
                             res = again
                     others[impl].append(res.get("others", 0.0))
@@ -411,17 +439,28 @@ def main(argv=None) -> int:
                 flops = flops_fwd * (1 if p == "fwd" else 3)
                 ours = results.get("specc", {}).get(p, {})
                 ours_t = statistics.median(ours["times"]) if "times" in ours else None
+                peer = next((i for i in impls if variants[i]["impl"] != "specc"), None)
+                peer_res = results[peer][p] if peer else {}
+                peer_t = statistics.median(peer_res["times"]) if "times" in peer_res else None
                 for impl in impls:
                     res = results[impl][p]
-                    name = (f"specc ({results[impl].get('backend', '?')})" if impl == "specc"
-                            else PEER_NAMES[impl].format(TORCH_CLASS.get(cell, "")))
+                    if impl == "specc":
+                        name = f"specc ({results[impl].get('backend', '?')})"
+                    elif variants[impl]["impl"] == "specc":
+                        name = f"specc ({impl})"
+                    else:
+                        name = PEER_NAMES[impl].format(TORCH_CLASS.get(cell, ""))
                     label = [cell, "×".join(map(str, size)), p, name]
                     noise = f"{100 * max(others[impl]):.0f}%"
                     if "times" not in res:
                         row = label + [f"failed: {res['error']}", "", "", "", "", noise]
                     else:
                         t = statistics.median(res["times"])
-                        ratio = "" if impl == "specc" or ours_t is None else f"{ours_t / t:.2f}"
+                        if args.march:
+                            mine = variants[impl]["impl"] == "specc"
+                            ratio = f"{t / peer_t:.2f}" if mine and peer_t else ""
+                        else:
+                            ratio = "" if impl == "specc" or ours_t is None else f"{ours_t / t:.2f}"
                         gf = flops / t / 1e9
                         row = label + [fmt_ms(t), ratio, f"{res['peak'] / 2**20:.1f}", f"{gf:.1f}",
                                        f"{100 * gf / peak_gflops:.0f}%", noise]
@@ -445,7 +484,7 @@ def write_markdown(path: Path, header: list[str], cols: list[str], rows: list[li
     text = ["# specc vs torch on the CPU", ""] + header + [
         f"- run time: {elapsed / 60:.1f} minutes", "",
         "Columns: see the docstring of bench/cpu.py. `specc / peer` is specc's median time over the peer's "
-        "(below 1: specc is faster). `peak MB` is the peak resident memory of one call above what the "
+        "(below 1: specc is faster; with --march, `time / peer's` is each specc row's median over the first peer's). `peak MB` is the peak resident memory of one call above what the "
         "process held before it. GFLOP/s counts the cell's matrix products only. `others' CPU` is the "
         "share of the machine's CPU time that other processes used while the worker ran (the most over "
         "its rounds, after up to --retries reruns of noisy workers): where it is high, the timings of "
