@@ -52,13 +52,13 @@ UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "n
 # activation missing here (added to ops.ACTIVATIONS later) is computed from its expression and
 # copied where it belongs.
 ACTIVATION_OUT = {
-    "sigmoid": "rt.sigmoid({x}, {out})",
-    "tanh": "np.tanh({x}, {out})",
-    "relu": "np.maximum({x}, 0, {out})",
-    "exp": "np.exp({x}, {out})",
-    "log": "np.log({x}, {out})",
-    "softplus": "np.logaddexp(0, {x}, {out})",
-    "step": "rt.step({x}, {out})",
+    "sigmoid": "rt.sigmoid({x}, out={out})",
+    "tanh": "np.tanh({x}, out={out})",
+    "relu": "np.maximum({x}, 0, out={out})",
+    "exp": "np.exp({x}, out={out})",
+    "log": "np.log({x}, out={out})",
+    "softplus": "np.logaddexp(0, {x}, out={out})",
+    "step": "rt.step({x}, out={out})",
 }
 CONST_NAMES = {0.0: "zero", 1.0: "one", -1.0: "minus_one", 0.5: "half", 2.0: "two"}
 MIXABLE = ("sigmoid", "tanh")
@@ -238,7 +238,7 @@ def spell_into(node: Node, a: list[str], out: str) -> str | None:
     """How NumPy spells one batched op of the loop writing into `out`; None if it cannot."""
     op = node.op
     if op in UFUNCS:
-        return f"{UFUNCS[op]}({', '.join(a)}, {out})"
+        return f"{UFUNCS[op]}({', '.join(a)}, out={out})"
     if op in ACTIVATION_OUT:
         return ACTIVATION_OUT[op].format(x=a[0], out=out)
     if op in ("matvec", "matvec_t"):  # a[0] is the operand rt.operand made of the matrix
@@ -681,7 +681,7 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
             for a, code in zip(node.args, args):
                 if (a in scan.fresh and g.nodes[a].type == node.type and a not in results and a not in protect
                         and (a in scan.chunked) == chunk and all(here(u) and u <= i for u in readers(a))):
-                    stmt = spell_into(node, args, f"out={code}")
+                    stmt = spell_into(node, args, code)
                     break
         if node.op in _FRESH:
             scan.fresh.add(i)
