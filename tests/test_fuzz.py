@@ -87,3 +87,61 @@ def test_a_wrong_backend_is_caught(monkeypatch, where):
     found = differences(TINY, {"I": 3, "H": 4}, ("numpy",), modes=["train"])
     kinds = {f.what.split()[0] for f in found}
     assert kinds == ({"output"} if where == "forward" else {"d"}), found
+
+
+# Cells the fuzzer found wrong, shrunk; each is kept here against the reference on every backend.
+FOUND = {
+    # contract() with an operand made of parameters alone (outer product of a row and a vector)
+    "contract_parameter_operand": ("""
+cell f(I, H) {
+    input x[H]
+    state h[1]
+    param T1[1, H, H]
+    param b1[H]
+    g = exp(tanh(b1))
+    h' = tanh(contract(T1, x, g)) + contract(T1, g, x) + h
+    output h'
+}""", {"I": 2, "H": 3}),
+    # numbers made of numbers (-0.5, tanh(0.5) / 4) inside the recurrence
+    "numbers_of_numbers": ("""
+cell f(I, H) {
+    input x[I]
+    state h[H]
+    param W[H, I]
+    k = tanh(0.5) / 4
+    h' = tanh(W @ x + -0.5 * h + -k * h + 2 * -1.5 * h / 10)
+    output h'
+}""", {"I": 3, "H": 4}),
+    # a slice of a product kept for after the loop, read inside it (NumPy read the whole sequence)
+    "kept_slice_read_in_the_loop": ("""
+cell f(I) {
+    input x1[I]
+    state s[I]
+    state h1[3]
+    param W0[9, I]
+    param W1[9, I]
+    param W3[I, I]
+    p0, p1, p2 = split(W0 @ s, 3)
+    a, b, c = split(W1 @ x1, 3)
+    h1' = tanh(p2 - a)
+    s' = tanh(W3 @ s)
+    output p1
+}""", {"I": 5}),
+    # relu written in place; names a C compiler or Python already uses; no parameters at all
+    "relu_in_place_and_taken_names": ("""
+cell float(I) {
+    input x0[I]
+    state double[I] = zeros
+    g0 = relu(0.1 + x0)
+    double' = tanh(g0 - double)
+    output errno = g0 * double'
+}""", {"I": 2}),
+}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c", "triton"])
+@pytest.mark.parametrize("name", sorted(FOUND))
+def test_cells_the_fuzzer_found(name, backend):
+    text, dims = FOUND[name]
+    found = differences(text, dims, (backend,))
+    assert not found, "\n".join(map(str, found))

@@ -841,7 +841,9 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
             node = g.nodes[i]
             arg = scan.names[node.args[0]]
             at = scan.place.get(node.args[0])
-            src = at.buf if at is not None and at.cols is None else arg
+            # A whole scratch buffer by its own name; a value written into a step's rows of a
+            # sequence buffer moves every step, so its view is of the value's name (made above).
+            src = at.buf if at is not None and at.cols is None and at.rows is None else arg
             hl.emit(node, f"{scan.names[i]} = {spell(node, [src], [g.nodes[node.args[0]].type], 'B')}")
     steps = "reversed(range(T))" if scan.reverse else "range(T)"
     w.comment("The time loop: only what depends on the state." if not scan.reverse else
