@@ -40,7 +40,7 @@ SCHEMA = {
         "time_limit": ((float, NONE), None),  # ... or seconds of training in this run, whichever comes first
         "clip": ((float, NONE), 5.0),         # gradient clipping by global norm; null turns it off
         "seed": ((int,), 0),
-        "device": ((str,), "cpu"),            # cpu (C loops, else NumPy) or cuda (Triton backend; nccl under torchrun)
+        "device": ((str,), "cpu"),            # cpu (the faster of the C loops and NumPy) or cuda (Triton backend; nccl under torchrun)
         "threads": ((int, NONE), 1),          # CPU threads for torch and BLAS (null: leave them as they are)
         "eval_every": ((int,), 200),          # steps between evaluations
         "eval_batches": ((int, NONE), 20),    # batches per evaluation (null: the whole validation stream)
