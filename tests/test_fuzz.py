@@ -102,6 +102,17 @@ cell f(I, H) {
     h' = tanh(contract(T1, x, g)) + contract(T1, g, x) + h
     output h'
 }""", {"I": 2, "H": 3}),
+    # contract() of two vectors made of parameters alone (computed once, outside the loop)
+    "contract_of_parameters": ("""
+cell f(D0) {
+    input x0[D0]
+    state h0[1]
+    param b0[D0]
+    param T1[1, D0, D0]
+    g0 = exp(tanh(b0))
+    h0' = contract(T1, g0, g0) * h0 + tanh(contract(T1, g0, x0))
+    output h0'
+}""", {"D0": 3}),
     # numbers made of numbers (-0.5, tanh(0.5) / 4) inside the recurrence
     "numbers_of_numbers": ("""
 cell f(I, H) {

@@ -74,8 +74,16 @@ def softmax_vjp(g, y, out=None):
     return np.multiply(y, out, out)
 
 
+def _one_row(f, *arrays, out=None, **sizes):
+    """f on vectors made of parameters alone (one row, no batch axis)."""
+    result = f(*(x[None] for x in arrays), **sizes, out=None if out is None else out[None])
+    return result[0]
+
+
 def outer_rows(a, b, out=None):
     """Row-wise outer products, flattened: (R, N), (R, K) -> (R, N*K)."""
+    if a.ndim == 1:
+        return _one_row(outer_rows, a, b, out=out)
     r, n, k = a.shape[0], a.shape[1], b.shape[1]
     if out is None:
         out = np.empty((r, n * k), dtype=np.result_type(a, b))
@@ -85,6 +93,8 @@ def outer_rows(a, b, out=None):
 
 def outer_vjp_a(g, b, n, k, out=None):
     """Gradient of outer_rows(a, b) for a: sum_k g[r, n, k] b[r, k]."""
+    if g.ndim == 1:
+        return _one_row(outer_vjp_a, g, b, n=n, k=k, out=out)
     r = g.shape[0]
     if out is None:
         out = np.empty((r, n), dtype=g.dtype)
@@ -94,6 +104,8 @@ def outer_vjp_a(g, b, n, k, out=None):
 
 def outer_vjp_b(g, a, n, k, out=None):
     """Gradient of outer_rows(a, b) for b: sum_n g[r, n, k] a[r, n]."""
+    if g.ndim == 1:
+        return _one_row(outer_vjp_b, g, a, n=n, k=k, out=out)
     r = g.shape[0]
     if out is None:
         out = np.empty((r, k), dtype=g.dtype)

@@ -119,9 +119,14 @@ def torch_spell(node: Node, a: list[str], types: list) -> str:
         shape = (["rows"] if batched else []) + shape
         return f"torch.zeros(({', '.join(shape)},), device=dev, dtype=dtype)"
     if op == "outer":
+        if not batched:  # of two vectors made of parameters alone
+            return f"torch.outer({a[0]}, {a[1]}).reshape(-1)"
         return f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
     if op in ("outer_vjp_a", "outer_vjp_b"):
         n, k = (_size(s) for s in node.attrs)
+        if not batched:
+            return (f"{a[0]}.reshape({n}, {k}) @ {a[1]}" if op == "outer_vjp_a"
+                    else f"{a[1]} @ {a[0]}.reshape({n}, {k})")
         pattern = "rnk,rk->rn" if op == "outer_vjp_a" else "rnk,rn->rk"
         return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {n}, {k}), {a[1]})'
     raise AssertionError(f"no torch spelling for {op!r}")
