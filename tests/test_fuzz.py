@@ -113,6 +113,24 @@ cell f(D0) {
     h0' = contract(T1, g0, g0) * h0 + tanh(contract(T1, g0, x0))
     output h0'
 }""", {"D0": 3}),
+    # a gradient written in place over a value the stacked weight gradients still read (d C0)
+    "in_place_over_a_stacked_gradient": ("""
+cell f(I) {
+    input x0[I]
+    state h0[I]
+    state h1[(I + 1)] = constant(1 / 3)
+    param W0[(I + 1), I]
+    param W1[(I + 1), I]
+    param A0[I, I]
+    param C0[I, I]
+    param b0[I]
+    param T0[(I + 1), (I + 1), I]
+    param b1[(I + 1)]
+    h0' = tanh(x0) + (A0 @ x0 * b0 + C0 @ x0)
+    g1 = (W0 @ sigmoid(h0)) - (W1 @ h0)
+    h1' = sigmoid(relu(b1)) * h1 + (1 - sigmoid(relu(b1))) * tanh(contract(T0, g1, x0))
+    output h0'
+}""", {"I": 5}),
     # numbers made of numbers (-0.5, tanh(0.5) / 4) inside the recurrence
     "numbers_of_numbers": ("""
 cell f(I, H) {

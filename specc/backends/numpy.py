@@ -629,11 +629,12 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
     results = set(g.results())
 
     def readers(a: int) -> list[int]:
-        """What reads value a, directly or through views of it."""
+        """What reads value a, directly or through views of it, or through a concatenation that is
+        not made (its readers read the parts: the stacked weight gradients after the loop)."""
         out = []
         for u in users[a]:
             out.append(u)
-            if g.nodes[u].op in VIEWS:
+            if g.nodes[u].op in VIEWS or u in scan.split:
                 out.extend(readers(u))
         return out
 
