@@ -131,6 +131,19 @@ cell f(I) {
     h1' = sigmoid(relu(b1)) * h1 + (1 - sigmoid(relu(b1))) * tanh(contract(T0, g1, x0))
     output h0'
 }""", {"I": 5}),
+    # a kept gradient named like the carried gradient's buffer (d_h0_seq twice in the C host code)
+    "two_buffers_of_one_name": ("""
+cell f(I) {
+    input x0[I]
+    state h0[I]
+    state h1[I]
+    param A0[I, I]
+    param L[I, I]
+    param W1[I, I]
+    h0' = tanh(A0 @ h1 * tanh(h0 + W1 @ h1) + L @ h1)
+    h1' = tanh(h0' + x0)
+    output h1'
+}""", {"I": 3}),
     # numbers made of numbers (-0.5, tanh(0.5) / 4) inside the recurrence
     "numbers_of_numbers": ("""
 cell f(I, H) {

@@ -643,7 +643,7 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused)
     for i, (whole, _, column) in columns.items():
         stop = column + g.nodes[i].type.shape[0]
-        host.names.seq[i] = f"{host.names.names[i]}_seq"
+        host.names.seq[i] = host.names.namer(f"{host.names.names[i]}_seq")
         w.line(f"{host.names.seq[i]} = {whole}[:, {_size(column)}:{_size(stop)}]")
     namer = Namer(taken)
     weights: dict[int, str] = {}
@@ -693,7 +693,7 @@ def _sunk_into_loop(s: Schedule, host: _Host) -> list[int]:
     sunk = [i for i in s.nodes_in("post") if g.nodes[i].op in ("outer_vjp_a", "outer_vjp_b")
             and all(s.region[a] in ("loop", "pre", "const") for a in g.nodes[i].args)]
     for i in sunk:
-        names.seq[i] = f"{names.names[i]}_seq"
+        names.seq[i] = names.namer(f"{names.names[i]}_seq")
     for big in {g.nodes[i].args[0] for i in sunk}:
         if big in names.seq and s.region[big] == "loop" and all(u in sunk or s.region[u] == "loop"
                                                                  for u in users[big]):
@@ -721,7 +721,8 @@ def _reduced_by_parts(s: Schedule, host: _Host, guard: frozenset[int]) -> list[i
             continue
         del names.seq[c]
         for p in node.args:
-            names.seq.setdefault(p, f"{names.names[p]}_seq")
+            if p not in names.seq:
+                names.seq[p] = names.namer(f"{names.names[p]}_seq")
         split += after
     return split
 

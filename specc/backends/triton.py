@@ -300,6 +300,9 @@ class HostNames:
     # Scalars made of numbers alone (-0.5 is neg(0.5)), and the backward pass's copies of them: the
     # host holds Python floats, not tensors, so kernels take them by value.
     numbers: set[int] = field(default_factory=set)
+    # What made these names: a later buffer's name (the C loops' kept parts) comes from it too, so
+    # that it cannot take one already given (a kept d_h0 beside the carried gradient d_h0_seq).
+    namer: Namer | None = None
 
     def carry_rows(self, name: str, later: bool) -> str:
         """The first row of a state's block for step t (later: t + 1) in its buffer."""
@@ -866,7 +869,7 @@ def _numbers(g: Graph, given: set[int] = frozenset()) -> set[int]:
 
 
 def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
-    names = HostNames()
+    names = HostNames(namer=namer)
     g = s.graph
     suggested = suggested_names(g)
     for i, node in enumerate(g.nodes):
