@@ -94,11 +94,13 @@ def c_float(v: float) -> str:
 
 def _may_be_a_view(s: Schedule, i: int) -> bool:
     """Whether the forward pass's host code may hold its batched value i as a view of a wider one:
-    a slice or reshape made before the loop, or a part of a concatenation made after it (which
-    the loop writes into its columns: _concatenated_after)."""
+    a slice or reshape made before or after the loop (a part of a stacked product), or a part of
+    a concatenation made after it (which the loop writes into its columns: _concatenated_after)."""
     g = s.graph
+    if s.region[i] in ("pre", "post") and g.nodes[i].op in ("slice", "reshape"):
+        return True
     if s.region[i] == "pre":
-        return g.nodes[i].op in ("slice", "reshape")
+        return False
     return any(g.nodes[u].op == "concat" and s.region[u] == "post" for u in g.users()[i])
 
 
