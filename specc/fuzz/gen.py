@@ -219,10 +219,7 @@ class _Writer:
     def per_example(self, text: str, sz: _Sz) -> str:
         """`text` plus an input's product where it might be the same for every example (a state's
         next value and an output must not be)."""
-        names = {v.name for v in self.pool if v.batched}
-        words = set(text.replace("(", " ").replace(")", " ").replace(",", " ").replace("[", " ")
-                    .replace("]", " ").split())
-        if words & names:
+        if _refs_batched(text, self.pool):
             return text
         x = self.draw(st.sampled_from([v for v in self.pool if v.batched]))
         return f"{text} + {self.param('W', (sz, x.sz))} @ {x.name}"
