@@ -28,6 +28,7 @@ class Activation:
     numpy: str  # expression in {x}, for arrays; may use the helpers in backends/numpy_runtime
     triton: str  # expression in {x}, for tl tensors inside a kernel (float32)
     torch: str  # expression in {x}, for torch tensors (the Triton backend's work outside the loop)
+    scalar: Callable  # of a Python float: a function of numbers alone is folded to a number
 
 
 def _sigmoid_vjp(b, x, y, g):
@@ -39,17 +40,21 @@ def _tanh_vjp(b, x, y, g):
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(_sigmoid_vjp, "sigmoid({x})", "tl.sigmoid({x})", "torch.sigmoid({x})"),
-    "tanh": Activation(_tanh_vjp, "np.tanh({x})", "_tanh({x})", "torch.tanh({x})"),
+    "sigmoid": Activation(_sigmoid_vjp, "sigmoid({x})", "tl.sigmoid({x})", "torch.sigmoid({x})",
+                          lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))),
+    "tanh": Activation(_tanh_vjp, "np.tanh({x})", "_tanh({x})", "torch.tanh({x})", math.tanh),
     "relu": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("step", (x,)))),
-                       "np.maximum({x}, 0)", "tl.maximum({x}, 0.0)", "torch.relu({x})"),
-    "exp": Activation(lambda b, x, y, g: b.add("mul", (g, y)), "np.exp({x})", "tl.exp({x})", "torch.exp({x})"),
-    "log": Activation(lambda b, x, y, g: b.add("div", (g, x)), "np.log({x})", "tl.log({x})", "torch.log({x})"),
+                       "np.maximum({x}, 0)", "tl.maximum({x}, 0.0)", "torch.relu({x})", lambda x: max(x, 0.0)),
+    "exp": Activation(lambda b, x, y, g: b.add("mul", (g, y)), "np.exp({x})", "tl.exp({x})", "torch.exp({x})",
+                      math.exp),
+    "log": Activation(lambda b, x, y, g: b.add("div", (g, x)), "np.log({x})", "tl.log({x})", "torch.log({x})",
+                      math.log),
     "softplus": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("sigmoid", (x,)))),
-                           "np.logaddexp(0, {x})", "_softplus({x})", "torch.logaddexp(torch.zeros_like({x}), {x})"),
+                           "np.logaddexp(0, {x})", "_softplus({x})", "torch.logaddexp(torch.zeros_like({x}), {x})",
+                           lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))),
     # step is relu's derivative; it has no gradient of its own (no double backward).
     "step": Activation(lambda b, x, y, g: None, "({x} > 0).astype({x}.dtype)", "tl.where({x} > 0, 1.0, 0.0)",
-                       "({x} > 0).to({x}.dtype)"),
+                       "({x} > 0).to({x}.dtype)", lambda x: float(x > 0)),
 }
 
 ELEMENTWISE = ("add", "sub", "mul", "div")
@@ -130,9 +135,7 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
 # every backend would have to carry as a tensor of no shape.
 _SCALAR = {
     "neg": lambda x: -x, "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
-    "div": lambda x, y: x / y, "sigmoid": lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)),
-    "tanh": math.tanh, "relu": lambda x: max(x, 0.0), "exp": math.exp, "log": math.log,
-    "softplus": lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))), "step": lambda x: float(x > 0),
+    "div": lambda x, y: x / y, **{name: a.scalar for name, a in ACTIVATIONS.items()},
 }
 
 
