@@ -408,6 +408,9 @@ def main(argv=None) -> int:
             if args.march:
                 variants = {f"c {m}": {"impl": "specc", "backend": "c", "march": m} for m in args.march.split(",")}
                 variants["numpy"] = {"impl": "specc", "backend": "numpy"}
+                # what a user gets without choosing: `auto` at the machine's own level, so that the
+                # table shows whether its choice was the faster backend
+                variants["auto"] = {"impl": "specc", "backend": "auto"}
             variants.update({p: {"impl": p} for p in CELLS[cell][2]})
             impls = [i for i in variants if not only or variants[i]["impl"] in only]
             job = {"cell": cell, "size": size, "passes": passes, "warmup": 2, "min_reps": 3 if args.quick else 5,
@@ -446,6 +449,8 @@ def main(argv=None) -> int:
                     res = results[impl][p]
                     if impl == "specc":
                         name = f"specc ({results[impl].get('backend', '?')})"
+                    elif impl == "auto":
+                        name = f"specc (auto: {results[impl].get('backend', '?')})"
                     elif variants[impl]["impl"] == "specc":
                         name = f"specc ({impl})"
                     else:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import keyword
 
 from . import ast
-from .backends import numpy as numpy_backend
-from .backends import triton as triton_backend
+from .backends import BACKENDS
 from .backends.writer import Writer
 from .check import CheckedCell
 from .schedule import Schedule
@@ -156,67 +155,10 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
         w.line("return {" + ", ".join(fills) + "}")
     w.line("")
     w.line("")
-    saved_names = numpy_backend.emit_forward(w, fwd, saved, tuple(cell.dims), lines, file)
-    w.line("")
-    w.line("")
-    numpy_backend.emit_backward(w, bwd, fwd.graph, saved_names, tuple(cell.dims), lines, file)
-    w.line("")
-    w.line("")
-    w.comment("--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---")
-    w.line("")
-    try:
-        gpu = Writer()
-        triton_backend.emit(gpu, fwd, bwd, saved, tuple(cell.dims), lines, file, cell.name)
-    except triton_backend.Unsupported as e:
-        w.line(f"TRITON_UNSUPPORTED = {str(e)!r}")
-    else:
-        w.line("TRITON_UNSUPPORTED = None")
-        w.line("try:")
-        w.line("    import torch")
-        w.line("    import triton")
-        w.line("    import triton.language as tl")
-        w.line("except ImportError:  # the module still imports; the runtime then says triton is missing")
-        w.line("    from specc.backends.triton_missing import triton, tl")
+    for backend in BACKENDS.values():
+        backend.write(w, fwd, bwd, saved, tuple(cell.dims), lines, file, cell.name)
         w.line("")
         w.line("")
-        w.line("@triton.jit")
-        w.line("def _tanh(x):")
-        w.line('    """Within 2 ulps. 2 * sigmoid(2x) - 1 loses a small tanh to the 1 it subtracts (tanh(1e-5) up')
-        w.line("    to 0.6% off); near 0 a polynomial (Cephes' tanhf), elsewhere 1 - 2 / (exp(2|x|) + 1).\"\"\"")
-        w.line("    a = tl.abs(x)")
-        w.line("    z = x * x")
-        w.line("    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z")
-        w.line("              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x")
-        w.line("    large = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)")
-        w.line("    return tl.where(a < 0.625, small, tl.where(x < 0.0, -large, large))")
-        w.line("")
-        w.line("")
-        w.line("@triton.jit")
-        w.line("def _softplus(x):")
-        w.line('    """log(1 + u), u = exp(-|x|), as log(w) * u / (w - 1), w = 1 + u, which cancels the rounding of')
-        w.line('    w (log(w) alone: log(1 + 1e-5) up to 0.6% off); u itself where w rounds to 1."""')
-        w.line("    u = tl.exp(-tl.abs(x))")
-        w.line("    w = 1.0 + u")
-        w.line("    d = w - 1.0")
-        w.line("    return tl.maximum(x, 0.0) + tl.where(d == 0.0, u, tl.log(w) * u / tl.where(d == 0.0, 1.0, d))")
-        w.line("")
-        w.line("")
-        w.lines.extend(gpu.lines)
-    w.line("")
-    w.line("")
-    w.comment("--- C backend: the time loop as one compiled C function per pass, the rest in torch ---")
-    w.line("")
-    try:
-        cpu = Writer()
-        triton_backend.emit(cpu, fwd, bwd, saved, tuple(cell.dims), lines, file, cell.name, target="c")
-    except triton_backend.Unsupported as e:
-        w.line(f"C_UNSUPPORTED = {str(e)!r}")
-    else:
-        w.line("C_UNSUPPORTED = None")
-        w.line("import torch  # the host code around the C loops (also where the Triton part is missing)")
-        w.lines.extend(cpu.lines)
-    w.line("")
-    w.line("")
     name = class_name(cell.name)
     with w.block(f"class {name}(CellModule):"):
         dims_doc = ", ".join(f"{d}=..." for d in cell.dims)

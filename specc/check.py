@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from . import ast, ops
-from .backends import numpy as numpy_backend
-from .backends import triton as triton_backend
+from .backends import generated_names
 from .errors import Collector, Loc, SpecError
 from .ir import Type
 from .shapes import Shape, Size, shape_str
@@ -34,7 +33,7 @@ RESERVED_DIMS = (
     | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS",
        "sizes", "init_params", "state_fill", "forward", "backward", "check_sizes", "Fraction", "size"}
     | {"spec", "cell", "batch_first", "backend", "program"}
-    | numpy_backend.INTERNAL | triton_backend.GENERATED_NAMES
+    | generated_names()
 )
 # Parameters become attributes of the torch.nn.Module (specc.runtime.CellModule): they may not
 # take the name of one of its methods or attributes. tests/test_errors.py checks this list

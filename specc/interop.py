@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .api import load
 from .errors import SpecError
 
 # torch's parameter names -> the library specs' names (the same order and layout).
@@ -28,8 +29,6 @@ def from_torch(m: nn.Module, backend: str = "auto"):
     library's lstm_proj cell), become a specc.network.Recurrent, which takes and returns what `m`
     does: padded or packed sequences, final states (num_layers * num_directions, B, H).
     """
-    from . import load
-
     spec, cell = _spec_for(m)
     if not m.bias:
         raise SpecError(f"from_torch: {type(m).__name__} with bias=False is not supported; the library's cells "

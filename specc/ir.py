@@ -12,16 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .shapes import Shape, shape_str
-
-
-@dataclass(frozen=True)
-class Type:
-    shape: Shape
-    batched: bool  # one value per example (x, h, gates) rather than one per sequence (W, b)
-
-    def __str__(self) -> str:
-        return ("batched " if self.batched else "") + shape_str(self.shape)
+from . import ops
+from .shapes import Type, shape_str  # noqa: F401 - Type is the IR's, defined beside the shapes it holds
 
 
 @dataclass(frozen=True)
@@ -69,7 +61,6 @@ class Builder:
         self.line = 0  # the spec line new nodes are credited to when the caller gives none
 
     def add(self, op: str, args=(), attrs=(), name: str = "", line: int = 0, type: Type | None = None) -> int:
-        from . import ops  # ops refers back to the Builder for its VJP rules
 
         args, attrs = tuple(args), tuple(attrs)
         line = line or self.line

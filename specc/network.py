@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import backends
 from .errors import Diagnostic
 from .runtime import CellModule, check_dims
 
 # What CellModule takes; a network checks it too, so that one without recurrent layers refuses the
 # same names.
-BACKENDS = ("auto", "numpy", "c", "triton")
+BACKENDS = ("auto", *backends.BACKENDS)
 
 
 def length_mask(lengths: torch.Tensor | None, T: int, B: int, dtype, device=None) -> torch.Tensor:
@@ -275,11 +276,13 @@ def _evaluate(size, dims: dict, what: str) -> int:
     return int(value)
 
 
-def _compile_layer_program(rec):
-    from . import program
+def _compile_layer_program(cell, text: str, file: str):
+    """The generated module of a checked cell, with the length masks every layer of a network takes."""
     from .masking import compile_masked
+    from .runtime import load_program
 
-    return program(compile_masked(rec.cell, rec.text, rec.file))
+    compiled = compile_masked(cell, text, file)
+    return load_program(compiled.source, compiled.cell.name)
 
 
 class _Val:
@@ -363,7 +366,7 @@ class Network(nn.Module):
         from .check import bind_inits
 
         rec = spec.recurrent
-        prog = _compile_layer_program(rec)
+        prog = _compile_layer_program(rec.cell, rec.text, rec.file)
         layers = _evaluate(rec.layers, dims, f"the number of layers of {spec.name}")
         base = {d: _evaluate(s, dims, f"dimension {d} of {spec.name}") for d, s in rec.dims}
         directions = 2 if rec.bidirectional else 1
@@ -677,11 +680,9 @@ def load_network(spec, name: str | None = None, *, dtype=None, batch_first: bool
 def library_recurrent(cell: str, layer_dims: list[dict], bidirectional: bool = False, dropout: float = 0.0,
                       batch_first: bool = False, dtype=None, backend: str = "auto") -> Recurrent:
     """A Recurrent layer of a library cell (specs/), e.g. for specc.from_torch."""
-    from . import program
-    from .masking import compile_masked
     from .network_check import _library_cells
 
     checked, text, file = _library_cells()[cell]
-    prog = program(compile_masked(checked, text, file))
-    return Recurrent(prog, layer_dims, len(checked.inputs), bidirectional=bidirectional, dropout=dropout,
+    return Recurrent(_compile_layer_program(checked, text, file), layer_dims, len(checked.inputs),
+                     bidirectional=bidirectional, dropout=dropout,
                      batch_first=batch_first, dtype=dtype, backend=backend)

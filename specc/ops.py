@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .ir import Builder, Type
-from .shapes import Size, shape_str
+from .shapes import Size, Type, shape_str
+
+if TYPE_CHECKING:  # ops builds gradients with an ir.Builder, which reads the type rules here
+    from .ir import Builder
 
 
 class ShapeError(Exception):
@@ -24,11 +26,21 @@ class ShapeError(Exception):
 
 @dataclass(frozen=True)
 class Activation:
+    """One activation: its gradient, its value on a number, and how each backend spells it. Each
+    spelling is an expression in {x}, an argument's code (a name, or in C and Triton an expression
+    too: a spelling that reads {x} more than once relies on the compiler to compute it once)."""
+
     vjp: Callable  # (b, x, y, g) -> gradient of x; x the argument, y the value
-    numpy: str  # expression in {x}, for arrays; may use the helpers in backends/numpy_runtime
-    triton: str  # expression in {x}, for tl tensors inside a kernel (float32)
-    torch: str  # expression in {x}, for torch tensors (the Triton backend's work outside the loop)
     scalar: Callable  # of a Python float: a function of numbers alone is folded to a number
+    numpy: str  # for arrays; may call the helpers of backends/numpy_runtime as rt.NAME
+    numpy_out: str | None  # the same, written into {out}; None: computed, then copied there
+    torch: str  # for torch tensors (the host code of the Triton and C backends, outside the loop)
+    triton: str  # for tl tensors inside a kernel (float32)
+    c: str  # for a float inside the C loop
+    # Functions the spellings call, defined once in each generated module: the source of a
+    # @triton.jit function, and of a `static inline float` C function (after sp_exp of the prelude).
+    triton_helper: str = ""
+    c_helper: str = ""
 
 
 def _sigmoid_vjp(b, x, y, g):
@@ -39,23 +51,96 @@ def _tanh_vjp(b, x, y, g):
     return b.add("mul", (g, b.add("sub", (b.const(1), b.add("mul", (y, y))))))
 
 
-ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(_sigmoid_vjp, "sigmoid({x})", "tl.sigmoid({x})", "torch.sigmoid({x})",
-                          lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))),
-    "tanh": Activation(_tanh_vjp, "np.tanh({x})", "_tanh({x})", "torch.tanh({x})", math.tanh),
-    "relu": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("step", (x,)))),
-                       "np.maximum({x}, 0)", "tl.maximum({x}, 0.0)", "torch.relu({x})", lambda x: max(x, 0.0)),
-    "exp": Activation(lambda b, x, y, g: b.add("mul", (g, y)), "np.exp({x})", "tl.exp({x})", "torch.exp({x})",
-                      math.exp),
-    "log": Activation(lambda b, x, y, g: b.add("div", (g, x)), "np.log({x})", "tl.log({x})", "torch.log({x})",
-                      math.log),
-    "softplus": Activation(lambda b, x, y, g: b.add("mul", (g, b.add("sigmoid", (x,)))),
-                           "np.logaddexp(0, {x})", "_softplus({x})", "torch.logaddexp(torch.zeros_like({x}), {x})",
-                           lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))),
-    # step is relu's derivative; it has no gradient of its own (no double backward).
-    "step": Activation(lambda b, x, y, g: None, "({x} > 0).astype({x}.dtype)", "tl.where({x} > 0, 1.0, 0.0)",
-                       "({x} > 0).to({x}.dtype)", lambda x: float(x > 0)),
+def _gelu_vjp(b, x, y, g):
+    """gelu(x) = x (1 + tanh(u)) / 2, u = c (x + a x^3): gelu'(x) = (1 + tanh u) / 2 + x (1 - tanh^2 u) c (1 + 3 a x^2) / 2."""
+    c, a = math.sqrt(2 / math.pi), 0.044715
+
+    def mul(p, q):
+        return b.add("mul", (p, q))
+
+    def add(p, q):
+        return b.add("add", (p, q))
+
+    x2 = mul(x, x)
+    t = b.add("tanh", (mul(b.const(c), add(x, mul(b.const(a), mul(x2, x)))),))
+    slope = mul(b.const(0.5 * c), mul(x, mul(b.add("sub", (b.const(1), mul(t, t))), add(b.const(1), mul(b.const(3 * a), x2)))))
+    return mul(g, add(mul(b.const(0.5), add(b.const(1), t)), slope))
+
+
+_TANH_TRITON = """def _tanh(x):
+    \"\"\"Within 2 ulps. 2 * sigmoid(2x) - 1 loses a small tanh to the 1 it subtracts (tanh(1e-5) up
+    to 0.6% off); near 0 a polynomial (Cephes' tanhf), elsewhere 1 - 2 / (exp(2|x|) + 1).\"\"\"
+    a = tl.abs(x)
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    large = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(x < 0.0, -large, large))
+"""
+_TANH_C = """static inline float sp_tanh(float x) {
+    float ax = fabsf(x), z = x * x;
+    float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
+                    + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+    float big = 1.0f - 2.0f / (sp_exp(2.0f * ax) + 1.0f);
+    big = x < 0.0f ? -big : big;
+    return ax < 0.625f ? small : big;
 }
+"""
+_SOFTPLUS_TRITON = """def _softplus(x):
+    \"\"\"log(1 + u), u = exp(-|x|), as log(w) * u / (w - 1), w = 1 + u, which cancels the rounding of
+    w (log(w) alone: log(1 + 1e-5) up to 0.6% off); u itself where w rounds to 1.\"\"\"
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    d = w - 1.0
+    return tl.maximum(x, 0.0) + tl.where(d == 0.0, u, tl.log(w) * u / tl.where(d == 0.0, 1.0, d))
+"""
+
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation(
+        _sigmoid_vjp, lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)),
+        numpy="rt.sigmoid({x})", numpy_out="rt.sigmoid({x}, out={out})", torch="torch.sigmoid({x})",
+        triton="tl.sigmoid({x})", c="sp_sigmoid({x})",
+        c_helper="static inline float sp_sigmoid(float x) { return 1.0f / (1.0f + sp_exp(-x)); }\n"),
+    "tanh": Activation(
+        _tanh_vjp, math.tanh, numpy="np.tanh({x})", numpy_out="np.tanh({x}, out={out})", torch="torch.tanh({x})",
+        triton="_tanh({x})", c="sp_tanh({x})", triton_helper=_TANH_TRITON, c_helper=_TANH_C),
+    "relu": Activation(
+        lambda b, x, y, g: b.add("mul", (g, b.add("step", (x,)))), lambda x: max(x, 0.0),
+        numpy="np.maximum({x}, 0)", numpy_out="np.maximum({x}, 0, out={out})", torch="torch.relu({x})",
+        triton="tl.maximum({x}, 0.0)", c="({x} < 0.0f ? 0.0f : {x})"),  # NaN stays NaN, as in torch
+    "exp": Activation(
+        lambda b, x, y, g: b.add("mul", (g, y)), math.exp, numpy="np.exp({x})", numpy_out="np.exp({x}, out={out})",
+        torch="torch.exp({x})", triton="tl.exp({x})", c="sp_exp({x})"),
+    "log": Activation(
+        lambda b, x, y, g: b.add("div", (g, x)), math.log, numpy="np.log({x})", numpy_out="np.log({x}, out={out})",
+        torch="torch.log({x})", triton="tl.log({x})", c="logf({x})"),
+    "softplus": Activation(
+        lambda b, x, y, g: b.add("mul", (g, b.add("sigmoid", (x,)))),
+        lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))),
+        numpy="np.logaddexp(0, {x})", numpy_out="np.logaddexp(0, {x}, out={out})",
+        torch="torch.logaddexp(torch.zeros_like({x}), {x})", triton="_softplus({x})", c="sp_softplus({x})",
+        triton_helper=_SOFTPLUS_TRITON,
+        c_helper="static inline float sp_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(sp_exp(-fabsf(x))); }\n"),
+    # The tanh form (torch's gelu(x, approximate="tanh"), GPT-2's and BERT's), not the erf one:
+    # NumPy has no erf.
+    "gelu": Activation(
+        _gelu_vjp, lambda x: 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+        numpy="0.5 * {x} * (1 + np.tanh(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})))", numpy_out=None,
+        torch="torch.nn.functional.gelu({x}, approximate='tanh')", triton="_gelu({x})", c="sp_gelu({x})",
+        triton_helper="def _gelu(x):\n    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))\n",
+        c_helper="static inline float sp_gelu(float x) {\n"
+                 "    return 0.5f * x * (1.0f + sp_tanh(0.7978845608f * (x + 0.044715f * x * x * x)));\n}\n"),
+    # step is relu's derivative; it has no gradient of its own (no double backward).
+    "step": Activation(
+        lambda b, x, y, g: None, lambda x: float(x > 0), numpy="rt.step({x})", numpy_out="rt.step({x}, out={out})",
+        torch="({x} > 0).to({x}.dtype)", triton="tl.where({x} > 0, 1.0, 0.0)", c="({x} > 0.0f ? 1.0f : 0.0f)"),
+}
+
+
+def helper_names(field: str) -> set[str]:
+    """The names of the helper functions the activations define (field "triton_helper" or "c_helper")."""
+    return {source.split("(")[0].split()[-1] for a in ACTIVATIONS.values() if (source := getattr(a, field))}
+
 
 ELEMENTWISE = ("add", "sub", "mul", "div")
 # Ops whose batched arguments are summed over rows: over batch inside a step, over time x batch

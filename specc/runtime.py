@@ -10,18 +10,14 @@ import os
 import sys
 import types
 
-import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .backends import BACKENDS
+
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    # Shares memory with t when t is a contiguous CPU tensor: no copy on the way in.
-    return t.detach().contiguous().numpy()
 
 
 def load_program(source: str, cell: str) -> types.ModuleType:
@@ -69,102 +65,13 @@ def check_dims(what: str, declared, dims: dict) -> None:
             raise ValueError(f"{what}: dimension {k} must be a positive whole number, got {v!r}")
 
 
-def _unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients that own their memory. The generated backward hands out one array for two
-    parameters whose gradients are equal (an LSTM's b_ih and b_hh); accumulating or clipping one
-    in place must not change the other."""
-    seen, out = set(), []
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        out.append(t.clone() if ptr in seen else t)
-        seen.add(ptr)
-    return out
-
-
-class NumpyBackend:
-    """Runs the generated NumPy code on CPU tensors, sharing their memory."""
-
-    name = "numpy"
-
-    def forward(self, prog, tensors, T, B, dims, train):
-        arrays = [_to_numpy(t) for t in tensors]
-        outs, finals, saved = prog.forward(*arrays, T=T, B=B, train=train, **dims)
-        # An output that is an input (`output x`) is a view of the caller's tensor: a copy, so that
-        # changing one in place leaves the other (and what backward reads) alone.
-        outs = [a.copy() if any(np.may_share_memory(a, i) for i in arrays) else a for a in outs]
-        # Final states are views into the state buffers that backward reads: hand out copies.
-        return ([torch.from_numpy(a) for a in outs], [torch.from_numpy(a.copy()) for a in finals], saved)
-
-    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
-        d_inputs, d_inits, d_params = prog.backward(
-            saved, *(_to_numpy(g) for g in d_outs), *(_to_numpy(g) for g in d_finals),
-            *(_to_numpy(p) for p in params), T=T, B=B, **dims)
-        return _unshared([torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)])
-
-
-def _on(device: torch.device):
-    """Kernels launch on the tensors' GPU, not on whichever is current (cuda:1, say)."""
-    import contextlib
-
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-class TritonBackend:
-    """Runs the generated Triton kernels on float32 tensors."""
-
-    name = "triton"
-
-    def _extra(self, prog, dims) -> dict:
-        """Keyword arguments of this backend's generated functions beyond the sizes."""
-        return {}
-
-    def forward(self, prog, tensors, T, B, dims, train):
-        work = [t.detach().contiguous() for t in tensors]
-        with _on(tensors[0].device):
-            outs, finals, saved = getattr(prog, f"forward_{self.name}")(*work, T=T, B=B, train=train,
-                                                                        **self._extra(prog, dims), **dims)
-        # As in NumpyBackend: no output shares memory with an input.
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        outs = [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]
-        # Final states are views into the state buffers that backward reads: hand out copies.
-        return outs, [f.clone() for f in finals], saved
-
-    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
-        with _on(d_outs[0].device):
-            grads = getattr(prog, f"backward_{self.name}")(
-                saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
-                *(p.detach().contiguous() for p in params), T=T, B=B, **self._extra(prog, dims), **dims)
-        return _unshared([g.contiguous() for part in grads for g in part])
-
-
-class CBackend(TritonBackend):
-    """Runs the generated C loops (compiled on first use) on float32 CPU tensors; around them, the
-    same torch host code as the Triton backend's."""
-
-    name = "c"
-
-    def _extra(self, prog, dims) -> dict:
-        from .backends import c_runtime
-
-        return {"c_lib": c_runtime.library(prog.C_SOURCE, dims)}
-
-
-def c_problem(prog) -> str | None:
-    """Why the C loops cannot run this cell here, or None if they can."""
-    from .backends import c_runtime
-
-    if getattr(prog, "C_UNSUPPORTED", "this module has no C code") is not None:
-        return f"cell '{prog.CELL}' cannot use the C backend: {prog.C_UNSUPPORTED}"
-    return c_runtime.problem()
-
-
 def _c_unusable(prog, dims) -> str | None:
     """Why backend "auto" cannot run this cell's loops in C on the CPU, or None: a compiler is
     there, the cell's loop is one the C backend writes, and its library compiles. A compiler's
     failure is reported once (a warning) and the NumPy backend runs instead."""
     from .backends import c_runtime
 
-    problem = c_problem(prog)
+    problem = BACKENDS["c"].run().problem(prog)
     if problem is not None:
         return problem
     try:
@@ -205,7 +112,7 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     seconds = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
-        for backend in (CBackend(), NumpyBackend()):
+        for backend in (BACKENDS["c"].run(), BACKENDS["numpy"].run()):
             best = float("inf")
             for k in range(PROBE_RUNS):
                 start = time.perf_counter()
@@ -249,20 +156,6 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
         except OSError:
             pass  # an unwritable cache: the choice is this process's alone
     return _CHOICES[key]
-
-
-def triton_problem(prog, on_cuda: bool) -> str | None:
-    """Why the Triton backend cannot run this cell here, or None if it can."""
-    if getattr(prog, "TRITON_UNSUPPORTED", "this module has no Triton code") is not None:
-        return f"cell '{prog.CELL}' cannot use the Triton backend: {prog.TRITON_UNSUPPORTED}"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "the Triton backend needs the triton package (pip install triton)"
-    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("the Triton backend runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (Triton's "
-                "interpreter, slow) or use backend='numpy'")
-    return None
 
 
 class _Scan(torch.autograd.Function):
@@ -472,45 +365,47 @@ class CellModule(nn.Module):
         use_triton = self.backend == "triton" or (self.backend == "auto" and on_cuda)
         full = {t.dtype for t in tensors if t.dtype not in _HALF}
         if use_triton:
-            problem = triton_problem(self.program, on_cuda)
+            runner = BACKENDS["triton"].run()
+            problem = runner.problem(self.program, on_cuda)
             if problem:
                 raise RuntimeError(problem)
             if full - {torch.float32}:
                 raise TypeError(f"the Triton backend computes in float32 (float16 and bfloat16 are widened), not "
                                 f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' on the CPU "
                                 f"for float64")
-            return TritonBackend(), torch.float32, ("asked for" if self.backend == "triton" else "CUDA tensors")
+            return runner, torch.float32, ("asked for" if self.backend == "triton" else "CUDA tensors")
         if on_cuda or tensors[0].device.type != "cpu":
             raise RuntimeError(f"the {self.backend if self.backend == 'c' else 'numpy'} backend runs on the CPU, "
                                f"but got tensors on {tensors[0].device}; "
                                f"use backend='triton' (or 'auto') for GPU tensors")
         if self.backend == "c":
-            problem = c_problem(self.program)
+            runner = BACKENDS["c"].run()
+            problem = runner.problem(self.program)
             if problem:
                 raise RuntimeError(problem)
             if full - {torch.float32}:
                 raise TypeError(f"the C backend computes in float32 (float16 and bfloat16 are widened), not "
                                 f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' for float64")
-            return CBackend(), torch.float32, "asked for"
+            return runner, torch.float32, "asked for"
         work = dtype if dtype in _NUMPY_DTYPES else torch.float32
         if len(full) > 1 or (full and full != {work}):
             other = sorted(map(str, full - {work}))[0] if full - {work} else str(work)
             raise TypeError(f"cell '{name}' has {dtype} parameters but got a {other} tensor; "
                             f"convert one to the other (module.double() or x.float())")
         if self.backend == "numpy":
-            return NumpyBackend(), work, "asked for"
+            return BACKENDS["numpy"].run(), work, "asked for"
         if work != torch.float32:
-            return NumpyBackend(), work, f"{work} (the C loops compute in float32)"
+            return BACKENDS["numpy"].run(), work, f"{work} (the C loops compute in float32)"
         unusable = _c_unusable(self.program, self.dims)
         if unusable is not None:
-            return NumpyBackend(), work, unusable
+            return BACKENDS["numpy"].run(), work, unusable
         n_states = len(self.program.STATES)
         if n_inputs is None:
             n_inputs = len(self.program.INPUTS)
         if batch is None or steps is None:
             steps, batch = self._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
         name, why = _auto_choice(self, tensors, n_inputs, n_states, steps, batch)
-        return (CBackend() if name == "c" else NumpyBackend()), work, why
+        return BACKENDS[name].run(), work, why
 
     def _check_state(self, state, batch, unbatched, device):
         prog = self.program

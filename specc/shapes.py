@@ -114,3 +114,12 @@ def numel(shape: Shape) -> Size:
     for s in shape:
         total = total * s
     return total
+
+
+@dataclass(frozen=True)
+class Type:
+    shape: Shape
+    batched: bool  # one value per example (x, h, gates) rather than one per sequence (W, b)
+
+    def __str__(self) -> str:
+        return ("batched " if self.batched else "") + shape_str(self.shape)

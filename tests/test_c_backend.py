@@ -21,7 +21,7 @@ import specc
 from specc import runtime
 from specc.backends import c as c_backend
 from specc.backends import c_runtime
-from test_triton import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
+from helpers import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
                          assert_long_inference_runs_in_chunks, assert_matches_references,
                          assert_same, assert_softmax_feeds_a_contraction, assert_softmax_in_the_recurrence,
                          assert_softmax_of_minus_inf_columns, assert_spec_matches_numpy, assert_text_spec_matches_numpy,

@@ -20,6 +20,7 @@ from specc.fuzz.run import differences
 CELLS = int(os.environ.get("SPECC_FUZZ_CELLS", "300"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numpy", "c", "triton"])
 def test_random_cells_match_the_reference(backend):
     @settings(max_examples=CELLS, derandomize=True, deadline=None, database=None,
@@ -67,14 +68,40 @@ cell tiny(I, H) {
 """
 
 
+def test_the_generator_and_the_reference_know_every_function():
+    """A function added to the language (a row of ops.ACTIVATIONS) is drawn by the generator and
+    evaluated by the reference from the day it lands, or this fails."""
+    from specc.fuzz import gen
+    from specc.ops import FUNCTIONS
+
+    ones = {f for f, arity in FUNCTIONS.items() if arity == 1}
+    assert ones <= set(reference._ACTIVATIONS)
+    assert ones <= set(gen.ACTIVATIONS) | {"exp", "log", "softmax"}
+    drawn = " ".join(cell.text for cell in _examples(cells(), 200))
+    for f in ones:
+        assert f"{f}(" in drawn, f
+
+
+def _examples(strategy, n):
+    found = []
+
+    @settings(max_examples=n, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(x):
+        found.append(x)
+
+    collect()
+    return found
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_a_wrong_backend_is_caught(monkeypatch, where):
     """The comparison can fail: a backend whose outputs or gradients are off by one part in a
     million (far below what a person would notice) is reported, in float64."""
-    from specc import runtime
+    from specc.backends import runners
 
     assert differences(TINY, {"I": 3, "H": 4}, ("numpy",)) == []
-    original = getattr(runtime.NumpyBackend, where)
+    original = getattr(runners.NumpyRunner, where)
 
     def off(self, *args, **kw):
         result = original(self, *args, **kw)
@@ -83,7 +110,7 @@ def test_a_wrong_backend_is_caught(monkeypatch, where):
             return [o * (1 + 1e-6) for o in outs], finals, saved
         return [g * (1 + 1e-6) for g in result]
 
-    monkeypatch.setattr(runtime.NumpyBackend, where, off)
+    monkeypatch.setattr(runners.NumpyRunner, where, off)
     found = differences(TINY, {"I": 3, "H": 4}, ("numpy",), modes=["train"])
     kinds = {f.what.split()[0] for f in found}
     assert kinds == ({"output"} if where == "forward" else {"d"}), found

@@ -1,9 +1,10 @@
 """Cells nobody has named: the language's less common parts, end to end, on both backends.
 
 A learned scalar, a concatenation feeding a product inside the recurrence, a softmax output, two
-inputs, a state starting at ones, and softplus, log, exp, relu, division and negation. Each cell
-is checked against a hand-written torch loop (outputs, final states, every gradient) on the
-NumPy backend in float64 and on the Triton backend (interpreted) in float32, and by gradcheck.
+inputs, a state starting at ones, and softplus, log, exp, relu, gelu, division and negation. Each
+cell is checked against a hand-written torch loop (outputs, final states, every gradient) on the
+NumPy backend in float64, on the Triton backend (interpreted) and the C loops in float32, and by
+gradcheck.
 """
 from __future__ import annotations
 
@@ -88,6 +89,16 @@ cell odd_ops(I, H) {
     h' = -(log(a) * h) / (1 + exp(-(U @ h))) + relu(u) - 2
     output h'
 }
+
+cell gelu_rnn(I, H) {
+    """GELU, in its tanh form, on the state and on the input."""
+    input x[I]
+    state h[H] = zeros
+    param W[H, I]
+    param U[H, H]
+    h' = gelu(U @ h) * 0.5 + gelu(W @ x)
+    output h'
+}
 '''
 
 
@@ -112,6 +123,14 @@ def odd_ref(xs, h, p):
     for x, u in zip(*xs):
         a = F.softplus(x @ p["W"].T) + 0.5
         h = -(torch.log(a) * h) / (1 + torch.exp(-(h @ p["U"].T))) + torch.relu(u) - 2
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def gelu_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        h = F.gelu(h @ p["U"].T, approximate="tanh") * 0.5 + F.gelu(x @ p["W"].T, approximate="tanh")
         outs.append(h)
     return torch.stack(outs), h
 
@@ -158,6 +177,7 @@ CASES = {
     "leaky": (leaky_ref, dict(I=3, H=5)),
     "concat_rnn": (concat_ref, dict(I=3, H=5, O=4)),
     "odd_ops": (odd_ref, dict(I=3, H=5)),
+    "gelu_rnn": (gelu_ref, dict(I=3, H=5)),
 }
 
 
@@ -203,8 +223,9 @@ def through_specc(module):
 # warns when such a lane divides zero by zero.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("cell", list(CASES))
-@pytest.mark.parametrize("dtype, backend, tol", [(torch.float64, "numpy", 1e-10), (torch.float32, "triton", 1e-5)],
-                         ids=["numpy-f64", "triton-f32"])
+@pytest.mark.parametrize("dtype, backend, tol", [(torch.float64, "numpy", 1e-10), (torch.float32, "triton", 1e-5),
+                                                 (torch.float32, "c", 1e-5)],
+                         ids=["numpy-f64", "triton-f32", "c-f32"])
 def test_matches_hand_written_loop(cell, dtype, backend, tol):
     module = make(cell, dtype, backend)
     xs = inputs(module, dtype)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import specc
-from test_triton import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same,
+from helpers import (TORCH_LAYERS, TorchLayer, assert_matches_references, assert_same,
                          assert_softmax_in_the_recurrence, assert_spec_matches_numpy, run)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")

@@ -20,8 +20,9 @@ compiled library serves one set of sizes. Per step:
 
 Values live where the host put them: a state's block of its (T + 1) * B row buffer, a kept
 value's block of its T * B row buffer, the host's input-only values at row t * B; what the pass
-does not keep, in scratch memory the host hands in. The host code around the call is the Triton
-backend's (torch), with OpenBLAS's products for W @ x over all steps and the gradients (c_spell).
+does not keep, in scratch memory the host hands in. The host code around the call is host.py's
+(torch, shared with the Triton backend), with OpenBLAS's products for W @ x over all steps and the
+gradients (c_spell).
 
 Every identifier the C takes from the spec carries a prefix: v_ for values and buffers (v_h_seq,
 v_sigmoid_f), d_ for dimensions (d_H). A spec may then name anything as it likes (linux, errno,
@@ -42,7 +43,7 @@ from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
-from .triton import HostNames, LoopPlan, Unsupported, _emit_after, _emit_buffers, _Host, _size, plan_loop, torch_spell
+from .host import HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit, emit_after, emit_buffers, fused_into_loop, torch_spell
 from .writer import Namer, Writer
 
 # Prefixes of the identifiers made from the spec's names: no keyword, macro or name of the C
@@ -51,17 +52,6 @@ VALUE_PREFIX = "v_"
 DIM_PREFIX = "d_"
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-_C_ACTIVATION = {
-    "sigmoid": "sp_sigmoid({x})",
-    "tanh": "sp_tanh({x})",
-    "exp": "sp_exp({x})",
-    "log": "logf({x})",
-    "relu": "({x} < 0.0f ? 0.0f : {x})",  # NaN stays NaN, as in torch
-    "softplus": "sp_softplus({x})",
-    "step": "({x} > 0.0f ? 1.0f : 0.0f)",
-}
-assert set(_C_ACTIVATION) == set(ACTIVATIONS), "every activation needs a C spelling"
-
 _C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # The ops of one loop write only memory they do not read (each value has its own block), so the
 # compiler need not check for overlap before it vectorises.
@@ -78,7 +68,7 @@ def c_dim(name: str) -> str:
     return DIM_PREFIX + name
 
 
-def c_size(s: Size) -> str:
+def cstr(s: Size) -> str:
     """A size as a C expression in the dimension constants."""
     code = str(Size(tuple((tuple(c_dim(n) for n in m), c) for m, c in s.terms))).replace("//", "/")
     return code if code.replace("*", "").replace("_", "").isalnum() else f"({code})"
@@ -115,7 +105,7 @@ def c_constant(g: Graph, i: int, forward: Graph | None = None) -> str | None:
         return None
     if node.op == "param" and forward is not None and str(node.attrs[0]).startswith("%"):
         return c_constant(forward, int(node.attrs[0][1:]))
-    if not (node.op in _INFIX or node.op == "neg" or node.op in _C_ACTIVATION):
+    if not (node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS):
         return None
     args = [c_constant(g, a, forward) for a in node.args]
     if any(a is None for a in args):
@@ -124,7 +114,7 @@ def c_constant(g: Graph, i: int, forward: Graph | None = None) -> str | None:
         return f"({args[0]} {_INFIX[node.op]} {args[1]})"
     if node.op == "neg":
         return f"(-{args[0]})"
-    return _C_ACTIVATION[node.op].format(x=args[0])
+    return ACTIVATIONS[node.op].c.format(x=args[0])
 
 
 @dataclass(frozen=True)
@@ -201,7 +191,7 @@ class CLoop:
         return self.args[host_expr]
 
     def _scratch_block(self, width: Size) -> str:
-        offset = " + ".join(c_size(w) for w in self.scratch)
+        offset = " + ".join(cstr(w) for w in self.scratch)
         self.scratch.append(width)
         return f"scratch + B * ({offset})" if offset else "scratch"
 
@@ -217,7 +207,7 @@ class CLoop:
                 raise AssertionError(f"value %{i} read outside the fused loop that made it")
             return self.place[i]
         g, node = self.g, self.g.nodes[i]
-        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+        width = cstr(node.type.shape[0]) if node.type.shape else "1"
         scalar = not node.type.shape
         number = c_constant(g, i, self.forward)
         if number is not None:
@@ -232,7 +222,7 @@ class CLoop:
         if region == "pre":
             if node.op == "slice":
                 src = self.where(node.args[0])
-                return Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, scalar)
+                return Place(f"{src.ptr} + {cstr(node.attrs[0])}", src.row, scalar)
             name = self.host.names[i]
             buf = self.arg(name, const=True, view=i in self.views)
             row = self.view_rows.get(name, width)
@@ -259,7 +249,7 @@ class CLoop:
     def target(self, i: int, suffix: str = "") -> Place:
         """Where node i is written: its kept buffer, its state buffer, or scratch memory."""
         g, node = self.g, self.g.nodes[i]
-        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+        width = cstr(node.type.shape[0]) if node.type.shape else "1"
         name = self.cname(self.suggested[i] + suffix)
         for sname, _, nxt in g.carries:
             if nxt == i:
@@ -269,8 +259,8 @@ class CLoop:
         if i in self.columns:  # a part of a concatenation the host reads after the loop: in its columns
             whole, total, column = self.columns[i]
             buf = self.arg(whole, const=False)
-            self.line(f"float *{name} = {buf} + t * B * {c_size(total)} + {c_size(column)};")
-            return Place(name, c_size(total), not node.type.shape)
+            self.line(f"float *{name} = {buf} + t * B * {cstr(total)} + {cstr(column)};")
+            return Place(name, cstr(total), not node.type.shape)
         if i in self.host.seq:
             buf = self.arg(self.host.seq[i], const=False)
             if i in self.guard:  # kept only for a backward pass: scratch when there is none
@@ -288,7 +278,7 @@ class CLoop:
         one that is the next value of several states (c' = z, d' = z): into each one's buffer
         (target() wrote the first)."""
         node = self.g.nodes[i]
-        width = c_size(node.type.shape[0]) if node.type.shape else "1"
+        width = cstr(node.type.shape[0]) if node.type.shape else "1"
 
         def copy(dest: str) -> str:
             if local is not None:  # inside a fused loop: this element
@@ -320,7 +310,7 @@ class CLoop:
             return "ew"  # computed where it is read, from its source's operands at its columns
         if node.op == "slice" and not self._owns(i):
             return "view"
-        if node.op in _INFIX or node.op in ("neg", "zeros", "slice") or node.op in _C_ACTIVATION:
+        if node.op in _INFIX or node.op in ("neg", "zeros", "slice") or node.op in ACTIVATIONS:
             return "ew"
         return "other"
 
@@ -329,7 +319,7 @@ class CLoop:
 
     def _width(self, i: int) -> str:
         node = self.g.nodes[i]
-        return c_size(node.type.shape[0]) if node.type.shape else "1"
+        return cstr(node.type.shape[0]) if node.type.shape else "1"
 
     def fusion_order(self, todo: list[int]) -> list[int]:
         """A topological order of `todo` that puts elementwise ops of one width next to each other."""
@@ -373,7 +363,7 @@ class CLoop:
                     if a == m:
                         break
                     column = column + g.nodes[a].type.shape[0]
-                stored[m] = Place(f"{self.place[c].ptr} + {c_size(column)}", self.place[c].row)
+                stored[m] = Place(f"{self.place[c].ptr} + {cstr(column)}", self.place[c].row)
                 self.absorbed[c].add(m)
             elif self._owns(m) or outside:
                 self.comment(g.nodes[m])
@@ -415,10 +405,10 @@ class CLoop:
             return f"{a} {_INFIX[op]} {b}"
         if op == "neg":
             return f"-{self.element(args[0], width)}"
-        if op in _C_ACTIVATION:
-            return _C_ACTIVATION[op].format(x=self.element(args[0], width))
+        if op in ACTIVATIONS:
+            return ACTIVATIONS[op].c.format(x=self.element(args[0], width))
         if op == "slice":
-            return self.element(Place(f"{args[0].ptr} + {c_size(node.attrs[0])}", args[0].row), width)
+            return self.element(Place(f"{args[0].ptr} + {cstr(node.attrs[0])}", args[0].row), width)
         if op == "zeros":
             return "0.0f"
         raise AssertionError(op)
@@ -432,7 +422,7 @@ class CLoop:
             return self.element(Place(f"{p.ptr} + {col}" if not p.scalar else p.ptr, p.row, p.scalar), "1")
 
         if node.op == "outer":
-            n, k = (c_size(g.nodes[a].type.shape[0]) for a in node.args)
+            n, k = (cstr(g.nodes[a].type.shape[0]) for a in node.args)
             a, b = args
             self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
             self.line("for (long r = 0; r < B; r++)")
@@ -443,7 +433,7 @@ class CLoop:
             self.line(f"            ({out.ptr} + i * {k})[r * {out.row} + c] = a_ri * {self.element(b, k)};")
             self.line("    }")
             return
-        n, k = (c_size(x) for x in node.attrs)
+        n, k = (cstr(x) for x in node.attrs)
         grad, other = args
         width = n if node.op == "outer_vjp_a" else k
         self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
@@ -513,19 +503,19 @@ class CLoop:
 
     def inline(self, i: int, offset: Size, width: str) -> str:
         """The element at row r, column c + offset of value i, as an expression."""
-        g, node = self.g, self.g.nodes[i]
+        node = self.g.nodes[i]
         if i in self.virtual:
             a = [self.inline(x, offset, width) for x in node.args]
             if node.op in _INFIX:
                 return f"({a[0]} {_INFIX[node.op]} {a[1]})"
             if node.op == "neg":
                 return f"(-{a[0]})"
-            return _C_ACTIVATION[node.op].format(x=a[0])
+            return ACTIVATIONS[node.op].c.format(x=a[0])
         if node.op == "slice" and node.args[0] in self.virtual:
             return self.inline(node.args[0], offset + node.attrs[0], width)
         p = self.where(i)
         if not (p.literal or p.scalar) and offset != Size.of(0):
-            p = Place(f"{p.ptr} + {c_size(offset)}", p.row)
+            p = Place(f"{p.ptr} + {cstr(offset)}", p.row)
         return self.element(p, width)
 
     def compute(self, i: int) -> None:
@@ -536,7 +526,7 @@ class CLoop:
         width = self._width(i)
         if op == "slice" and not self._owns(i):
             src = self.where(node.args[0])
-            self.place[i] = Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, not node.type.shape)
+            self.place[i] = Place(f"{src.ptr} + {cstr(node.attrs[0])}", src.row, not node.type.shape)
             return
         if op == "reshape":
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
@@ -550,9 +540,9 @@ class CLoop:
         if op == "concat":
             column = Size.of(0)
             for a, p in zip(node.args, args):
-                part = c_size(g.nodes[a].type.shape[0])
+                part = cstr(g.nodes[a].type.shape[0])
                 if a not in self.absorbed.get(i, ()):
-                    dest = Place(f"{out.ptr} + {c_size(column)}", out.row)
+                    dest = Place(f"{out.ptr} + {cstr(column)}", out.row)
                     self.elementwise(dest, part, self.element(p, part))
                 column = column + g.nodes[a].type.shape[0]
         elif op in ("outer", "outer_vjp_a", "outer_vjp_b"):
@@ -563,7 +553,7 @@ class CLoop:
             vec = args[1]
             if vec.row == "0" or vec.literal:  # BLAS wants rows at least K apart; schedule() hoists these
                 raise Unsupported(f"a product of a vector shared by every example in the loop (spec line {node.line})")
-            k = c_size(g.nodes[node.args[1]].type.shape[0])
+            k = cstr(g.nodes[node.args[1]].type.shape[0])
             weight = self.arg(self.weights[i], const=True)
             self.line(f"sp_gemm(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
         else:
@@ -595,7 +585,7 @@ class CLoop:
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step.
         for name, _, nxt in g.carries:
             if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
-                width = c_size(g.nodes[nxt].type.shape[0])
+                width = cstr(g.nodes[nxt].type.shape[0])
                 src = self.where(nxt)
                 buf = self.arg(self.host.carry_buf[name], const=False)
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
@@ -605,17 +595,17 @@ class CLoop:
             wrap = "2" if self.reverse else "train ? T + 1 : 2"
             head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
         head += self.decls
-        widths = " + ".join(c_size(w) for w in self.scratch) or "0"
+        widths = " + ".join(cstr(w) for w in self.scratch) or "0"
         head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats */")
         steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
         text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + ["    " + steps] \
             + self.body + ["    }", "}"]
-        scratch = f"B * ({' + '.join(f'({_size(w)})' for w in self.scratch)})" if self.scratch else "0"
+        scratch = f"B * ({' + '.join(f'({str(w)})' for w in self.scratch)})" if self.scratch else "0"
         views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
         return LoopSource(self.fn, text, list(self.args), scratch, views)
 
 
-def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
+def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[str], guard: frozenset[int],
               taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
     """The body of one pass: torch before the loop, one call of the C loop, torch after it."""
     s, g = host.s, host.s.graph
@@ -623,14 +613,13 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
     if not _C_IDENT.match(cfn):
         raise Unsupported(f"cell name {fn!r} is not usable in C")
     # Elementwise input-only values that only the loop reads are computed in it, at step t, as the
-    # Triton kernels do: made before the loop, each would cost a pass over memory to write and
-    # another to read. The loop has one stage, so nothing else of the Triton plan applies.
-    fused = plan_loop(s, keep).fused_pre
+    # Triton kernels do. The loop has one stage, so nothing else of the Triton plan applies.
+    fused = fused_into_loop(s, keep)
     split = _reduced_by_parts(s, host, guard)
     sunk = _sunk_into_loop(s, host)
     columns, joined = _concatenated_after(s, host, guard)
     for c in joined:
-        total = _size(g.nodes[c].type.shape[0])
+        total = str(g.nodes[c].type.shape[0])
         w.line(f"{host.names.names[c]} = torch.empty((rows, {total}), device=dev, dtype=dtype)")
     # The backward pass's carried gradients: only the last block (the initial states' gradients)
     # is read after the loop, unless something after it reads them all.
@@ -642,11 +631,11 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
             and all(s.region[u] == "loop" or u in fused or u in sunk for v in (leaf, nxt) for u in users[v])}
         if host.names.wrapped:
             w.line("wrap = 2  # carried gradients only the loop reads: two blocks used in turn")
-    _emit_buffers(w, host, carry_init, LoopPlan({}, set(), set(), 1, set(), set()), guard, fused)
+    emit_buffers(w, host, carry_init, guard, fused)
     for i, (whole, _, column) in columns.items():
         stop = column + g.nodes[i].type.shape[0]
         host.names.seq[i] = host.names.namer(f"{host.names.names[i]}_seq")
-        w.line(f"{host.names.seq[i]} = {whole}[:, {_size(column)}:{_size(stop)}]")
+        w.line(f"{host.names.seq[i]} = {whole}[:, {str(column)}:{str(stop)}]")
     namer = Namer(taken)
     weights: dict[int, str] = {}
     laid_out: dict[tuple[int, str], str] = {}
@@ -683,10 +672,10 @@ def emit_scan(w: Writer, c_out: Writer, host: _Host, fn: str, carry_init: list[s
         else:
             v = host.ref(node.args[1])
             w.line(f"{host.names.names[i]} = torch.cat([{', '.join(f'rt_c.matmul(c_lib, {p}.T, {v})' for p in parts)}])")
-    _emit_after(w, host, frozenset(joined) | frozenset(split) | frozenset(sunk))
+    emit_after(w, host, frozenset(joined) | frozenset(split) | frozenset(sunk))
 
 
-def _sunk_into_loop(s: Schedule, host: _Host) -> list[int]:
+def _sunk_into_loop(s: Schedule, host: Host) -> list[int]:
     """The halves of a second-order product's gradient that nothing in the loop needs (d_x) are
     made in the loop anyway, step by step: after it, they would need the (T * B, I * H) gradient of
     x (x) h kept for every step, where in it a (B, I * H) block a step is enough."""
@@ -703,7 +692,7 @@ def _sunk_into_loop(s: Schedule, host: _Host) -> list[int]:
     return sunk
 
 
-def _reduced_by_parts(s: Schedule, host: _Host, guard: frozenset[int]) -> list[int]:
+def _reduced_by_parts(s: Schedule, host: Host, guard: frozenset[int]) -> list[int]:
     """A concatenation the loop makes for a product (a GRU's gate gradients, for W_hh^T @ d) and
     that only weight gradients read after the loop is not kept for every step: its parts are (most
     of them already are, for other uses), and each gradient is summed part by part. The GRU keeps
@@ -729,7 +718,7 @@ def _reduced_by_parts(s: Schedule, host: _Host, guard: frozenset[int]) -> list[i
     return split
 
 
-def _concatenated_after(s: Schedule, host: _Host, guard: frozenset[int]):
+def _concatenated_after(s: Schedule, host: Host, guard: frozenset[int]):
     """Concatenations after the loop of values the loop keeps (a GRU's gate gradients, joined for
     d_W_ih): the loop writes each part into its columns of the whole, which is then not copied
     together, and the parts need no buffers of their own."""
@@ -769,7 +758,7 @@ def finish(w: Writer, c_text: Writer, body: Writer) -> None:
 
 
 def c_spell(node: Node, a: list[str], types: list) -> str:
-    """The host's ops as the Triton backend spells them, but the products over all steps (W @ x,
+    """The host's ops as torch spells them (host.torch_spell), but the products over all steps (W @ x,
     W^T @ g, the weight gradients g^T @ x) by the OpenBLAS the loop calls (rt_c.matmul, which says
     why not torch's)."""
     if node.op == "matvec" and node.type.batched and not types[0].batched:
@@ -783,3 +772,34 @@ def c_spell(node: Node, a: list[str], types: list) -> str:
         # and torch's functions refuse; the loop has it as a C literal (c_constant).
         return torch_spell(node, [f"torch.as_tensor({a[0]}, dtype=dtype)"], types)
     return torch_spell(node, a, types)
+
+
+TARGET = LoopTarget(
+    "c", emit_scan, finish, c_spell,
+    ("forward, with the time loop as one call of compiled C (C_SOURCE); float32 CPU tensors.",
+     "backward, with the time loop as one call of compiled C (C_SOURCE)."),
+    reserved=frozenset({"c_lib", "rt_c"}), extra_args=("c_lib",))
+# Every name the C part of a generated module uses for itself; check.py keeps spec names off them.
+GENERATED_NAMES = HOST_NAMES | TARGET.reserved | {"forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
+
+
+def emit_c(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
+           source_lines: list[str], file: str, prefix: str) -> None:
+    """forward_c, backward_c and C_SOURCE: the host code of host.py around one call of a C loop a pass."""
+    emit(w, fwd, bwd, saved, dims, source_lines, file, prefix, TARGET)
+
+
+def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
+                  lines: list[str], file: str, prefix: str) -> None:
+    """The C part of a generated module: C_SOURCE and its host functions, or C_UNSUPPORTED saying why not."""
+    w.comment("--- C backend: the time loop as one compiled C function per pass, the rest in torch ---")
+    w.line("")
+    try:
+        cpu = Writer()
+        emit_c(cpu, fwd, bwd, saved, dims, lines, file, prefix)
+    except Unsupported as e:
+        w.line(f"C_UNSUPPORTED = {str(e)!r}")
+    else:
+        w.line("C_UNSUPPORTED = None")
+        w.line("import torch  # the host code around the C loops (also where the Triton part is missing)")
+        w.lines.extend(cpu.lines)

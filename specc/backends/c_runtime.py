@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops import ACTIVATIONS
 from .c import c_dim
 
 # The flags that tune the code: -march=native lets the compiler vectorise the elementwise loops for
@@ -64,9 +65,9 @@ FALLBACKS = [(), ("-fopenmp",), ("-fopenmp", "-march=")]
 # thread: see blas().
 BLAS_PREFIX = "scipy_"
 
-# Helpers every generated file starts with: vectorisable exp / tanh / sigmoid (Cephes' float
-# polynomials; libm's scalar calls would cost more than the whole matrix product at small
-# sizes) and the call of OpenBLAS for o (M, N) = a (M, K) @ w (K, N), rows lda, N and ldo floats apart.
+# Helpers every generated file starts with: a vectorisable exp and the activations' own helpers
+# (ops.ACTIVATIONS: tanh, sigmoid, ...; Cephes' float polynomials, as libm's scalar calls would
+# cost more than the whole matrix product at small sizes) and the call of OpenBLAS for o (M, N) = a (M, K) @ w (K, N), rows lda, N and ldo floats apart.
 PRELUDE = r"""#include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -92,19 +93,7 @@ static inline float sp_exp(float x) {
     return x > 88.7228391f ? INFINITY : e;  /* NaN fails every test above and stays NaN */
 }
 
-static inline float sp_sigmoid(float x) { return 1.0f / (1.0f + sp_exp(-x)); }
-
-static inline float sp_tanh(float x) {
-    float ax = fabsf(x), z = x * x;
-    float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
-                    + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-    float big = 1.0f - 2.0f / (sp_exp(2.0f * ax) + 1.0f);
-    big = x < 0.0f ? -big : big;
-    return ax < 0.625f ? small : big;
-}
-
-static inline float sp_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(sp_exp(-fabsf(x))); }
-
+""" + "\n".join(a.c_helper for a in ACTIVATIONS.values() if a.c_helper) + r"""
 static inline void sp_gemm(long M, long K, long N, const float *a, long lda, const float *w, float *o, long ldo) {
     """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f,
                       a, (blasint)lda, w, (blasint)N, 0.0f, o, (blasint)ldo);

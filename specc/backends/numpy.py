@@ -48,18 +48,6 @@ VIEWS = ("slice", "reshape")
 
 # ufunc spellings, with the destination as the last positional argument.
 UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "np.divide", "neg": "np.negative"}
-# Activations spelled with a destination; {x} the argument, {out} where the result goes. An
-# activation missing here (added to ops.ACTIVATIONS later) is computed from its expression and
-# copied where it belongs.
-ACTIVATION_OUT = {
-    "sigmoid": "rt.sigmoid({x}, out={out})",
-    "tanh": "np.tanh({x}, out={out})",
-    "relu": "np.maximum({x}, 0, out={out})",
-    "exp": "np.exp({x}, out={out})",
-    "log": "np.log({x}, out={out})",
-    "softplus": "np.logaddexp(0, {x}, out={out})",
-    "step": "rt.step({x}, out={out})",
-}
 CONST_NAMES = {0.0: "zero", 1.0: "one", -1.0: "minus_one", 0.5: "half", 2.0: "two"}
 MIXABLE = ("sigmoid", "tanh")
 
@@ -74,7 +62,7 @@ def _writes_into(node: Node) -> bool:
 
 def _elementwise(node: Node) -> bool:
     """An op computed element by element, safe to write over one of its arguments."""
-    return node.op in UFUNCS or node.op in ACTIVATION_OUT
+    return node.op in UFUNCS or (node.op in ACTIVATIONS and ACTIVATIONS[node.op].numpy_out is not None)
 
 
 @dataclass(frozen=True)
@@ -204,7 +192,7 @@ def spell(node: Node, a: list[str], types: list, rows: str) -> str:
     if op == "neg":
         return f"-{a[0]}"
     if op in ACTIVATIONS:
-        return ACTIVATIONS[op].numpy.format(x=a[0]).replace("sigmoid(", "rt.sigmoid(")
+        return ACTIVATIONS[op].numpy.format(x=a[0])
     if op in RT_HELPERS:
         return _rt_call(node, a)
     if op == "matvec":
@@ -239,8 +227,8 @@ def spell_into(node: Node, a: list[str], out: str) -> str | None:
     op = node.op
     if op in UFUNCS:
         return f"{UFUNCS[op]}({', '.join(a)}, out={out})"
-    if op in ACTIVATION_OUT:
-        return ACTIVATION_OUT[op].format(x=a[0], out=out)
+    if op in ACTIVATIONS and ACTIVATIONS[op].numpy_out is not None:
+        return ACTIVATIONS[op].numpy_out.format(x=a[0], out=out)
     if op in ("matvec", "matvec_t"):  # a[0] is the operand rt.operand made of the matrix
         return f"matmul({a[1]}, {a[0]}, {out})"
     if op in RT_HELPERS:
@@ -1076,3 +1064,12 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
         d_inits = _tuple([f"{scan.carry_buf[name]}[:B]" for name, _, _ in g.carries])
         d_params = _tuple([scan.ref(i, loop=False) for _, i in g.reduced])
         w.line(f"return {d_inputs}, {d_inits}, {d_params}")
+
+
+def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
+                  lines: list[str], file: str, prefix: str) -> None:
+    """The NumPy part of a generated module: forward and backward, on arrays."""
+    saved_names = emit_forward(w, fwd, saved, dims, lines, file)
+    w.line("")
+    w.line("")
+    emit_backward(w, bwd, fwd.graph, saved_names, dims, lines, file)

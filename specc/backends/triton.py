@@ -28,13 +28,14 @@ for its own matmuls (`torch.set_float32_matmul_precision("high")`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
-from ..ir import LEAVES, Graph, Node, suggested_names
-from ..ops import ACTIVATIONS
+from ..ir import Graph, Node, suggested_names
+from ..ops import ACTIVATIONS, helper_names
 from ..schedule import Schedule
 from ..shapes import Size
+from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit, emit_after,
+                   emit_buffers, fused_into_loop, torch_spell)
 from .writer import Namer, Writer
 
 # (BLOCK_B, BLOCK_F, BLOCK_K) for batches up to SMALL_BATCH and above, by product precision: the
@@ -43,27 +44,12 @@ from .writer import Namer, Writer
 TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": ((16, 32, 32), (32, 64, 32))}
 SMALL_BATCH = 64
 
-# Ops a kernel can recompute at any feature index, so a product can read them without a store.
-_RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-# Ops whose torch spelling outside the loop may be a strided view of their operand, not rows of their own.
-_VIEWS = ("slice", "reshape")
-_INTERNAL = {"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train", "saved",
-             "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0",
-             "TRAIN", "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "c_lib", "rt_c",
-             "PRECISION", "precision", "TILES", "tiles", "dot_precision", "wrap", "WIDE", "wide", "WIDE_ELEMENTS",
-             "CHUNK_ROWS", "CHUNK_STEPS", "NUM_WARPS", "chunk", "chunk_start", "chunk_len", "chunk_outs", "chunk_state", "chunk_out", "whole", "part"}
-# Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
-GENERATED_NAMES = _INTERNAL | {"_tanh", "_softplus", "forward_triton", "backward_triton", "TRITON_UNSUPPORTED",
-                                "forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
-
-
-class Unsupported(Exception):
-    """The cell uses something the Triton backend cannot put inside the time loop yet."""
-
-
-def _size(s: Size) -> str:
-    return str(s)
+# Names the kernels, and the Triton host code around them, use for themselves.
+KERNEL_NAMES = frozenset({
+    "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0", "TRAIN",
+    "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
+    "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS"})
 
 
 def _p(code: str) -> str:
@@ -77,59 +63,8 @@ def _atom(code: str) -> str:
 
 
 def _off(base: str, o: Size) -> str:
-    return base if o == Size.of(0) else f"({_size(o)} + {base})"
+    return base if o == Size.of(0) else f"({str(o)} + {base})"
 
-
-# --- how torch spells an op, outside the loop ---------------------------------------------------
-
-def torch_spell(node: Node, a: list[str], types: list) -> str:
-    op, batched = node.op, node.type.batched
-    if op in _INFIX:
-        return f"{a[0]} {_INFIX[op]} {a[1]}"
-    if op == "neg":
-        return f"-{a[0]}"
-    if op in ACTIVATIONS:
-        return ACTIVATIONS[op].torch.format(x=a[0])
-    if op == "softmax":
-        return f"torch.softmax({a[0]}, dim=-1)"
-    if op == "softmax_vjp":
-        return f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"
-    if op == "matvec":
-        # linear, not v @ W.T: on the CPU torch multiplies by a transposed view a third slower
-        return f"torch.nn.functional.linear({a[1]}, {a[0]})" if batched else f"{a[0]} @ {a[1]}"
-    if op == "matvec_t":
-        return f"{a[1]} @ {a[0]}" if batched else f"{a[0]}.T @ {a[1]}"
-    if op == "outer_sum":
-        return f"{a[0]}.T @ {a[1]}" if types[0].batched else f"torch.outer({a[0]}, {a[1]})"
-    if op == "sum_rows":
-        return f"{a[0]}.sum(0)"
-    if op == "sum_all":
-        return f"{a[0]}.sum()"
-    if op == "concat":
-        return f"torch.cat([{', '.join(a)}], dim={1 if batched else 0})"
-    if op == "slice":
-        start, stop = (_size(s) for s in node.attrs)
-        start = "" if start == "0" else start
-        return f"{a[0]}[:, {start}:{stop}]" if batched else f"{a[0]}[{start}:{stop}]"
-    if op == "reshape":
-        shape = ", ".join(_size(s) for s in node.attrs[0])
-        return f"{a[0]}.reshape(-1, {shape})" if batched else f"{a[0]}.reshape({shape})"
-    if op == "zeros":
-        shape = [_size(s) for s in node.attrs[0]]
-        shape = (["rows"] if batched else []) + shape
-        return f"torch.zeros(({', '.join(shape)},), device=dev, dtype=dtype)"
-    if op == "outer":
-        if not batched:  # of two vectors made of parameters alone
-            return f"torch.outer({a[0]}, {a[1]}).reshape(-1)"
-        return f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
-    if op in ("outer_vjp_a", "outer_vjp_b"):
-        n, k = (_size(s) for s in node.attrs)
-        if not batched:
-            return (f"{a[0]}.reshape({n}, {k}) @ {a[1]}" if op == "outer_vjp_a"
-                    else f"{a[1]} @ {a[0]}.reshape({n}, {k})")
-        pattern = "rnk,rk->rn" if op == "outer_vjp_a" else "rnk,rn->rk"
-        return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {n}, {k}), {a[1]})'
-    raise AssertionError(f"no torch spelling for {op!r}")
 
 
 # --- the loop, in stages -----------------------------------------------------------------------
@@ -147,18 +82,8 @@ class LoopPlan:
 def plan_loop(s: Schedule, keep: set[int]) -> LoopPlan:
     """`keep`: values needed after the pass (outputs, saved values), which must be in memory."""
     g = s.graph
-    users = g.users()
-    # An elementwise input-only value read only inside the loop costs a full pass over memory to
-    # make before the loop and another to read; computed in the kernel from its operands, neither.
-    fused_pre: set[int] = set()
     carried_next = {nxt for _, _, nxt in g.carries}
-    for i in reversed(range(len(g.nodes))):
-        node = g.nodes[i]
-        if (s.region[i] == "pre" and node.type.batched and node.op in _RECOMPUTABLE and node.op != "outer"
-                and i not in keep and i not in carried_next and users[i]
-                and all((s.region[u] == "loop" and g.nodes[u].op not in ("matvec", "matvec_t")) or u in fused_pre
-                        for u in users[i])):
-            fused_pre.add(i)
+    fused_pre = fused_into_loop(s, keep)
     # A tile covers BLOCK_F features of the stored value it was launched for. Where one reads a
     # concatenation across the boundary of its parts (2H features of [a, b], the gradient of a
     # split read whole), no one part can be computed for it; such a concatenation is stored, and
@@ -286,29 +211,6 @@ def _parts(g: Graph, i: int, column: Size):
         yield i, column
 
 
-@dataclass
-class HostNames:
-    """Names of what the host code holds: values, kept buffers, state buffers, scratch buffers."""
-
-    names: dict[int, str] = field(default_factory=dict)
-    seq: dict[int, str] = field(default_factory=dict)
-    carry_buf: dict[str, str] = field(default_factory=dict)
-    # States (or carried gradients) nothing outside the loop reads but their last value: their
-    # buffer is `wrap` blocks used in turn, the host's and the loop's `wrap` = 2, or T + 1 in a
-    # forward pass that trains (backward reads every step's state).
-    wrapped: set[str] = field(default_factory=set)
-    # Scalars made of numbers alone (-0.5 is neg(0.5)), and the backward pass's copies of them: the
-    # host holds Python floats, not tensors, so kernels take them by value.
-    numbers: set[int] = field(default_factory=set)
-    # What made these names: a later buffer's name (the C loops' kept parts) comes from it too, so
-    # that it cannot take one already given (a kept d_h0 beside the carried gradient d_h0_seq).
-    namer: Namer | None = None
-
-    def carry_rows(self, name: str, later: bool) -> str:
-        """The first row of a state's block for step t (later: t + 1) in its buffer."""
-        step = "(t + 1)" if later else "t"
-        return f"{step} % wrap * B" if name in self.wrapped else f"{step} * B"
-
 
 class KernelWriter:
     """Writes one kernel: a tile of the values of one stage that share a feature size."""
@@ -320,7 +222,7 @@ class KernelWriter:
         self.lines, self.file = source
         self.body = Writer()
         self.body._depth = 1
-        self.namer = Namer(taken | _INTERNAL)
+        self.namer = Namer(taken | HOST_NAMES | KERNEL_NAMES)
         self.suggested = suggested_names(self.g)
         self.memo: dict[tuple[int, str], str] = {}
         self.args: dict[str, None] = {}  # tensors the kernel reads or writes, in first-use order
@@ -366,7 +268,7 @@ class KernelWriter:
     def load(self, i: int, cols: str, cmask: str, row_axis: bool = True) -> str | None:
         """Code loading node i at feature indices `cols` (a 1-D index), or None if it is not in memory."""
         node = self.g.nodes[i]
-        width = _size(node.type.shape[0]) if node.type.shape else "1"
+        width = str(node.type.shape[0]) if node.type.shape else "1"
         if node.op == "const":
             v = node.attrs[0]
             return repr(v) if v >= 0 else f"({v!r})"
@@ -409,7 +311,7 @@ class KernelWriter:
     def _wanted(self, i: int, offset: Size) -> str:
         base = self.suggested[i]
         if offset != Size.of(0):
-            base += "_at_" + "".join(ch for ch in _size(offset) if ch.isalnum())
+            base += "_at_" + "".join(ch for ch in str(offset) if ch.isalnum())
         return base
 
     def _compute(self, i: int, node: Node, offset: Size) -> str:
@@ -463,7 +365,7 @@ class KernelWriter:
                 continue
             node = self.g.nodes[i]
             w, v = node.args
-            rows_w, cols_w = (_size(s) for s in self.g.nodes[w].type.shape)
+            rows_w, cols_w = (str(s) for s in self.g.nodes[w].type.shape)
             extent = cols_w if node.op == "matvec" else rows_w
             groups.setdefault((v, extent), []).append((i, offset))
         b = self.body
@@ -484,7 +386,7 @@ class KernelWriter:
                 for (i, offset), acc in zip(members, accs):
                     node = self.g.nodes[i]
                     w = node.args[0]
-                    cols_w = _size(self.g.nodes[w].type.shape[1])
+                    cols_w = str(self.g.nodes[w].type.shape[1])
                     wptr = self._arg(self.host.names[w])
                     rows = _off("offs_f", offset)
                     if node.op == "matvec":  # rows offset + j of W, columns k
@@ -545,7 +447,7 @@ class KernelWriter:
         self._comment(node)
         b = self.body
         base = self._wanted(i, Size.of(0))
-        extent = _size(self.g.nodes[node.args[0]].type.shape[0])
+        extent = str(self.g.nodes[node.args[0]].type.shape[0])
         if node.op == "softmax":
             top, total = self.namer(f"{base}_max"), self.namer(f"{base}_sum")
             b.line(f"{top} = tl.full((BLOCK_B,), float(\"-inf\"), dtype=tl.float32)")
@@ -585,7 +487,7 @@ class KernelWriter:
     def _outer_vjp(self, i: int, node: Node, offset: Size) -> str:
         # outer_vjp_a: out[n] = sum_k G[n*K + k] b[k]; outer_vjp_b: out[k] = sum_n G[n*K + k] a[n]
         g_node, other = node.args
-        n, k = (_size(s) for s in node.attrs)
+        n, k = (str(s) for s in node.attrs)
         acc = self.namer(self._wanted(i, offset))
         self._comment(node)
         b = self.body
@@ -614,10 +516,10 @@ class KernelWriter:
         if loaded is not None:
             out = loaded
         elif node.op == "slice":
-            out = self.gather(node.args[0], f"({cols} + {_size(node.attrs[0])})", cmask)
+            out = self.gather(node.args[0], f"({cols} + {str(node.attrs[0])})", cmask)
         elif node.op == "outer":
             a, bb = node.args
-            kk = _size(self.g.nodes[bb].type.shape[0])
+            kk = str(self.g.nodes[bb].type.shape[0])
             left = self.gather(a, f"({cols} // {_atom(kk)})", cmask)
             right = self.gather(bb, f"({cols} % {_atom(kk)})", cmask)
             out = f"({left} * {right})"
@@ -671,7 +573,7 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
     for i in sorted(plan.stored):
         if plan.stage.get(i, 0) != stage:
             continue
-        width = _size(g.nodes[i].type.shape[0])
+        width = str(g.nodes[i].type.shape[0])
         targets = []
         if i in plan.scratch:
             targets.append((host.seq[i], "0", False))
@@ -687,112 +589,13 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied here.
         for name, _, nxt in g.carries:
             if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
-                width = _size(g.nodes[nxt].type.shape[0])
+                width = str(g.nodes[nxt].type.shape[0])
                 tasks.append(StoreTask(nxt, host.carry_buf[name], host.carry_rows(name, not reverse), width,
                                        Size.of(0), False))
     return tasks
 
 
-# --- the host functions ------------------------------------------------------------------------
-
-@dataclass
-class _Host:
-    s: Schedule
-    reverse: bool
-    names: HostNames
-    source: tuple[list[str], str]
-    spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
-    forward: Schedule | None = None  # a backward pass's forward step, whose values its "%i" leaves are
-
-    def ref(self, i: int) -> str:
-        """Node i over all steps, from the host code after (or before) the loop."""
-        g = self.s.graph
-        node = g.nodes[i]
-        if node.op == "const":
-            v = node.attrs[0]
-            return repr(v) if v >= 0 else f"({v!r})"
-        for name, leaf, nxt in g.carries:
-            # A next value made before the loop (h' = tanh(W @ x)) is read where it was made.
-            if i == leaf or (i == nxt and self.s.region[i] == "loop"):
-                buf = self.names.carry_buf[name]
-                later = (i == leaf) == self.reverse
-                return f"{buf}[B:]" if later else f"{buf}[:rows]"
-        if self.s.region[i] == "loop":
-            return self.names.seq[i]
-        return self.names.names[i]
-
-    def saved_ref(self, i: int) -> str:
-        """Node i as the forward pass hands it to the Triton backward pass.
-
-        The backward kernels address a saved value as rows of exactly its width. A slice made
-        outside the loop is a view with the rows of what it slices (a stacked product's 2H or 5H),
-        so it is saved as a copy of its own; that also lets the stacked value go rather than be
-        held, whole, until backward. (The C loops read such views at their own row stride.)
-        """
-        node = self.s.graph.nodes[i]
-        ref = self.ref(i)
-        if node.type.batched and node.op in _VIEWS and ref == self.names.names.get(i):
-            return f"{ref}.contiguous()"
-        return ref
-
-
-def _emit_region(w: Writer, host: _Host, region: str, skip: frozenset[int] = frozenset()) -> None:
-    g = host.s.graph
-    lines, file = host.source
-    last = 0
-    for i in host.s.nodes_in(region):
-        node = g.nodes[i]
-        if node.op in ("input", "param", "const", "carry") or i in skip:
-            continue
-        if node.line and node.line != last and node.line <= len(lines):
-            w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
-            last = node.line
-        args = [host.ref(a) for a in node.args]
-        w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
-
-
-def _tuple(items: list[str]) -> str:
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-
-
-def _emit_buffers(w: Writer, host: _Host, carry_init: list[str], plan: LoopPlan, guard: frozenset[int],
-                  fused_pre: set[int]) -> None:
-    """Before the loop: the host's values and every buffer the loop reads or writes."""
-    s, g, names = host.s, host.s.graph, host.names
-    w.comment("Fixed for the whole sequence.")
-    _emit_region(w, host, "const")
-    w.comment("Before the loop: the input-only values the loop reads, for all steps at once.")
-    _emit_region(w, host, "pre", skip=frozenset(fused_pre))
-    for (name, leaf, _), init in zip(g.carries, carry_init):
-        size = _size(g.nodes[leaf].type.shape[0])
-        buf = names.carry_buf[name]
-        if name in names.wrapped:  # `wrap` blocks used in turn (see HostNames.wrapped)
-            w.line(f"{buf} = torch.empty((wrap * B, {size}), device=dev, dtype=dtype)")
-            first = "T % wrap * B:(T % wrap + 1) * B" if host.reverse else ":B"
-        else:
-            w.line(f"{buf} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
-            first = "T * B:" if host.reverse else ":B"
-        w.line(f"{buf}[{first}] = {init}")
-    for i, buf in names.seq.items():
-        size = _size(g.nodes[i].type.shape[0])
-        rows = "B" if i in plan.scratch else "rows"
-        alloc = f"torch.empty(({rows}, {size}), device=dev, dtype=dtype)"
-        guarded = i in guard and i not in plan.cross
-        w.line(f"{buf} = {alloc} if train else None" if guarded else f"{buf} = {alloc}")
-
-
-def _emit_after(w: Writer, host: _Host, skip: frozenset[int] = frozenset()) -> None:
-    s = host.s
-    if s.nodes_in("post"):
-        w.comment("After the loop: what the carried values do not need, for all steps at once.")
-        _emit_region(w, host, "post", skip)
-    if s.nodes_in("reduce"):
-        w.comment("Sums over time and batch, each one matrix product over all steps.")
-        _emit_region(w, host, "reduce", skip)
-        _emit_region(w, host, "final")
-
-
-def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init: list[str], guard: frozenset[int],
+def _emit_scan(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: list[str], guard: frozenset[int],
                taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
     """The body of one pass: torch before the loop, kernel launches in it, torch after it."""
     s, g, names = host.s, host.s.graph, host.names
@@ -800,7 +603,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
     for i in sorted(plan.stored):
         if i in plan.scratch:
             names.seq.setdefault(i, f"{names.names[i]}_scratch")
-    _emit_buffers(w, host, carry_init, plan, guard, plan.fused_pre)
+    emit_buffers(w, host, carry_init, guard, plan.fused_pre, plan.scratch, plan.cross)
 
     launches = []
     every_tensor: dict[str, None] = {}
@@ -827,7 +630,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             # t changes every step: specialising on it would compile the kernel again for t = 1.
             kernels_out.line('@triton.jit(do_not_specialize=["t"])')
             kernels_out.line(f"def {kname}({', '.join(params + consts)}):")
-            kernels_out.line(f'    """Stage {stage} of a step: {_size(tile)} features of '
+            kernels_out.line(f'    """Stage {stage} of a step: {str(tile)} features of '
                              + ", ".join(sorted({g.nodes[t.node].name or f"v{t.node}" for t in group})) + '."""')
             kernels_out.line("    pid_b = tl.program_id(0)")
             kernels_out.line("    pid_f = tl.program_id(1)")
@@ -837,11 +640,11 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
             kernels_out.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
             kernels_out.line("        offs_b = offs_b.to(tl.int64)")
             kernels_out.line("        offs_f = offs_f.to(tl.int64)")
-            kernels_out.line(f"    mask_f = offs_f < {_size(tile)}")
+            kernels_out.line(f"    mask_f = offs_f < {str(tile)}")
             kernels_out.lines.extend(kw.body.lines)
             extra = (["TRAIN=train"] if kw.uses_train else []) + (["PRECISION=precision"] if dots else []) + \
                 ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
-            grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({_size(tile)}, BLOCK_F))"
+            grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({str(tile)}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
     w.line("precision = dot_precision(dev)")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
@@ -854,148 +657,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: _Host, fn: str, carry_init:
     with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
         for launch in launches:
             w.line(launch)
-    _emit_after(w, host)
-
-
-def _numbers(g: Graph, given: set[int] = frozenset()) -> set[int]:
-    """The scalars of g made of numbers alone, or of those `given`."""
-    out: set[int] = set()
-    for i, node in enumerate(g.nodes):
-        if node.type.batched or node.type.shape != ():
-            continue
-        if node.op == "const" or i in given or (node.op not in LEAVES and node.args and all(a in out for a in node.args)):
-            out.add(i)
-    return out
-
-
-def _name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
-    names = HostNames(namer=namer)
-    g = s.graph
-    suggested = suggested_names(g)
-    for i, node in enumerate(g.nodes):
-        if i in leaf_names:
-            names.names[i] = leaf_names[i]
-        elif node.op not in ("const", "carry"):
-            names.names[i] = namer(suggested[i])
-    for name, _, _ in g.carries:
-        names.carry_buf[name] = namer(f"d_{name}_seq" if reverse else f"{name}_seq")
-    for i in sorted(s.kept):
-        names.seq[i] = namer(f"{names.names[i]}_seq")
-    return names
-
-
-def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
-         source_lines: list[str], file: str, prefix: str, target: str = "triton") -> None:
-    """forward_triton, backward_triton and their kernels. Raises Unsupported for what it cannot fuse.
-
-    With target "c": forward_c, backward_c and C_SOURCE, the same host code around one call of a
-    compiled C loop per pass (backends/c.py) instead of kernel launches.
-    """
-    if target == "c":
-        from .c import c_spell as spell, emit_scan as scan, finish
-    else:
-        scan, finish, spell = _emit_scan, _finish, torch_spell
-    kernels = Writer()
-    body = Writer()
-    taken: set[str] = set(dims)
-
-    # forward
-    g = fwd.graph
-    namer = Namer(_INTERNAL | set(dims))
-    leaf_names = {i: namer(name) for name, i in g.inputs}
-    init_names = [namer(f"{name}0") for name, _, _ in g.carries]
-    leaf_names.update({i: namer(name) for name, i in g.params})
-    names = _name_values(fwd, namer, leaf_names, reverse=False)
-    names.numbers = _numbers(g)
-    fwd_numbers = names.numbers
-    host = _Host(fwd, False, names, (source_lines, file), spell)
-    args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
-    kw = ", ".join(["T", "B", *dims])
-    needed_by_pass = set()
-    for i, node in enumerate(g.nodes):
-        if fwd.region[i] in ("post", "reduce"):
-            needed_by_pass.update(node.args)
-    needed_by_pass.update(i for _, i in g.outputs)
-    guard = frozenset(i for i in saved_nodes if i in fwd.kept and i not in needed_by_pass)
-    extra = ", c_lib" if target == "c" else ""
-    with body.block(f"def forward_{target}({', '.join(args)}, *, {kw}, train=False{extra}):"):
-        body.line(DOCS[target][0])
-        body.line("rows = T * B")
-        first = leaf_names[g.inputs[0][1]] if g.inputs else init_names[0]
-        body.line(f"dtype, dev = {first}.dtype, {first}.device")
-        for name, i in g.inputs:
-            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(g.nodes[i].type.shape[0])})")
-        if g.inputs:
-            _emit_chunks(body, target, [leaf_names[i] for _, i in g.inputs], init_names,
-                         [leaf_names[i] for _, i in g.params], dims)
-        taken_here = taken | set(namer.taken)
-        keep = set(saved_nodes) | {i for _, i in g.outputs}
-        names.wrapped = _wrapped(fwd)
-        if names.wrapped:
-            body.comment("States only the loop reads: one block a step when training (backward reads them), else two.")
-            body.line("wrap = T + 1 if train else 2")
-        scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
-        outs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
-        finals = _tuple([f"{names.carry_buf[name]}[T % wrap * B:(T % wrap + 1) * B]" if name in names.wrapped
-                         else f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
-        key_namer = Namer()  # a gate may be called h_prev too: every key its own
-        saved_keys = {i: key_namer(_saved_key(g, i, names)) for i in saved_nodes}
-        saved_ref = host.saved_ref if target == "triton" else host.ref
-        items = ", ".join(f'"{saved_keys[i]}": {saved_ref(i)}' for i in saved_nodes)
-        body.line(f"saved = {{{items}}} if train else None")
-        body.line(f"return {outs}, {finals}, saved")
-
-    # backward
-    body.line("")
-    body.line("")
-    gb = bwd.graph
-    namer = Namer(_INTERNAL | set(dims))
-    fwd_params = {i: name for name, i in g.params}
-    leaf_names, binds, d_outs = {}, [], []
-    for key, i in gb.inputs:
-        if key.startswith("d:"):
-            leaf_names[i] = namer(f"d_{key[2:]}")
-            d_outs.append(i)
-    d_final = [namer(f"d_{name}_final") for name, _, _ in gb.carries]
-    param_args = {name: namer(name) for name, _ in g.params}
-    for key, i in gb.inputs + gb.params:
-        if key.startswith("%"):
-            f = int(key[1:])
-            if f in fwd_params:
-                leaf_names[i] = param_args[fwd_params[f]]
-            else:
-                leaf_names[i] = namer(saved_keys[f])
-                binds.append((leaf_names[i], saved_keys[f]))
-    names = _name_values(bwd, namer, leaf_names, reverse=True)
-    names.numbers = _numbers(gb, {i for key, i in gb.params if key.startswith("%") and int(key[1:]) in fwd_numbers})
-    host = _Host(bwd, True, names, (source_lines, file), spell, forward=fwd)
-    args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
-    with body.block(f"def backward_{target}({', '.join(args)}, *, {kw}{extra}):"):
-        body.line(DOCS[target][1])
-        body.line("rows = T * B")
-        ref = d_final[0] if d_final else leaf_names[d_outs[0]]
-        body.line(f"dtype, dev = {ref}.dtype, {ref}.device")
-        body.line("train = True")
-        for i in d_outs:
-            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {_size(gb.nodes[i].type.shape[0])})")
-        for local, key in binds:
-            body.line(f'{local} = saved["{key}"]')
-        keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
-        scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), taken | set(namer.taken), dims, keep)
-        d_inputs = _tuple([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in gb.outputs])
-        d_inits = _tuple([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
-        d_params = _tuple([host.ref(i) for _, i in gb.reduced])
-        body.line(f"return {d_inputs}, {d_inits}, {d_params}")
-
-    finish(w, kernels, body)
-
-
-DOCS = {
-    "triton": ('"""forward, with the time loop as fused Triton kernels; tensors are float32 on one device."""',
-               '"""backward, with the time loop as fused Triton kernels."""'),
-    "c": ('"""forward, with the time loop as one call of compiled C (C_SOURCE); float32 CPU tensors."""',
-          '"""backward, with the time loop as one call of compiled C (C_SOURCE)."""'),
-}
+    emit_after(w, host)
 
 
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
@@ -1028,45 +690,45 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.lines.extend(body.lines)
 
 
-def _emit_chunks(body: Writer, target: str, inputs: list[str], inits: list[str], params: list[str],
-                 dims: tuple[str, ...]) -> None:
-    """Inference over a long sequence, a chunk of steps at a time, by this same function: what the
-    loop reads of the inputs (the LSTM's W_ih @ x, 4H values a step) is then made for one chunk,
-    not for every step at once; outputs are joined, the last chunk's final states returned."""
-    body.comment("A long sequence without training: a chunk of steps at a time (see CHUNK_ROWS).")
-    body.line("chunk = max(CHUNK_STEPS, CHUNK_ROWS // max(B, 1))")
-    with body.block("if not train and T > 2 * chunk:"):
-        body.line(f"chunk_outs, chunk_state = None, {_tuple(inits)}")
-        with body.block("for chunk_start in range(0, T, chunk):"):
-            body.line("chunk_len = min(chunk, T - chunk_start)")
-            rows = [f"{x}[chunk_start * B:(chunk_start + chunk_len) * B]" for x in inputs]
-            kw = ", ".join(["T=chunk_len", "B=B", *(f"{d}={d}" for d in dims)]
-                           + (["c_lib=c_lib"] if target == "c" else []))
-            body.line(f"chunk_out, chunk_state, _ = forward_{target}({', '.join([*rows, '*chunk_state', *params, kw])})")
-            with body.block("if chunk_outs is None:"):
-                body.line("chunk_outs = tuple(torch.empty((T, *part.shape[1:]), device=dev, dtype=part.dtype) "
-                          "for part in chunk_out)")
-            with body.block("for whole, part in zip(chunk_outs, chunk_out):"):
-                body.line("whole[chunk_start:chunk_start + chunk_len] = part")
-        body.line("return chunk_outs, chunk_state, None")
+TARGET = LoopTarget(
+    "triton", _emit_scan, _finish, torch_spell,
+    ("forward, with the time loop as fused Triton kernels; tensors are float32 on one device.",
+     "backward, with the time loop as fused Triton kernels."),
+    reserved=KERNEL_NAMES, copy_saved_views=True)
+# Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
+GENERATED_NAMES = HOST_NAMES | KERNEL_NAMES | helper_names("triton_helper") | {"forward_triton", "backward_triton", "TRITON_UNSUPPORTED"}
 
 
-def _wrapped(s: Schedule) -> set[str]:
-    """The forward pass's states that nothing after the loop reads but their final value: made in
-    the loop, read only in it, and not an output."""
-    g = s.graph
-    users = g.users()
-    outputs = {i for _, i in g.outputs}
-    return {name for name, leaf, nxt in g.carries
-            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry" and not {leaf, nxt} & outputs
-            and all(s.region[u] == "loop" for v in (leaf, nxt) for u in users[v])}
+def emit_triton(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
+                source_lines: list[str], file: str, prefix: str) -> None:
+    """forward_triton, backward_triton and their kernels: host.py's host code around kernel launches."""
+    emit(w, fwd, bwd, saved, dims, source_lines, file, prefix, TARGET)
 
 
-def _saved_key(g: Graph, i: int, names: HostNames) -> str:
-    node = g.nodes[i]
-    if node.op == "carry":
-        return f"{node.attrs[0]}_prev"
-    for name, _, nxt in g.carries:
-        if nxt == i:
-            return f"{name}_next"
-    return names.names[i]
+def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
+                  lines: list[str], file: str, prefix: str) -> None:
+    """The Triton part of a generated module: its kernels and host functions, or TRITON_UNSUPPORTED saying why not."""
+    w.comment("--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---")
+    w.line("")
+    try:
+        gpu = Writer()
+        emit_triton(gpu, fwd, bwd, saved, dims, lines, file, prefix)
+    except Unsupported as e:
+        w.line(f"TRITON_UNSUPPORTED = {str(e)!r}")
+    else:
+        w.line("TRITON_UNSUPPORTED = None")
+        w.line("try:")
+        w.line("    import torch")
+        w.line("    import triton")
+        w.line("    import triton.language as tl")
+        w.line("except ImportError:  # the module still imports; the runtime then says triton is missing")
+        w.line("    from specc.backends.triton_missing import triton, tl")
+        w.line("")
+        w.line("")
+        for act in ACTIVATIONS.values():
+            if act.triton_helper:
+                w.line("@triton.jit")
+                w.lines.extend(act.triton_helper.rstrip("\n").split("\n"))
+                w.line("")
+                w.line("")
+        w.lines.extend(gpu.lines)

@@ -21,6 +21,7 @@ _ACTIVATIONS = {
     "exp": torch.exp,
     "log": torch.log,
     "softplus": lambda v: torch.logaddexp(torch.zeros_like(v), v),
+    "gelu": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
     "softmax": lambda v: torch.softmax(v, dim=-1),
 }
 

@@ -21,7 +21,7 @@ from .. import program
 from ..check import check, check_dims
 from ..errors import SpecError
 from ..parse import parse
-from ..pipeline import compile_cell, pick_cell
+from ..pipeline import compile_cell
 from . import reference
 
 BACKENDS = ("numpy", "c", "triton")

@@ -1,0 +1,422 @@
+"""The torch code around a compiled time loop, shared by the Triton and C backends.
+
+A pass (forward or backward) is three parts: before the loop, the input-only values for all
+steps at once (the LSTM's W_ih @ x as one product) and the buffers the loop reads and writes;
+the loop itself, which a `LoopTarget` writes (Triton kernel launches, or one call of a compiled C
+function); after it, what the carried values do not need and the sums over time and batch (the
+weight gradients), again as a few large torch operations. Only the loop differs between the two
+backends, so everything else is written here once: `emit` writes forward_<target> and
+backward_<target>, and calls the target for the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..ir import LEAVES, Graph, Node, suggested_names
+from ..ops import ACTIVATIONS
+from ..schedule import Schedule
+from .writer import Namer, Writer
+
+# Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
+RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+# Ops whose torch spelling outside the loop may be a strided view of their operand, not rows of their own.
+VIEWS = ("slice", "reshape")
+# Names the host functions use for themselves: no value of the spec may be given one of them.
+HOST_NAMES = frozenset({"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train",
+                        "saved", "wrap", "CHUNK_ROWS", "CHUNK_STEPS", "chunk", "chunk_start", "chunk_len",
+                        "chunk_outs", "chunk_state", "chunk_out", "whole", "part"})
+
+
+class Unsupported(Exception):
+    """The cell uses something this backend cannot put inside the time loop yet."""
+
+
+# --- how torch spells an op, outside the loop ---------------------------------------------------
+
+def torch_spell(node: Node, a: list[str], types: list) -> str:
+    op, batched = node.op, node.type.batched
+    if op in _INFIX:
+        return f"{a[0]} {_INFIX[op]} {a[1]}"
+    if op == "neg":
+        return f"-{a[0]}"
+    if op in ACTIVATIONS:
+        return ACTIVATIONS[op].torch.format(x=a[0])
+    if op == "softmax":
+        return f"torch.softmax({a[0]}, dim=-1)"
+    if op == "softmax_vjp":
+        return f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"
+    if op == "matvec":
+        # linear, not v @ W.T: on the CPU torch multiplies by a transposed view a third slower
+        return f"torch.nn.functional.linear({a[1]}, {a[0]})" if batched else f"{a[0]} @ {a[1]}"
+    if op == "matvec_t":
+        return f"{a[1]} @ {a[0]}" if batched else f"{a[0]}.T @ {a[1]}"
+    if op == "outer_sum":
+        return f"{a[0]}.T @ {a[1]}" if types[0].batched else f"torch.outer({a[0]}, {a[1]})"
+    if op == "sum_rows":
+        return f"{a[0]}.sum(0)"
+    if op == "sum_all":
+        return f"{a[0]}.sum()"
+    if op == "concat":
+        return f"torch.cat([{', '.join(a)}], dim={1 if batched else 0})"
+    if op == "slice":
+        start, stop = (str(s) for s in node.attrs)
+        start = "" if start == "0" else start
+        return f"{a[0]}[:, {start}:{stop}]" if batched else f"{a[0]}[{start}:{stop}]"
+    if op == "reshape":
+        shape = ", ".join(str(s) for s in node.attrs[0])
+        return f"{a[0]}.reshape(-1, {shape})" if batched else f"{a[0]}.reshape({shape})"
+    if op == "zeros":
+        shape = [str(s) for s in node.attrs[0]]
+        shape = (["rows"] if batched else []) + shape
+        return f"torch.zeros(({', '.join(shape)},), device=dev, dtype=dtype)"
+    if op == "outer":
+        if not batched:  # of two vectors made of parameters alone
+            return f"torch.outer({a[0]}, {a[1]}).reshape(-1)"
+        return f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
+    if op in ("outer_vjp_a", "outer_vjp_b"):
+        n, k = (str(s) for s in node.attrs)
+        if not batched:
+            return (f"{a[0]}.reshape({n}, {k}) @ {a[1]}" if op == "outer_vjp_a"
+                    else f"{a[1]} @ {a[0]}.reshape({n}, {k})")
+        pattern = "rnk,rk->rn" if op == "outer_vjp_a" else "rnk,rn->rk"
+        return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {n}, {k}), {a[1]})'
+    raise AssertionError(f"no torch spelling for {op!r}")
+
+
+
+def fused_into_loop(s: Schedule, keep: set[int]) -> set[int]:
+    """Elementwise input-only values that the loop computes from their operands instead of the
+    host making them before it. Such a value read only inside the loop costs a full pass over
+    memory to make before the loop and another to read; computed in the loop, neither.
+    `keep`: values needed after the pass (outputs, saved values), which must be in memory."""
+    g = s.graph
+    users = g.users()
+    fused_pre: set[int] = set()
+    carried_next = {nxt for _, _, nxt in g.carries}
+    for i in reversed(range(len(g.nodes))):
+        node = g.nodes[i]
+        if (s.region[i] == "pre" and node.type.batched and node.op in RECOMPUTABLE and node.op != "outer"
+                and i not in keep and i not in carried_next and users[i]
+                and all((s.region[u] == "loop" and g.nodes[u].op not in ("matvec", "matvec_t")) or u in fused_pre
+                        for u in users[i])):
+            fused_pre.add(i)
+    return fused_pre
+
+
+@dataclass
+class HostNames:
+    """Names of what the host code holds: values, kept buffers, state buffers, scratch buffers."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    seq: dict[int, str] = field(default_factory=dict)
+    carry_buf: dict[str, str] = field(default_factory=dict)
+    # States (or carried gradients) nothing outside the loop reads but their last value: their
+    # buffer is `wrap` blocks used in turn, the host's and the loop's `wrap` = 2, or T + 1 in a
+    # forward pass that trains (backward reads every step's state).
+    wrapped: set[str] = field(default_factory=set)
+    # Scalars made of numbers alone (-0.5 is neg(0.5)), and the backward pass's copies of them: the
+    # host holds Python floats, not tensors, so kernels take them by value.
+    numbers: set[int] = field(default_factory=set)
+    # What made these names: a later buffer's name (the C loops' kept parts) comes from it too, so
+    # that it cannot take one already given (a kept d_h0 beside the carried gradient d_h0_seq).
+    namer: Namer | None = None
+
+    def carry_rows(self, name: str, later: bool) -> str:
+        """The first row of a state's block for step t (later: t + 1) in its buffer."""
+        step = "(t + 1)" if later else "t"
+        return f"{step} % wrap * B" if name in self.wrapped else f"{step} * B"
+
+
+
+@dataclass
+class Host:
+    s: Schedule
+    reverse: bool
+    names: HostNames
+    source: tuple[list[str], str]
+    spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
+    forward: Schedule | None = None  # a backward pass's forward step, whose values its "%i" leaves are
+
+    def ref(self, i: int) -> str:
+        """Node i over all steps, from the host code after (or before) the loop."""
+        g = self.s.graph
+        node = g.nodes[i]
+        if node.op == "const":
+            v = node.attrs[0]
+            return repr(v) if v >= 0 else f"({v!r})"
+        for name, leaf, nxt in g.carries:
+            # A next value made before the loop (h' = tanh(W @ x)) is read where it was made.
+            if i == leaf or (i == nxt and self.s.region[i] == "loop"):
+                buf = self.names.carry_buf[name]
+                later = (i == leaf) == self.reverse
+                return f"{buf}[B:]" if later else f"{buf}[:rows]"
+        if self.s.region[i] == "loop":
+            return self.names.seq[i]
+        return self.names.names[i]
+
+    def saved_ref(self, i: int) -> str:
+        """Node i as the forward pass hands it to the Triton backward pass.
+
+        The backward kernels address a saved value as rows of exactly its width. A slice made
+        outside the loop is a view with the rows of what it slices (a stacked product's 2H or 5H),
+        so it is saved as a copy of its own; that also lets the stacked value go rather than be
+        held, whole, until backward. (The C loops read such views at their own row stride.)
+        """
+        node = self.s.graph.nodes[i]
+        ref = self.ref(i)
+        if node.type.batched and node.op in VIEWS and ref == self.names.names.get(i):
+            return f"{ref}.contiguous()"
+        return ref
+
+
+def emit_region(w: Writer, host: Host, region: str, skip: frozenset[int] = frozenset()) -> None:
+    g = host.s.graph
+    lines, file = host.source
+    last = 0
+    for i in host.s.nodes_in(region):
+        node = g.nodes[i]
+        if node.op in ("input", "param", "const", "carry") or i in skip:
+            continue
+        if node.line and node.line != last and node.line <= len(lines):
+            w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
+            last = node.line
+        args = [host.ref(a) for a in node.args]
+        w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
+
+
+def tuple_code(items: list[str]) -> str:
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[int], fused_pre: set[int],
+                 scratch: set[int] = frozenset(), cross: set[int] = frozenset()) -> None:
+    """Before the loop: the host's values and every buffer the loop reads or writes. `scratch`:
+    buffers of one step's values (a Triton stage's output that the next stage reads), B rows;
+    `cross`: kept values a later stage reads, made even when not training."""
+    g, names = host.s.graph, host.names
+    w.comment("Fixed for the whole sequence.")
+    emit_region(w, host, "const")
+    w.comment("Before the loop: the input-only values the loop reads, for all steps at once.")
+    emit_region(w, host, "pre", skip=frozenset(fused_pre))
+    for (name, leaf, _), init in zip(g.carries, carry_init):
+        size = str(g.nodes[leaf].type.shape[0])
+        buf = names.carry_buf[name]
+        if name in names.wrapped:  # `wrap` blocks used in turn (see HostNames.wrapped)
+            w.line(f"{buf} = torch.empty((wrap * B, {size}), device=dev, dtype=dtype)")
+            first = "T % wrap * B:(T % wrap + 1) * B" if host.reverse else ":B"
+        else:
+            w.line(f"{buf} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
+            first = "T * B:" if host.reverse else ":B"
+        w.line(f"{buf}[{first}] = {init}")
+    for i, buf in names.seq.items():
+        size = str(g.nodes[i].type.shape[0])
+        rows = "B" if i in scratch else "rows"
+        alloc = f"torch.empty(({rows}, {size}), device=dev, dtype=dtype)"
+        guarded = i in guard and i not in cross
+        w.line(f"{buf} = {alloc} if train else None" if guarded else f"{buf} = {alloc}")
+
+
+def emit_after(w: Writer, host: Host, skip: frozenset[int] = frozenset()) -> None:
+    s = host.s
+    if s.nodes_in("post"):
+        w.comment("After the loop: what the carried values do not need, for all steps at once.")
+        emit_region(w, host, "post", skip)
+    if s.nodes_in("reduce"):
+        w.comment("Sums over time and batch, each one matrix product over all steps.")
+        emit_region(w, host, "reduce", skip)
+        emit_region(w, host, "final")
+
+
+
+def numbers(g: Graph, given: set[int] = frozenset()) -> set[int]:
+    """The scalars of g made of numbers alone, or of those `given`."""
+    out: set[int] = set()
+    for i, node in enumerate(g.nodes):
+        if node.type.batched or node.type.shape != ():
+            continue
+        if node.op == "const" or i in given or (node.op not in LEAVES and node.args and all(a in out for a in node.args)):
+            out.add(i)
+    return out
+
+
+def name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
+    names = HostNames(namer=namer)
+    g = s.graph
+    suggested = suggested_names(g)
+    for i, node in enumerate(g.nodes):
+        if i in leaf_names:
+            names.names[i] = leaf_names[i]
+        elif node.op not in ("const", "carry"):
+            names.names[i] = namer(suggested[i])
+    for name, _, _ in g.carries:
+        names.carry_buf[name] = namer(f"d_{name}_seq" if reverse else f"{name}_seq")
+    for i in sorted(s.kept):
+        names.seq[i] = namer(f"{names.names[i]}_seq")
+    return names
+
+
+
+@dataclass(frozen=True)
+class LoopTarget:
+    """What a backend writes of a pass: the time loop, and the module section around the functions."""
+
+    name: str  # the generated functions are forward_<name> and backward_<name>
+    # (w, loops_out, host, fn, carry_init, guard, taken, dims, keep): one pass's body from the
+    # buffers to the end (emit_buffers, the loop, emit_after); the loop's own code goes to loops_out
+    scan: Callable
+    finish: Callable  # (w, loops, body): the module section, from the loops' code and the host functions
+    spell: Callable  # how the host code spells an op (torch_spell, or the C backend's own products)
+    docs: tuple[str, str]  # the docstrings of forward_<name> and backward_<name>
+    reserved: frozenset[str]  # names the loop's code uses, which no host value may take
+    extra_args: tuple[str, ...] = ()  # keyword arguments of both functions beyond the sizes (c_lib)
+    # The Triton kernels address a saved value as rows of exactly its width: a slice made outside the
+    # loop is saved as a copy (Host.saved_ref). The C loops read it at its own row stride.
+    copy_saved_views: bool = False
+
+
+
+def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
+         source_lines: list[str], file: str, prefix: str, target: LoopTarget) -> None:
+    """forward_<target>, backward_<target> and their loops, in the module section `target` writes.
+    Raises Unsupported for what the target's loop cannot run."""
+    scan, finish, spell = target.scan, target.finish, target.spell
+    kernels = Writer()
+    body = Writer()
+    taken: set[str] = set(dims)
+
+    # forward
+    g = fwd.graph
+    namer = Namer(HOST_NAMES | target.reserved | set(dims))
+    leaf_names = {i: namer(name) for name, i in g.inputs}
+    init_names = [namer(f"{name}0") for name, _, _ in g.carries]
+    leaf_names.update({i: namer(name) for name, i in g.params})
+    names = name_values(fwd, namer, leaf_names, reverse=False)
+    names.numbers = numbers(g)
+    fwd_numbers = names.numbers
+    host = Host(fwd, False, names, (source_lines, file), spell)
+    args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
+    kw = ", ".join(["T", "B", *dims])
+    needed_by_pass = set()
+    for i, node in enumerate(g.nodes):
+        if fwd.region[i] in ("post", "reduce"):
+            needed_by_pass.update(node.args)
+    needed_by_pass.update(i for _, i in g.outputs)
+    guard = frozenset(i for i in saved_nodes if i in fwd.kept and i not in needed_by_pass)
+    extra = "".join(f", {a}" for a in target.extra_args)
+    with body.block(f"def forward_{target.name}({', '.join(args)}, *, {kw}, train=False{extra}):"):
+        body.line(f'"""{target.docs[0]}"""')
+        body.line("rows = T * B")
+        first = leaf_names[g.inputs[0][1]] if g.inputs else init_names[0]
+        body.line(f"dtype, dev = {first}.dtype, {first}.device")
+        for name, i in g.inputs:
+            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {str(g.nodes[i].type.shape[0])})")
+        if g.inputs:
+            emit_chunks(body, target, [leaf_names[i] for _, i in g.inputs], init_names,
+                         [leaf_names[i] for _, i in g.params], dims)
+        taken_here = taken | set(namer.taken)
+        keep = set(saved_nodes) | {i for _, i in g.outputs}
+        names.wrapped = wrapped_states(fwd)
+        if names.wrapped:
+            body.comment("States only the loop reads: one block a step when training (backward reads them), else two.")
+            body.line("wrap = T + 1 if train else 2")
+        scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
+        outs = tuple_code([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
+        finals = tuple_code([f"{names.carry_buf[name]}[T % wrap * B:(T % wrap + 1) * B]" if name in names.wrapped
+                         else f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
+        key_namer = Namer()  # a gate may be called h_prev too: every key its own
+        saved_keys = {i: key_namer(saved_key(g, i, names)) for i in saved_nodes}
+        saved_ref = host.saved_ref if target.copy_saved_views else host.ref
+        items = ", ".join(f'"{saved_keys[i]}": {saved_ref(i)}' for i in saved_nodes)
+        body.line(f"saved = {{{items}}} if train else None")
+        body.line(f"return {outs}, {finals}, saved")
+
+    # backward
+    body.line("")
+    body.line("")
+    gb = bwd.graph
+    namer = Namer(HOST_NAMES | target.reserved | set(dims))
+    fwd_params = {i: name for name, i in g.params}
+    leaf_names, binds, d_outs = {}, [], []
+    for key, i in gb.inputs:
+        if key.startswith("d:"):
+            leaf_names[i] = namer(f"d_{key[2:]}")
+            d_outs.append(i)
+    d_final = [namer(f"d_{name}_final") for name, _, _ in gb.carries]
+    param_args = {name: namer(name) for name, _ in g.params}
+    for key, i in gb.inputs + gb.params:
+        if key.startswith("%"):
+            f = int(key[1:])
+            if f in fwd_params:
+                leaf_names[i] = param_args[fwd_params[f]]
+            else:
+                leaf_names[i] = namer(saved_keys[f])
+                binds.append((leaf_names[i], saved_keys[f]))
+    names = name_values(bwd, namer, leaf_names, reverse=True)
+    names.numbers = numbers(gb, {i for key, i in gb.params if key.startswith("%") and int(key[1:]) in fwd_numbers})
+    host = Host(bwd, True, names, (source_lines, file), spell, forward=fwd)
+    args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
+    with body.block(f"def backward_{target.name}({', '.join(args)}, *, {kw}{extra}):"):
+        body.line(f'"""{target.docs[1]}"""')
+        body.line("rows = T * B")
+        ref = d_final[0] if d_final else leaf_names[d_outs[0]]
+        body.line(f"dtype, dev = {ref}.dtype, {ref}.device")
+        body.line("train = True")
+        for i in d_outs:
+            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {str(gb.nodes[i].type.shape[0])})")
+        for local, key in binds:
+            body.line(f'{local} = saved["{key}"]')
+        keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
+        scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), taken | set(namer.taken), dims, keep)
+        d_inputs = tuple_code([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in gb.outputs])
+        d_inits = tuple_code([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
+        d_params = tuple_code([host.ref(i) for _, i in gb.reduced])
+        body.line(f"return {d_inputs}, {d_inits}, {d_params}")
+
+    finish(w, kernels, body)
+
+
+
+def emit_chunks(body: Writer, target: LoopTarget, inputs: list[str], inits: list[str], params: list[str],
+                 dims: tuple[str, ...]) -> None:
+    """Inference over a long sequence, a chunk of steps at a time, by this same function: what the
+    loop reads of the inputs (the LSTM's W_ih @ x, 4H values a step) is then made for one chunk,
+    not for every step at once; outputs are joined, the last chunk's final states returned."""
+    body.comment("A long sequence without training: a chunk of steps at a time (see CHUNK_ROWS).")
+    body.line("chunk = max(CHUNK_STEPS, CHUNK_ROWS // max(B, 1))")
+    with body.block("if not train and T > 2 * chunk:"):
+        body.line(f"chunk_outs, chunk_state = None, {tuple_code(inits)}")
+        with body.block("for chunk_start in range(0, T, chunk):"):
+            body.line("chunk_len = min(chunk, T - chunk_start)")
+            rows = [f"{x}[chunk_start * B:(chunk_start + chunk_len) * B]" for x in inputs]
+            kw = ", ".join(["T=chunk_len", "B=B", *(f"{d}={d}" for d in dims)]
+                           + [f"{a}={a}" for a in target.extra_args])
+            body.line(f"chunk_out, chunk_state, _ = forward_{target.name}({', '.join([*rows, '*chunk_state', *params, kw])})")
+            with body.block("if chunk_outs is None:"):
+                body.line("chunk_outs = tuple(torch.empty((T, *part.shape[1:]), device=dev, dtype=part.dtype) "
+                          "for part in chunk_out)")
+            with body.block("for whole, part in zip(chunk_outs, chunk_out):"):
+                body.line("whole[chunk_start:chunk_start + chunk_len] = part")
+        body.line("return chunk_outs, chunk_state, None")
+
+
+def wrapped_states(s: Schedule) -> set[str]:
+    """The forward pass's states that nothing after the loop reads but their final value: made in
+    the loop, read only in it, and not an output."""
+    g = s.graph
+    users = g.users()
+    outputs = {i for _, i in g.outputs}
+    return {name for name, leaf, nxt in g.carries
+            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry" and not {leaf, nxt} & outputs
+            and all(s.region[u] == "loop" for v in (leaf, nxt) for u in users[v])}
+
+
+def saved_key(g: Graph, i: int, names: HostNames) -> str:
+    node = g.nodes[i]
+    if node.op == "carry":
+        return f"{node.attrs[0]}_prev"
+    for name, _, nxt in g.carries:
+        if nxt == i:
+            return f"{name}_next"
+    return names.names[i]
