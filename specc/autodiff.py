@@ -1,10 +1,10 @@
 """Stage 4: step IR -> backward step IR, by reverse-mode differentiation (specc's own).
 
 The backward step is itself a scan body, run from the last step to the first. Its leaves:
-  carry  'h'      the gradient reaching state h's next value from the later steps
-  input  'd:y'    the gradient of output y at this step
-  input  '%i'     the forward value of forward node i at this step (saved or recomputed)
-  param  '%i'     a forward value fixed for the sequence (a parameter, or one made from them)
+  carry  'h'                 the gradient reaching state h's next value from the later steps
+  input  OutputGradient(y)   the gradient of output y at this step
+  input  Forward(i)          the forward value of forward node i at this step (saved or recomputed)
+  param  Forward(i)          a forward value fixed for the sequence (a parameter, or one made from them)
 It yields, per state, the gradient of the state's previous value (its next carry); per input,
 that input's gradient at this step (outputs); per parameter, its gradient summed over the batch
 (reduced; the scheduler also sums it over time).
@@ -14,12 +14,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from . import ops
-from .ir import Builder, Graph, Type, suggested_names
+from .ir import Builder, Forward, Graph, OutputGradient, Type, suggested_names
 from .shapes import Size
-
-
-def fwd_key(i: int) -> str:
-    return f"%{i}"
 
 
 def differentiate(fwd: Graph) -> Graph:
@@ -38,7 +34,7 @@ def differentiate(fwd: Graph) -> Graph:
                 mirror[i] = b.add(node.op, tuple(m(a) for a in node.args), name=fwd_names[i], line=node.line)
             else:
                 kind = "input" if node.type.batched else "param"
-                mirror[i] = b.add(kind, (), (fwd_key(i),), name=fwd_names[i], type=node.type)
+                mirror[i] = b.add(kind, (), (Forward(i),), name=fwd_names[i], type=node.type)
         return mirror[i]
 
     grads: dict[int, list[int]] = defaultdict(list)
@@ -51,8 +47,8 @@ def differentiate(fwd: Graph) -> Graph:
         grads[nxt].append(d)
     inputs = []
     for name, n in fwd.outputs:
-        d = b.add("input", (), (f"d:{name}",), name=f"d_{name}", type=fwd.nodes[n].type)
-        inputs.append((f"d:{name}", d))
+        d = b.add("input", (), (OutputGradient(name),), name=f"d_{name}", type=fwd.nodes[n].type)
+        inputs.append((OutputGradient(name), d))
         grads[n].append(d)
 
     def total(i: int) -> int | None:
@@ -100,8 +96,8 @@ def differentiate(fwd: Graph) -> Graph:
     reduced = [(name, whole(leaf)) for name, leaf in fwd.params]
     saved = sorted((i for i in mirror if fwd.nodes[i].op != "const" and not _recomputed(fwd, i)),
                    key=lambda i: mirror[i])
-    inputs += [(fwd_key(i), mirror[i]) for i in saved if fwd.nodes[i].type.batched]
-    params = [(fwd_key(i), mirror[i]) for i in saved if not fwd.nodes[i].type.batched]
+    inputs += [(Forward(i), mirror[i]) for i in saved if fwd.nodes[i].type.batched]
+    params = [(Forward(i), mirror[i]) for i in saved if not fwd.nodes[i].type.batched]
     return Graph(tuple(b.nodes), tuple(inputs), tuple(carries), tuple(params), tuple(outputs), tuple(reduced))
 
 

@@ -535,31 +535,62 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
     uses of it are not reported again, so each problem is reported once, where it is.
     """
     start = len(errors.diagnostics)
-    defined: dict[str, Loc] = {}
-    kinds: dict[str, str] = {}  # name -> "dimension" | "input" | "state" | "parameter" | "value"
-    rules: list[SizeRule] = []
-
-    def define(name: str, loc: Loc, what: str) -> bool:
-        why = _reserved(name, what)
-        if why is not None:
-            errors.error(loc, f"'{name}' {why}; choose another name for this {what}")
-            if name not in defined:
-                defined[name], kinds[name] = loc, what
-            return False
-        if name in defined:
-            errors.error(loc, f"'{name}' is defined twice (first as {_ARTICLE[kinds[name]]} at line {defined[name].line})")
-            return False
-        defined[name], kinds[name] = loc, what
-        return True
-
-    dims: set[str] = set()
+    c = _CellChecker(errors)
     for name, loc in cell.dims:
         # A refused name is still a dimension of this cell: its uses are not errors of their own.
-        define(name, loc, "dimension")
-        dims.add(name)
+        c.define(name, loc, "dimension")
+        c.dims.add(name)
+    assigns, outputs = c.declarations(cell.stmts)
+    equations = c.equations(assigns, outputs)
+    for d in c.states:
+        excused = d.name in c.assigned_unprimed or ((d.name, True) in c.env and c.env[(d.name, True)] is None)
+        if (d.name, True) not in c.defs and not excused:
+            errors.error(d.loc, f"state '{d.name}' has no next value; add an equation {d.name}' = ...")
+    if not outputs:
+        errors.error(cell.loc, f"cell '{cell.name}' has no output; add a line such as: output h'")
+    ordered = c.typed(equations)
+    output_list = c.outputs(outputs)
+    if len(errors.diagnostics) > start:
+        return None
+    return CheckedCell(cell.name, cell.doc, file, tuple(n for n, _ in cell.dims), tuple(c.inputs), tuple(c.states),
+                       tuple(c.params), tuple(ordered), tuple(output_list), cell.loc, tuple(c.rules))
 
-    def shape_of(dims_ast, what: str) -> Shape | None:
-        sizes = [dim_size(d, dims, errors) for d in dims_ast]
+
+class _CellChecker:
+    """What _check_cell learns of one cell as it reads it: the names defined and their kinds, the
+    type of every value a step sees (`env`; None for a value whose definition is in error), and
+    the equations defining each value."""
+
+    def __init__(self, errors: Collector):
+        self.errors = errors
+        self.defined: dict[str, Loc] = {}
+        self.kinds: dict[str, str] = {}  # name -> "dimension" | "input" | "state" | "parameter" | "value"
+        self.rules: list[SizeRule] = []
+        self.dims: set[str] = set()
+        self.env: dict[tuple[str, bool], Type | None] = {}
+        self.inputs: list[Decl] = []
+        self.states: list[Decl] = []
+        self.params: list[Decl] = []
+        self.state_names: set[str] = set()
+        self.defs: dict[tuple[str, bool], Equation] = {}  # (name, is_next) -> its defining equation
+        self.assigned_unprimed: set[str] = set()
+
+    def define(self, name: str, loc: Loc, what: str) -> bool:
+        why = _reserved(name, what)
+        if why is not None:
+            self.errors.error(loc, f"'{name}' {why}; choose another name for this {what}")
+            if name not in self.defined:
+                self.defined[name], self.kinds[name] = loc, what
+            return False
+        if name in self.defined:
+            self.errors.error(loc, f"'{name}' is defined twice (first as {_ARTICLE[self.kinds[name]]} at line "
+                                   f"{self.defined[name].line})")
+            return False
+        self.defined[name], self.kinds[name] = loc, what
+        return True
+
+    def shape_of(self, dims_ast, what: str) -> Shape | None:
+        sizes = [dim_size(d, self.dims, self.errors) for d in dims_ast]
         ok = True
         for d, size in zip(dims_ast, sizes):
             if size is None:
@@ -567,204 +598,196 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
                 continue
             problem = _size_problem(size)
             if problem is not None:
-                errors.error(d.loc, problem)
+                self.errors.error(d.loc, problem)
                 ok = False
             elif size.constant is None:
-                rules.append(SizeRule(size, what, d.loc))
+                self.rules.append(SizeRule(size, what, d.loc))
         return tuple(sizes) if ok else None
 
-    def check_init(init: ast.Init | None, allowed) -> None:
+    def check_init(self, init: ast.Init | None, allowed) -> None:
         if init is None:
             return
         if init.name not in allowed:
             hint = _suggest(init.name, allowed)
-            errors.error(init.loc, f"unknown initialiser '{init.name}'" + (hint or f"; expected one of {', '.join(allowed)}")
-                         + ("" if init.name not in INITS else " (a state starts from a constant)"))
+            self.errors.error(init.loc, f"unknown initialiser '{init.name}'" + (hint or f"; expected one of {', '.join(allowed)}")
+                              + ("" if init.name not in INITS else " (a state starts from a constant)"))
             return
         counts = INITS[init.name]
         if len(init.args) not in counts:
             want = " or ".join(str(c) for c in counts)
-            errors.error(init.loc, f"{init.name} takes {want} argument{'s' if counts[-1] != 1 else ''}, "
-                                   f"got {len(init.args)}")
+            self.errors.error(init.loc, f"{init.name} takes {want} argument{'s' if counts[-1] != 1 else ''}, "
+                                        f"got {len(init.args)}")
         for a in init.args:
-            check_scalar(a, dims, errors)
-        _check_init_values(init, dims, errors)
+            check_scalar(a, self.dims, self.errors)
+        _check_init_values(init, self.dims, self.errors)
 
-    # env: the type of every value a step sees; None for a value whose definition is in error.
-    env: dict[tuple[str, bool], Type | None] = {}
-    inputs, states, params = [], [], []
-    state_names: set[str] = set()
-    assigns: list[ast.Assign] = []
-    outputs: list[ast.Output] = []
-    for s in cell.stmts:
-        if isinstance(s, ast.Input):
-            shape = shape_of(s.shape, f"input {s.name}")
-            fresh = s.name not in defined
-            ok = define(s.name, s.loc, "input") and shape is not None
-            if ok and len(shape) != 1:
-                errors.error(s.loc, f"input '{s.name}' must be a vector, got {shape_str(shape)}")
-                ok = False
-            if ok:
-                inputs.append(Decl(s.name, shape, None, s.loc))
-            if fresh:
-                env[(s.name, False)] = Type(shape, True) if ok else None
-        elif isinstance(s, ast.State):
-            shape = shape_of(s.shape, f"state {s.name}")
-            check_init(s.init, STATE_INITS)
-            fresh = s.name not in defined
-            ok = define(s.name, s.loc, "state") and shape is not None
-            if ok and len(shape) != 1:
-                errors.error(s.loc, f"state '{s.name}' must be a vector, got {shape_str(shape)}")
-                ok = False
-            if ok:
-                states.append(Decl(s.name, shape, s.init, s.loc))
-            if fresh:
-                state_names.add(s.name)
-                env[(s.name, False)] = Type(shape, True) if ok else None
-            if not ok and (fresh or s.name not in state_names):
-                env[(s.name, True)] = None  # its next value is not reported missing or misused
-        elif isinstance(s, ast.Param):
-            shape = shape_of(s.shape, f"parameter {s.name}")
-            check_init(s.init, tuple(INITS))
-            fresh = s.name not in defined
-            ok = define(s.name, s.loc, "parameter") and shape is not None
-            if ok and len(shape) > 3:
-                errors.error(s.loc, f"parameter '{s.name}' has {len(shape)} axes; at most 3 are supported")
-                ok = False
-            if ok:
-                params.append(Decl(s.name, shape, s.init, s.loc))
-            if fresh:
-                env[(s.name, False)] = Type(shape, False) if ok else None
-        elif isinstance(s, ast.Assign):
-            assigns.append(s)
-        elif isinstance(s, ast.Output):
-            outputs.append(s)
+    def declarations(self, stmts) -> tuple[list[ast.Assign], list[ast.Output]]:
+        """Inputs, states and parameters, declared; the equations and outputs, for later."""
+        assigns: list[ast.Assign] = []
+        outputs: list[ast.Output] = []
+        for s in stmts:
+            if isinstance(s, ast.Input):
+                self._declare(s, "input", None, self.inputs)
+            elif isinstance(s, ast.State):
+                fresh = s.name not in self.defined
+                ok = self._declare(s, "state", STATE_INITS, self.states)
+                if fresh:
+                    self.state_names.add(s.name)
+                if not ok and (fresh or s.name not in self.state_names):
+                    self.env[(s.name, True)] = None  # its next value is not reported missing or misused
+            elif isinstance(s, ast.Param):
+                self._declare(s, "parameter", tuple(INITS), self.params)
+            elif isinstance(s, ast.Assign):
+                assigns.append(s)
+            elif isinstance(s, ast.Output):
+                outputs.append(s)
+        return assigns, outputs
 
-    # Every value the step defines: key (name, is_next) -> defining equation.
-    defs: dict[tuple[str, bool], Equation] = {}
-    equations: list[Equation] = []
-    position: dict[int, int] = {}  # id(equation) -> where it comes in assigns + outputs
-    assigned_unprimed: set[str] = set()
-    written = assigns + [o for o in outputs if o.expr is not None]
-    # In source order, so that "first at line N" is the first; the equations keep the order above.
-    for where, a in sorted(enumerate(written), key=lambda p: (p[1].loc.line, p[1].loc.col)):
-        targets = a.targets if isinstance(a, ast.Assign) else (a.target,)
-        ok = True
-        fresh = []
-        for t in targets:
-            if t.next:
-                if (t.name, True) in env and env[(t.name, True)] is None and (t.name, True) not in defs:
-                    ok = False  # a state whose declaration is in error, or a misuse reported already
-                elif t.name not in state_names:
-                    kind = kinds.get(t.name)
-                    what = "is not declared" if kind is None else f"is {_ARTICLE[kind]}, not a state"
-                    errors.error(t.loc, f"{t.name}' gives a next value, but '{t.name}' {what}; "
-                                        f"only states have next values")
-                    env.setdefault((t.name, True), None)
-                    ok = False
-                elif (t.name, True) in defs:
-                    errors.error(t.loc, f"{t.name}' is defined twice (first at line {defs[(t.name, True)].loc.line})")
-                    ok = False
-                else:
-                    fresh.append(t)
-            else:
-                if t.name in state_names:
-                    errors.error(t.loc, f"cannot assign to state '{t.name}'; write {t.name}' = ... for its next value")
-                    assigned_unprimed.add(t.name)
-                    ok = False
-                elif define(t.name, t.loc, "value"):
-                    fresh.append(t)
-                else:
-                    ok = False
-                    if (t.name, False) not in defs:  # a reserved name, or another kind's: its uses are not errors too
-                        env.setdefault((t.name, False), None)
-        keys = [(t.name, t.next) for t in targets]
-        if len(set(keys)) != len(keys):
-            dup = next(t for i, t in enumerate(targets) if (t.name, t.next) in keys[:i])
-            if ok:
-                errors.error(dup.loc, f"'{dup}' is assigned twice in one equation")
+    def _declare(self, s, what: str, inits: tuple | None, into: list) -> bool:
+        """Declare input, state or parameter s (with an initialiser from `inits`, if any)."""
+        shape = self.shape_of(s.shape, f"{what} {s.name}")
+        init = getattr(s, "init", None)
+        if inits is not None:
+            self.check_init(init, inits)
+        fresh = s.name not in self.defined
+        ok = self.define(s.name, s.loc, what) and shape is not None
+        if ok and what != "parameter" and len(shape) != 1:
+            self.errors.error(s.loc, f"{what} '{s.name}' must be a vector, got {shape_str(shape)}")
             ok = False
-        eq = Equation(tuple(targets), a.expr, a.loc)
+        if ok and what == "parameter" and len(shape) > 3:
+            self.errors.error(s.loc, f"parameter '{s.name}' has {len(shape)} axes; at most 3 are supported")
+            ok = False
         if ok:
+            into.append(Decl(s.name, shape, init, s.loc))
+        if fresh:
+            self.env[(s.name, False)] = Type(shape, what != "parameter") if ok else None
+        return ok
+
+    def equations(self, assigns: list[ast.Assign], outputs: list[ast.Output]) -> list[Equation]:
+        """The equations whose targets are well defined, in the order of assigns + outputs."""
+        equations: list[Equation] = []
+        position: dict[int, int] = {}  # id(equation) -> where it comes in assigns + outputs
+        written = assigns + [o for o in outputs if o.expr is not None]
+        # In source order, so that "first at line N" is the first; the equations keep the order above.
+        for where, a in sorted(enumerate(written), key=lambda p: (p[1].loc.line, p[1].loc.col)):
+            targets = a.targets if isinstance(a, ast.Assign) else (a.target,)
+            ok, fresh = True, []
             for t in targets:
-                defs[(t.name, t.next)] = eq
-            equations.append(eq)
-            position[id(eq)] = where
-        else:
-            for t in fresh:  # known from here on, with no type: its uses are not errors too
-                env[(t.name, t.next)] = None
-
-    equations.sort(key=lambda e: position[id(e)])
-    for d in states:
-        excused = d.name in assigned_unprimed or ((d.name, True) in env and env[(d.name, True)] is None)
-        if (d.name, True) not in defs and not excused:
-            errors.error(d.loc, f"state '{d.name}' has no next value; add an equation {d.name}' = ...")
-    if not outputs:
-        errors.error(cell.loc, f"cell '{cell.name}' has no output; add a line such as: output h'")
-
-    ordered = _order(equations, defs, errors)
-    in_order = {id(eq) for eq in ordered}
-    for eq in equations:
-        if id(eq) not in in_order:  # on a cycle, reported
-            for t in eq.targets:
-                env[(t.name, t.next)] = None
-    for eq in ordered:
-        _check_equation(eq, env, defined, errors, state_names, kinds=kinds, rules=rules)
-        for t in eq.targets:
-            env.setdefault((t.name, t.next), None)
-
-    for d in states:
-        key = (d.name, True)
-        got = env.get(key)
-        if got is None:
-            continue
-        eq = defs[key]
-        if got.shape != d.shape:
-            errors.error(eq.targets[0].loc, f"{d.name}' has shape {shape_str(got.shape)}, "
-                                            f"but state '{d.name}' is declared {shape_str(d.shape)}")
-            env[key] = None
-        elif not got.batched:
-            errors.error(eq.targets[0].loc, f"{d.name}' is made only from parameters and numbers, so it is the "
-                                            f"same for every example; a state's next value must depend on an "
-                                            f"input or a state")
-            env[key] = None
-
-    output_list = []
-    output_names: dict[str, Loc] = {}
-    for o in outputs:
-        t = o.target
-        key = (t.name, t.next)
-        if o.expr is None:
-            kind = kinds.get(t.name)
-            if key not in env:
-                if t.next and t.name not in state_names:
-                    what = "is not declared" if kind is None else f"is {_ARTICLE[kind]}, not a state"
-                    errors.error(t.loc, f"output {t}: '{t.name}' {what}, so {t} has no meaning")
-                elif kind == "dimension":
-                    errors.error(t.loc, f"'{t.name}' is a dimension, not a value; it cannot be an output")
+                if self._target(t):
+                    fresh.append(t)
                 else:
-                    known = [k[0] + ("'" if k[1] else "") for k in env]
-                    errors.error(t.loc, f"unknown value '{t}' in output" + _suggest(str(t), known))
-                continue
-            if kind == "parameter" and not t.next:
-                errors.error(t.loc, f"'{t.name}' is a parameter, the same for every example; an output must be "
-                                    f"a per-example vector (computed from an input or a state)")
-                continue
-        if t.name in output_names:
-            errors.error(t.loc, f"output '{t.name}' is declared twice (first at line {output_names[t.name].line})")
-            continue
-        output_names[t.name] = t.loc
-        output_list.append((t.name, t))
-        got = env.get(key)
-        if got is not None and (len(got.shape) != 1 or not got.batched):
-            why = ("it is the same for every example (made only from parameters and numbers)" if not got.batched
-                   else f"got {shape_str(got.shape)}")
-            errors.error(t.loc, f"output '{t.name}' must be a per-example vector; {why}")
+                    ok = False
+            keys = [(t.name, t.next) for t in targets]
+            if len(set(keys)) != len(keys):
+                dup = next(t for i, t in enumerate(targets) if (t.name, t.next) in keys[:i])
+                if ok:
+                    self.errors.error(dup.loc, f"'{dup}' is assigned twice in one equation")
+                ok = False
+            eq = Equation(tuple(targets), a.expr, a.loc)
+            if ok:
+                for t in targets:
+                    self.defs[(t.name, t.next)] = eq
+                equations.append(eq)
+                position[id(eq)] = where
+            else:
+                for t in fresh:  # known from here on, with no type: its uses are not errors too
+                    self.env[(t.name, t.next)] = None
+        return sorted(equations, key=lambda e: position[id(e)])
 
-    if len(errors.diagnostics) > start:
-        return None
-    return CheckedCell(cell.name, cell.doc, file, tuple(n for n, _ in cell.dims), tuple(inputs), tuple(states),
-                       tuple(params), tuple(ordered), tuple(output_list), cell.loc, tuple(rules))
+    def _target(self, t) -> bool:
+        """Whether target t of an equation is one it may define (reporting why not)."""
+        env, errors = self.env, self.errors
+        if t.next:
+            if (t.name, True) in env and env[(t.name, True)] is None and (t.name, True) not in self.defs:
+                return False  # a state whose declaration is in error, or a misuse reported already
+            if t.name not in self.state_names:
+                kind = self.kinds.get(t.name)
+                what = "is not declared" if kind is None else f"is {_ARTICLE[kind]}, not a state"
+                errors.error(t.loc, f"{t.name}' gives a next value, but '{t.name}' {what}; only states have next values")
+                env.setdefault((t.name, True), None)
+                return False
+            if (t.name, True) in self.defs:
+                errors.error(t.loc, f"{t.name}' is defined twice (first at line {self.defs[(t.name, True)].loc.line})")
+                return False
+            return True
+        if t.name in self.state_names:
+            errors.error(t.loc, f"cannot assign to state '{t.name}'; write {t.name}' = ... for its next value")
+            self.assigned_unprimed.add(t.name)
+            return False
+        if self.define(t.name, t.loc, "value"):
+            return True
+        if (t.name, False) not in self.defs:  # a reserved name, or another kind's: its uses are not errors too
+            env.setdefault((t.name, False), None)
+        return False
+
+    def typed(self, equations: list[Equation]) -> list[Equation]:
+        """The equations in the order a step computes them, each typed; next values checked against
+        their states."""
+        env = self.env
+        ordered = _order(equations, self.defs, self.errors)
+        in_order = {id(eq) for eq in ordered}
+        for eq in equations:
+            if id(eq) not in in_order:  # on a cycle, reported
+                for t in eq.targets:
+                    env[(t.name, t.next)] = None
+        for eq in ordered:
+            _check_equation(eq, env, self.defined, self.errors, self.state_names, kinds=self.kinds, rules=self.rules)
+            for t in eq.targets:
+                env.setdefault((t.name, t.next), None)
+        for d in self.states:
+            key = (d.name, True)
+            got = env.get(key)
+            if got is None:
+                continue
+            where = self.defs[key].targets[0].loc
+            if got.shape != d.shape:
+                self.errors.error(where, f"{d.name}' has shape {shape_str(got.shape)}, "
+                                         f"but state '{d.name}' is declared {shape_str(d.shape)}")
+                env[key] = None
+            elif not got.batched:
+                self.errors.error(where, f"{d.name}' is made only from parameters and numbers, so it is the "
+                                         f"same for every example; a state's next value must depend on an "
+                                         f"input or a state")
+                env[key] = None
+        return ordered
+
+    def outputs(self, outputs: list[ast.Output]) -> list[tuple[str, ast.Target]]:
+        output_list = []
+        output_names: dict[str, Loc] = {}
+        for o in outputs:
+            t = o.target
+            if o.expr is None and not self._output_refers(t):
+                continue
+            if t.name in output_names:
+                self.errors.error(t.loc, f"output '{t.name}' is declared twice (first at line {output_names[t.name].line})")
+                continue
+            output_names[t.name] = t.loc
+            output_list.append((t.name, t))
+            got = self.env.get((t.name, t.next))
+            if got is not None and (len(got.shape) != 1 or not got.batched):
+                why = ("it is the same for every example (made only from parameters and numbers)" if not got.batched
+                       else f"got {shape_str(got.shape)}")
+                self.errors.error(t.loc, f"output '{t.name}' must be a per-example vector; {why}")
+        return output_list
+
+    def _output_refers(self, t) -> bool:
+        """Whether `output t` (no equation) names a per-example value the step has (reporting why not)."""
+        kind = self.kinds.get(t.name)
+        if (t.name, t.next) not in self.env:
+            if t.next and t.name not in self.state_names:
+                what = "is not declared" if kind is None else f"is {_ARTICLE[kind]}, not a state"
+                self.errors.error(t.loc, f"output {t}: '{t.name}' {what}, so {t} has no meaning")
+            elif kind == "dimension":
+                self.errors.error(t.loc, f"'{t.name}' is a dimension, not a value; it cannot be an output")
+            else:
+                known = [k[0] + ("'" if k[1] else "") for k in self.env]
+                self.errors.error(t.loc, f"unknown value '{t}' in output" + _suggest(str(t), known))
+            return False
+        if kind == "parameter" and not t.next:
+            self.errors.error(t.loc, f"'{t.name}' is a parameter, the same for every example; an output must be "
+                                     f"a per-example vector (computed from an input or a state)")
+            return False
+        return True
 
 
 def _refs(expr: ast.Expr):

@@ -17,6 +17,27 @@ from .shapes import Type, shape_str  # noqa: F401 - Type is the IR's, defined be
 
 
 @dataclass(frozen=True)
+class Forward:
+    """The key of a backward step's leaf that is forward node `node`'s value (at the step, or for
+    the sequence when it is made of parameters alone)."""
+
+    node: int
+
+    def __str__(self) -> str:
+        return f"%{self.node}"
+
+
+@dataclass(frozen=True)
+class OutputGradient:
+    """The key of a backward step's leaf that is the gradient of output `name` at the step."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"d:{self.name}"
+
+
+@dataclass(frozen=True)
 class Node:
     op: str
     args: tuple[int, ...]

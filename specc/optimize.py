@@ -141,6 +141,42 @@ def fuse_products(g: Graph) -> Graph:
     return eliminate_dead(rebuild(g, visit))
 
 
+def hoist_factors(g: Graph) -> Graph:
+    """Products of a loop value by factors fixed for the step are regrouped so that the factors
+    multiply each other before the loop: (x * a) * b -> x * (a * b), x depending on the carried
+    state and a, b not. Backward steps are chains of such products (g * y * (1 - y)); each
+    regrouping moves one elementwise op per step out of the loop, into one op over all steps."""
+    users = g.users()
+    dep: list[bool] = []  # per node of the graph being built: does it depend on a carried value?
+
+    def depends(b: Builder, j: int) -> bool:
+        while len(dep) < len(b.nodes):
+            node = b.nodes[len(dep)]
+            dep.append(node.op == "carry" or any(dep[a] for a in node.args))
+        return dep[j]
+
+    def visit(b: Builder, i, node, new):
+        if node.op != "mul" or not node.type.batched:
+            return None
+        for p, q in (node.args, node.args[::-1]):
+            inner = b.nodes[new[p]]
+            if len(users[p]) != 1 or depends(b, new[q]) or inner.op != "mul" or not depends(b, new[p]):
+                continue
+            x, a = inner.args
+            if depends(b, a):
+                x, a = a, x
+            if depends(b, a) or not depends(b, x):
+                continue
+            factor = b.add("mul", (a, new[q]), line=node.line)
+            out = b.add("mul", (x, factor), name=node.name, line=node.line)
+            if node.name:
+                b.name(out, node.name, node.line)
+            return out
+        return None
+
+    return eliminate_dead(rebuild(g, visit), keep_leaves=False)
+
+
 def optimize(g: Graph, keep_leaves: bool = True) -> Graph:
     # Dead values go first: a product nobody reads must not be stacked into one that somebody does.
     g = eliminate_dead(g, keep_leaves=keep_leaves)

@@ -10,7 +10,7 @@ from . import assemble
 from .autodiff import differentiate
 from .check import CheckedCell, check
 from .errors import SpecError
-from .ir import Graph
+from .ir import Forward, Graph
 from .library import spec_file
 from .lower import lower
 from .optimize import optimize
@@ -63,8 +63,8 @@ def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Com
     fwd = optimize(step)
     bwd = optimize(differentiate(fwd), keep_leaves=False)
     # Forward values the backward pass reads, other than the parameters it is handed anyway.
-    saved = sorted({int(k[1:]) for k, _ in bwd.inputs + bwd.params
-                    if k.startswith("%") and fwd.nodes[int(k[1:])].op != "param"})
+    saved = sorted({k.node for k, _ in bwd.inputs + bwd.params
+                    if isinstance(k, Forward) and fwd.nodes[k.node].op != "param"})
     fs = schedule(fwd, also_keep=frozenset(saved))
     bs = schedule(bwd)
     source = assemble.module_source(cell, fs, bs, saved, text, file)

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ir import Graph
-from .ops import REDUCTIONS
+from .ops import ACTIVATIONS, REDUCTIONS
+from .shapes import Size
 
 REGIONS = ("const", "pre", "loop", "post", "reduce", "final")
 
@@ -70,5 +71,46 @@ def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
     kept.update(i for _, i in g.outputs if region[i] == "loop")
     kept.update(i for i in also_keep if region[i] == "loop")
     # Carried values live in the state sequence buffer already.
+    kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
+    return Schedule(g, tuple(region), frozenset(kept))
+
+
+_ROWWISE = {"add", "sub", "mul", "div", "neg", *ACTIVATIONS, "matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b",
+                                              "softmax", "softmax_vjp"}
+
+
+def _row_size(g: Graph, i: int):
+    """Entries per row of value i, for comparing sizes (dimensions taken large)."""
+    total = Size.of(1)
+    for d in g.nodes[i].type.shape:
+        total = total * d
+    return total.evaluate({n: 1 << 20 for n in total.names()})
+
+
+def sink_post(s: Schedule) -> Schedule:
+    """A value the scheduler puts after the loop is made in the loop instead, step by step, when
+    that spares keeping, for every step, loop values bigger than it (the gradient of contract's
+    outer products, H*I entries a row, for the input's gradient, I a row)."""
+    g = s.graph
+    region = list(s.region)
+    users = g.users()
+    outputs = {i for _, i in g.outputs}
+    for n in range(len(g.nodes)):
+        node = g.nodes[n]
+        if region[n] != "post" or node.op not in _ROWWISE or not node.type.batched:
+            continue
+        if any(region[a] not in ("loop", "pre", "const") for a in node.args):
+            continue
+        freed = [a for a in set(node.args) if region[a] == "loop" and g.nodes[a].op != "carry" and a not in outputs
+                 and all(u == n or region[u] == "loop" for u in users[a])]
+        if freed and sum(_row_size(g, a) for a in freed) > _row_size(g, n):
+            region[n] = "loop"
+    if tuple(region) == s.region:
+        return s
+    kept = set()
+    for i, node in enumerate(g.nodes):
+        if region[i] in ("post", "reduce"):
+            kept.update(a for a in node.args if region[a] == "loop")
+    kept.update(i for i in outputs if region[i] == "loop")
     kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
     return Schedule(g, tuple(region), frozenset(kept))

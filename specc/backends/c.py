@@ -39,7 +39,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..ir import Graph, Node, suggested_names
+from ..ir import Forward, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
@@ -97,14 +97,14 @@ def _may_be_a_view(s: Schedule, i: int) -> bool:
 def c_constant(g: Graph, i: int, forward: Graph | None = None) -> str | None:
     """Node i as a C expression when it is made of constants alone (-0.5, 2 * 3, tanh(0.5)), else
     None. The host holds such a number as a Python float, which is not memory the C could read.
-    In a backward pass (`forward` given), a forward value handed in ("%i") is followed there."""
+    In a backward pass (`forward` given), a forward value handed in (a Forward leaf) is followed there."""
     node = g.nodes[i]
     if node.op == "const":
         return c_float(node.attrs[0])
     if node.type.shape != () or node.type.batched:
         return None
-    if node.op == "param" and forward is not None and str(node.attrs[0]).startswith("%"):
-        return c_constant(forward, int(node.attrs[0][1:]))
+    if node.op == "param" and forward is not None and isinstance(node.attrs[0], Forward):
+        return c_constant(forward, node.attrs[0].node)
     if not (node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS):
         return None
     args = [c_constant(g, a, forward) for a in node.args]
@@ -155,7 +155,7 @@ class CLoop:
         # concatenation the loop wrote in place. Those are read at the distance between their
         # rows that the host hands in; everything else is contiguous, and read as such.
         self.views = {i for key, i in self.g.inputs
-                      if key.startswith("%") and (forward is None or _may_be_a_view(forward, int(key[1:])))}
+                      if isinstance(key, Forward) and (forward is None or _may_be_a_view(forward, key.node))}
         self.namer = Namer()
         # The spec's names of values, as the host's (int_2, where Python has a builtin int) need not be.
         self.suggested = suggested_names(self.g)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..ir import LEAVES, Graph, Node, suggested_names
+from ..ir import LEAVES, Forward, Graph, Node, OutputGradient, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from .writer import Namer, Writer
@@ -137,7 +137,7 @@ class Host:
     names: HostNames
     source: tuple[list[str], str]
     spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
-    forward: Schedule | None = None  # a backward pass's forward step, whose values its "%i" leaves are
+    forward: Schedule | None = None  # a backward pass's forward step, whose values its Forward leaves are
 
     def ref(self, i: int) -> str:
         """Node i over all steps, from the host code after (or before) the loop."""
@@ -281,12 +281,20 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
          source_lines: list[str], file: str, prefix: str, target: LoopTarget) -> None:
     """forward_<target>, backward_<target> and their loops, in the module section `target` writes.
     Raises Unsupported for what the target's loop cannot run."""
-    scan, finish, spell = target.scan, target.finish, target.spell
     kernels = Writer()
     body = Writer()
-    taken: set[str] = set(dims)
+    source = (source_lines, file)
+    saved_keys, fwd_numbers = _emit_forward(body, kernels, fwd, saved_nodes, dims, source, prefix, target)
+    body.line("")
+    body.line("")
+    _emit_backward(body, kernels, bwd, fwd, saved_keys, fwd_numbers, dims, source, prefix, target)
+    target.finish(w, kernels, body)
 
-    # forward
+
+def _emit_forward(body: Writer, kernels: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
+                  source: tuple[list[str], str], prefix: str, target: LoopTarget) -> tuple[dict[int, str], set[int]]:
+    """forward_<target>; returns the keys of the values it saves for backward, and the forward
+    nodes that are numbers (Python floats in the host code)."""
     g = fwd.graph
     namer = Namer(HOST_NAMES | target.reserved | set(dims))
     leaf_names = {i: namer(name) for name, i in g.inputs}
@@ -295,7 +303,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     names = name_values(fwd, namer, leaf_names, reverse=False)
     names.numbers = numbers(g)
     fwd_numbers = names.numbers
-    host = Host(fwd, False, names, (source_lines, file), spell)
+    host = Host(fwd, False, names, source, target.spell)
     args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
     kw = ", ".join(["T", "B", *dims])
     needed_by_pass = set()
@@ -315,13 +323,13 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
         if g.inputs:
             emit_chunks(body, target, [leaf_names[i] for _, i in g.inputs], init_names,
                          [leaf_names[i] for _, i in g.params], dims)
-        taken_here = taken | set(namer.taken)
+        taken_here = set(dims) | set(namer.taken)
         keep = set(saved_nodes) | {i for _, i in g.outputs}
         names.wrapped = wrapped_states(fwd)
         if names.wrapped:
             body.comment("States only the loop reads: one block a step when training (backward reads them), else two.")
             body.line("wrap = T + 1 if train else 2")
-        scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
+        target.scan(body, kernels, host, f"{prefix}_forward", init_names, guard, taken_here, dims, keep)
         outs = tuple_code([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in g.outputs])
         finals = tuple_code([f"{names.carry_buf[name]}[T % wrap * B:(T % wrap + 1) * B]" if name in names.wrapped
                          else f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
@@ -331,31 +339,37 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
         items = ", ".join(f'"{saved_keys[i]}": {saved_ref(i)}' for i in saved_nodes)
         body.line(f"saved = {{{items}}} if train else None")
         body.line(f"return {outs}, {finals}, saved")
+    return saved_keys, fwd_numbers
 
-    # backward
-    body.line("")
-    body.line("")
+
+def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, saved_keys: dict[int, str],
+                   fwd_numbers: set[int], dims: tuple[str, ...], source: tuple[list[str], str], prefix: str,
+                   target: LoopTarget) -> None:
+    """backward_<target>: it reads the saved values by the keys forward_<target> gave them."""
+    g = fwd.graph
+    kw = ", ".join(["T", "B", *dims])
+    extra = "".join(f", {a}" for a in target.extra_args)
     gb = bwd.graph
     namer = Namer(HOST_NAMES | target.reserved | set(dims))
     fwd_params = {i: name for name, i in g.params}
     leaf_names, binds, d_outs = {}, [], []
     for key, i in gb.inputs:
-        if key.startswith("d:"):
-            leaf_names[i] = namer(f"d_{key[2:]}")
+        if isinstance(key, OutputGradient):
+            leaf_names[i] = namer(f"d_{key.name}")
             d_outs.append(i)
     d_final = [namer(f"d_{name}_final") for name, _, _ in gb.carries]
     param_args = {name: namer(name) for name, _ in g.params}
     for key, i in gb.inputs + gb.params:
-        if key.startswith("%"):
-            f = int(key[1:])
+        if isinstance(key, Forward):
+            f = key.node
             if f in fwd_params:
                 leaf_names[i] = param_args[fwd_params[f]]
             else:
                 leaf_names[i] = namer(saved_keys[f])
                 binds.append((leaf_names[i], saved_keys[f]))
     names = name_values(bwd, namer, leaf_names, reverse=True)
-    names.numbers = numbers(gb, {i for key, i in gb.params if key.startswith("%") and int(key[1:]) in fwd_numbers})
-    host = Host(bwd, True, names, (source_lines, file), spell, forward=fwd)
+    names.numbers = numbers(gb, {i for key, i in gb.params if isinstance(key, Forward) and key.node in fwd_numbers})
+    host = Host(bwd, True, names, source, target.spell, forward=fwd)
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
     with body.block(f"def backward_{target.name}({', '.join(args)}, *, {kw}{extra}):"):
         body.line(f'"""{target.docs[1]}"""')
@@ -368,13 +382,13 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
         for local, key in binds:
             body.line(f'{local} = saved["{key}"]')
         keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
-        scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), taken | set(namer.taken), dims, keep)
+        target.scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), set(dims) | set(namer.taken), dims,
+                    keep)
         d_inputs = tuple_code([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in gb.outputs])
         d_inits = tuple_code([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
         d_params = tuple_code([host.ref(i) for _, i in gb.reduced])
         body.line(f"return {d_inputs}, {d_inits}, {d_params}")
 
-    finish(w, kernels, body)
 
 
 

@@ -21,7 +21,8 @@ makes them allocate nothing:
   backward step's derivative factors) are made a chunk of steps at a time inside the loop, so
   they stay in cache and the whole sequence of them never exists at once. In the backward pass,
   products of a step value by such factors are regrouped so that the factors multiply each other
-  in the chunk, not in the step (`hoist_factors`).
+  in the chunk, not in the step (`optimize.hoist_factors`; `schedule.sink_post` is the other pass
+  only this backend runs).
 * A state whose sequence nothing reads after the loop lives in two blocks used in turn (when not
   training), and a concatenation after the loop that only products and sums read is not made.
 * Every batched product of a pass goes through one `matmul`, chosen once before the loop
@@ -33,10 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Builder, Graph, Node, suggested_names
+from ..ir import Forward, Graph, Node, OutputGradient, suggested_names
 from ..ops import ACTIVATIONS
-from ..optimize import eliminate_dead, rebuild
-from ..schedule import Schedule, schedule
+from ..optimize import hoist_factors
+from ..schedule import Schedule, schedule, sink_post
 from ..shapes import Size
 from .writer import Namer, Writer
 
@@ -946,83 +947,6 @@ def _needed_kept(s: Schedule) -> frozenset[int]:
     return frozenset(need & s.kept)
 
 
-def hoist_factors(g: Graph) -> Graph:
-    """Products of a loop value by factors fixed for the step are regrouped so that the factors
-    multiply each other before the loop: (x * a) * b -> x * (a * b), x depending on the carried
-    state and a, b not. Backward steps are chains of such products (g * y * (1 - y)); each
-    regrouping moves one elementwise op per step out of the loop, into one op over all steps."""
-    users = g.users()
-    dep: list[bool] = []  # per node of the graph being built: does it depend on a carried value?
-
-    def depends(b: Builder, j: int) -> bool:
-        while len(dep) < len(b.nodes):
-            node = b.nodes[len(dep)]
-            dep.append(node.op == "carry" or any(dep[a] for a in node.args))
-        return dep[j]
-
-    def visit(b: Builder, i, node, new):
-        if node.op != "mul" or not node.type.batched:
-            return None
-        for p, q in (node.args, node.args[::-1]):
-            inner = b.nodes[new[p]]
-            if len(users[p]) != 1 or depends(b, new[q]) or inner.op != "mul" or not depends(b, new[p]):
-                continue
-            x, a = inner.args
-            if depends(b, a):
-                x, a = a, x
-            if depends(b, a) or not depends(b, x):
-                continue
-            factor = b.add("mul", (a, new[q]), line=node.line)
-            out = b.add("mul", (x, factor), name=node.name, line=node.line)
-            if node.name:
-                b.name(out, node.name, node.line)
-            return out
-        return None
-
-    return eliminate_dead(rebuild(g, visit), keep_leaves=False)
-
-
-_ROWWISE = set(UFUNCS) | set(ACTIVATIONS) | {"matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b",
-                                              "softmax", "softmax_vjp"}
-
-
-def _row_size(g: Graph, i: int):
-    """Entries per row of value i, for comparing sizes (dimensions taken large)."""
-    total = Size.of(1)
-    for d in g.nodes[i].type.shape:
-        total = total * d
-    return _order(total)
-
-
-def sink_post(s: Schedule) -> Schedule:
-    """A value the scheduler puts after the loop is made in the loop instead, step by step, when
-    that spares keeping, for every step, loop values bigger than it (the gradient of contract's
-    outer products, H*I entries a row, for the input's gradient, I a row)."""
-    g = s.graph
-    region = list(s.region)
-    users = g.users()
-    outputs = {i for _, i in g.outputs}
-    for n in range(len(g.nodes)):
-        node = g.nodes[n]
-        if region[n] != "post" or node.op not in _ROWWISE or not node.type.batched:
-            continue
-        if any(region[a] not in ("loop", "pre", "const") for a in node.args):
-            continue
-        freed = [a for a in set(node.args) if region[a] == "loop" and g.nodes[a].op != "carry" and a not in outputs
-                 and all(u == n or region[u] == "loop" for u in users[a])]
-        if freed and sum(_row_size(g, a) for a in freed) > _row_size(g, n):
-            region[n] = "loop"
-    if tuple(region) == s.region:
-        return s
-    kept = set()
-    for i, node in enumerate(g.nodes):
-        if region[i] in ("post", "reduce"):
-            kept.update(a for a in node.args if region[a] == "loop")
-    kept.update(i for i in outputs if region[i] == "loop")
-    kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
-    return Schedule(g, tuple(region), frozenset(kept))
-
-
 def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, str],
                   dims: tuple[str, ...], source_lines: list[str], file: str) -> None:
     bwd = sink_post(schedule(hoist_factors(bwd.graph)))
@@ -1033,15 +957,15 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
     leaf_names, bind = {}, []
     d_out_args = []
     for key, i in g.inputs:
-        if key.startswith("d:"):
-            leaf_names[i] = namer(f"d_{key[2:]}")
+        if isinstance(key, OutputGradient):
+            leaf_names[i] = namer(f"d_{key.name}")
             d_out_args.append(i)
     d_final = [namer(f"d_{name}_final") for name, _, _ in g.carries]
     param_args = [namer(name) for name, _ in fwd.params]
     by_name = dict(zip((n for n, _ in fwd.params), param_args))
     for key, i in g.inputs + g.params:
-        if key.startswith("%"):
-            f = int(key[1:])
+        if isinstance(key, Forward):
+            f = key.node
             if f in fwd_param_names:
                 leaf_names[i] = by_name[fwd_param_names[f]]
             else:

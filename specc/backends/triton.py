@@ -705,6 +705,19 @@ def emit_triton(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims:
     emit(w, fwd, bwd, saved, dims, source_lines, file, prefix, TARGET)
 
 
+def _helpers_used(code: str) -> list[str]:
+    """The activations' Triton helpers that `code` calls, and those they call, in the table's order
+    (which defines a helper before those that call it)."""
+    helpers = [a.triton_helper for a in ACTIVATIONS.values() if a.triton_helper]
+    used: set[str] = set()
+    while True:
+        text = code + "".join(used)
+        more = {h for h in helpers if h not in used and f"{h.split('(')[0].split()[-1]}(" in text}
+        if not more:
+            return [h for h in helpers if h in used]
+        used |= more
+
+
 def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
                   lines: list[str], file: str, prefix: str) -> None:
     """The Triton part of a generated module: its kernels and host functions, or TRITON_UNSUPPORTED saying why not."""
@@ -725,10 +738,9 @@ def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dim
         w.line("    from specc.backends.triton_missing import triton, tl")
         w.line("")
         w.line("")
-        for act in ACTIVATIONS.values():
-            if act.triton_helper:
-                w.line("@triton.jit")
-                w.lines.extend(act.triton_helper.rstrip("\n").split("\n"))
-                w.line("")
-                w.line("")
+        for helper in _helpers_used("\n".join(gpu.lines)):
+            w.line("@triton.jit")
+            w.lines.extend(helper.rstrip("\n").split("\n"))
+            w.line("")
+            w.line("")
         w.lines.extend(gpu.lines)
