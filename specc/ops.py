@@ -335,3 +335,87 @@ VJP: dict[str, Callable] = {
 
 # Functions a spec may call, with their arity (split and contract are lowered specially).
 FUNCTIONS = {name: 1 for name in ACTIVATIONS if name != "step"} | {"softmax": 1, "split": 2, "contract": 3, "concat": None}
+
+
+# --- how the NumPy backend and the torch host code spell each op, over all rows at once ----------
+#
+# One row an op: the NumPy spelling beside the torch one (the host code of the Triton and C
+# backends, outside the loop). Each is a function (node, args' code, args' types, rows) -> code,
+# `rows` the code of the number of rows of a batched value. Activations are spelled by their own
+# rows above. The loops' own spellings (Triton tiles, C elements) are the backends' business.
+
+@dataclass(frozen=True)
+class Spelling:
+    numpy: Callable
+    torch: Callable
+
+
+def _infix(sign: str) -> Spelling:
+    both = lambda n, a, t, rows: f"{a[0]} {sign} {a[1]}"  # noqa: E731
+    return Spelling(both, both)
+
+
+def _slice(n, a, t, rows) -> str:
+    start, stop = (str(s) for s in n.attrs)
+    start = "" if start == "0" else start
+    return f"{a[0]}[:, {start}:{stop}]" if n.type.batched else f"{a[0]}[{start}:{stop}]"
+
+
+def _reshape(n, a, rows) -> str:
+    shape = ", ".join(str(s) for s in n.attrs[0])
+    return f"{a[0]}.reshape({rows}, {shape})" if n.type.batched else f"{a[0]}.reshape({shape})"
+
+
+def _zeros(n, rows) -> str:
+    return ", ".join(([rows] if n.type.batched else []) + [str(s) for s in n.attrs[0]])
+
+
+def _rt(helper: str, sizes: bool = False) -> Callable:
+    """A call of backends/numpy_runtime's `helper` (`rt.` in a generated module); sizes: with the
+    factors' sizes n, k (the gradients of an outer product)."""
+    return lambda n, a, t, rows: f"rt.{helper}({', '.join(list(a) + ([str(s) for s in n.attrs] if sizes else []))})"
+
+
+def _torch_outer_vjp(n, a, t, rows) -> str:
+    k, m = (str(s) for s in n.attrs)
+    if not n.type.batched:
+        return f"{a[0]}.reshape({k}, {m}) @ {a[1]}" if n.op == "outer_vjp_a" else f"{a[1]} @ {a[0]}.reshape({k}, {m})"
+    pattern = "rnk,rk->rn" if n.op == "outer_vjp_a" else "rnk,rn->rk"
+    return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {k}, {m}), {a[1]})'
+
+
+SPELLINGS: dict[str, Spelling] = {
+    "add": _infix("+"), "sub": _infix("-"), "mul": _infix("*"), "div": _infix("/"),
+    "neg": Spelling(lambda n, a, t, rows: f"-{a[0]}", lambda n, a, t, rows: f"-{a[0]}"),
+    **{name: Spelling(lambda n, a, t, rows, act=act: act.numpy.format(x=a[0]),
+                      lambda n, a, t, rows, act=act: act.torch.format(x=a[0])) for name, act in ACTIVATIONS.items()},
+    "softmax": Spelling(_rt("softmax"), lambda n, a, t, rows: f"torch.softmax({a[0]}, dim=-1)"),
+    "softmax_vjp": Spelling(_rt("softmax_vjp"),
+                            lambda n, a, t, rows: f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"),
+    # NumPy's batched products go through the pass's `matmul` (numpy_runtime.matmul_for). torch:
+    # linear, not v @ W.T, which on the CPU multiplies by a transposed view a third slower.
+    "matvec": Spelling(
+        lambda n, a, t, rows: f"matmul({a[1]}, {a[0]}.T)" if n.type.batched else f"{a[0]} @ {a[1]}",
+        lambda n, a, t, rows: f"torch.nn.functional.linear({a[1]}, {a[0]})" if n.type.batched else f"{a[0]} @ {a[1]}"),
+    "matvec_t": Spelling(
+        lambda n, a, t, rows: f"matmul({a[1]}, {a[0]})" if n.type.batched else f"{a[0]}.T @ {a[1]}",
+        lambda n, a, t, rows: f"{a[1]} @ {a[0]}" if n.type.batched else f"{a[0]}.T @ {a[1]}"),
+    "outer_sum": Spelling(
+        lambda n, a, t, rows: f"matmul({a[0]}.T, {a[1]})" if t[0].batched else f"np.outer({a[0]}, {a[1]})",
+        lambda n, a, t, rows: f"{a[0]}.T @ {a[1]}" if t[0].batched else f"torch.outer({a[0]}, {a[1]})"),
+    "sum_rows": Spelling(lambda n, a, t, rows: f"{a[0]}.sum(axis=0)", lambda n, a, t, rows: f"{a[0]}.sum(0)"),
+    "sum_all": Spelling(lambda n, a, t, rows: f"{a[0]}.sum()", lambda n, a, t, rows: f"{a[0]}.sum()"),
+    "concat": Spelling(
+        lambda n, a, t, rows: f"np.concatenate([{', '.join(a)}], axis={1 if n.type.batched else 0})",
+        lambda n, a, t, rows: f"torch.cat([{', '.join(a)}], dim={1 if n.type.batched else 0})"),
+    "slice": Spelling(_slice, _slice),
+    "reshape": Spelling(lambda n, a, t, rows: _reshape(n, a, rows), lambda n, a, t, rows: _reshape(n, a, "-1")),
+    "zeros": Spelling(lambda n, a, t, rows: f"np.zeros(({_zeros(n, rows)},), dtype=dtype)",
+                      lambda n, a, t, rows: f"torch.zeros(({_zeros(n, 'rows')},), device=dev, dtype=dtype)"),
+    "outer": Spelling(
+        _rt("outer_rows"),
+        lambda n, a, t, rows: (f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
+                               if n.type.batched else f"torch.outer({a[0]}, {a[1]}).reshape(-1)")),
+    "outer_vjp_a": Spelling(_rt("outer_vjp_a", sizes=True), _torch_outer_vjp),
+    "outer_vjp_b": Spelling(_rt("outer_vjp_b", sizes=True), _torch_outer_vjp),
+}

@@ -12,9 +12,10 @@ why it cannot run a module here). The ops they spell are one table, specc.ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
-from . import c, numpy, triton
+from . import c, host, numpy, triton
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "numpy": Backend("numpy", "CPU tensors, float32 or float64", numpy.write_section,
                      frozenset(numpy.INTERNAL), "NumpyRunner"),
-    "triton": Backend("triton", "float32 CUDA tensors (CPU ones under TRITON_INTERPRET=1)", triton.write_section,
+    "triton": Backend("triton", "float32 CUDA tensors (CPU ones under TRITON_INTERPRET=1)", partial(host.write_section, triton.TARGET),
                       triton.GENERATED_NAMES, "TritonRunner"),
-    "c": Backend("c", "float32 CPU tensors", c.write_section, c.GENERATED_NAMES, "CRunner"),
+    "c": Backend("c", "float32 CPU tensors", partial(host.write_section, c.TARGET), c.GENERATED_NAMES, "CRunner"),
 }
 
 

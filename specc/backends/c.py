@@ -43,7 +43,8 @@ from ..ir import Forward, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS
 from ..schedule import Schedule
 from ..shapes import Size
-from .host import HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit, emit_after, emit_buffers, fused_into_loop, torch_spell
+from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
+                   torch_spell)
 from .writer import Namer, Writer
 
 # Prefixes of the identifiers made from the spec's names: no keyword, macro or name of the C
@@ -778,28 +779,8 @@ TARGET = LoopTarget(
     "c", emit_scan, finish, c_spell,
     ("forward, with the time loop as one call of compiled C (C_SOURCE); float32 CPU tensors.",
      "backward, with the time loop as one call of compiled C (C_SOURCE)."),
-    reserved=frozenset({"c_lib", "rt_c"}), extra_args=("c_lib",))
+    reserved=frozenset({"c_lib", "rt_c"}), extra_args=("c_lib",),
+    title="--- C backend: the time loop as one compiled C function per pass, the rest in torch ---",
+    preamble=lambda w, code: w.line("import torch  # the host code around the C loops (also where the Triton part is missing)"))
 # Every name the C part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = HOST_NAMES | TARGET.reserved | {"forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}
-
-
-def emit_c(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
-           source_lines: list[str], file: str, prefix: str) -> None:
-    """forward_c, backward_c and C_SOURCE: the host code of host.py around one call of a C loop a pass."""
-    emit(w, fwd, bwd, saved, dims, source_lines, file, prefix, TARGET)
-
-
-def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
-                  lines: list[str], file: str, prefix: str) -> None:
-    """The C part of a generated module: C_SOURCE and its host functions, or C_UNSUPPORTED saying why not."""
-    w.comment("--- C backend: the time loop as one compiled C function per pass, the rest in torch ---")
-    w.line("")
-    try:
-        cpu = Writer()
-        emit_c(cpu, fwd, bwd, saved, dims, lines, file, prefix)
-    except Unsupported as e:
-        w.line(f"C_UNSUPPORTED = {str(e)!r}")
-    else:
-        w.line("C_UNSUPPORTED = None")
-        w.line("import torch  # the host code around the C loops (also where the Triton part is missing)")
-        w.lines.extend(cpu.lines)

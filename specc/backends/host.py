@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..ir import LEAVES, Forward, Graph, Node, OutputGradient, suggested_names
-from ..ops import ACTIVATIONS
+from ..ir import LEAVES, Forward, Graph, Node
+from ..ops import ACTIVATIONS, SPELLINGS
 from ..schedule import Schedule
-from .writer import Namer, Writer
+from .writer import Namer, Writer, after_loop, backward_args, value_names
 
 # Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
 RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
@@ -33,57 +33,9 @@ class Unsupported(Exception):
     """The cell uses something this backend cannot put inside the time loop yet."""
 
 
-# --- how torch spells an op, outside the loop ---------------------------------------------------
-
 def torch_spell(node: Node, a: list[str], types: list) -> str:
-    op, batched = node.op, node.type.batched
-    if op in _INFIX:
-        return f"{a[0]} {_INFIX[op]} {a[1]}"
-    if op == "neg":
-        return f"-{a[0]}"
-    if op in ACTIVATIONS:
-        return ACTIVATIONS[op].torch.format(x=a[0])
-    if op == "softmax":
-        return f"torch.softmax({a[0]}, dim=-1)"
-    if op == "softmax_vjp":
-        return f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"
-    if op == "matvec":
-        # linear, not v @ W.T: on the CPU torch multiplies by a transposed view a third slower
-        return f"torch.nn.functional.linear({a[1]}, {a[0]})" if batched else f"{a[0]} @ {a[1]}"
-    if op == "matvec_t":
-        return f"{a[1]} @ {a[0]}" if batched else f"{a[0]}.T @ {a[1]}"
-    if op == "outer_sum":
-        return f"{a[0]}.T @ {a[1]}" if types[0].batched else f"torch.outer({a[0]}, {a[1]})"
-    if op == "sum_rows":
-        return f"{a[0]}.sum(0)"
-    if op == "sum_all":
-        return f"{a[0]}.sum()"
-    if op == "concat":
-        return f"torch.cat([{', '.join(a)}], dim={1 if batched else 0})"
-    if op == "slice":
-        start, stop = (str(s) for s in node.attrs)
-        start = "" if start == "0" else start
-        return f"{a[0]}[:, {start}:{stop}]" if batched else f"{a[0]}[{start}:{stop}]"
-    if op == "reshape":
-        shape = ", ".join(str(s) for s in node.attrs[0])
-        return f"{a[0]}.reshape(-1, {shape})" if batched else f"{a[0]}.reshape({shape})"
-    if op == "zeros":
-        shape = [str(s) for s in node.attrs[0]]
-        shape = (["rows"] if batched else []) + shape
-        return f"torch.zeros(({', '.join(shape)},), device=dev, dtype=dtype)"
-    if op == "outer":
-        if not batched:  # of two vectors made of parameters alone
-            return f"torch.outer({a[0]}, {a[1]}).reshape(-1)"
-        return f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
-    if op in ("outer_vjp_a", "outer_vjp_b"):
-        n, k = (str(s) for s in node.attrs)
-        if not batched:
-            return (f"{a[0]}.reshape({n}, {k}) @ {a[1]}" if op == "outer_vjp_a"
-                    else f"{a[1]} @ {a[0]}.reshape({n}, {k})")
-        pattern = "rnk,rk->rn" if op == "outer_vjp_a" else "rnk,rn->rk"
-        return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {n}, {k}), {a[1]})'
-    raise AssertionError(f"no torch spelling for {op!r}")
-
+    """How torch spells an op over all rows at once, outside the loop (ops.SPELLINGS)."""
+    return SPELLINGS[node.op].torch(node, a, types, "-1")
 
 
 def fused_into_loop(s: Schedule, keep: set[int]) -> set[int]:
@@ -219,14 +171,7 @@ def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[
 
 
 def emit_after(w: Writer, host: Host, skip: frozenset[int] = frozenset()) -> None:
-    s = host.s
-    if s.nodes_in("post"):
-        w.comment("After the loop: what the carried values do not need, for all steps at once.")
-        emit_region(w, host, "post", skip)
-    if s.nodes_in("reduce"):
-        w.comment("Sums over time and batch, each one matrix product over all steps.")
-        emit_region(w, host, "reduce", skip)
-        emit_region(w, host, "final")
+    after_loop(w, host.s, lambda region: emit_region(w, host, region, skip if region != "final" else frozenset()))
 
 
 
@@ -243,17 +188,7 @@ def numbers(g: Graph, given: set[int] = frozenset()) -> set[int]:
 
 def name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: bool) -> HostNames:
     names = HostNames(namer=namer)
-    g = s.graph
-    suggested = suggested_names(g)
-    for i, node in enumerate(g.nodes):
-        if i in leaf_names:
-            names.names[i] = leaf_names[i]
-        elif node.op not in ("const", "carry"):
-            names.names[i] = namer(suggested[i])
-    for name, _, _ in g.carries:
-        names.carry_buf[name] = namer(f"d_{name}_seq" if reverse else f"{name}_seq")
-    for i in sorted(s.kept):
-        names.seq[i] = namer(f"{names.names[i]}_seq")
+    names.names, names.carry_buf, names.seq = value_names(s.graph, s.kept, namer, leaf_names, reverse)
     return names
 
 
@@ -274,6 +209,27 @@ class LoopTarget:
     # The Triton kernels address a saved value as rows of exactly its width: a slice made outside the
     # loop is saved as a copy (Host.saved_ref). The C loops read it at its own row stride.
     copy_saved_views: bool = False
+    title: str = ""  # the comment that opens the section
+    # (w, code): what the section needs before its functions (imports, helpers), given their code
+    preamble: Callable = lambda w, code: None
+
+
+def write_section(target: LoopTarget, w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int],
+                  dims: tuple[str, ...], lines: list[str], file: str, prefix: str) -> None:
+    """A backend's part of a generated module: its loops and host functions, or <NAME>_UNSUPPORTED
+    saying why the loop cannot run this cell (the runtime then says so, and `auto` passes it by)."""
+    flag = f"{target.name.upper()}_UNSUPPORTED"
+    w.comment(target.title)
+    w.line("")
+    try:
+        part = Writer()
+        emit(part, fwd, bwd, saved, dims, lines, file, prefix, target)
+    except Unsupported as e:
+        w.line(f"{flag} = {str(e)!r}")
+        return
+    w.line(f"{flag} = None")
+    target.preamble(w, "\n".join(part.lines))
+    w.lines.extend(part.lines)
 
 
 
@@ -351,26 +307,12 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
     extra = "".join(f", {a}" for a in target.extra_args)
     gb = bwd.graph
     namer = Namer(HOST_NAMES | target.reserved | set(dims))
-    fwd_params = {i: name for name, i in g.params}
-    leaf_names, binds, d_outs = {}, [], []
-    for key, i in gb.inputs:
-        if isinstance(key, OutputGradient):
-            leaf_names[i] = namer(f"d_{key.name}")
-            d_outs.append(i)
-    d_final = [namer(f"d_{name}_final") for name, _, _ in gb.carries]
-    param_args = {name: namer(name) for name, _ in g.params}
-    for key, i in gb.inputs + gb.params:
-        if isinstance(key, Forward):
-            f = key.node
-            if f in fwd_params:
-                leaf_names[i] = param_args[fwd_params[f]]
-            else:
-                leaf_names[i] = namer(saved_keys[f])
-                binds.append((leaf_names[i], saved_keys[f]))
+    leaves = backward_args(gb, g, saved_keys, namer)
+    leaf_names, binds, d_outs, d_final = leaves.names, leaves.binds, leaves.d_outs, leaves.d_final
     names = name_values(bwd, namer, leaf_names, reverse=True)
     names.numbers = numbers(gb, {i for key, i in gb.params if isinstance(key, Forward) and key.node in fwd_numbers})
     host = Host(bwd, True, names, source, target.spell, forward=fwd)
-    args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + list(param_args.values())
+    args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + leaves.params
     with body.block(f"def backward_{target.name}({', '.join(args)}, *, {kw}{extra}):"):
         body.line(f'"""{target.docs[1]}"""')
         body.line("rows = T * B")

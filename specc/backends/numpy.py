@@ -34,12 +34,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Forward, Graph, Node, OutputGradient, suggested_names
-from ..ops import ACTIVATIONS
+from ..ir import Graph, Node
+from ..ops import ACTIVATIONS, SPELLINGS
 from ..optimize import hoist_factors
 from ..schedule import Schedule, schedule, sink_post
 from ..shapes import Size
-from .writer import Namer, Writer
+from .writer import Namer, Writer, after_loop, backward_args, value_names
 
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
@@ -185,42 +185,8 @@ class Scan:
 
 
 def spell(node: Node, a: list[str], types: list, rows: str) -> str:
-    """How NumPy spells one op as an expression, given its arguments' code."""
-    op = node.op
-    batched = node.type.batched
-    if op in ("add", "sub", "mul", "div"):
-        return f"{a[0]} {dict(add='+', sub='-', mul='*', div='/')[op]} {a[1]}"
-    if op == "neg":
-        return f"-{a[0]}"
-    if op in ACTIVATIONS:
-        return ACTIVATIONS[op].numpy.format(x=a[0])
-    if op in RT_HELPERS:
-        return _rt_call(node, a)
-    if op == "matvec":
-        return f"matmul({a[1]}, {a[0]}.T)" if batched else f"{a[0]} @ {a[1]}"
-    if op == "matvec_t":
-        return f"matmul({a[1]}, {a[0]})" if batched else f"{a[0]}.T @ {a[1]}"
-    if op == "outer_sum":
-        return f"matmul({a[0]}.T, {a[1]})" if types[0].batched else f"np.outer({a[0]}, {a[1]})"
-    if op == "sum_rows":
-        return f"{a[0]}.sum(axis=0)"
-    if op == "sum_all":
-        return f"{a[0]}.sum()"
-    if op == "concat":
-        return f"np.concatenate([{', '.join(a)}], axis={1 if batched else 0})"
-    if op == "slice":
-        start, stop = (_size(s) for s in node.attrs)
-        start = "" if start == "0" else start
-        return f"{a[0]}[:, {start}:{stop}]" if batched else f"{a[0]}[{start}:{stop}]"
-    if op == "reshape":
-        shape = ", ".join(_size(s) for s in node.attrs[0])
-        return f"{a[0]}.reshape({rows}, {shape})" if batched else f"{a[0]}.reshape({shape})"
-    if op == "zeros":
-        shape = [_size(s) for s in node.attrs[0]]
-        if batched:
-            shape = [rows] + shape
-        return f"np.zeros(({', '.join(shape)},), dtype=dtype)"
-    raise AssertionError(f"numpy backend cannot spell {op!r}")
+    """How NumPy spells one op as an expression, given its arguments' code (ops.SPELLINGS)."""
+    return SPELLINGS[node.op].numpy(node, a, types, rows)
 
 
 def spell_into(node: Node, a: list[str], out: str) -> str | None:
@@ -256,17 +222,10 @@ def _row_shape(node: Node) -> list[str]:
 
 
 def _name_values(scan: Scan, namer: Namer, leaf_names: dict[int, str]) -> None:
-    g = scan.g
-    suggested = suggested_names(g)
-    for i, node in enumerate(g.nodes):
-        if i in leaf_names:
-            scan.names[i] = leaf_names[i]
-        elif node.op not in ("const", "carry"):
-            scan.names[i] = namer(suggested[i])
-    for name, _, _ in g.carries:
-        scan.carry_buf[name] = namer(f"d_{name}_seq" if scan.reverse else f"{name}_seq")
-    for i in sorted(scan.sched.kept):
-        scan.seq[i] = namer(f"{scan.names[i]}_seq")
+    names, carry_buf, seq = value_names(scan.g, scan.sched.kept, namer, leaf_names, scan.reverse)
+    scan.names.update(names)
+    scan.carry_buf.update(carry_buf)
+    scan.seq.update(seq)
 
 
 def _plan_loop(scan: Scan, namer: Namer) -> None:
@@ -866,13 +825,7 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
             if place is None or place.buf != scan.carry_buf[name]:
                 block = "q:q + B" if name in scan.alternating else "s:e" if scan.reverse else "e:e + B"
                 w.line(f"{scan.carry_buf[name]}[{block}] = {scan.ref(nxt, loop=True)}")
-    if sched.nodes_in("post"):
-        w.comment("After the loop: what the carried values do not need, for all steps at once.")
-        _emit_nodes(w, scan, "post", protect)
-    if sched.nodes_in("reduce"):
-        w.comment("Sums over time and batch, each one matrix product over all steps.")
-        _emit_nodes(w, scan, "reduce", protect)
-        _emit_nodes(w, scan, "final", protect)
+    after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
 
 
 def _tuple(items: list[str]) -> str:
@@ -953,26 +906,10 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
     g = bwd.graph
     namer = Namer(INTERNAL | set(dims))
     scan = Scan(bwd, reverse=True, source_lines=source_lines, file=file)
-    fwd_param_names = {i: name for name, i in fwd.params}
-    leaf_names, bind = {}, []
-    d_out_args = []
-    for key, i in g.inputs:
-        if isinstance(key, OutputGradient):
-            leaf_names[i] = namer(f"d_{key.name}")
-            d_out_args.append(i)
-    d_final = [namer(f"d_{name}_final") for name, _, _ in g.carries]
-    param_args = [namer(name) for name, _ in fwd.params]
-    by_name = dict(zip((n for n, _ in fwd.params), param_args))
-    for key, i in g.inputs + g.params:
-        if isinstance(key, Forward):
-            f = key.node
-            if f in fwd_param_names:
-                leaf_names[i] = by_name[fwd_param_names[f]]
-            else:
-                leaf_names[i] = namer(saved_names[f])
-                bind.append((leaf_names[i], saved_names[f]))
+    leaves = backward_args(g, fwd, saved_names, namer)
+    leaf_names, bind, d_out_args, d_final = leaves.names, leaves.binds, leaves.d_outs, leaves.d_final
     _name_values(scan, namer, leaf_names)
-    args = ["saved"] + [leaf_names[i] for i in d_out_args] + d_final + param_args
+    args = ["saved"] + [leaf_names[i] for i in d_out_args] + d_final + leaves.params
     kw = ", ".join(["T", "B", *dims])
     with w.block(f"def backward({', '.join(args)}, *, {kw}):"):
         w.line('"""Backpropagation through time: gradients of the inputs, initial states and parameters."""')

@@ -34,7 +34,7 @@ from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, helper_names
 from ..schedule import Schedule
 from ..shapes import Size
-from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit, emit_after,
+from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after,
                    emit_buffers, fused_into_loop, torch_spell)
 from .writer import Namer, Writer
 
@@ -690,21 +690,6 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.lines.extend(body.lines)
 
 
-TARGET = LoopTarget(
-    "triton", _emit_scan, _finish, torch_spell,
-    ("forward, with the time loop as fused Triton kernels; tensors are float32 on one device.",
-     "backward, with the time loop as fused Triton kernels."),
-    reserved=KERNEL_NAMES, copy_saved_views=True)
-# Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
-GENERATED_NAMES = HOST_NAMES | KERNEL_NAMES | helper_names("triton_helper") | {"forward_triton", "backward_triton", "TRITON_UNSUPPORTED"}
-
-
-def emit_triton(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
-                source_lines: list[str], file: str, prefix: str) -> None:
-    """forward_triton, backward_triton and their kernels: host.py's host code around kernel launches."""
-    emit(w, fwd, bwd, saved, dims, source_lines, file, prefix, TARGET)
-
-
 def _helpers_used(code: str) -> list[str]:
     """The activations' Triton helpers that `code` calls, and those they call, in the table's order
     (which defines a helper before those that call it)."""
@@ -718,29 +703,28 @@ def _helpers_used(code: str) -> list[str]:
         used |= more
 
 
-def write_section(w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int], dims: tuple[str, ...],
-                  lines: list[str], file: str, prefix: str) -> None:
-    """The Triton part of a generated module: its kernels and host functions, or TRITON_UNSUPPORTED saying why not."""
-    w.comment("--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---")
+def _preamble(w: Writer, code: str) -> None:
+    w.line("try:")
+    w.line("    import torch")
+    w.line("    import triton")
+    w.line("    import triton.language as tl")
+    w.line("except ImportError:  # the module still imports; the runtime then says triton is missing")
+    w.line("    from specc.backends.triton_missing import triton, tl")
     w.line("")
-    try:
-        gpu = Writer()
-        emit_triton(gpu, fwd, bwd, saved, dims, lines, file, prefix)
-    except Unsupported as e:
-        w.line(f"TRITON_UNSUPPORTED = {str(e)!r}")
-    else:
-        w.line("TRITON_UNSUPPORTED = None")
-        w.line("try:")
-        w.line("    import torch")
-        w.line("    import triton")
-        w.line("    import triton.language as tl")
-        w.line("except ImportError:  # the module still imports; the runtime then says triton is missing")
-        w.line("    from specc.backends.triton_missing import triton, tl")
+    w.line("")
+    for helper in _helpers_used(code):
+        w.line("@triton.jit")
+        w.lines.extend(helper.rstrip("\n").split("\n"))
         w.line("")
         w.line("")
-        for helper in _helpers_used("\n".join(gpu.lines)):
-            w.line("@triton.jit")
-            w.lines.extend(helper.rstrip("\n").split("\n"))
-            w.line("")
-            w.line("")
-        w.lines.extend(gpu.lines)
+
+
+TARGET = LoopTarget(
+    "triton", _emit_scan, _finish, torch_spell,
+    ("forward, with the time loop as fused Triton kernels; tensors are float32 on one device.",
+     "backward, with the time loop as fused Triton kernels."),
+    reserved=KERNEL_NAMES, copy_saved_views=True,
+    title="--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---", preamble=_preamble)
+# Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
+GENERATED_NAMES = HOST_NAMES | KERNEL_NAMES | helper_names("triton_helper") | {"forward_triton", "backward_triton",
+                                                                             "TRITON_UNSUPPORTED"}

@@ -4,6 +4,9 @@ from __future__ import annotations
 import builtins
 import keyword
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..ir import Forward, OutputGradient, suggested_names
 
 
 class Writer:
@@ -50,3 +53,66 @@ class Namer:
             name = f"{base}_{k}"
         self.taken.add(name)
         return name
+
+
+def value_names(g, kept, namer: Namer, leaf_names: dict[int, str], reverse: bool):
+    """Names for a pass's values (the spec's where it has them), its carried buffers (h_seq, or
+    d_h_seq going backward) and the buffers of the loop values kept for every step (i_seq): three
+    dicts, node -> name, state -> name, node -> name."""
+    suggested = suggested_names(g)
+    names = {}
+    for i, node in enumerate(g.nodes):
+        if i in leaf_names:
+            names[i] = leaf_names[i]
+        elif node.op not in ("const", "carry"):
+            names[i] = namer(suggested[i])
+    carry_buf = {name: namer(f"d_{name}_seq" if reverse else f"{name}_seq") for name, _, _ in g.carries}
+    seq = {i: namer(f"{names[i]}_seq") for i in sorted(kept)}
+    return names, carry_buf, seq
+
+
+@dataclass
+class BackwardArgs:
+    """The names a backward function gives its leaves: backward(saved, *d_outs, *d_final, *params)."""
+
+    names: dict[int, str]  # leaf of the backward graph -> its name
+    d_outs: list[int]  # the leaves that are output gradients, in the order of the arguments
+    d_final: list[str]  # the final states' gradients
+    params: list[str]  # the parameters, in the forward pass's order
+    binds: list[tuple[str, str]]  # (name, key in `saved`) of each forward value it reads from `saved`
+
+
+def backward_args(gb, fwd, saved_keys: dict[int, str], namer: Namer) -> BackwardArgs:
+    """Names for the leaves of backward graph `gb` of forward graph `fwd`: output gradients
+    (d_y), the final states' gradients (d_h_final), the parameters (their own names), and the
+    forward values saved under `saved_keys`."""
+    names: dict[int, str] = {}
+    d_outs = []
+    for key, i in gb.inputs:
+        if isinstance(key, OutputGradient):
+            names[i] = namer(f"d_{key.name}")
+            d_outs.append(i)
+    d_final = [namer(f"d_{name}_final") for name, _, _ in gb.carries]
+    params = {name: namer(name) for name, _ in fwd.params}
+    fwd_params = {i: name for name, i in fwd.params}
+    binds = []
+    for key, i in gb.inputs + gb.params:
+        if isinstance(key, Forward):
+            if key.node in fwd_params:
+                names[i] = params[fwd_params[key.node]]
+            else:
+                names[i] = namer(saved_keys[key.node])
+                binds.append((names[i], saved_keys[key.node]))
+    return BackwardArgs(names, d_outs, d_final, list(params.values()), binds)
+
+
+def after_loop(w: Writer, s, emit) -> None:
+    """What a pass does after its loop (schedule `s`): the post region, then the sums over time
+    and batch (reduce) and what is made of them (final); emit(region) writes one region."""
+    if s.nodes_in("post"):
+        w.comment("After the loop: what the carried values do not need, for all steps at once.")
+        emit("post")
+    if s.nodes_in("reduce"):
+        w.comment("Sums over time and batch, each one matrix product over all steps.")
+        emit("reduce")
+        emit("final")
