@@ -17,3 +17,13 @@ def from_torch(m, **kwargs):
     from .interop import from_torch as _from_torch
 
     return _from_torch(m, **kwargs)
+
+
+def __getattr__(name: str):
+    # Modules written by `specc compile` before the initialisers' module was renamed import
+    # `from specc import init`: they keep working.
+    if name == "init":
+        from . import initializers
+
+        return initializers
+    raise AttributeError(f"module 'specc' has no attribute {name!r}")

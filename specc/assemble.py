@@ -100,7 +100,7 @@ def _header(w: Writer, cell: CheckedCell, file: str) -> None:
     w.line("")
     w.line("import numpy as np")
     w.line("")
-    w.line("from specc import init")
+    w.line("from specc import initializers as init")
     w.line("from specc.backends import numpy_runtime as rt")
     w.line("from specc.runtime import CellModule")
     w.line("")

@@ -511,12 +511,12 @@ def _expressions(rng, depth: int) -> str:
 def test_what_the_checker_accepts_loads_or_is_refused_at_its_line():
     """For random arguments of every initialiser: when specc check proves one wrong, it is wrong for
     every binding tried; when it does not, each binding either fills the tensor as the generated
-    code would (specc.init, the arguments computed by the generated expressions) or is refused by
+    code would (specc.initializers, the arguments computed by the generated expressions) or is refused by
     the load-time check, at the initialiser's line."""
     import math
     import random
 
-    from specc import init as initialisers
+    from specc import initializers as initialisers
     from specc.assemble import scalar_code
     from specc.check import bind_inits
 
@@ -556,7 +556,7 @@ def test_what_the_checker_proves_wrong_is_wrong_for_every_binding():
     import math
     import random
 
-    from specc import init as initialisers
+    from specc import initializers as initialisers
     from specc.assemble import scalar_code
 
     rng = random.Random(1)

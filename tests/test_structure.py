@@ -94,3 +94,19 @@ def test_every_backend_in_the_registry_writes_and_runs():
         assert hasattr(runner, "problem") and hasattr(runner, "forward") and hasattr(runner, "backward")
     assert "def forward(" in source and "def forward_triton(" in source and "def forward_c(" in source
     assert BACKENDS["numpy"].run().problem(prog, on_cuda=False) is None
+
+
+def test_modules_compiled_before_the_rename_still_import_specc_init():
+    """`specc compile` wrote `from specc import init` before the initialisers' module was renamed."""
+    from specc import init, initializers
+
+    assert init is initializers
+
+
+def test_no_function_in_specc_is_much_over_80_lines():
+    long = []
+    for f in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 90:
+                long.append(f"{f.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long

@@ -254,6 +254,13 @@ def _plan_loop(scan: Scan, namer: Namer) -> None:
     for i in order:
         if i in sched.kept and i not in scan.group_of:
             scan.place[i] = Place(scan.seq[i], "k:k + B" if i in scan.guarded else "s:e")
+    _place_concatenated(scan, order, computed)
+    owner = _place_in_scratch(scan, order, computed, last_read, pos)
+    _plan_views_and_constants(scan, order, pos, users, owner, namer)
+
+
+def _place_concatenated(scan: Scan, order: list[int], computed: set[int]) -> None:
+    g, sched = scan.g, scan.sched
     # The parts of a concatenation are written into its columns (outermost concatenation first).
     for c in reversed(order):
         node = g.nodes[c]
@@ -271,6 +278,11 @@ def _plan_loop(scan: Scan, namer: Namer) -> None:
                 if a in sched.kept:
                     scan.seq_view[a] = _seq_place(scan, c).part(start, stop)
             start = stop
+
+
+def _place_in_scratch(scan: Scan, order: list[int], computed: set[int], last_read, pos: dict[int, int]) -> dict[int, int]:
+    """Returns, for each value in a scratch buffer, the value the buffer is named after."""
+    g = scan.g
     # Everything else gets a scratch buffer, or the buffer of an argument that dies here.
     owner: dict[int, int] = {}  # value in a scratch buffer -> the value the buffer is named after
     for c in scan.scratch:
@@ -293,6 +305,12 @@ def _plan_loop(scan: Scan, namer: Namer) -> None:
             scan.place[i] = Place(scan.names[i])
             scan.scratch.append(i)
             owner[i] = i
+    return owner
+
+
+def _plan_views_and_constants(scan: Scan, order: list[int], pos: dict[int, int], users, owner: dict[int, int],
+                              namer: Namer) -> None:
+    g = scan.g
     # A group is computed where its first member was; its members go by name when something
     # outside the groups reads them. Views that only groups read are not made.
     for index, grp in enumerate(scan.groups):
@@ -722,11 +740,22 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
     `carry_init`: per state, the code of the value it starts from (the initial state forward, the
     final state's gradient backward). `scan.guarded` buffers are filled only when training.
     """
-    g, sched = scan.g, scan.sched
+    sched = scan.sched
     _choose_chunked(scan, protect)
     _choose_alternating(scan, protect)
     _plan_loop(scan, namer)
     _choose_split(scan, protect)
+    _emit_before_loop(w, scan, protect)
+    _emit_buffers(w, scan, carry_init)
+    _emit_time_loop(w, scan, protect)
+    after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
+
+
+
+
+def _emit_before_loop(w: Writer, scan: Scan, protect: frozenset[int]) -> None:
+    """What is fixed for the sequence, the pass's matmul, and the input-only values for all steps."""
+    g, sched = scan.g, scan.sched
     w.comment("Fixed for the whole sequence.")
     _emit_nodes(w, scan, "const", protect)
     for v, cname in scan.consts.items():
@@ -741,6 +770,11 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
     if any(i not in scan.chunked for i in sched.nodes_in("pre") if g.nodes[i].op not in LEAVES):
         w.comment("Before the loop: everything that does not depend on the state, for all steps at once.")
     _emit_nodes(w, scan, "pre", protect)
+
+
+def _emit_buffers(w: Writer, scan: Scan, carry_init: list[str]) -> None:
+    """The states' buffers, what the loop keeps, its scratch space, and values set up once for it."""
+    g = scan.g
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = _size(g.nodes[leaf].type.shape[0])
         buf = scan.carry_buf[name]
@@ -794,6 +828,10 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
             # sequence buffer moves every step, so its view is of the value's name (made above).
             src = at.buf if at is not None and at.cols is None and at.rows is None else arg
             hl.emit(node, f"{scan.names[i]} = {spell(node, [src], [g.nodes[node.args[0]].type], 'B')}")
+
+
+def _emit_time_loop(w: Writer, scan: Scan, protect: frozenset[int]) -> None:
+    g = scan.g
     steps = "reversed(range(T))" if scan.reverse else "range(T)"
     w.comment("The time loop: only what depends on the state." if not scan.reverse else
               "The time loop, from the last step to the first: only what the carried gradient needs.")
@@ -825,7 +863,6 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
             if place is None or place.buf != scan.carry_buf[name]:
                 block = "q:q + B" if name in scan.alternating else "s:e" if scan.reverse else "e:e + B"
                 w.line(f"{scan.carry_buf[name]}[{block}] = {scan.ref(nxt, loop=True)}")
-    after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
 
 
 def _tuple(items: list[str]) -> str:

@@ -630,8 +630,9 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: 
             # t changes every step: specialising on it would compile the kernel again for t = 1.
             kernels_out.line('@triton.jit(do_not_specialize=["t"])')
             kernels_out.line(f"def {kname}({', '.join(params + consts)}):")
-            kernels_out.line(f'    """Stage {stage} of a step: {str(tile)} features of '
-                             + ", ".join(sorted({g.nodes[t.node].name or f"v{t.node}" for t in group})) + '."""')
+            # Named as the body names them: the buffers it stores into.
+            kernels_out.line(f'    """Stage {stage} of a step: {str(tile)} features a row, stored into '
+                             + ", ".join(dict.fromkeys(t.buf for t in group)) + '."""')
             kernels_out.line("    pid_b = tl.program_id(0)")
             kernels_out.line("    pid_f = tl.program_id(1)")
             kernels_out.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")

@@ -146,153 +146,167 @@ def train(cfg: dict, resume: bool = False, progress: bool | None = None, stream=
     """Train as the config says; with resume, continue from the checkpoint in cfg["out"].
 
     A fresh run refuses to replace an existing checkpoint unless `overwrite` is set."""
-    t = cfg["train"]
-    rank, world, device = _distributed(t["device"])
-    out = Path(cfg["out"])
-    ckpt_path = out / "checkpoint.pt"
-    if not resume and not overwrite and ckpt_path.exists():
-        raise ConfigError(f"{ckpt_path} exists: continue it with --resume, or start afresh over it with --force "
-                          f"(or choose another out directory)")
-    B = t["batch_size"]
-    if B % world:
-        raise ConfigError(f"train.batch_size: {B} does not split evenly across {world} processes")
-    lo, hi = rank * B // world, (rank + 1) * B // world
+    return _Training(cfg, resume, overwrite).run(progress, stream)
 
-    if t["threads"] is not None:
-        set_threads(t["threads"])
-    seed_everything(t["seed"])
-    task = task_from_config(cfg)
-    model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs).to(device)
-    # Dropout masks are drawn for the global batch by every process (each keeping its columns), as
-    # one process would draw them; in one process too, so that both draw the same numbers.
-    model.share_of_batch((B, lo, hi))
-    opt = make_optimizer(model.parameters(), t)
-    source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
-    step, history, evals, carry, saved_step = 0, [], [], None, None
 
-    if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from")
-        ck = checkpoint.load(ckpt_path)
+class _Training:
+    """One run of train(): the model, optimiser and data of this process, and where it stands."""
+
+    def __init__(self, cfg: dict, resume: bool, overwrite: bool):
+        self.cfg = cfg
+        t = self.t = cfg["train"]
+        self.rank, self.world, self.device = _distributed(t["device"])
+        self.out = Path(cfg["out"])
+        self.ckpt_path = self.out / "checkpoint.pt"
+        if not resume and not overwrite and self.ckpt_path.exists():
+            raise ConfigError(f"{self.ckpt_path} exists: continue it with --resume, or start afresh over it with "
+                              f"--force (or choose another out directory)")
+        B = self.B = t["batch_size"]
+        if B % self.world:
+            raise ConfigError(f"train.batch_size: {B} does not split evenly across {self.world} processes")
+        self.lo, self.hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
+        if t["threads"] is not None:
+            set_threads(t["threads"])
+        seed_everything(t["seed"])
+        task = self.task = task_from_config(cfg)
+        self.model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs).to(self.device)
+        # Dropout masks are drawn for the global batch by every process (each keeping its columns), as
+        # one process would draw them; in one process too, so that both draw the same numbers.
+        self.model.share_of_batch((B, self.lo, self.hi))
+        self.opt = make_optimizer(self.model.parameters(), t)
+        self.source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
+        self.step, self.history, self.evals, self.carry, self.saved_step = 0, [], [], None, None
+        if resume:
+            self._resume()
+        self.total_steps = t["steps"]
+        if t["epochs"] is not None:
+            by_epochs = math.ceil(t["epochs"] * self.source.chunks_per_epoch)
+            self.total_steps = by_epochs if self.total_steps is None else min(self.total_steps, by_epochs)
+        self.stop_requested = False
+
+    def _resume(self) -> None:
+        if not self.ckpt_path.exists():
+            raise FileNotFoundError(f"{self.ckpt_path}: no checkpoint to resume from")
+        ck = checkpoint.load(self.ckpt_path)
         for section in ("model", "task"):
             theirs = model_section(ck["config"][section]) if section == "model" else ck["config"][section]
-            if theirs != cfg[section]:
+            if theirs != self.cfg[section]:
                 raise ConfigError(f"--resume: the config's {section} section differs from the checkpoint's "
                                   f"({ck['config'][section]} there)")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
         checkpoint.set_rng_states(ck["rng"])
-        source.load_state_dict(ck["data"])
-        step = saved_step = ck["step"]
-        history = list(ck["history"])
+        self.source.load_state_dict(ck["data"])
+        self.step = self.saved_step = ck["step"]
+        self.history = list(ck["history"])
         # The eval that ended the earlier run (interrupted, or out of time) when it was off that run's
         # schedule: an uninterrupted run would not have made it, so the resumed run does not keep it.
         off_schedule = ck["step"] % ck["config"]["train"]["eval_every"] != 0
-        evals = [(at, m) for at, m in ck["evals"] if not (off_schedule and at == ck["step"])]
-        carry = None if ck["carry"] is None else tuple(c[lo:hi].to(device) for c in ck["carry"])
+        self.evals = [(at, m) for at, m in ck["evals"] if not (off_schedule and at == ck["step"])]
+        self.carry = None if ck["carry"] is None else tuple(c[self.lo:self.hi].to(self.device) for c in ck["carry"])
 
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    main = rank == 0
-    total_steps = t["steps"]
-    if t["epochs"] is not None:
-        by_epochs = math.ceil(t["epochs"] * source.chunks_per_epoch)
-        total_steps = by_epochs if total_steps is None else min(total_steps, by_epochs)
-    bar = Progress(total_steps, t["time_limit"], start_step=step, unit="tok" if task.stream else "seq",
-                   stream=stream if main else _Silent(), every=t["log_every"], enabled=progress if main else False)
-
-    stop_requested = False
-
-    def on_sigint(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-
-    def save() -> None:
-        nonlocal saved_step
-        full_carry = carry
+    def save(self) -> None:
+        carry, world = self.carry, self.world
         if carry is not None and world > 1:
             parts = [[torch.empty_like(c) for _ in range(world)] for c in carry]
             for p, c in zip(parts, carry):
                 dist.all_gather(p, c.contiguous())
-            full_carry = tuple(torch.cat(p, 0) for p in parts)
-        full_carry = None if full_carry is None else tuple(c.cpu() for c in full_carry)
-        if main:
-            checkpoint.save(ckpt_path, {
-                "config": cfg, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": checkpoint.rng_states(), "data": source.state_dict(), "carry": full_carry,
-                "history": history, "evals": evals,
+            carry = tuple(torch.cat(p, 0) for p in parts)
+        carry = None if carry is None else tuple(c.cpu() for c in carry)
+        if self.rank == 0:
+            task = self.task
+            checkpoint.save(self.ckpt_path, {
+                "config": self.cfg, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "rng": checkpoint.rng_states(), "data": self.source.state_dict(),
+                "carry": carry, "history": self.history, "evals": self.evals,
                 "io": {"n_in": task.n_in, "n_out": task.n_out, "inputs": task.inputs, "vocab": task.vocab},
             })
-            write_loss_curve(out / "loss.png", list(enumerate(history, 1)), [(s, m["loss"]) for s, m in evals])
-        saved_step = step
+            write_loss_curve(self.out / "loss.png", list(enumerate(self.history, 1)),
+                             [(s, m["loss"]) for s, m in self.evals])
+        self.saved_step = self.step
 
-    def steps_done() -> bool:
-        return total_steps is not None and step >= total_steps
+    def steps_done(self) -> bool:
+        return self.total_steps is not None and self.step >= self.total_steps
 
-    def time_up() -> bool:
-        return t["time_limit"] is not None and time.perf_counter() - bar.start >= t["time_limit"]
+    def run(self, progress: bool | None, stream) -> Result:
+        t, main = self.t, self.rank == 0
+        net = self.model
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.bar = Progress(self.total_steps, t["time_limit"], start_step=self.step,
+                            unit="tok" if self.task.stream else "seq", stream=stream if main else _Silent(),
+                            every=t["log_every"], enabled=progress if main else False)
 
-    status, message = "done", ""
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        done = steps_done()
-        while not done:
-            batch, fresh = source.next()
-            count = batch.mask.sum()
-            mine = batch.columns(lo, hi).to(device)
-            pred, state = net(mine.x, None if fresh or carry is None else carry)
-            local = loss_sum(task, pred, mine)
-            # The loss, and whether to stop: decided together, so that all processes stop at one step.
-            seen = torch.tensor([local.item() / count.item(), float(stop_requested), float(time_up())],
-                                dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(seen)
-            loss_value, stop_now, out_of_time = seen[0].item(), seen[1].item() > 0, seen[2].item() > 0
-            if not math.isfinite(loss_value):
-                status, message = "diverged", _diverged(loss_value, "loss", step + 1, ckpt_path, saved_step)
-                break
-            opt.zero_grad(set_to_none=True)
-            # Every process divides by the global count; DDP averages over processes, hence * world.
-            (local / count.to(device) * world).backward()
-            # Clipped by global norm; measured even without clipping, so that a NaN never reaches the weights.
-            norm = nn.utils.clip_grad_norm_(model.parameters(), t["clip"] if t["clip"] is not None else math.inf)
-            if not math.isfinite(norm.item()):
-                status, message = "diverged", _diverged(norm.item(), "gradient norm", step + 1, ckpt_path,
-                                                        saved_step)
-                break
-            opt.step()
-            carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
-            step += 1
-            history.append(loss_value)
-            bar.update(step, loss_value, int(count) if task.stream else B)
-            done = steps_done() or out_of_time
-            last = done or stop_now
-            if step % t["eval_every"] == 0 or last:
-                metrics = evaluate(task, model, cfg)
-                evals.append((step, metrics))
-                bar.message(f"step {step}: eval {format_metrics(metrics)}")
-            if step % t["checkpoint_every"] == 0 or last:
-                save()
-            if stop_now:
-                status, message = "interrupted", f"interrupted at step {step}; checkpoint {ckpt_path}"
-                break
-    finally:
-        bar.close()
-        model.share_of_batch(None)  # the model handed back takes any batch
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-    if status == "done" and saved_step != step:
-        save()  # e.g. a resumed run that was already finished
-    if world > 1:
-        # Every process returns once rank 0 has written its checkpoint: one that went on to tear
-        # down the process group meanwhile aborted in gloo ("terminate called without an active
-        # exception"), and one that read the checkpoint would have raced rank 0's write.
-        dist.barrier()
-    return Result(status, step, model, task, out, history, evals, message)
+        def on_sigint(signum, frame):
+            self.stop_requested = True
+
+        old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+        status, message = "done", ""
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            done = self.steps_done()
+            while not done:
+                done, stop_now, diverged = self.one_step(net)
+                if diverged:
+                    status, message = "diverged", diverged
+                    break
+                if stop_now:
+                    status, message = "interrupted", f"interrupted at step {self.step}; checkpoint {self.ckpt_path}"
+                    break
+        finally:
+            self.bar.close()
+            self.model.share_of_batch(None)  # the model handed back takes any batch
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if status == "done" and self.saved_step != self.step:
+            self.save()  # e.g. a resumed run that was already finished
+        if self.world > 1:
+            # Every process returns once rank 0 has written its checkpoint: one that went on to tear
+            # down the process group meanwhile aborted in gloo ("terminate called without an active
+            # exception"), and one that read the checkpoint would have raced rank 0's write.
+            dist.barrier()
+        return Result(status, self.step, self.model, self.task, self.out, self.history, self.evals, message)
+
+    def one_step(self, net) -> tuple[bool, bool, str]:
+        """One optimiser step: (done, stop now, why it diverged or "")."""
+        t, task, device, world = self.t, self.task, self.device, self.world
+        batch, fresh = self.source.next()
+        count = batch.mask.sum()
+        mine = batch.columns(self.lo, self.hi).to(device)
+        pred, state = net(mine.x, None if fresh or self.carry is None else self.carry)
+        local = loss_sum(task, pred, mine)
+        # The loss, and whether to stop: decided together, so that all processes stop at one step.
+        time_up = t["time_limit"] is not None and time.perf_counter() - self.bar.start >= t["time_limit"]
+        seen = torch.tensor([local.item() / count.item(), float(self.stop_requested), float(time_up)],
+                            dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(seen)
+        loss_value, stop_now, out_of_time = seen[0].item(), seen[1].item() > 0, seen[2].item() > 0
+        if not math.isfinite(loss_value):
+            return True, False, _diverged(loss_value, "loss", self.step + 1, self.ckpt_path, self.saved_step)
+        self.opt.zero_grad(set_to_none=True)
+        # Every process divides by the global count; DDP averages over processes, hence * world.
+        (local / count.to(device) * world).backward()
+        # Clipped by global norm; measured even without clipping, so that a NaN never reaches the weights.
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), t["clip"] if t["clip"] is not None else math.inf)
+        if not math.isfinite(norm.item()):
+            return True, False, _diverged(norm.item(), "gradient norm", self.step + 1, self.ckpt_path, self.saved_step)
+        self.opt.step()
+        self.carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
+        self.step += 1
+        self.history.append(loss_value)
+        self.bar.update(self.step, loss_value, int(count) if task.stream else self.B)
+        done = self.steps_done() or out_of_time
+        last = done or stop_now
+        if self.step % t["eval_every"] == 0 or last:
+            metrics = evaluate(task, self.model, self.cfg)
+            self.evals.append((self.step, metrics))
+            self.bar.message(f"step {self.step}: eval {format_metrics(metrics)}")
+        if self.step % t["checkpoint_every"] == 0 or last:
+            self.save()
+        return done, stop_now, ""
 
 
 def _diverged(value: float, what: str, step: int, ckpt: Path, saved_step: int | None) -> str:
