@@ -663,3 +663,22 @@ def test_auto_runs_cells_named_like_c_on_the_c_loops_without_a_warning(timed_fas
             assert _backend(elman) == "c"
             h, _ = elman(torch.randn(2, 1, 3))
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_pass_sets_openblas_threads_by_the_size_of_its_products(monkeypatch):
+    """Each pass tells the runtime how much its loop multiplies a step (an LSTM: B * H * 4H each
+    way), and OpenBLAS runs on all of torch's threads only for large products."""
+    import re
+
+    source = specc.compile_spec("lstm").source
+    calls = re.findall(r"rt_c\.blas_threads\((.*?)\)  #", source)
+    assert calls == ["B * (H * 4*H)", "B * (4*H * H)"], calls
+    seen = []
+    monkeypatch.setattr(c_runtime, "_threads", [1])
+    monkeypatch.setattr(c_runtime, "blas", lambda: type("L", (), {
+        c_runtime.BLAS_PREFIX + "openblas_set_num_threads": staticmethod(lambda n: seen.append(n.value))})())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    c_runtime.blas_threads(64 * 256 * 1024)
+    c_runtime.blas_threads(64 * 256 * 1024)  # no call when the count stays
+    c_runtime.blas_threads(16 * 128 * 512)
+    assert seen == [4, 1]

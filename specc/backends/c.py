@@ -613,6 +613,10 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
     cfn = f"specc_{fn}"
     if not _C_IDENT.match(cfn):
         raise Unsupported(f"cell name {fn!r} is not usable in C")
+    products = [f"{g.nodes[node.args[1]].type.shape[0]} * {node.type.shape[0]}" for node in
+                (g.nodes[i] for i in s.nodes_in("loop")) if node.op in ("matvec", "matvec_t")]
+    w.line(f"rt_c.blas_threads(B * ({' + '.join(products)}))  # one thread, or all for large products a step"
+           if products else "rt_c.blas_threads(0)  # no product in the loop: one thread")
     # Elementwise input-only values that only the loop reads are computed in it, at step t, as the
     # Triton kernels do. The loop has one stage, so nothing else of the Triton plan applies.
     fused = fused_into_loop(s, keep)

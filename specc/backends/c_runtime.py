@@ -32,7 +32,13 @@ from .c import c_dim
 # Without a GEMM of its own to compile, an LSTM's library takes ~0.3 s at -O3 (2.3-2.5 s before,
 # gcc 12; -O2 is no quicker).
 DEFAULT_TUNING = ["-O3", "-march=native"]
-BASE_FLAGS = ["-shared", "-fPIC", "-fno-strict-aliasing", "-fopenmp"]
+# -fno-trapping-math: without it GCC keeps each `x > a ? a : x` of the activations' helpers (sp_exp,
+# sp_tanh) a branch, since a comparison may raise a floating-point exception that nothing here
+# reads, and leaves every elementwise loop with an activation unvectorised on AVX2 and SSE (AVX-512's
+# masked instructions vectorised it anyway, which is how the loops were fast on the machine they
+# were written on and 2-3x slower elsewhere: issue 13). It changes no result, only the exception
+# flags. -fno-strict-aliasing: the loops read one buffer through pointers of several names.
+BASE_FLAGS = ["-shared", "-fPIC", "-fno-strict-aliasing", "-fno-trapping-math", "-fopenmp"]
 
 
 def tuning() -> list[str]:
@@ -226,22 +232,10 @@ def cache_key(text: str, cc: str) -> str:
 @functools.lru_cache(maxsize=1)
 def blas() -> ctypes.CDLL:
     """OpenBLAS's library itself, the one the loops link to (a library whose loop has no product may
-    not name it at all): for its thread count and the host's products. Loaded, it is set to run on
-    one thread.
-
-    One thread: the loops call it once per product per step, on a (B, H) block of the state,
-    which is over before a second thread is worth waking, while threads left spinning after it
-    take the cores from the elementwise loops and from torch. Measured on 2 shared cores (AMD
-    EPYC, AVX2, no AVX-512; another process busy on one core, as on CI runners and laptops),
-    forward + backward, median of 7, OpenBLAS on one thread with the OpenMP elementwise loops
-    against OpenBLAS on two threads with no OpenMP (two runs each):
-        LSTM 100x64x256x256   918 /  954 ms  against 2623 / 2317 ms
-        LSTM 100x16x128x128   172 /  168 ms  against  305 /  638 ms
-        GRU  100x64x256x256   797 /  799 ms  against 1697 / 2271 ms
-        GRU  100x16x128x128   252 /  248 ms  against  493 /  443 ms
-    One product alone, (64, 256) @ (256, 1024): 60 GFLOP/s on one thread, 2-4 on two. This copy of
-    OpenBLAS is specc's alone (NumPy, SciPy and torch bring their own), so the setting, which is
-    the whole process's, touches nobody else's products."""
+    not name it at all): for its thread count and the host's products. It starts on one thread;
+    blas_threads() sets the count for each pass. This copy of OpenBLAS is specc's alone (NumPy,
+    SciPy and torch bring their own), so the setting, which is the whole process's, touches nobody
+    else's products."""
     include, libdir, name = openblas()
     found = sorted(Path(libdir).glob(f"lib{name}.*"))
     if not found:
@@ -253,6 +247,26 @@ def blas() -> ctypes.CDLL:
     sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
     sgemm.restype = None
     return lib
+
+
+# A pass whose loop multiplies at least this many (multiply-adds a step, over its products) runs
+# OpenBLAS on all of torch's threads, in the loop and around it; a smaller one on one. Measured on
+# an idle 2-core AMD EPYC (AVX2), LSTM forward + backward, one thread against two: 334 / 244 ms at
+# 100x64x256x256 (16.8M a step), 36 / 76 ms at 100x16x128x128 (1M), 14 / 48 ms at 200x8x64x64:
+# below a few million, waking a second thread for each product costs more than it saves, and its
+# threads left spinning take the core the elementwise loops and the host code want. (The count
+# was one thread for every pass until then, measured on a machine where another process held a
+# core: on 2 shared cores, two threads lost even at the large size.)
+PARALLEL_STEP_MACS = 1 << 23
+_threads = [1]
+
+
+def blas_threads(step_macs: int) -> None:
+    """Set OpenBLAS's thread count for a pass whose loop does `step_macs` multiply-adds a step."""
+    n = torch.get_num_threads() if step_macs >= PARALLEL_STEP_MACS else 1
+    if n != _threads[0]:
+        getattr(blas(), BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(n))
+        _threads[0] = n
 
 
 def _compile(cc: str, text: str, path: Path, key: str) -> None:
@@ -318,11 +332,10 @@ def _blas_layout(t: torch.Tensor) -> tuple[int, int, torch.Tensor]:
 
 def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w for float32 CPU matrices (transposed views need no copy): the host's products around
-    the loop (W @ x for all steps, the gradients), by the OpenBLAS the loop calls, on one thread.
-    With torch's, on its pool of 2 threads on 2 shared cores, each product waited for the core
-    another process held: a GRU at 20x4x16x16 took 87-150 ms a forward + backward (80x16 @ 16x48
-    took 23 ms), 6 ms with these; at the benchmark's sizes (LSTM, GRU; 100x64x256x256,
-    100x16x128x128) 1122 / 200 / 776 / 159 ms with torch's, 872 / 148 / 723 / 176 with these."""
+    the loop (W @ x for all steps, the gradients), by the OpenBLAS the loop calls, on the threads
+    blas_threads() chose for the pass: one pool, not torch's beside OpenBLAS's. (With torch's,
+    on 2 cores another process shared, each product waited for the core it held: a GRU at
+    20x4x16x16 took 87-150 ms a forward + backward, 6 ms with these.)"""
     M, K = a.shape
     N = w.shape[1]
     if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
