@@ -92,14 +92,22 @@ def _c_unusable(prog, dims) -> str | None:
 # have caught. The choice is kept in _CHOICES, and on disk beside the compiled loops, so that
 # every process on this machine makes the same one (a run resumed from a checkpoint computes on
 # the backend the first run did, bit for bit).
-PROBE_STEPS = 8  # steps of the timed forward + backward (fewer if the sequence is shorter)
-PROBE_RUNS = 3  # calls of each backend; the first warms up (first-touch memory, oneDNN's plans)
+PROBE_STEPS = 32  # steps of the timed forward + backward (fewer if the sequence is shorter)
+PROBE_RUNS = 3  # calls of a backend in a row, of which the first warms up (first-touch memory, oneDNN's plans)
 _CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
 def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> dict[str, float]:
     """Seconds of one forward + backward on each of the C loops and the NumPy backend (the best of
-    PROBE_RUNS - 1 timed calls), on the first T steps of the caller's own tensors."""
+    timed calls), on the first T steps of the caller's own tensors.
+
+    Each backend runs PROBE_RUNS calls in a row, twice, in turn (C, NumPy, C, NumPy), and the
+    first call of each row is not timed: a backend leaves thread pools spinning for a while after
+    its products (NumPy's OpenBLAS, torch's, OpenBLAS's for the C loops), which slow whatever runs
+    next on a machine of few cores (an LSTM at 100x16x128x128 on 2 cores: the C loops 3 ms a probe
+    alone, 8 ms right after NumPy's), and what `auto` chooses is the backend that then runs alone.
+    With 8 steps a probe and all of one backend's calls before the other's, `auto` picked the
+    slower at half the sizes of bench/cpu.py on an idle AVX2 machine."""
     import time
     import warnings
 
@@ -109,18 +117,17 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     params = work[n_inputs + n_states:]
     d_outs = [torch.ones((T, B, module.sizes["outputs"][n][0])) for n in prog.OUTPUTS]
     d_finals = [torch.ones((B, module.sizes["states"][n][0])) for n in prog.STATES]
-    seconds = {}
+    runners = [BACKENDS["c"].run(), BACKENDS["numpy"].run()]
+    seconds = {r.name: float("inf") for r in runners}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
-        for backend in (BACKENDS["c"].run(), BACKENDS["numpy"].run()):
-            best = float("inf")
+        for runner in runners + runners:
             for k in range(PROBE_RUNS):
                 start = time.perf_counter()
-                _, _, saved = backend.forward(prog, work, T, B, dims, train=True)
-                backend.backward(prog, saved, d_outs, d_finals, params, T, B, dims)
+                _, _, saved = runner.forward(prog, work, T, B, dims, train=True)
+                runner.backward(prog, saved, d_outs, d_finals, params, T, B, dims)
                 if k:
-                    best = min(best, time.perf_counter() - start)
-            seconds[backend.name] = best
+                    seconds[runner.name] = min(seconds[runner.name], time.perf_counter() - start)
     return seconds
 
 

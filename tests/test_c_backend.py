@@ -11,6 +11,8 @@ uses NumPy and an explicit backend="c" says why.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import textwrap
 import warnings
 
@@ -234,9 +236,10 @@ def test_auto_runs_numpy_where_numpy_timed_faster(timed_faster, monkeypatch):
     assert_same(run(module, x, state), run(ref, x, state), tol=0)
     assert module.backend_choice.startswith("numpy: the faster on this CPU, timed on first use with batch 3")
     assert "numpy 1500.00 ms, c 2000.00 ms" in module.backend_choice
-    assert loops == [] and timed == [("lstm", 8, 3)]  # 8 steps timed; the C loops never ran for real
+    # the first PROBE_STEPS steps (here all 12) timed; the C loops never ran for real
+    assert loops == [] and timed == [("lstm", min(12, runtime.PROBE_STEPS), 3)]
     run(module, x, state)
-    assert timed == [("lstm", 8, 3)]  # the same batch size: not timed again
+    assert timed == [("lstm", min(12, runtime.PROBE_STEPS), 3)]  # the same batch size: not timed again
     timed_faster("c")
     assert _backend(module, steps=4, batch=3) == "c" and timed[-1] == ("lstm", 4, 3)
     assert loops == ["specc_lstm_forward"]
@@ -267,10 +270,10 @@ def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch, tmp_p
     y, h = module(x)
     assert y.dtype == torch.bfloat16 and torch.equal(x, before) and torch.equal(torch.get_rng_state(), rng)
     name, why = module.backend_choice.split(": ", 1)
-    assert name in ("c", "numpy") and "forward + backward of 8 steps" in why
-    runs = runtime.PROBE_RUNS
+    assert name in ("c", "numpy") and f"forward + backward of {min(20, runtime.PROBE_STEPS)} steps" in why
+    runs = runtime.PROBE_RUNS  # calls in a row, two rows of each backend
     assert loops[:2 * runs] == ["specc_gru_forward", "specc_gru_backward"] * runs
-    assert len(loops) == 2 * runs + (name == "c")
+    assert len(loops) == 4 * runs + (name == "c")  # and the real call: forward only
 
 
 def test_turned_off_or_without_a_compiler_auto_uses_numpy(monkeypatch):
@@ -682,3 +685,25 @@ def test_a_pass_sets_openblas_threads_by_the_size_of_its_products(monkeypatch):
     c_runtime.blas_threads(64 * 256 * 1024)  # no call when the count stays
     c_runtime.blas_threads(16 * 128 * 512)
     assert seen == [4, 1]
+
+
+CROSS_CC = shutil.which("aarch64-linux-gnu-gcc")
+
+
+@pytest.mark.skipif(CROSS_CC is None, reason="no aarch64 cross compiler (Debian: apt install gcc-aarch64-linux-gnu)")
+@pytest.mark.parametrize("spec, cell", [("lstm", None), ("gru", None), ("elman", "rnn_tanh"), ("second_order", None),
+                                        ("gru_cho", None), ("jordan", None), ("lstm_proj", None)])
+def test_the_c_compiles_for_aarch64(tmp_path, spec, cell):
+    """Nothing x86-only in the generated C or its prelude: each library cell's loops compile for
+    64-bit ARM (NEON) with the flags the runtime uses, and vectorise there too."""
+    prog = specc.program(specc.compile_spec(spec, cell))
+    dims = {d: 8 for d in prog.DIMS}
+    source = tmp_path / "cell.c"
+    source.write_text(c_runtime.full_source(prog.C_SOURCE, dims))
+    include = c_runtime.openblas()[0]  # cblas.h is the same on every architecture
+    flags = [f for f in c_runtime.BASE_FLAGS if f not in ("-shared", "-fPIC")]
+    result = subprocess.run([CROSS_CC, "-O3", "-march=armv8-a", *flags, f"-I{include}", "-c", str(source),
+                             "-o", str(tmp_path / "cell.o"), "-fopt-info-vec-optimized"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "loop vectorized" in result.stderr

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="numpy,c,triton", help="comma-separated (default numpy,c,triton)")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis's seed (default 0)")
     ap.add_argument("--show", type=int, default=1, help="cells shown per kind of finding (default 1)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop drawing cells after this long and print the summary of those run")
     ap.add_argument("--shrink", metavar="TEXT", help="stop at the first finding whose text contains TEXT "
                     "and let hypothesis shrink its cell to a minimal one")
     args = ap.parse_args(argv)
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
               suppress_health_check=list(HealthCheck))
     @given(cells())
     def one(cell):
+        if args.minutes is not None and time.time() - start > 60 * args.minutes:
+            return  # out of time: the cells hypothesis still draws are not run (nor counted)
         counts["cells"] += 1
         found = differences(cell.text, cell.dims, backends, seed=counts["cells"])
         if args.shrink is not None and any(args.shrink in str(f) for f in found):
@@ -76,7 +80,9 @@ def main(argv=None) -> int:
         print(f"\nthe smallest cell found shows:\n{e}")
         return 1
     elapsed = time.time() - start
-    print(f"cells: {counts['cells']}  backends: {', '.join(backends)}  seed: {args.seed}  "
+    stopped = args.minutes is not None and counts["cells"] < args.cells
+    print(f"cells: {counts['cells']}{' (stopped at --minutes)' if stopped else ''}  "
+          f"backends: {', '.join(backends)}  seed: {args.seed}  "
           f"time: {elapsed:.0f} s ({elapsed / max(counts['cells'], 1):.2f} s a cell)")
     print(f"cells with findings: {counts['cells with findings']}")
     for (backend, mode, what), n in sorted(per_mode.items()):
