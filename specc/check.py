@@ -942,6 +942,14 @@ def _check_equation(eq: Equation, env, defined, errors: Collector, state_names, 
 _VERBS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 
 
+def broadcast_one(t: Type, other: Type) -> Type:
+    """`t` as the elementwise ops take it beside `other`: a value of one entry ([1]) made of
+    parameters alone (a learned scalar written `param a[1]`) is a scalar beside a vector or matrix."""
+    if t.shape == (Size.of(1),) and not t.batched and other.shape not in ((), (Size.of(1),)):
+        return Type((), False)
+    return t
+
+
 def type_of(expr: ast.Expr, env, errors: Collector, state_names=(), *, kinds=None) -> Type | None:
     """The type of an expression, or None after reporting why it has none.
 
@@ -978,6 +986,8 @@ def type_of(expr: ast.Expr, env, errors: Collector, state_names=(), *, kinds=Non
         right = type_of(expr.right, env, errors, state_names, kinds=kinds)
         if left is None or right is None:
             return None
+        if expr.op in _VERBS:  # a parameter of one entry ([1]) is a scalar beside a vector
+            left, right = broadcast_one(left, right), broadcast_one(right, left)
         if expr.op in _VERBS and left.shape != right.shape and left.shape != () and right.shape != ():
             errors.error(expr.loc, f"shape mismatch in '{expr.op}': cannot {_VERBS[expr.op]} "
                                    f"{shape_str(left.shape)} and {shape_str(right.shape)}")

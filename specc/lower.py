@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import ast
-from .check import CheckedCell
+from .check import CheckedCell, broadcast_one
 from .ir import Builder, Graph, Type
 
 _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matvec"}
@@ -64,6 +64,10 @@ def _expr(b: Builder, e: ast.Expr, env, line: int) -> int:
         return b.add("neg", (_expr(b, e.arg, env, line),), line=line)
     if isinstance(e, ast.BinOp):
         left, right = _expr(b, e.left, env, line), _expr(b, e.right, env, line)
+        if e.op != "@":  # check.broadcast_one: a [1] parameter beside a vector is a scalar
+            lt, rt = b.type(left), b.type(right)
+            left, right = (b.add("reshape", (v,), ((),), line=line) if broadcast_one(t, o) != t else v
+                           for v, t, o in ((left, lt, rt), (right, rt, lt)))
         return b.add(_BINOPS[e.op], (left, right), line=line)
     if isinstance(e, ast.Concat):
         return b.add("concat", tuple(_expr(b, a, env, line) for a in e.items), line=line)

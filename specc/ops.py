@@ -67,6 +67,28 @@ def _gelu_vjp(b, x, y, g):
     return mul(g, add(mul(b.const(0.5), add(b.const(1), t)), slope))
 
 
+def _silu_vjp(b, x, y, g):
+    s = b.add("sigmoid", (x,))
+    return b.add("mul", (g, b.add("mul", (s, b.add("add", (b.const(1), b.add("mul", (x, b.add("sub", (b.const(1), s))))))))))
+
+
+def _elu_vjp(b, x, y, g):
+    above = b.add("step", (x,))
+    return b.add("mul", (g, b.add("add", (above, b.add("mul", (b.add("sub", (b.const(1), above)), b.add("add", (y, b.const(1)))))))))
+
+
+def _between(b, x, g, edge: float, slope: float):
+    """g * slope where -edge < x < edge, else 0 (hardtanh's, hardsigmoid's derivative)."""
+    inside = b.add("mul", (b.add("step", (b.add("add", (x, b.const(edge))),)),
+                           b.add("step", (b.add("sub", (b.const(edge), x)),))))
+    return b.add("mul", (g, inside if slope == 1.0 else b.add("mul", (b.const(slope), inside))))
+
+
+def _softsign_vjp(b, x, y, g):
+    d = b.add("add", (b.const(1), b.add("abs", (x,))))
+    return b.add("div", (g, b.add("mul", (d, d))))
+
+
 _TANH_TRITON = """def _tanh(x):
     \"\"\"Within 2 ulps. 2 * sigmoid(2x) - 1 loses a small tanh to the 1 it subtracts (tanh(1e-5) up
     to 0.6% off); near 0 a polynomial (Cephes' tanhf), elsewhere 1 - 2 / (exp(2|x|) + 1).\"\"\"
@@ -130,6 +152,48 @@ ACTIVATIONS: dict[str, Activation] = {
         triton_helper="def _gelu(x):\n    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))\n",
         c_helper="static inline float sp_gelu(float x) {\n"
                  "    return 0.5f * x * (1.0f + sp_tanh(0.7978845608f * (x + 0.044715f * x * x * x)));\n}\n"),
+    "sqrt": Activation(
+        lambda b, x, y, g: b.add("div", (b.add("mul", (b.const(0.5), g)), y)), math.sqrt,
+        numpy="np.sqrt({x})", numpy_out="np.sqrt({x}, out={out})", torch="torch.sqrt({x})",
+        triton="tl.sqrt_rn({x})", c="sqrtf({x})"),
+    "rsqrt": Activation(
+        lambda b, x, y, g: b.add("mul", (b.add("mul", (b.const(-0.5), g)), b.add("mul", (y, b.add("mul", (y, y)))))),
+        lambda x: 1 / math.sqrt(x), numpy="1 / np.sqrt({x})", numpy_out="np.divide(1, np.sqrt({x}, out={out}), out={out})",
+        torch="torch.rsqrt({x})", triton="(1.0 / tl.sqrt_rn({x}))", c="(1.0f / sqrtf({x}))"),
+    # d|x| = sign(x), 0 at 0 as torch's: step(x) - step(-x).
+    "abs": Activation(
+        lambda b, x, y, g: b.add("mul", (g, b.add("sub", (b.add("step", (x,)), b.add("step", (b.add("neg", (x,)),)))))),
+        abs, numpy="np.abs({x})", numpy_out="np.abs({x}, out={out})", torch="torch.abs({x})", triton="tl.abs({x})",
+        c="fabsf({x})"),
+    "square": Activation(
+        lambda b, x, y, g: b.add("mul", (b.add("mul", (b.const(2), g)), x)), lambda x: x * x,
+        numpy="np.square({x})", numpy_out="np.square({x}, out={out})", torch="torch.square({x})",
+        triton="({x} * {x})", c="({x} * {x})"),
+    # silu(x) = x sigmoid(x): s (1 + x (1 - s)).
+    "silu": Activation(
+        _silu_vjp, lambda x: x * ACTIVATIONS["sigmoid"].scalar(x), numpy="{x} * rt.sigmoid({x})", numpy_out=None,
+        torch="torch.nn.functional.silu({x})", triton="({x} * tl.sigmoid({x}))", c="({x} * sp_sigmoid({x}))"),
+    # elu with alpha 1 (torch's default): x above 0, exp(x) - 1 below; its slope there is y + 1.
+    "elu": Activation(
+        _elu_vjp, lambda x: x if x > 0 else math.expm1(x),
+        numpy="np.where({x} > 0, {x}, np.expm1(np.minimum({x}, 0)))", numpy_out=None,
+        torch="torch.nn.functional.elu({x})", triton="tl.where({x} > 0.0, {x}, tl.exp(tl.minimum({x}, 0.0)) - 1.0)",
+        c="({x} > 0.0f ? {x} : sp_exp({x}) - 1.0f)"),
+    # torch's: relu6(x + 3) / 6, slope 1/6 strictly between -3 and 3.
+    "hardsigmoid": Activation(
+        lambda b, x, y, g: _between(b, x, g, 3.0, 1 / 6), lambda x: min(max(x / 6 + 0.5, 0.0), 1.0),
+        numpy="np.clip({x} / 6 + 0.5, 0, 1)", numpy_out="np.clip({x} / 6 + 0.5, 0, 1, out={out})",
+        torch="torch.nn.functional.hardsigmoid({x})",
+        triton="tl.minimum(tl.maximum({x} / 6.0 + 0.5, 0.0), 1.0)", c="fminf(fmaxf({x} / 6.0f + 0.5f, 0.0f), 1.0f)"),
+    "hardtanh": Activation(
+        lambda b, x, y, g: _between(b, x, g, 1.0, 1.0), lambda x: min(max(x, -1.0), 1.0),
+        numpy="np.clip({x}, -1, 1)", numpy_out="np.clip({x}, -1, 1, out={out})",
+        torch="torch.nn.functional.hardtanh({x})", triton="tl.minimum(tl.maximum({x}, -1.0), 1.0)",
+        c="fminf(fmaxf({x}, -1.0f), 1.0f)"),
+    # x / (1 + |x|): its slope is 1 / (1 + |x|)^2.
+    "softsign": Activation(
+        _softsign_vjp, lambda x: x / (1 + abs(x)), numpy="{x} / (1 + np.abs({x}))", numpy_out=None,
+        torch="torch.nn.functional.softsign({x})", triton="({x} / (1.0 + tl.abs({x})))", c="({x} / (1.0f + fabsf({x})))"),
     # step is relu's derivative; it has no gradient of its own (no double backward).
     "step": Activation(
         lambda b, x, y, g: None, lambda x: float(x > 0), numpy="rt.step({x})", numpy_out="rt.step({x}, out={out})",
@@ -363,7 +427,9 @@ def _slice(n, a, t, rows) -> str:
 
 def _reshape(n, a, rows) -> str:
     shape = ", ".join(str(s) for s in n.attrs[0])
-    return f"{a[0]}.reshape({rows}, {shape})" if n.type.batched else f"{a[0]}.reshape({shape})"
+    if not n.type.batched:
+        return f"{a[0]}.reshape({shape or '()'})"
+    return f"{a[0]}.reshape({rows}, {shape})"
 
 
 def _zeros(n, rows) -> str:

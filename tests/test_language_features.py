@@ -1,7 +1,7 @@
 """Cells nobody has named: the language's less common parts, end to end, on both backends.
 
 A learned scalar, a concatenation feeding a product inside the recurrence, a softmax output, two
-inputs, a state starting at ones, and softplus, log, exp, relu, gelu, division and negation. Each
+inputs, a state starting at ones, every elementwise function, division and negation. Each
 cell is checked against a hand-written torch loop (outputs, final states, every gradient) on the
 NumPy backend in float64, on the Triton backend (interpreted) and the C loops in float32, and by
 gradcheck.
@@ -99,6 +99,29 @@ cell gelu_rnn(I, H) {
     h' = gelu(U @ h) * 0.5 + gelu(W @ x)
     output h'
 }
+
+cell one_entry(I, H) {
+    """A learned scalar written as a parameter of one entry: it broadcasts as a number would."""
+    input x[I]
+    state h[H]
+    param a[1] ~ constant(0.3)
+    param W[H, I]
+    h' = a * h + (1 - a) * tanh(W @ x) / (a + 1)
+    output h'
+}
+
+cell functions(I, H) {
+    """Every elementwise function of the language but the ones above, on values of either sign."""
+    input x[I]
+    state h[H]
+    param W[H, I]
+    param U[H, H]
+    a = W @ x + U @ h
+    r = sqrt(1.5 + tanh(a)) * rsqrt(softplus(a) + 0.5) + abs(a) * 0.1 - square(h) * 0.2
+    q = silu(a) * 0.3 + elu(a) * 0.2 + hardsigmoid(3 * a) - hardtanh(2 * a) * 0.5 + softsign(a)
+    h' = tanh(r + q)
+    output h'
+}
 '''
 
 
@@ -131,6 +154,26 @@ def gelu_ref(xs, h, p):
     outs = []
     for x in xs[0]:
         h = F.gelu(h @ p["U"].T, approximate="tanh") * 0.5 + F.gelu(x @ p["W"].T, approximate="tanh")
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def one_entry_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        h = p["a"] * h + (1 - p["a"]) * torch.tanh(x @ p["W"].T) / (p["a"] + 1)
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def functions_ref(xs, h, p):
+    # hardsigmoid by its definition: torch's F.hardsigmoid differentiates with 1/6 in float32, also in float64
+    outs = []
+    for x in xs[0]:
+        a = x @ p["W"].T + h @ p["U"].T
+        r = torch.sqrt(1.5 + torch.tanh(a)) * torch.rsqrt(F.softplus(a) + 0.5) + torch.abs(a) * 0.1 - torch.square(h) * 0.2
+        q = (F.silu(a) * 0.3 + F.elu(a) * 0.2 + torch.clamp(3 * a + 3, 0, 6) / 6 - F.hardtanh(2 * a) * 0.5 + F.softsign(a))
+        h = torch.tanh(r + q)
         outs.append(h)
     return torch.stack(outs), h
 
@@ -178,6 +221,8 @@ CASES = {
     "concat_rnn": (concat_ref, dict(I=3, H=5, O=4)),
     "odd_ops": (odd_ref, dict(I=3, H=5)),
     "gelu_rnn": (gelu_ref, dict(I=3, H=5)),
+    "functions": (functions_ref, dict(I=3, H=5)),
+    "one_entry": (one_entry_ref, dict(I=3, H=5)),
 }
 
 
@@ -186,7 +231,7 @@ def make(cell, dtype, backend="numpy"):
     module = specc.load(SPEC, cell, dtype=dtype, backend=backend, **dims)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(torch.rand(()) if name == "alpha" else torch.randn_like(p) * 0.5)
+            p.copy_(torch.rand(p.shape) if name in ("alpha", "a") else torch.randn_like(p) * 0.5)
     return module
 
 

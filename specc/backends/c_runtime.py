@@ -37,8 +37,10 @@ DEFAULT_TUNING = ["-O3", "-march=native"]
 # reads, and leaves every elementwise loop with an activation unvectorised on AVX2 and SSE (AVX-512's
 # masked instructions vectorised it anyway, which is how the loops were fast on the machine they
 # were written on and 2-3x slower elsewhere: issue 13). It changes no result, only the exception
-# flags. -fno-strict-aliasing: the loops read one buffer through pointers of several names.
-BASE_FLAGS = ["-shared", "-fPIC", "-fno-strict-aliasing", "-fno-trapping-math", "-fopenmp"]
+# flags. -fno-math-errno: sqrtf of a negative number would otherwise keep a call of the C library
+# (to set errno, which nothing reads) in the loop and stop it vectorising. -fno-strict-aliasing:
+# the loops read one buffer through pointers of several names.
+BASE_FLAGS = ["-shared", "-fPIC", "-fno-strict-aliasing", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
 
 
 def tuning() -> list[str]:

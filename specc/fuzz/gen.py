@@ -13,7 +13,7 @@ so that every backend is tested on it from the day it lands.
 
 Values are kept finite by construction, the way people keep their own cells finite: a divisor is
 kept away from zero (`a / (2 + tanh(b))`), a logarithm's argument positive (`log(1.5 + tanh(b))`),
-an exponential's argument bounded (`exp(tanh(b))`).
+an exponential's argument bounded (`exp(tanh(b))`), a square root's positive (`sqrt(1.5 + tanh(b))`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from ..shapes import Size
 
 # Every function of the language of one argument (a new row of ops.ACTIVATIONS is drawn from the
 # day it lands), except those drawn only in the forms that keep them finite (below).
-ACTIVATIONS = tuple(f for f, arity in FUNCTIONS.items() if arity == 1 and f not in ("exp", "log", "softmax"))
+ACTIVATIONS = tuple(f for f, arity in FUNCTIONS.items()
+                    if arity == 1 and f not in ("exp", "log", "sqrt", "rsqrt", "softmax"))
 # Numbers of every sign and size, fractions among them.
 NUMBERS = (0.5, 2.0, 1.0, -0.5, 3.0, -1.0, 0.25, -2.0, 0.001, 1.5, -0.125, 10.0, 0.1, -3.0, 100.0, 1e-05)
 # Names that a C compiler, the C library, Python or the generated code may already use.
@@ -192,7 +193,8 @@ class _Writer:
             return f"softmax({sub()})"
         if kind == 9:
             return draw(st.sampled_from((f"exp(tanh({sub()}))", f"log(1.5 + tanh({sub()}))",
-                                         f"log(softplus({sub()}) + 0.5)")))
+                                         f"log(softplus({sub()}) + 0.5)", f"sqrt(1.5 + tanh({sub()}))",
+                                         f"rsqrt(softplus({sub()}) + 0.5)")))
         if kind == 10:
             return f"-({sub()})"
         if kind == 11 and self.pool:

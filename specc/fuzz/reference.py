@@ -22,6 +22,16 @@ _ACTIVATIONS = {
     "log": torch.log,
     "softplus": lambda v: torch.logaddexp(torch.zeros_like(v), v),
     "gelu": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "abs": torch.abs,
+    "square": torch.square,
+    "silu": torch.nn.functional.silu,
+    "elu": torch.nn.functional.elu,
+    # torch's own hardsigmoid differentiates with 1/6 rounded to float32, in float64 too
+    "hardsigmoid": lambda v: torch.clamp(v + 3, 0, 6) / 6,
+    "hardtanh": torch.nn.functional.hardtanh,
+    "softsign": torch.nn.functional.softsign,
     "softmax": lambda v: torch.softmax(v, dim=-1),
 }
 
