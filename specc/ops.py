@@ -485,3 +485,28 @@ SPELLINGS: dict[str, Spelling] = {
     "outer_vjp_a": Spelling(_rt("outer_vjp_a", sizes=True), _torch_outer_vjp),
     "outer_vjp_b": Spelling(_rt("outer_vjp_b", sizes=True), _torch_outer_vjp),
 }
+
+
+# --- how the loops spell an elementwise op on one element (C) or one tile (Triton) ----------------
+
+@dataclass(frozen=True)
+class Element:
+    """An op the C and Triton loops compute element by element: its spelling in each, a format
+    string of its arguments' code ({0}, {1}). `operator`: an infix or prefix spelling, which
+    takes parentheses inside another expression."""
+
+    c: str
+    triton: str
+    operator: bool = False
+
+    def spell(self, backend: str, args: list[str], nested: bool = True) -> str:
+        code = getattr(self, backend).format(*args)
+        return f"({code})" if nested and self.operator else code
+
+
+ELEMENTS: dict[str, Element] = {
+    **{op: Element(f"{{0}} {sign} {{1}}", f"{{0}} {sign} {{1}}", True)
+       for op, sign in (("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/"))},
+    "neg": Element("-{0}", "-{0}", True),
+    **{name: Element(a.c.replace("{x}", "{0}"), a.triton.replace("{x}", "{0}")) for name, a in ACTIVATIONS.items()},
+}

@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass
 
 from ..ir import Forward, Graph, Node, suggested_names
-from ..ops import ACTIVATIONS
+from ..ops import ACTIVATIONS, ELEMENTS
 from ..schedule import Schedule
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
@@ -52,7 +52,6 @@ from .writer import Namer, Writer
 VALUE_PREFIX = "v_"
 DIM_PREFIX = "d_"
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # The ops of one loop write only memory they do not read (each value has its own block), so the
 # compiler need not check for overlap before it vectorises.
@@ -106,16 +105,12 @@ def c_constant(g: Graph, i: int, forward: Graph | None = None) -> str | None:
         return None
     if node.op == "param" and forward is not None and isinstance(node.attrs[0], Forward):
         return c_constant(forward, node.attrs[0].node)
-    if not (node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS):
+    if node.op not in ELEMENTS:
         return None
     args = [c_constant(g, a, forward) for a in node.args]
     if any(a is None for a in args):
         return None
-    if node.op in _INFIX:
-        return f"({args[0]} {_INFIX[node.op]} {args[1]})"
-    if node.op == "neg":
-        return f"(-{args[0]})"
-    return ACTIVATIONS[node.op].c.format(x=args[0])
+    return ELEMENTS[node.op].spell("c", args)
 
 
 @dataclass(frozen=True)
@@ -311,7 +306,7 @@ class CLoop:
             return "ew"  # computed where it is read, from its source's operands at its columns
         if node.op == "slice" and not self._owns(i):
             return "view"
-        if node.op in _INFIX or node.op in ("neg", "zeros", "slice") or node.op in ACTIVATIONS:
+        if node.op in ELEMENTS or node.op in ("zeros", "slice"):
             return "ew"
         return "other"
 
@@ -401,13 +396,8 @@ class CLoop:
         if op == "slice" and node.args[0] in self.virtual:
             return self.inline(node.args[0], node.attrs[0], width)
         args = [self.where(a) for a in node.args]
-        if op in _INFIX:
-            a, b = (self.element(p, width) for p in args)
-            return f"{a} {_INFIX[op]} {b}"
-        if op == "neg":
-            return f"-{self.element(args[0], width)}"
-        if op in ACTIVATIONS:
-            return ACTIVATIONS[op].c.format(x=self.element(args[0], width))
+        if op in ELEMENTS:
+            return ELEMENTS[op].spell("c", [self.element(p, width) for p in args], nested=False)
         if op == "slice":
             return self.element(Place(f"{args[0].ptr} + {cstr(node.attrs[0])}", args[0].row), width)
         if op == "zeros":
@@ -506,12 +496,7 @@ class CLoop:
         """The element at row r, column c + offset of value i, as an expression."""
         node = self.g.nodes[i]
         if i in self.virtual:
-            a = [self.inline(x, offset, width) for x in node.args]
-            if node.op in _INFIX:
-                return f"({a[0]} {_INFIX[node.op]} {a[1]})"
-            if node.op == "neg":
-                return f"(-{a[0]})"
-            return ACTIVATIONS[node.op].c.format(x=a[0])
+            return ELEMENTS[node.op].spell("c", [self.inline(x, offset, width) for x in node.args])
         if node.op == "slice" and node.args[0] in self.virtual:
             return self.inline(node.args[0], offset + node.attrs[0], width)
         p = self.where(i)

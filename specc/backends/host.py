@@ -20,7 +20,6 @@ from .writer import Namer, Writer, after_loop, backward_args, value_names
 
 # Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
 RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 # Ops whose torch spelling outside the loop may be a strided view of their operand, not rows of their own.
 VIEWS = ("slice", "reshape")
 # Names the host functions use for themselves: no value of the spec may be given one of them.

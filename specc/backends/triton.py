@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import Graph, Node, suggested_names
-from ..ops import ACTIVATIONS, helper_names
+from ..ops import ACTIVATIONS, ELEMENTS, helper_names
 from ..schedule import Schedule
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after,
@@ -44,7 +44,6 @@ from .writer import Namer, Writer
 TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": ((16, 32, 32), (32, 64, 32))}
 SMALL_BATCH = 64
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 # Names the kernels, and the Triton host code around them, use for themselves.
 KERNEL_NAMES = frozenset({
     "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0", "TRAIN",
@@ -189,7 +188,7 @@ def _straddled(s: Schedule, stage: dict[int, int], cross: set[int], stored: set[
                     return
                 at = at + size
             found.add(i)
-        elif node.op in _INFIX or node.op in ("neg", "softmax", "softmax_vjp") or node.op in ACTIVATIONS:
+        elif node.op in ELEMENTS or node.op in ("softmax", "softmax_vjp"):
             for a in node.args:
                 walk(a, offset, tile, st)
 
@@ -336,9 +335,9 @@ class KernelWriter:
                               f"into one (spec line {line})")
         if op == "zeros":
             return "0.0"
-        if op in _INFIX or op == "neg" or op in ACTIVATIONS:
+        if op in ELEMENTS:
             args = [self.value(a, offset) for a in node.args]
-            return self._emit(node, _tile_spell(op, args), self._wanted(i, offset))
+            return self._emit(node, ELEMENTS[op].spell("triton", args), self._wanted(i, offset))
         if op in ("matvec", "matvec_t"):
             return self._product(i, node, offset)
         if op == "outer":
@@ -421,7 +420,7 @@ class KernelWriter:
                     at = at + self.g.nodes[a].type.shape[0]
             elif node.op in ("matvec", "matvec_t"):
                 found.append((i, offset))
-            elif node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS:
+            elif node.op in ELEMENTS:
                 for a in node.args:
                     walk(a, offset)
 
@@ -523,8 +522,8 @@ class KernelWriter:
             left = self.gather(a, f"({cols} // {_atom(kk)})", cmask)
             right = self.gather(bb, f"({cols} % {_atom(kk)})", cmask)
             out = f"({left} * {right})"
-        elif node.op in _INFIX or node.op == "neg" or node.op in ACTIVATIONS:
-            out = _tile_spell(node.op, [self.gather(a, cols, cmask) for a in node.args])
+        elif node.op in ELEMENTS:
+            out = ELEMENTS[node.op].spell("triton", [self.gather(a, cols, cmask) for a in node.args])
         else:
             raise Unsupported(f"cannot read {node.op} at arbitrary features (spec line {node.line})")
         if node.op != "const" and node.type.shape:
@@ -545,14 +544,6 @@ class KernelWriter:
                 self.body.line(stmt)
         else:
             self.body.line(stmt)
-
-
-def _tile_spell(op: str, a: list[str]) -> str:
-    if op in _INFIX:
-        return f"({a[0]} {_INFIX[op]} {a[1]})"
-    if op == "neg":
-        return f"(-{a[0]})"
-    return ACTIVATIONS[op].triton.format(x=a[0])
 
 
 @dataclass
