@@ -239,6 +239,18 @@ cell float(I) {
     double' = tanh(g0 - double)
     output errno = g0 * double'
 }""", {"I": 2}),
+    # a state whose next value is an input (h0' = x1): d_x1 is the carried d_h0 of every step, which
+    # the C backward kept in two blocks as if only the loop read it (seed 40, cell 1315: a crash)
+    "next_value_is_an_input_and_squared": ("""
+cell t(H) {
+    input x1[H]
+    state h0[H]
+    state h1[1]
+    param M[1, H, H]
+    h0' = x1
+    h1' = sigmoid(contract(M, h0, h0))
+    output h1'
+}""", {"H": 6}),
 }
 
 
@@ -248,3 +260,16 @@ def test_cells_the_fuzzer_found(name, backend):
     text, dims, *seed = FOUND[name]
     found = differences(text, dims, (backend,), seed=seed[0] if seed else 0)
     assert not found, "\n".join(map(str, found))
+
+
+def test_a_function_named_like_an_input_is_not_a_read_of_it():
+    """An input named exp (a name C and Python already use): `exp(tanh(b))` calls the function and
+    reads only the parameter b, so a state's next value made of it needs an input added (the run
+    of seed 40 drew `h2' = sigmoid(exp(tanh(b3)))`, which the checker rightly refused)."""
+    from specc.fuzz.gen import _refs_batched, _Val
+
+    pool = [_Val("exp", None, True), _Val("b", None, False), _Val("h'", None, True), _Val("ex", None, True)]
+    assert not _refs_batched("sigmoid(exp(tanh(b)))", pool)
+    assert not _refs_batched("exp (b) + b", pool)
+    assert _refs_batched("tanh(exp) * b", pool) and _refs_batched("[exp, b]", pool)
+    assert _refs_batched("h' * b", pool) and not _refs_batched("hh + b", pool)

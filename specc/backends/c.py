@@ -615,9 +615,11 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
     # is read after the loop, unless something after it reads them all.
     if host.reverse:
         users = g.users()
+        # Not one that is itself a gradient handed back (h' = x: d_x is the carried d_h' of every step).
+        outputs = {i for _, i in g.outputs}
         host.names.wrapped = {
             name for name, leaf, nxt in g.carries
-            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry"
+            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry" and not {leaf, nxt} & outputs
             and all(s.region[u] == "loop" or u in fused or u in sunk for v in (leaf, nxt) for u in users[v])}
         if host.names.wrapped:
             w.line("wrap = 2  # carried gradients only the loop reads: two blocks used in turn")

@@ -17,6 +17,7 @@ an exponential's argument bounded (`exp(tanh(b))`), a square root's positive (`s
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -231,8 +232,11 @@ class _Writer:
 
 
 def _refs_batched(text: str, pool: list[_Val]) -> bool:
-    words = set(text.replace("(", " ").replace(")", " ").replace(",", " ").replace("[", " ").replace("]", " ").split())
-    return any(v.batched and v.name in words for v in pool)
+    """Whether `text` reads a per-example value of `pool`. A name followed by "(" is a function
+    called, not a value read: an input named exp is not read by exp(tanh(b))."""
+    names = {m.group(1) for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*'?)(?![A-Za-z0-9_'])(?!\s*\()", text)
+             if not (m.start() and (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_"))}
+    return any(v.batched and v.name in names for v in pool)
 
 
 @st.composite
