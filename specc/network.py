@@ -19,13 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends
 from .errors import Diagnostic
-from .runtime import CellModule, check_dims
-
-# What CellModule takes; a network checks it too, so that one without recurrent layers refuses the
-# same names.
-BACKENDS = ("auto", *backends.BACKENDS)
+from .runtime import CellModule, check_backend, check_dims
 
 
 def length_mask(lengths: torch.Tensor | None, T: int, B: int, dtype, device=None) -> torch.Tensor:
@@ -318,8 +313,7 @@ class Network(nn.Module):
     def __init__(self, checked, dims: dict, dtype=None, batch_first: bool = False, backend: str = "auto"):
         super().__init__()
         check_dims(f"network '{checked.name}'", checked.dims, dims)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy', 'c' or 'triton'")
+        check_backend(backend)
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
         self.checked = checked

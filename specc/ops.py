@@ -201,12 +201,17 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+def helper_name(source: str) -> str:
+    """The name of the function a helper's source defines (`def _tanh(x):`, `static inline float sp_tanh(float x)`)."""
+    return source.split("(")[0].split()[-1]
+
+
 def helper_names(field: str) -> set[str]:
     """The names of the helper functions the activations define (field "triton_helper" or "c_helper")."""
-    return {source.split("(")[0].split()[-1] for a in ACTIVATIONS.values() if (source := getattr(a, field))}
+    return {helper_name(source) for a in ACTIVATIONS.values() if (source := getattr(a, field))}
 
 
-ELEMENTWISE = ("add", "sub", "mul", "div")
+ELEMENTWISE = ("add", "sub", "mul", "div")  # the binary ones; INFIX, below, spells them
 # Ops whose batched arguments are summed over rows: over batch inside a step, over time x batch
 # when the scheduler runs them after the loop.
 REDUCTIONS = ("outer_sum", "sum_rows", "sum_all")
@@ -405,18 +410,33 @@ FUNCTIONS = {name: 1 for name in ACTIVATIONS if name != "step"} | {"softmax": 1,
 #
 # One row an op: the NumPy spelling beside the torch one (the host code of the Triton and C
 # backends, outside the loop). Each is a function (node, args' code, args' types, rows) -> code,
-# `rows` the code of the number of rows of a batched value. Activations are spelled by their own
-# rows above. The loops' own spellings (Triton tiles, C elements) are the backends' business.
+# `rows` the code of the number of rows of a batched value; `numpy_into` (node, args' code, out)
+# -> code writes the value into the array `out` instead (None: the op cannot). Activations are
+# spelled by their own rows above. The loops' own spellings (Triton tiles, C elements) are below.
 
 @dataclass(frozen=True)
 class Spelling:
     numpy: Callable
     torch: Callable
+    numpy_into: Callable | None = None
 
 
-def _infix(sign: str) -> Spelling:
-    both = lambda n, a, t, rows: f"{a[0]} {sign} {a[1]}"  # noqa: E731
-    return Spelling(both, both)
+INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "np.divide", "neg": "np.negative"}
+
+
+def _ufunc_into(op: str) -> Callable:
+    return lambda n, a, out: f"{_UFUNCS[op]}({', '.join(a)}, out={out})"
+
+
+def _infix(op: str) -> Spelling:
+    both = lambda n, a, t, rows: f"{a[0]} {INFIX[op]} {a[1]}"  # noqa: E731
+    return Spelling(both, both, _ufunc_into(op))
+
+
+def _activation(act: Activation) -> Spelling:
+    into = None if act.numpy_out is None else (lambda n, a, out: act.numpy_out.format(x=a[0], out=out))
+    return Spelling(lambda n, a, t, rows: act.numpy.format(x=a[0]), lambda n, a, t, rows: act.torch.format(x=a[0]), into)
 
 
 def _slice(n, a, t, rows) -> str:
@@ -436,10 +456,13 @@ def _zeros(n, rows) -> str:
     return ", ".join(([rows] if n.type.batched else []) + [str(s) for s in n.attrs[0]])
 
 
-def _rt(helper: str, sizes: bool = False) -> Callable:
-    """A call of backends/numpy_runtime's `helper` (`rt.` in a generated module); sizes: with the
-    factors' sizes n, k (the gradients of an outer product)."""
-    return lambda n, a, t, rows: f"rt.{helper}({', '.join(list(a) + ([str(s) for s in n.attrs] if sizes else []))})"
+def _rt(helper: str, torch: Callable, sizes: bool = False) -> Spelling:
+    """A call of backends/numpy_runtime's `helper` (`rt.` in a generated module), which takes the
+    array to write into last; sizes: with the factors' sizes n, k (the gradients of an outer product)."""
+    def call(n, a, out=None):
+        return f"rt.{helper}({', '.join(list(a) + ([str(s) for s in n.attrs] if sizes else []) + ([out] if out else []))})"
+
+    return Spelling(lambda n, a, t, rows: call(n, a), torch, call)
 
 
 def _torch_outer_vjp(n, a, t, rows) -> str:
@@ -450,22 +473,24 @@ def _torch_outer_vjp(n, a, t, rows) -> str:
     return f'torch.einsum("{pattern}", {a[0]}.reshape(-1, {k}, {m}), {a[1]})'
 
 
+# A batched product into `out`: NumPy's loop hands in as a[0] the operand rt.operand made of the matrix.
+_MATMUL_INTO = lambda n, a, out: f"matmul({a[1]}, {a[0]}, {out})"  # noqa: E731
+
 SPELLINGS: dict[str, Spelling] = {
-    "add": _infix("+"), "sub": _infix("-"), "mul": _infix("*"), "div": _infix("/"),
-    "neg": Spelling(lambda n, a, t, rows: f"-{a[0]}", lambda n, a, t, rows: f"-{a[0]}"),
-    **{name: Spelling(lambda n, a, t, rows, act=act: act.numpy.format(x=a[0]),
-                      lambda n, a, t, rows, act=act: act.torch.format(x=a[0])) for name, act in ACTIVATIONS.items()},
-    "softmax": Spelling(_rt("softmax"), lambda n, a, t, rows: f"torch.softmax({a[0]}, dim=-1)"),
-    "softmax_vjp": Spelling(_rt("softmax_vjp"),
-                            lambda n, a, t, rows: f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"),
+    **{op: _infix(op) for op in INFIX},
+    "neg": Spelling(lambda n, a, t, rows: f"-{a[0]}", lambda n, a, t, rows: f"-{a[0]}", _ufunc_into("neg")),
+    **{name: _activation(act) for name, act in ACTIVATIONS.items()},
+    "softmax": _rt("softmax", lambda n, a, t, rows: f"torch.softmax({a[0]}, dim=-1)"),
+    "softmax_vjp": _rt("softmax_vjp", lambda n, a, t, rows: f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"),
     # NumPy's batched products go through the pass's `matmul` (numpy_runtime.matmul_for). torch:
     # linear, not v @ W.T, which on the CPU multiplies by a transposed view a third slower.
     "matvec": Spelling(
         lambda n, a, t, rows: f"matmul({a[1]}, {a[0]}.T)" if n.type.batched else f"{a[0]} @ {a[1]}",
-        lambda n, a, t, rows: f"torch.nn.functional.linear({a[1]}, {a[0]})" if n.type.batched else f"{a[0]} @ {a[1]}"),
+        lambda n, a, t, rows: f"torch.nn.functional.linear({a[1]}, {a[0]})" if n.type.batched else f"{a[0]} @ {a[1]}",
+        _MATMUL_INTO),
     "matvec_t": Spelling(
         lambda n, a, t, rows: f"matmul({a[1]}, {a[0]})" if n.type.batched else f"{a[0]}.T @ {a[1]}",
-        lambda n, a, t, rows: f"{a[1]} @ {a[0]}" if n.type.batched else f"{a[0]}.T @ {a[1]}"),
+        lambda n, a, t, rows: f"{a[1]} @ {a[0]}" if n.type.batched else f"{a[0]}.T @ {a[1]}", _MATMUL_INTO),
     "outer_sum": Spelling(
         lambda n, a, t, rows: f"matmul({a[0]}.T, {a[1]})" if t[0].batched else f"np.outer({a[0]}, {a[1]})",
         lambda n, a, t, rows: f"{a[0]}.T @ {a[1]}" if t[0].batched else f"torch.outer({a[0]}, {a[1]})"),
@@ -478,12 +503,11 @@ SPELLINGS: dict[str, Spelling] = {
     "reshape": Spelling(lambda n, a, t, rows: _reshape(n, a, rows), lambda n, a, t, rows: _reshape(n, a, "-1")),
     "zeros": Spelling(lambda n, a, t, rows: f"np.zeros(({_zeros(n, rows)},), dtype=dtype)",
                       lambda n, a, t, rows: f"torch.zeros(({_zeros(n, 'rows')},), device=dev, dtype=dtype)"),
-    "outer": Spelling(
-        _rt("outer_rows"),
-        lambda n, a, t, rows: (f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
-                               if n.type.batched else f"torch.outer({a[0]}, {a[1]}).reshape(-1)")),
-    "outer_vjp_a": Spelling(_rt("outer_vjp_a", sizes=True), _torch_outer_vjp),
-    "outer_vjp_b": Spelling(_rt("outer_vjp_b", sizes=True), _torch_outer_vjp),
+    "outer": _rt("outer_rows", lambda n, a, t, rows: (
+        f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
+        if n.type.batched else f"torch.outer({a[0]}, {a[1]}).reshape(-1)")),
+    "outer_vjp_a": _rt("outer_vjp_a", _torch_outer_vjp, sizes=True),
+    "outer_vjp_b": _rt("outer_vjp_b", _torch_outer_vjp, sizes=True),
 }
 
 
@@ -505,8 +529,7 @@ class Element:
 
 
 ELEMENTS: dict[str, Element] = {
-    **{op: Element(f"{{0}} {sign} {{1}}", f"{{0}} {sign} {{1}}", True)
-       for op, sign in (("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/"))},
+    **{op: Element(f"{{0}} {sign} {{1}}", f"{{0}} {sign} {{1}}", True) for op, sign in INFIX.items()},
     "neg": Element("-{0}", "-{0}", True),
     **{name: Element(a.c.replace("{x}", "{0}"), a.triton.replace("{x}", "{0}")) for name, a in ACTIVATIONS.items()},
 }

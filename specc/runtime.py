@@ -48,6 +48,12 @@ def load_program(source: str, cell: str) -> types.ModuleType:
     return sys.modules[name]
 
 
+def check_backend(backend) -> None:
+    """A backend a cell or network may be asked to run on: one of the registry's, or "auto"."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy', 'c' or 'triton'")
+
+
 def check_dims(what: str, declared, dims: dict) -> None:
     """Every declared dimension bound to a positive whole number, and no other."""
     missing = [d for d in declared if d not in dims]
@@ -210,8 +216,7 @@ class CellModule(nn.Module):
                  backend: str = "auto", dtype: torch.dtype | None = None):
         super().__init__()
         check_dims(f"cell '{program.CELL}'", program.DIMS, dims)
-        if backend not in ("auto", "numpy", "triton", "c"):
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'numpy', 'c' or 'triton'")
+        check_backend(backend)
         self.program = program
         self.dims = dict(dims)
         self.batch_first = batch_first

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ir import Graph
-from .ops import ACTIVATIONS, REDUCTIONS
+from .ops import ELEMENTS, REDUCTIONS
 from .shapes import Size
 
 REGIONS = ("const", "pre", "loop", "post", "reduce", "final")
@@ -75,8 +75,7 @@ def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
     return Schedule(g, tuple(region), frozenset(kept))
 
 
-_ROWWISE = {"add", "sub", "mul", "div", "neg", *ACTIVATIONS, "matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b",
-                                              "softmax", "softmax_vjp"}
+_ROWWISE = {*ELEMENTS, "matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b", "softmax", "softmax_vjp"}
 
 
 def _row_size(g: Graph, i: int):
@@ -114,3 +113,14 @@ def sink_post(s: Schedule) -> Schedule:
     kept.update(i for i in outputs if region[i] == "loop")
     kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
     return Schedule(g, tuple(region), frozenset(kept))
+
+
+def needed_by_pass(s: Schedule) -> frozenset[int]:
+    """Kept loop values that the pass itself needs after its loop (not only the backward pass):
+    what the post and reduce regions read, and the outputs."""
+    g = s.graph
+    need = {i for _, i in g.outputs}
+    for i, node in enumerate(g.nodes):
+        if s.region[i] in ("post", "reduce"):
+            need.update(node.args)
+    return frozenset(need & s.kept)

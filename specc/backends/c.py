@@ -44,7 +44,7 @@ from ..ops import ACTIVATIONS, ELEMENTS
 from ..schedule import Schedule
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
-                   torch_spell)
+                   torch_spell, wrapped_states)
 from .writer import Namer, Writer
 
 # Prefixes of the identifiers made from the spec's names: no keyword, macro or name of the C
@@ -68,7 +68,7 @@ def c_dim(name: str) -> str:
     return DIM_PREFIX + name
 
 
-def cstr(s: Size) -> str:
+def c_size(s: Size) -> str:
     """A size as a C expression in the dimension constants."""
     code = str(Size(tuple((tuple(c_dim(n) for n in m), c) for m, c in s.terms))).replace("//", "/")
     return code if code.replace("*", "").replace("_", "").isalnum() else f"({code})"
@@ -187,7 +187,7 @@ class CLoop:
         return self.args[host_expr]
 
     def _scratch_block(self, width: Size) -> str:
-        offset = " + ".join(cstr(w) for w in self.scratch)
+        offset = " + ".join(c_size(w) for w in self.scratch)
         self.scratch.append(width)
         return f"scratch + B * ({offset})" if offset else "scratch"
 
@@ -203,7 +203,7 @@ class CLoop:
                 raise AssertionError(f"value %{i} read outside the fused loop that made it")
             return self.place[i]
         g, node = self.g, self.g.nodes[i]
-        width = cstr(node.type.shape[0]) if node.type.shape else "1"
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
         scalar = not node.type.shape
         number = c_constant(g, i, self.forward)
         if number is not None:
@@ -218,7 +218,7 @@ class CLoop:
         if region == "pre":
             if node.op == "slice":
                 src = self.where(node.args[0])
-                return Place(f"{src.ptr} + {cstr(node.attrs[0])}", src.row, scalar)
+                return Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, scalar)
             name = self.host.names[i]
             buf = self.arg(name, const=True, view=i in self.views)
             row = self.view_rows.get(name, width)
@@ -245,7 +245,7 @@ class CLoop:
     def target(self, i: int, suffix: str = "") -> Place:
         """Where node i is written: its kept buffer, its state buffer, or scratch memory."""
         g, node = self.g, self.g.nodes[i]
-        width = cstr(node.type.shape[0]) if node.type.shape else "1"
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
         name = self.cname(self.suggested[i] + suffix)
         for sname, _, nxt in g.carries:
             if nxt == i:
@@ -255,8 +255,8 @@ class CLoop:
         if i in self.columns:  # a part of a concatenation the host reads after the loop: in its columns
             whole, total, column = self.columns[i]
             buf = self.arg(whole, const=False)
-            self.line(f"float *{name} = {buf} + t * B * {cstr(total)} + {cstr(column)};")
-            return Place(name, cstr(total), not node.type.shape)
+            self.line(f"float *{name} = {buf} + t * B * {c_size(total)} + {c_size(column)};")
+            return Place(name, c_size(total), not node.type.shape)
         if i in self.host.seq:
             buf = self.arg(self.host.seq[i], const=False)
             if i in self.guard:  # kept only for a backward pass: scratch when there is none
@@ -274,7 +274,7 @@ class CLoop:
         one that is the next value of several states (c' = z, d' = z): into each one's buffer
         (target() wrote the first)."""
         node = self.g.nodes[i]
-        width = cstr(node.type.shape[0]) if node.type.shape else "1"
+        width = c_size(node.type.shape[0]) if node.type.shape else "1"
 
         def copy(dest: str) -> str:
             if local is not None:  # inside a fused loop: this element
@@ -315,7 +315,7 @@ class CLoop:
 
     def _width(self, i: int) -> str:
         node = self.g.nodes[i]
-        return cstr(node.type.shape[0]) if node.type.shape else "1"
+        return c_size(node.type.shape[0]) if node.type.shape else "1"
 
     def fusion_order(self, todo: list[int]) -> list[int]:
         """A topological order of `todo` that puts elementwise ops of one width next to each other."""
@@ -359,7 +359,7 @@ class CLoop:
                     if a == m:
                         break
                     column = column + g.nodes[a].type.shape[0]
-                stored[m] = Place(f"{self.place[c].ptr} + {cstr(column)}", self.place[c].row)
+                stored[m] = Place(f"{self.place[c].ptr} + {c_size(column)}", self.place[c].row)
                 self.absorbed[c].add(m)
             elif self._owns(m) or outside:
                 self.comment(g.nodes[m])
@@ -399,7 +399,7 @@ class CLoop:
         if op in ELEMENTS:
             return ELEMENTS[op].spell("c", [self.element(p, width) for p in args], nested=False)
         if op == "slice":
-            return self.element(Place(f"{args[0].ptr} + {cstr(node.attrs[0])}", args[0].row), width)
+            return self.element(Place(f"{args[0].ptr} + {c_size(node.attrs[0])}", args[0].row), width)
         if op == "zeros":
             return "0.0f"
         raise AssertionError(op)
@@ -413,7 +413,7 @@ class CLoop:
             return self.element(Place(f"{p.ptr} + {col}" if not p.scalar else p.ptr, p.row, p.scalar), "1")
 
         if node.op == "outer":
-            n, k = (cstr(g.nodes[a].type.shape[0]) for a in node.args)
+            n, k = (c_size(g.nodes[a].type.shape[0]) for a in node.args)
             a, b = args
             self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
             self.line("for (long r = 0; r < B; r++)")
@@ -424,7 +424,7 @@ class CLoop:
             self.line(f"            ({out.ptr} + i * {k})[r * {out.row} + c] = a_ri * {self.element(b, k)};")
             self.line("    }")
             return
-        n, k = (cstr(x) for x in node.attrs)
+        n, k = (c_size(x) for x in node.attrs)
         grad, other = args
         width = n if node.op == "outer_vjp_a" else k
         self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
@@ -501,7 +501,7 @@ class CLoop:
             return self.inline(node.args[0], offset + node.attrs[0], width)
         p = self.where(i)
         if not (p.literal or p.scalar) and offset != Size.of(0):
-            p = Place(f"{p.ptr} + {cstr(offset)}", p.row)
+            p = Place(f"{p.ptr} + {c_size(offset)}", p.row)
         return self.element(p, width)
 
     def compute(self, i: int) -> None:
@@ -512,7 +512,7 @@ class CLoop:
         width = self._width(i)
         if op == "slice" and not self._owns(i):
             src = self.where(node.args[0])
-            self.place[i] = Place(f"{src.ptr} + {cstr(node.attrs[0])}", src.row, not node.type.shape)
+            self.place[i] = Place(f"{src.ptr} + {c_size(node.attrs[0])}", src.row, not node.type.shape)
             return
         if op == "reshape":
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
@@ -526,9 +526,9 @@ class CLoop:
         if op == "concat":
             column = Size.of(0)
             for a, p in zip(node.args, args):
-                part = cstr(g.nodes[a].type.shape[0])
+                part = c_size(g.nodes[a].type.shape[0])
                 if a not in self.absorbed.get(i, ()):
-                    dest = Place(f"{out.ptr} + {cstr(column)}", out.row)
+                    dest = Place(f"{out.ptr} + {c_size(column)}", out.row)
                     self.elementwise(dest, part, self.element(p, part))
                 column = column + g.nodes[a].type.shape[0]
         elif op in ("outer", "outer_vjp_a", "outer_vjp_b"):
@@ -539,7 +539,7 @@ class CLoop:
             vec = args[1]
             if vec.row == "0" or vec.literal:  # BLAS wants rows at least K apart; schedule() hoists these
                 raise Unsupported(f"a product of a vector shared by every example in the loop (spec line {node.line})")
-            k = cstr(g.nodes[node.args[1]].type.shape[0])
+            k = c_size(g.nodes[node.args[1]].type.shape[0])
             weight = self.arg(self.weights[i], const=True)
             self.line(f"sp_gemm(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
         else:
@@ -571,7 +571,7 @@ class CLoop:
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step.
         for name, _, nxt in g.carries:
             if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
-                width = cstr(g.nodes[nxt].type.shape[0])
+                width = c_size(g.nodes[nxt].type.shape[0])
                 src = self.where(nxt)
                 buf = self.arg(self.host.carry_buf[name], const=False)
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
@@ -581,12 +581,12 @@ class CLoop:
             wrap = "2" if self.reverse else "train ? T + 1 : 2"
             head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
         head += self.decls
-        widths = " + ".join(cstr(w) for w in self.scratch) or "0"
+        widths = " + ".join(c_size(w) for w in self.scratch) or "0"
         head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats */")
         steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
         text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + ["    " + steps] \
             + self.body + ["    }", "}"]
-        scratch = f"B * ({' + '.join(f'({str(w)})' for w in self.scratch)})" if self.scratch else "0"
+        scratch = f"B * ({' + '.join(f'({w})' for w in self.scratch)})" if self.scratch else "0"
         views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
         return LoopSource(self.fn, text, list(self.args), scratch, views)
 
@@ -614,20 +614,14 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
     # The backward pass's carried gradients: only the last block (the initial states' gradients)
     # is read after the loop, unless something after it reads them all.
     if host.reverse:
-        users = g.users()
-        # Not one that is itself a gradient handed back (h' = x: d_x is the carried d_h' of every step).
-        outputs = {i for _, i in g.outputs}
-        host.names.wrapped = {
-            name for name, leaf, nxt in g.carries
-            if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry" and not {leaf, nxt} & outputs
-            and all(s.region[u] == "loop" or u in fused or u in sunk for v in (leaf, nxt) for u in users[v])}
+        host.names.wrapped = wrapped_states(s, frozenset(fused) | frozenset(sunk))
         if host.names.wrapped:
             w.line("wrap = 2  # carried gradients only the loop reads: two blocks used in turn")
     emit_buffers(w, host, carry_init, guard, fused)
     for i, (whole, _, column) in columns.items():
         stop = column + g.nodes[i].type.shape[0]
         host.names.seq[i] = host.names.namer(f"{host.names.names[i]}_seq")
-        w.line(f"{host.names.seq[i]} = {whole}[:, {str(column)}:{str(stop)}]")
+        w.line(f"{host.names.seq[i]} = {whole}[:, {column}:{stop}]")
     namer = Namer(taken)
     weights: dict[int, str] = {}
     laid_out: dict[tuple[int, str], str] = {}

@@ -75,7 +75,8 @@ BLAS_PREFIX = "scipy_"
 
 # Helpers every generated file starts with: a vectorisable exp and the activations' own helpers
 # (ops.ACTIVATIONS: tanh, sigmoid, ...; Cephes' float polynomials, as libm's scalar calls would
-# cost more than the whole matrix product at small sizes) and the call of OpenBLAS for o (M, N) = a (M, K) @ w (K, N), rows lda, N and ldo floats apart.
+# cost more than the whole matrix product at small sizes) and the call of OpenBLAS for
+# o (M, N) = a (M, K) @ w (K, N), rows lda, N and ldo floats apart.
 PRELUDE = r"""#include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..ir import LEAVES, Forward, Graph, Node
-from ..ops import ACTIVATIONS, SPELLINGS
-from ..schedule import Schedule
-from .writer import Namer, Writer, after_loop, backward_args, value_names
+from ..ops import ELEMENTS, SPELLINGS
+from ..schedule import Schedule, needed_by_pass
+from .writer import Namer, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
 
 # Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
-RECOMPUTABLE = ("add", "sub", "mul", "div", "neg", "slice", "outer", *ACTIVATIONS)
+RECOMPUTABLE = (*ELEMENTS, "slice", "outer")
 # Ops whose torch spelling outside the loop may be a strided view of their operand, not rows of their own.
 VIEWS = ("slice", "reshape")
 # Names the host functions use for themselves: no value of the spec may be given one of them.
@@ -80,7 +80,6 @@ class HostNames:
         return f"{step} % wrap * B" if name in self.wrapped else f"{step} * B"
 
 
-
 @dataclass
 class Host:
     s: Schedule
@@ -137,10 +136,6 @@ def emit_region(w: Writer, host: Host, region: str, skip: frozenset[int] = froze
         w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
 
 
-def tuple_code(items: list[str]) -> str:
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-
-
 def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[int], fused_pre: set[int],
                  scratch: set[int] = frozenset(), cross: set[int] = frozenset()) -> None:
     """Before the loop: the host's values and every buffer the loop reads or writes. `scratch`:
@@ -173,7 +168,6 @@ def emit_after(w: Writer, host: Host, skip: frozenset[int] = frozenset()) -> Non
     after_loop(w, host.s, lambda region: emit_region(w, host, region, skip if region != "final" else frozenset()))
 
 
-
 def numbers(g: Graph, given: set[int] = frozenset()) -> set[int]:
     """The scalars of g made of numbers alone, or of those `given`."""
     out: set[int] = set()
@@ -189,7 +183,6 @@ def name_values(s: Schedule, namer: Namer, leaf_names: dict[int, str], reverse: 
     names = HostNames(namer=namer)
     names.names, names.carry_buf, names.seq = value_names(s.graph, s.kept, namer, leaf_names, reverse)
     return names
-
 
 
 @dataclass(frozen=True)
@@ -231,7 +224,6 @@ def write_section(target: LoopTarget, w: Writer, fwd: Schedule, bwd: Schedule, s
     w.lines.extend(part.lines)
 
 
-
 def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
          source_lines: list[str], file: str, prefix: str, target: LoopTarget) -> None:
     """forward_<target>, backward_<target> and their loops, in the module section `target` writes.
@@ -261,12 +253,7 @@ def _emit_forward(body: Writer, kernels: Writer, fwd: Schedule, saved_nodes: lis
     host = Host(fwd, False, names, source, target.spell)
     args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
     kw = ", ".join(["T", "B", *dims])
-    needed_by_pass = set()
-    for i, node in enumerate(g.nodes):
-        if fwd.region[i] in ("post", "reduce"):
-            needed_by_pass.update(node.args)
-    needed_by_pass.update(i for _, i in g.outputs)
-    guard = frozenset(i for i in saved_nodes if i in fwd.kept and i not in needed_by_pass)
+    guard = frozenset(i for i in saved_nodes if i in fwd.kept) - needed_by_pass(fwd)
     extra = "".join(f", {a}" for a in target.extra_args)
     with body.block(f"def forward_{target.name}({', '.join(args)}, *, {kw}, train=False{extra}):"):
         body.line(f'"""{target.docs[0]}"""')
@@ -274,7 +261,7 @@ def _emit_forward(body: Writer, kernels: Writer, fwd: Schedule, saved_nodes: lis
         first = leaf_names[g.inputs[0][1]] if g.inputs else init_names[0]
         body.line(f"dtype, dev = {first}.dtype, {first}.device")
         for name, i in g.inputs:
-            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {str(g.nodes[i].type.shape[0])})")
+            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {g.nodes[i].type.shape[0]})")
         if g.inputs:
             emit_chunks(body, target, [leaf_names[i] for _, i in g.inputs], init_names,
                          [leaf_names[i] for _, i in g.params], dims)
@@ -289,7 +276,7 @@ def _emit_forward(body: Writer, kernels: Writer, fwd: Schedule, saved_nodes: lis
         finals = tuple_code([f"{names.carry_buf[name]}[T % wrap * B:(T % wrap + 1) * B]" if name in names.wrapped
                          else f"{names.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
-        saved_keys = {i: key_namer(saved_key(g, i, names)) for i in saved_nodes}
+        saved_keys = {i: key_namer(saved_key(g, i, names.names)) for i in saved_nodes}
         saved_ref = host.saved_ref if target.copy_saved_views else host.ref
         items = ", ".join(f'"{saved_keys[i]}": {saved_ref(i)}' for i in saved_nodes)
         body.line(f"saved = {{{items}}} if train else None")
@@ -319,7 +306,7 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
         body.line(f"dtype, dev = {ref}.dtype, {ref}.device")
         body.line("train = True")
         for i in d_outs:
-            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {str(gb.nodes[i].type.shape[0])})")
+            body.line(f"{leaf_names[i]} = {leaf_names[i]}.reshape(rows, {gb.nodes[i].type.shape[0]})")
         for local, key in binds:
             body.line(f'{local} = saved["{key}"]')
         keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
@@ -329,8 +316,6 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
         d_inits = tuple_code([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
         d_params = tuple_code([host.ref(i) for _, i in gb.reduced])
         body.line(f"return {d_inputs}, {d_inits}, {d_params}")
-
-
 
 
 def emit_chunks(body: Writer, target: LoopTarget, inputs: list[str], inits: list[str], params: list[str],
@@ -356,22 +341,14 @@ def emit_chunks(body: Writer, target: LoopTarget, inputs: list[str], inits: list
         body.line("return chunk_outs, chunk_state, None")
 
 
-def wrapped_states(s: Schedule) -> set[str]:
-    """The forward pass's states that nothing after the loop reads but their final value: made in
-    the loop, read only in it, and not an output."""
+def wrapped_states(s: Schedule, in_loop: frozenset[int] = frozenset()) -> set[str]:
+    """The carried values (states, or a backward pass's carried gradients) that nothing after the
+    loop reads but their last value: made in the loop, read only in it (or by `in_loop`, values
+    outside the loop's region that the loop computes anyway), and not an output of the pass (h' = x
+    makes d_x the carried d_h' of every step)."""
     g = s.graph
     users = g.users()
     outputs = {i for _, i in g.outputs}
     return {name for name, leaf, nxt in g.carries
             if s.region[nxt] == "loop" and g.nodes[nxt].op != "carry" and not {leaf, nxt} & outputs
-            and all(s.region[u] == "loop" for v in (leaf, nxt) for u in users[v])}
-
-
-def saved_key(g: Graph, i: int, names: HostNames) -> str:
-    node = g.nodes[i]
-    if node.op == "carry":
-        return f"{node.attrs[0]}_prev"
-    for name, _, nxt in g.carries:
-        if nxt == i:
-            return f"{name}_next"
-    return names.names[i]
+            and all(s.region[u] == "loop" or u in in_loop for v in (leaf, nxt) for u in users[v])}

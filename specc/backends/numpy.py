@@ -35,11 +35,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir import Graph, Node
-from ..ops import ACTIVATIONS, SPELLINGS
+from ..ops import ELEMENTS, SPELLINGS
 from ..optimize import hoist_factors
-from ..schedule import Schedule, schedule, sink_post
+from ..schedule import Schedule, needed_by_pass, schedule, sink_post
 from ..shapes import Size
-from .writer import Namer, Writer, after_loop, backward_args, value_names
+from .writer import Namer, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
 
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
@@ -47,8 +47,6 @@ INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "
 LEAVES = ("input", "param", "const", "carry")
 VIEWS = ("slice", "reshape")
 
-# ufunc spellings, with the destination as the last positional argument.
-UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "np.divide", "neg": "np.negative"}
 CONST_NAMES = {0.0: "zero", 1.0: "one", -1.0: "minus_one", 0.5: "half", 2.0: "two"}
 MIXABLE = ("sigmoid", "tanh")
 
@@ -63,7 +61,7 @@ def _writes_into(node: Node) -> bool:
 
 def _elementwise(node: Node) -> bool:
     """An op computed element by element, safe to write over one of its arguments."""
-    return node.op in UFUNCS or (node.op in ACTIVATIONS and ACTIVATIONS[node.op].numpy_out is not None)
+    return node.op in ELEMENTS and SPELLINGS[node.op].numpy_into is not None
 
 
 @dataclass(frozen=True)
@@ -190,31 +188,9 @@ def spell(node: Node, a: list[str], types: list, rows: str) -> str:
 
 
 def spell_into(node: Node, a: list[str], out: str) -> str | None:
-    """How NumPy spells one batched op of the loop writing into `out`; None if it cannot."""
-    op = node.op
-    if op in UFUNCS:
-        return f"{UFUNCS[op]}({', '.join(a)}, out={out})"
-    if op in ACTIVATIONS and ACTIVATIONS[op].numpy_out is not None:
-        return ACTIVATIONS[op].numpy_out.format(x=a[0], out=out)
-    if op in ("matvec", "matvec_t"):  # a[0] is the operand rt.operand made of the matrix
-        return f"matmul({a[1]}, {a[0]}, {out})"
-    if op in RT_HELPERS:
-        return _rt_call(node, a, out)
-    return None
-
-
-# Ops spelled as a call of a helper in numpy_runtime, which takes an optional `out` last.
-RT_HELPERS = {"outer": "outer_rows", "outer_vjp_a": "outer_vjp_a", "outer_vjp_b": "outer_vjp_b",
-              "softmax": "softmax", "softmax_vjp": "softmax_vjp"}
-
-
-def _rt_call(node: Node, a: list[str], out: str | None = None) -> str:
-    args = list(a)
-    if node.op in ("outer_vjp_a", "outer_vjp_b"):
-        args += [_size(s) for s in node.attrs]  # n, k: the factors' sizes
-    if out is not None:
-        args.append(out)
-    return f"rt.{RT_HELPERS[node.op]}({', '.join(args)})"
+    """How NumPy spells one batched op of the loop writing into `out`; None if it cannot (ops.SPELLINGS)."""
+    into = SPELLINGS[node.op].numpy_into
+    return None if into is None else into(node, a, out)
 
 
 def _row_shape(node: Node) -> list[str]:
@@ -579,8 +555,8 @@ class _Lines:
         self.w.line(stmt)
 
 
-_FRESH = set(UFUNCS) | set(ACTIVATIONS) | {"matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b",
-                                           "softmax", "softmax_vjp", "concat", "outer_sum"}
+_FRESH = set(ELEMENTS) | {"matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b", "softmax", "softmax_vjp",
+                          "concat", "outer_sum"}
 
 
 def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = frozenset(),
@@ -751,8 +727,6 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
     after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
 
 
-
-
 def _emit_before_loop(w: Writer, scan: Scan, protect: frozenset[int]) -> None:
     """What is fixed for the sequence, the pass's matmul, and the input-only values for all steps."""
     g, sched = scan.g, scan.sched
@@ -865,10 +839,6 @@ def _emit_time_loop(w: Writer, scan: Scan, protect: frozenset[int]) -> None:
                 w.line(f"{scan.carry_buf[name]}[{block}] = {scan.ref(nxt, loop=True)}")
 
 
-def _tuple(items: list[str]) -> str:
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-
-
 def _reshape_in(w: Writer, name: str, size: str) -> None:
     w.line(f"{name} = {name}.reshape(rows, {size})")
 
@@ -898,15 +868,15 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
         w.line(f"dtype = {first}.dtype")
         for name, i in g.inputs:
             _reshape_in(w, leaf_names[i], _size(g.nodes[i].type.shape[0]))
-        scan.guarded = frozenset(i for i in saved_nodes if i in fwd.kept) - _needed_kept(fwd)
+        scan.guarded = frozenset(i for i in saved_nodes if i in fwd.kept) - needed_by_pass(fwd)
         emit_scan(w, scan, init_names, namer, protect=frozenset(saved_nodes))
-        outs = _tuple([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
-        finals = _tuple([f"{scan.carry_buf[name]}[last:last + B]" if name in scan.alternating
+        outs = tuple_code([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
+        finals = tuple_code([f"{scan.carry_buf[name]}[last:last + B]" if name in scan.alternating
                          else f"{scan.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         if scan.alternating:
             w.line("last = T * B if train else T % 2 * B  # where the final states are")
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
-        saved_names = {i: key_namer(_saved_key(g, i, scan)) for i in saved_nodes}
+        saved_names = {i: key_namer(saved_key(g, i, scan.names)) for i in saved_nodes}
         if saved_nodes:
             items = ", ".join(f'"{saved_names[i]}": {scan.ref(i, loop=False)}' for i in saved_nodes)
             w.line(f"saved = {{{items}}} if train else None")
@@ -914,27 +884,6 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
             w.line("saved = {} if train else None")
         w.line(f"return {outs}, {finals}, saved")
     return saved_names
-
-
-def _saved_key(g: Graph, i: int, scan: Scan) -> str:
-    node = g.nodes[i]
-    if node.op == "carry":
-        return f"{node.attrs[0]}_prev"
-    carried = scan.carry_of(i)
-    if carried:
-        return f"{carried[0]}_next"
-    return scan.names[i]
-
-
-def _needed_kept(s: Schedule) -> frozenset[int]:
-    """Kept loop values that the pass itself needs (not only the backward pass)."""
-    g = s.graph
-    need = set()
-    for i, node in enumerate(g.nodes):
-        if s.region[i] in ("post", "reduce"):
-            need.update(node.args)
-    need.update(i for _, i in g.outputs)
-    return frozenset(need & s.kept)
 
 
 def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, str],
@@ -958,9 +907,9 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
         for local, key in bind:
             w.line(f'{local} = saved["{key}"]')
         emit_scan(w, scan, d_final, namer)
-        d_inputs = _tuple([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
-        d_inits = _tuple([f"{scan.carry_buf[name]}[:B]" for name, _, _ in g.carries])
-        d_params = _tuple([scan.ref(i, loop=False) for _, i in g.reduced])
+        d_inputs = tuple_code([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
+        d_inits = tuple_code([f"{scan.carry_buf[name]}[:B]" for name, _, _ in g.carries])
+        d_params = tuple_code([scan.ref(i, loop=False) for _, i in g.reduced])
         w.line(f"return {d_inputs}, {d_inits}, {d_params}")
 
 

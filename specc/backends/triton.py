@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import Graph, Node, suggested_names
-from ..ops import ACTIVATIONS, ELEMENTS, helper_names
+from ..ops import ACTIVATIONS, ELEMENTS, helper_name, helper_names
 from ..schedule import Schedule
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after,
@@ -62,8 +62,7 @@ def _atom(code: str) -> str:
 
 
 def _off(base: str, o: Size) -> str:
-    return base if o == Size.of(0) else f"({str(o)} + {base})"
-
+    return base if o == Size.of(0) else f"({o} + {base})"
 
 
 # --- the loop, in stages -----------------------------------------------------------------------
@@ -208,7 +207,6 @@ def _parts(g: Graph, i: int, column: Size):
             column = column + g.nodes[a].type.shape[0]
     else:
         yield i, column
-
 
 
 class KernelWriter:
@@ -515,7 +513,7 @@ class KernelWriter:
         if loaded is not None:
             out = loaded
         elif node.op == "slice":
-            out = self.gather(node.args[0], f"({cols} + {str(node.attrs[0])})", cmask)
+            out = self.gather(node.args[0], f"({cols} + {node.attrs[0]})", cmask)
         elif node.op == "outer":
             a, bb = node.args
             kk = str(self.g.nodes[bb].type.shape[0])
@@ -622,7 +620,7 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: 
             kernels_out.line('@triton.jit(do_not_specialize=["t"])')
             kernels_out.line(f"def {kname}({', '.join(params + consts)}):")
             # Named as the body names them: the buffers it stores into.
-            kernels_out.line(f'    """Stage {stage} of a step: {str(tile)} features a row, stored into '
+            kernels_out.line(f'    """Stage {stage} of a step: {tile} features a row, stored into '
                              + ", ".join(dict.fromkeys(t.buf for t in group)) + '."""')
             kernels_out.line("    pid_b = tl.program_id(0)")
             kernels_out.line("    pid_f = tl.program_id(1)")
@@ -632,11 +630,11 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: 
             kernels_out.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
             kernels_out.line("        offs_b = offs_b.to(tl.int64)")
             kernels_out.line("        offs_f = offs_f.to(tl.int64)")
-            kernels_out.line(f"    mask_f = offs_f < {str(tile)}")
+            kernels_out.line(f"    mask_f = offs_f < {tile}")
             kernels_out.lines.extend(kw.body.lines)
             extra = (["TRAIN=train"] if kw.uses_train else []) + (["PRECISION=precision"] if dots else []) + \
                 ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
-            grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({str(tile)}, BLOCK_F))"
+            grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({tile}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
     w.line("precision = dot_precision(dev)")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
@@ -689,7 +687,7 @@ def _helpers_used(code: str) -> list[str]:
     used: set[str] = set()
     while True:
         text = code + "".join(used)
-        more = {h for h in helpers if h not in used and f"{h.split('(')[0].split()[-1]}(" in text}
+        more = {h for h in helpers if h not in used and f"{helper_name(h)}(" in text}
         if not more:
             return [h for h in helpers if h in used]
         used |= more

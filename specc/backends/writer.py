@@ -116,3 +116,20 @@ def after_loop(w: Writer, s, emit) -> None:
         w.comment("Sums over time and batch, each one matrix product over all steps.")
         emit("reduce")
         emit("final")
+
+
+def tuple_code(items: list[str]) -> str:
+    """A Python tuple of these items' code (one item: with its comma)."""
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def saved_key(g, i: int, names: dict[int, str]) -> str:
+    """The key under which a forward pass saves its value i for backward: h_prev for a state's
+    value before the step, h_next for its next value, else the value's name."""
+    node = g.nodes[i]
+    if node.op == "carry":
+        return f"{node.attrs[0]}_prev"
+    for name, _, nxt in g.carries:
+        if nxt == i:
+            return f"{name}_next"
+    return names[i]
