@@ -986,18 +986,56 @@ def type_of(expr: ast.Expr, env, errors: Collector, state_names=(), *, kinds=Non
         right = type_of(expr.right, env, errors, state_names, kinds=kinds)
         if left is None or right is None:
             return None
-        if expr.op in _VERBS:  # a parameter of one entry ([1]) is a scalar beside a vector
-            left, right = broadcast_one(left, right), broadcast_one(right, left)
-        if expr.op in _VERBS and left.shape != right.shape and left.shape != () and right.shape != ():
-            errors.error(expr.loc, f"shape mismatch in '{expr.op}': cannot {_VERBS[expr.op]} "
-                                   f"{shape_str(left.shape)} and {shape_str(right.shape)}")
-            return None
-        op = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matvec"}[expr.op]
-        return _infer(op, [left, right], (), expr.loc, errors)
+        if expr.op == "@":
+            return _infer("matvec", [left, right], (), expr.loc, errors)
+        return _elementwise_type(f"'{expr.op}'", _VERBS[expr.op], left, right, expr.loc, errors)
     if isinstance(expr, ast.Concat):
         items = [type_of(a, env, errors, state_names, kinds=kinds) for a in expr.items]
         return None if any(i is None for i in items) else _infer("concat", items, (), expr.loc, errors)
-    # a call
+    return _call_type(expr, env, errors, state_names, kinds)
+
+
+def _elementwise_type(what: str, verb: str, left: Type, right: Type, loc, errors: Collector) -> Type | None:
+    """Two values combined entry by entry: numbers, [1] parameters and per-example numbers
+    broadcast against vectors."""
+    left, right = broadcast_one(left, right), broadcast_one(right, left)
+    if left.shape != right.shape and left.shape != () and right.shape != ():
+        errors.error(loc, f"shape mismatch in {what}: cannot {verb} {shape_str(left.shape)} and {shape_str(right.shape)}")
+        return None
+    return _infer("add", [left, right], (), loc, errors)
+
+
+def number_written(e: ast.Expr) -> float | None:
+    """The value of a number as written (`0.5`, `-2`), or None for any other expression."""
+    if isinstance(e, ast.Num):
+        return e.value
+    if isinstance(e, ast.Neg) and isinstance(e.arg, ast.Num):
+        return -e.arg.value
+    return None
+
+
+# The arguments of these functions that must be numbers written in the spec, by position.
+_NUMBER_ARGS = {"leaky_relu": {1: "its slope"}, "pow": {1: "its exponent"},
+                "clamp": {1: "its lower bound", 2: "its upper bound"}}
+
+
+def _numbers_in_place(expr: ast.Call, errors: Collector) -> bool:
+    ok = True
+    for k, what in _NUMBER_ARGS.get(expr.fn, {}).items():
+        if number_written(expr.args[k]) is None:
+            errors.error(expr.args[k].loc, f"{expr.fn}: {what} must be a number, such as 0.5 or -2")
+            ok = False
+    if ok and expr.fn == "clamp" and number_written(expr.args[1]) > number_written(expr.args[2]):
+        errors.error(expr.loc, "clamp(v, lo, hi) needs lo <= hi")
+        ok = False
+    if ok and expr.fn == "pow" and number_written(expr.args[1]) == 0:
+        errors.error(expr.args[1].loc, "pow(v, 0) is 1 for every v; write 1")
+        ok = False
+    return ok
+
+
+def _call_type(expr: ast.Call, env, errors: Collector, state_names, kinds) -> Type | None:
+    """type_of for a function call."""
     if expr.fn == "split":
         errors.error(expr.loc, "split gives several values; assign them to names: a, b = split(v, 2)")
         return None
@@ -1025,6 +1063,18 @@ def type_of(expr: ast.Expr, env, errors: Collector, state_names=(), *, kinds=Non
         return None
     if expr.fn == "concat":
         return _infer("concat", args, (), expr.loc, errors)
+    if not _numbers_in_place(expr, errors):
+        return None
+    if expr.fn in ("maximum", "minimum"):
+        return _elementwise_type(f"{expr.fn}", "compare", args[0], args[1], expr.loc, errors)
+    if expr.fn in _NUMBER_ARGS:
+        return args[0]
+    if expr.fn in ops.SCALAR_FUNCTIONS or expr.fn in ("layernorm", "rmsnorm"):
+        if len(args[0].shape) != 1:
+            errors.error(expr.loc, f"{expr.fn}(v) takes a vector and reduces over its features, "
+                                   f"got {shape_str(args[0].shape)}")
+            return None
+        return Type((), args[0].batched) if expr.fn in ops.SCALAR_FUNCTIONS else args[0]
     if expr.fn == "contract":
         w, a, b = args
         if len(w.shape) != 3 or w.batched:

@@ -212,6 +212,11 @@ def helper_names(field: str) -> set[str]:
 
 
 ELEMENTWISE = ("add", "sub", "mul", "div")  # the binary ones; INFIX, below, spells them
+# Reductions over a vector's own features, one number per example (sum(v), max(v)), and that
+# number broadcast back over W features (divided by d: mean(v) is expand(rowsum(v), 1, n)). A
+# per-example number is a [1] vector; `expand` is how it meets a wider one.
+ROW_REDUCTIONS = ("rowsum", "rowmax")
+
 # Ops whose batched arguments are summed over rows: over batch inside a step, over time x batch
 # when the scheduler runs them after the loop.
 REDUCTIONS = ("outer_sum", "sum_rows", "sum_all")
@@ -225,7 +230,7 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
         if (a.batched and len(b.shape) > 1) or (b.batched and len(a.shape) > 1):
             raise ShapeError("a matrix cannot be combined elementwise with a per-example vector")
         return Type(a.shape if a.shape != () else b.shape, a.batched or b.batched)
-    if op == "neg" or op in ACTIVATIONS:
+    if op == "neg" or op in ACTIVATIONS or op == "pow":  # pow(v, k): k a number
         return args[0]
     if op == "softmax":
         if len(args[0].shape) != 1:
@@ -233,6 +238,12 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
         return args[0]
     if op == "softmax_vjp":
         return args[0]
+    if op in ROW_REDUCTIONS:
+        if len(args[0].shape) != 1:
+            raise ShapeError(f"a reduction needs a vector, got {shape_str(args[0].shape)}")
+        return Type((Size.of(1),), args[0].batched)
+    if op == "expand":
+        return Type((attrs[0],), args[0].batched)
     if op == "matvec":
         w, v = args
         if len(w.shape) != 2 or w.batched:
@@ -289,7 +300,7 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
 # every backend would have to carry as a tensor of no shape.
 _SCALAR = {
     "neg": lambda x: -x, "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
-    "div": lambda x, y: x / y, **{name: a.scalar for name, a in ACTIVATIONS.items()},
+    "div": lambda x, y: x / y, "pow": math.pow, **{name: a.scalar for name, a in ACTIVATIONS.items()},
 }
 
 
@@ -384,6 +395,34 @@ def _reshape_vjp(b: Builder, node, args, n: int, g: int):
     return (b.add("reshape", (g,), (b.type(args[0]).shape,)),)
 
 
+def _rowsum_vjp(b: Builder, node, args, n: int, g: int):
+    return (b.add("expand", (g,), (b.type(args[0]).shape[0], Size.of(1))),)
+
+
+def _rowmax_vjp(b: Builder, node, args, n: int, g: int):
+    """To the entries equal to the maximum (1 - step(max - v) is 1 there), shared evenly on a tie
+    as torch.amax's."""
+    v = args[0]
+    width = (b.type(v).shape[0], Size.of(1))
+    at_top = b.add("sub", (b.const(1), b.add("step", (b.add("sub", (b.add("expand", (n,), width), v)),))))
+    share = b.add("div", (g, b.add("rowsum", (at_top,))))
+    return (b.add("mul", (b.add("expand", (share,), width), at_top)),)
+
+
+def _expand_vjp(b: Builder, node, args, n: int, g: int):
+    total = b.add("rowsum", (g,))
+    divisor = node.attrs[1]
+    return (total if divisor == Size.of(1) else b.add("expand", (total,), (Size.of(1), divisor)),)
+
+
+def _pow_vjp(b: Builder, node, args, n: int, g: int):
+    """d v^k = k v^(k-1): written so, not k y / v, which is 0 / 0 at v = 0. k gets no gradient."""
+    v, k = args
+    exponent = b.nodes[k].attrs[0]
+    slope = b.add("mul", (b.const(exponent), b.add("pow", (v, b.const(exponent - 1)))))
+    return b.add("mul", (g, slope)), None
+
+
 def _softmax_vjp(b: Builder, node, args, n: int, g: int):
     return (b.add("softmax_vjp", (g, n)),)
 
@@ -399,11 +438,22 @@ VJP: dict[str, Callable] = {
     "outer": _outer_vjp,
     "reshape": _reshape_vjp,
     "softmax": _softmax_vjp,
+    "pow": _pow_vjp,
+    "rowsum": _rowsum_vjp,
+    "rowmax": _rowmax_vjp,
+    "expand": _expand_vjp,
     "zeros": lambda b, node, args, n, g: (),
 }
 
-# Functions a spec may call, with their arity (split and contract are lowered specially).
-FUNCTIONS = {name: 1 for name in ACTIVATIONS if name != "step"} | {"softmax": 1, "split": 2, "contract": 3, "concat": None}
+# Functions a spec may call, with their arity (split, contract, the reductions and the norms are
+# lowered specially).
+FUNCTIONS = {name: 1 for name in ACTIVATIONS if name != "step"} | {
+    "softmax": 1, "split": 2, "contract": 3, "concat": None, "sum": 1, "mean": 1, "max": 1,
+    "layernorm": 1, "rmsnorm": 1, "maximum": 2, "minimum": 2, "leaky_relu": 2, "clamp": 3, "pow": 2}
+# The per-example numbers the reductions give; they broadcast against vectors.
+SCALAR_FUNCTIONS = ("sum", "mean", "max")
+# layernorm(v), rmsnorm(v): torch's default epsilon, and no gain or bias (the spec adds its own).
+NORM_EPS = 1e-5
 
 
 # --- how the NumPy backend and the torch host code spell each op, over all rows at once ----------
@@ -456,6 +506,15 @@ def _zeros(n, rows) -> str:
     return ", ".join(([rows] if n.type.batched else []) + [str(s) for s in n.attrs[0]])
 
 
+def _expand(n, x: str, repeated: str) -> str:
+    """expand's argument divided by its divisor (a size: mean's count of features), then
+    `repeated` over the features unless there is one."""
+    width, divisor = n.attrs
+    d = str(divisor) if str(divisor).isidentifier() or str(divisor).isdigit() else f"({divisor})"
+    x = x if divisor == Size.of(1) else f"({x} / {d})"
+    return x if width == Size.of(1) else repeated.format(x)
+
+
 def _rt(helper: str, torch: Callable, sizes: bool = False) -> Spelling:
     """A call of backends/numpy_runtime's `helper` (`rt.` in a generated module), which takes the
     array to write into last; sizes: with the factors' sizes n, k (the gradients of an outer product)."""
@@ -479,6 +538,8 @@ _MATMUL_INTO = lambda n, a, out: f"matmul({a[1]}, {a[0]}, {out})"  # noqa: E731
 SPELLINGS: dict[str, Spelling] = {
     **{op: _infix(op) for op in INFIX},
     "neg": Spelling(lambda n, a, t, rows: f"-{a[0]}", lambda n, a, t, rows: f"-{a[0]}", _ufunc_into("neg")),
+    "pow": Spelling(lambda n, a, t, rows: f"np.power({a[0]}, {a[1]})", lambda n, a, t, rows: f"torch.pow({a[0]}, {a[1]})",
+                    lambda n, a, out: f"np.power({a[0]}, {a[1]}, out={out})"),
     **{name: _activation(act) for name, act in ACTIVATIONS.items()},
     "softmax": _rt("softmax", lambda n, a, t, rows: f"torch.softmax({a[0]}, dim=-1)"),
     "softmax_vjp": _rt("softmax_vjp", lambda n, a, t, rows: f"{a[1]} * ({a[0]} - ({a[0]} * {a[1]}).sum(-1, keepdim=True))"),
@@ -503,6 +564,12 @@ SPELLINGS: dict[str, Spelling] = {
     "reshape": Spelling(lambda n, a, t, rows: _reshape(n, a, rows), lambda n, a, t, rows: _reshape(n, a, "-1")),
     "zeros": Spelling(lambda n, a, t, rows: f"np.zeros(({_zeros(n, rows)},), dtype=dtype)",
                       lambda n, a, t, rows: f"torch.zeros(({_zeros(n, 'rows')},), device=dev, dtype=dtype)"),
+    "rowsum": Spelling(lambda n, a, t, rows: f"{a[0]}.sum(axis=-1, keepdims=True)",
+                       lambda n, a, t, rows: f"{a[0]}.sum(-1, keepdim=True)"),
+    "rowmax": Spelling(lambda n, a, t, rows: f"{a[0]}.max(axis=-1, keepdims=True)",
+                       lambda n, a, t, rows: f"{a[0]}.amax(-1, keepdim=True)"),
+    "expand": Spelling(lambda n, a, t, rows: _expand(n, a[0], f"np.repeat({{}}, {n.attrs[0]}, axis=-1)"),
+                       lambda n, a, t, rows: _expand(n, a[0], f"{{}}.repeat({'1, ' if n.type.batched else ''}{n.attrs[0]})")),
     "outer": _rt("outer_rows", lambda n, a, t, rows: (
         f"({a[0]}[:, :, None] * {a[1]}[:, None, :]).reshape({a[0]}.shape[0], -1)"
         if n.type.batched else f"torch.outer({a[0]}, {a[1]}).reshape(-1)")),
@@ -531,5 +598,7 @@ class Element:
 ELEMENTS: dict[str, Element] = {
     **{op: Element(f"{{0}} {sign} {{1}}", f"{{0}} {sign} {{1}}", True) for op, sign in INFIX.items()},
     "neg": Element("-{0}", "-{0}", True),
+    # pow(v, k), k a number (integer powers were made products): negative v gives NaN, as torch's
+    "pow": Element("powf({0}, {1})", "tl.exp2({1} * tl.log2({0}))"),
     **{name: Element(a.c.replace("{x}", "{0}"), a.triton.replace("{x}", "{0}")) for name, a in ACTIVATIONS.items()},
 }

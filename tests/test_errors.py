@@ -146,6 +146,18 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "wrong number of arguments": (
         cell("h' = sigmoid(W @ x, b)", "output h'"),
         [want(7, 10, "sigmoid takes 1 argument, got 2")]),
+    "a reduction of a matrix": (
+        cell("h' = tanh(W @ x + sum(U))", "output h'"),
+        [want(7, 23, "sum(v) takes a vector", "got [H, H]")]),
+    "a per-example number as an output": (
+        cell("h' = tanh(W @ x)", "output m = mean(h')"),
+        [want(8, 12, "output 'm' must be a per-example vector")]),
+    "a slope that is not a number": (
+        cell("h' = leaky_relu(W @ x, b)", "output h'"),
+        [want(7, 28, "leaky_relu: its slope must be a number")]),
+    "clamp's bounds the wrong way round": (
+        cell("h' = clamp(W @ x, 1, -1)", "output h'"),
+        [want(7, 10, "clamp(v, lo, hi) needs lo <= hi")]),
     "split count not matching the names": (
         cell("p, q = split(W @ x, 3)", "h' = tanh(p + q)", "output h'"),
         [want(7, 12, "split(..., 3) gives 3 values but 2 names")]),

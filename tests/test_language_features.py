@@ -122,6 +122,36 @@ cell functions(I, H) {
     h' = tanh(r + q)
     output h'
 }
+
+cell reductions(I, H) {
+    """sum, mean and max of vectors made in the step, of an input and of parameters alone; the
+    norms; a reduction feeding a product; max over a vector with ties (its gradient is shared)."""
+    input x[I]
+    state h[H]
+    param W[H, I]
+    param U[H, H]
+    param v[H]
+    a = W @ x + U @ h
+    n = layernorm(a) + rmsnorm(h) * 0.5
+    m = max([h, h]) - mean(x) + sum(v) * 0.1
+    z = U @ (n * rsqrt(mean(a * a) + 1)) + sum(tanh(a)) / 4
+    h' = tanh(z - m * max(v))
+    output h'
+}
+
+cell several(I, H) {
+    """The functions of several arguments: whole, fractional and negative powers, a maximum of
+    two vectors and of a vector and a per-example number, clamp, leaky_relu with slopes both ways."""
+    input x[I]
+    state h[H]
+    param W[H, I]
+    param U[H, H]
+    a = W @ x + U @ h
+    p = pow(1.5 + tanh(a), 2.5) + pow(a, 3) * 0.1 - pow(2 + tanh(h), -2) + pow(1.5 + tanh(a), -0.5)
+    q = maximum(a, h) - minimum(a, 0.5) + maximum(h, mean(a)) + clamp(a, -0.5, 0.75)
+    h' = tanh(p + q + leaky_relu(a, 0.1) - leaky_relu(h, -2))
+    output h'
+}
 '''
 
 
@@ -178,6 +208,32 @@ def functions_ref(xs, h, p):
     return torch.stack(outs), h
 
 
+def reductions_ref(xs, h, p):
+    outs = []
+    H = h.shape[-1]
+    for x in xs[0]:
+        a = x @ p["W"].T + h @ p["U"].T
+        n = F.layer_norm(a, (H,), eps=1e-5) + F.rms_norm(h, (H,), eps=1e-5) * 0.5
+        m = torch.cat([h, h], dim=1).amax(1, keepdim=True) - x.mean(1, keepdim=True) + p["v"].sum() * 0.1
+        z = (n * torch.rsqrt((a * a).mean(1, keepdim=True) + 1)) @ p["U"].T + torch.tanh(a).sum(1, keepdim=True) / 4
+        h = torch.tanh(z - m * p["v"].max())
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def several_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        a = x @ p["W"].T + h @ p["U"].T
+        pw = (torch.pow(1.5 + torch.tanh(a), 2.5) + torch.pow(a, 3) * 0.1 - torch.pow(2 + torch.tanh(h), -2)
+              + torch.pow(1.5 + torch.tanh(a), -0.5))
+        q = (torch.maximum(a, h) - torch.minimum(a, torch.tensor(0.5, dtype=a.dtype))
+             + torch.maximum(h, a.mean(1, keepdim=True)) + torch.clamp(a, -0.5, 0.75))
+        h = torch.tanh(pw + q + F.leaky_relu(a, 0.1) - F.leaky_relu(h, -2))
+        outs.append(h)
+    return torch.stack(outs), h
+
+
 def delay_ref(xs, h, p):
     outs = []
     for x in xs[0]:
@@ -223,6 +279,8 @@ CASES = {
     "gelu_rnn": (gelu_ref, dict(I=3, H=5)),
     "functions": (functions_ref, dict(I=3, H=5)),
     "one_entry": (one_entry_ref, dict(I=3, H=5)),
+    "reductions": (reductions_ref, dict(I=3, H=5)),
+    "several": (several_ref, dict(I=3, H=5)),
 }
 
 

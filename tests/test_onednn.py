@@ -13,7 +13,7 @@ import torch
 
 import specc
 from specc.backends import numpy_runtime as rt
-from test_references import CASES, STATE_SIZE
+from test_references import CASES, compare_with_reference
 import test_torch_equivalence as equivalence
 from test_torch_equivalence import CELLS, _copy_to_torch
 
@@ -110,31 +110,9 @@ def test_torch_cells_through_onednn_match_torch(name, everything_packed, close):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_custom_cells_through_onednn_match_reference(name, everything_packed, close):
-    ref, dims, shapes = CASES[name]
-    dims = {d: v * 3 for d, v in dims.items()}
-    sp = specc.load(name, **dims, dtype=F32)
-    params = {n: torch.randn(tuple(dims[d] for d in shapes[n])) * 0.3 for n in shapes}
-    with torch.no_grad():
-        for n, v in params.items():
-            getattr(sp, n).copy_(v)
-    T, B = 7, 5
-    x = torch.randn(T, B, dims["I"])
-    s0 = torch.randn(B, dims[STATE_SIZE[name]])
-    xs, ss = x.clone().requires_grad_(), s0.clone().requires_grad_()
-    out, final = sp(xs, ss)
-    xr, sr = x.clone().requires_grad_(), s0.clone().requires_grad_()
-    pr = {n: v.clone().requires_grad_() for n, v in params.items()}
-    ref_out, (ref_final,) = ref(xr, sr, pr)
-    tol = 1e-4  # float32 sums of a few hundred terms, in different orders
-    close(out, ref_out, F32, "outputs", tol=tol)
-    close(final, ref_final, F32, "final state", tol=tol)
-    w_out, w_final = torch.randn(ref_out.shape), torch.randn(ref_final.shape)
-    got = torch.autograd.grad((out * w_out).sum() + (final * w_final).sum(),
-                              [xs, ss, *(getattr(sp, n) for n in shapes)])
-    want = torch.autograd.grad((ref_out * w_out).sum() + (ref_final * w_final).sum(), [xr, sr, *pr.values()])
-    for g, w, label in zip(got, want, ["d x", "d state", *(f"d {n}" for n in shapes)]):
-        assert w.abs().max() > 0, label
-        close(g, w, F32, label, tol=tol)
+    dims = {d: v * 3 for d, v in CASES[name][1].items()}
+    # float32 sums of a few hundred terms, in different orders
+    compare_with_reference(name, dims, 7, 5, F32, close, tol=1e-4, scale=0.3)
 
 
 def test_generated_code_names_the_choice():

@@ -16,7 +16,7 @@ F64 = torch.float64
 
 def jordan_ref(x, y0, p):
     """Jordan (1986): h = tanh(W_xh x + W_yh y + b_h), y' = W_hy h + b_y; the output y' is fed back."""
-    y, outs = y0, []
+    (y,), outs = y0, []
     for t in range(x.shape[0]):
         h = torch.tanh(x[t] @ p["W_xh"].T + y @ p["W_yh"].T + p["b_h"])
         y = h @ p["W_hy"].T + p["b_y"]
@@ -26,7 +26,7 @@ def jordan_ref(x, y0, p):
 
 def shortcut_ref(x, h0, p):
     """h' = tanh(W_xh x + W_hh h + b_h), y = W_hy h' + W_xy x + b_y."""
-    h, outs = h0, []
+    (h,), outs = h0, []
     for t in range(x.shape[0]):
         h = torch.tanh(x[t] @ p["W_xh"].T + h @ p["W_hh"].T + p["b_h"])
         outs.append(h @ p["W_hy"].T + x[t] @ p["W_xy"].T + p["b_y"])
@@ -35,7 +35,7 @@ def shortcut_ref(x, h0, p):
 
 def second_order_ref(x, h0, p):
     """Giles et al. (1992): h'_i = sigmoid(sum_jk W_ijk x_j h_k + b_i)."""
-    h, outs = h0, []
+    (h,), outs = h0, []
     for t in range(x.shape[0]):
         # Written as explicit sums over j and k, not with einsum, to stay far from any shortcut.
         W = p["W"]
@@ -51,13 +51,55 @@ def gru_cho_ref(x, h0, p):
     """Cho et al. (2014), reset before the recurrent product:
     z = sigmoid(W_z x + U_z h + b_z), r = sigmoid(W_r x + U_r h + b_r),
     n = tanh(W x + U (r * h) + b), h' = (1 - z) * h + z * n."""
-    h, outs = h0, []
+    (h,), outs = h0, []
     for t in range(x.shape[0]):
         xt = x[t]
         z = torch.sigmoid(xt @ p["W_z"].T + h @ p["U_z"].T + p["b_z"])
         r = torch.sigmoid(xt @ p["W_r"].T + h @ p["U_r"].T + p["b_r"])
         n = torch.tanh(xt @ p["W"].T + (r * h) @ p["U"].T + p["b"])
         h = (1 - z) * h + z * n
+        outs.append(h)
+    return torch.stack(outs), (h,)
+
+
+def layernorm_lstm_ref(x, hc, p):
+    """Ba et al. (2016), eq. 20-22, with torch's own layer_norm (eps 1e-5, no affine part):
+    i, f, g, o = chunks of LN(W_ih x) * g_ih + LN(W_hh h) * g_hh + b,
+    c' = sigmoid(f) c + sigmoid(i) tanh(g), h' = sigmoid(o) tanh(LN(c') * g_c + b_c)."""
+    (h, c), outs = hc, []
+    ln = torch.nn.functional.layer_norm
+    for t in range(x.shape[0]):
+        a = x[t] @ p["W_ih"].T
+        r = h @ p["W_hh"].T
+        gates = ln(a, a.shape[-1:], eps=1e-5) * p["g_ih"] + ln(r, r.shape[-1:], eps=1e-5) * p["g_hh"] + p["b"]
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(ln(c, c.shape[-1:], eps=1e-5) * p["g_c"] + p["b_c"])
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
+def peephole_lstm_ref(x, hc, p):
+    """Gers et al. (2002): i = sigmoid(W_i x + U_i h + p_i c + b_i), f likewise with p_f,
+    c' = f c + i tanh(W_c x + U_c h + b_c), o = sigmoid(W_o x + U_o h + p_o c' + b_o), h' = o tanh(c')."""
+    (h, c), outs = hc, []
+    H = h.shape[-1]
+    for t in range(x.shape[0]):
+        pre = x[t] @ p["W_ih"].T + h @ p["W_hh"].T + p["b"]
+        i = torch.sigmoid(pre[:, :H] + p["p_i"] * c)
+        f = torch.sigmoid(pre[:, H:2 * H] + p["p_f"] * c)
+        c = f * c + i * torch.tanh(pre[:, 2 * H:3 * H])
+        o = torch.sigmoid(pre[:, 3 * H:] + p["p_o"] * c)
+        h = o * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
+def indrnn_ref(x, hs, p):
+    """Li et al. (2018): h' = relu(W x + u * h + b), u a vector (each unit its own recurrence)."""
+    (h,), outs = hs, []
+    for t in range(x.shape[0]):
+        h = torch.relu(x[t] @ p["W"].T + p["u"] * h + p["b"])
         outs.append(h)
     return torch.stack(outs), (h,)
 
@@ -72,45 +114,74 @@ CASES = {
     "gru_cho": (gru_cho_ref, dict(I=4, H=6),
                 dict(W_z=("H", "I"), W_r=("H", "I"), W=("H", "I"), U_z=("H", "H"), U_r=("H", "H"), U=("H", "H"),
                      b_z=("H",), b_r=("H",), b=("H",))),
+    "layernorm_lstm": (layernorm_lstm_ref, dict(I=5, H=6),
+                       dict(W_ih=("4*H", "I"), W_hh=("4*H", "H"), g_ih=("4*H",), g_hh=("4*H",), b=("4*H",),
+                            g_c=("H",), b_c=("H",))),
+    "peephole_lstm": (peephole_lstm_ref, dict(I=4, H=5),
+                      dict(W_ih=("4*H", "I"), W_hh=("4*H", "H"), b=("4*H",), p_i=("H",), p_f=("H",), p_o=("H",))),
+    "indrnn": (indrnn_ref, dict(I=4, H=6), dict(W=("H", "I"), u=("H",), b=("H",))),
 }
-STATE_SIZE = {"jordan": "O", "shortcut": "H", "second_order": "H", "gru_cho": "H"}
+# each cell's states, by size, in the spec's order
+STATES = {"jordan": ("O",), "shortcut": ("H",), "second_order": ("H",), "gru_cho": ("H",),
+          "layernorm_lstm": ("H", "H"), "peephole_lstm": ("H", "H"), "indrnn": ("H",)}
 
 
-@pytest.mark.parametrize("T, B", [(1, 1), (6, 3), (11, 2)], ids=lambda v: str(v))
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(name, T, B, close):
-    ref, dims, shapes = CASES[name]
-    sp = specc.load(name, **dims, dtype=F64)
+def _size(d: str, dims: dict) -> int:
+    return 4 * dims["H"] if d == "4*H" else dims[d]
+
+
+def _one_or_tuple(items):
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+def compare_with_reference(name, dims, T, B, dtype, close, tol=None, scale=0.6, backend="auto", device="cpu"):
+    """specc's cell `name` (through `backend`, on `device`) against its hand-written reference on
+    the CPU: outputs, final states and every gradient, with the same fresh random parameters,
+    inputs and initial states in both."""
+    ref, _, shapes = CASES[name]
+    sp = specc.load(name, **dims, dtype=dtype, backend=backend)
     names = [n for n, _ in sp.named_parameters()]
     assert sorted(names) == sorted(shapes), f"{name}: parameters {names}, the spec declares {list(shapes)}"
 
     # Fresh random values for every parameter (the spec zero-initialises some biases, which would
     # hide mistakes in what they multiply).
-    params = {n: torch.randn(tuple(dims[d] for d in shapes[n]), dtype=F64) * 0.6 for n in shapes}
+    params = {n: torch.randn(tuple(_size(d, dims) for d in shapes[n]), dtype=dtype) * scale for n in shapes}
     with torch.no_grad():
         for n, v in params.items():
             getattr(sp, n).copy_(v)
 
-    x = torch.randn(T, B, dims["I"], dtype=F64)
-    s0 = torch.randn(B, dims[STATE_SIZE[name]], dtype=F64)
+    x = torch.randn(T, B, dims["I"], dtype=dtype)
+    s0 = [torch.randn(B, dims[d], dtype=dtype) for d in STATES[name]]
 
-    xs, ss = x.clone().requires_grad_(), s0.clone().requires_grad_()
-    out, final = sp(xs, ss)
+    sp.to(device)
+    xs, ss = x.to(device).requires_grad_(), [s.to(device).requires_grad_() for s in s0]
+    out, final = sp(xs, _one_or_tuple(ss))
+    final = final if isinstance(final, tuple) else (final,)
 
-    xr, sr = x.clone().requires_grad_(), s0.clone().requires_grad_()
+    xr, sr = x.clone().requires_grad_(), [s.clone().requires_grad_() for s in s0]
     pr = {n: v.clone().requires_grad_() for n, v in params.items()}
-    ref_out, (ref_final,) = ref(xr, sr, pr)
+    ref_out, ref_final = ref(xr, sr, pr)
 
-    close(out, ref_out, F64, "outputs")
-    close(final, ref_final, F64, "final state")
+    close(out.cpu(), ref_out, dtype, "outputs", tol=tol)
+    for f, rf in zip(final, ref_final, strict=True):
+        close(f.cpu(), rf, dtype, "final state", tol=tol)
 
-    w_out, w_final = torch.randn(ref_out.shape, dtype=F64), torch.randn(ref_final.shape, dtype=F64)
-    got = torch.autograd.grad((out * w_out).sum() + (final * w_final).sum(),
-                              [xs, ss, *(getattr(sp, n) for n in shapes)])
-    want = torch.autograd.grad((ref_out * w_out).sum() + (ref_final * w_final).sum(), [xr, sr, *pr.values()])
-    for g, w, label in zip(got, want, ["d x", "d state", *(f"d {n}" for n in shapes)]):
+    w_out, w_final = torch.randn(ref_out.shape, dtype=dtype), [torch.randn(f.shape, dtype=dtype) for f in ref_final]
+    got = torch.autograd.grad((out * w_out.to(device)).sum() + sum((f * w.to(device)).sum() for f, w in zip(final, w_final)),
+                              [xs, *ss, *(getattr(sp, n) for n in shapes)])
+    got = [g.cpu() for g in got]
+    want = torch.autograd.grad((ref_out * w_out).sum() + sum((f * w).sum() for f, w in zip(ref_final, w_final)),
+                               [xr, *sr, *pr.values()])
+    labels = ["d x", *(f"d state {k}" for k in range(len(ss))), *(f"d {n}" for n in shapes)]
+    for g, w, label in zip(got, want, labels, strict=True):
         assert w.abs().max() > 0, f"{label}: the reference gradient is zero; the test would prove nothing"
-        close(g, w, F64, label)
+        close(g, w, dtype, label, tol=tol)
+
+
+@pytest.mark.parametrize("T, B", [(1, 1), (6, 3), (11, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, T, B, close):
+    compare_with_reference(name, CASES[name][1], T, B, F64, close)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -121,6 +192,25 @@ def test_default_state_and_init_match_reference(name, close):
     x = torch.randn(5, 2, dims["I"], dtype=F64)
     out, final = sp(x)
     params = {n: getattr(sp, n).detach().clone() for n in shapes}
-    ref_out, (ref_final,) = ref(x, torch.zeros(2, dims[STATE_SIZE[name]], dtype=F64), params)
+    ref_out, ref_final = ref(x, [torch.zeros(2, dims[d], dtype=F64) for d in STATES[name]], params)
     close(out, ref_out, F64, "outputs")
-    close(final, ref_final, F64, "final state")
+    for f, rf in zip(final if isinstance(final, tuple) else (final,), ref_final, strict=True):
+        close(f, rf, F64, "final state")
+
+
+def test_layer_norm_adds_no_product_to_a_step():
+    """layernorm() is a reduction over features, not a product with an averaging matrix: the
+    layer-normalised LSTM's step, forward and backward, makes as many matrix products as the
+    plain LSTM's."""
+    from specc.pipeline import compile_spec
+
+    def loop_products(c):
+        fwd = sum(n.op in ("matvec", "matvec_t") for i, n in enumerate(c.forward.nodes)
+                  if c.forward_schedule.region[i] == "loop")
+        bwd = sum(n.op in ("matvec", "matvec_t") for i, n in enumerate(c.backward.nodes)
+                  if c.backward_schedule.region[i] == "loop")
+        return fwd, bwd
+
+    plain, normed = compile_spec("lstm"), compile_spec("layernorm_lstm")
+    assert loop_products(normed) == loop_products(plain), (loop_products(normed), loop_products(plain))
+    assert loop_products(plain)[0] >= 1

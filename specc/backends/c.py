@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass
 
 from ..ir import Forward, Graph, Node, suggested_names
-from ..ops import ACTIVATIONS, ELEMENTS
+from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS
 from ..schedule import Schedule
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
@@ -306,7 +306,7 @@ class CLoop:
             return "ew"  # computed where it is read, from its source's operands at its columns
         if node.op == "slice" and not self._owns(i):
             return "view"
-        if node.op in ELEMENTS or node.op in ("zeros", "slice"):
+        if node.op in ELEMENTS or node.op in ("zeros", "slice", "expand"):
             return "ew"
         return "other"
 
@@ -402,6 +402,11 @@ class CLoop:
             return self.element(Place(f"{args[0].ptr} + {c_size(node.attrs[0])}", args[0].row), width)
         if op == "zeros":
             return "0.0f"
+        if op == "expand":  # each row's one number, at every column
+            (p,) = args
+            one = self.element(Place(p.ptr, p.row, True, p.literal), width)
+            divisor = node.attrs[1]
+            return one if divisor == Size.of(1) else f"{one} / (float)({c_size(divisor)})"
         raise AssertionError(op)
 
     def outer(self, i: int, args: list[Place], out: Place) -> None:
@@ -478,6 +483,23 @@ class CLoop:
             self.line(f"        {at(out)} = {at(y)} * ({at(grad)} - sum);")
         self.line("}")
 
+    def reduce_row(self, i: int, v: Place, out: Place) -> None:
+        """sum(v) or max(v) of each example's row: one number a row."""
+        width = self._width(self.g.nodes[i].args[0])
+        at = self.element(v, width)
+        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = 0; r < B; r++) {")
+        if self.g.nodes[i].op == "rowsum":
+            self.line("    float acc = 0.0f;")
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        acc += {at};")
+        else:  # NaN wins, as in torch.amax
+            self.line("    float acc = -INFINITY;")
+            self.line(f"    for (long c = 0; c < {width}; c++)")
+            self.line(f"        acc = ({at} > acc || {at} != {at}) ? {at} : acc;")
+        self.line(f"    {self.element(Place(out.ptr, out.row, True), '1')} = acc;")
+        self.line("}")
+
     def _find_virtual(self) -> None:
         """Elementwise values read only through slices (the LSTM's four gates' pre-activations,
         split from one 4H-wide sum) are never made whole: each slice is computed from the
@@ -487,7 +509,7 @@ class CLoop:
         todo = set(self.todo)
         for i in reversed(self.todo):
             node = g.nodes[i]
-            if (self._kind(i) == "ew" and node.op not in ("slice", "zeros") and not self._owns(i)
+            if (self._kind(i) == "ew" and node.op not in ("slice", "zeros", "expand") and not self._owns(i)
                     and self.users[i] and all(u in todo and (g.nodes[u].op == "slice" or u in self.virtual)
                                               for u in self.users[i])):
                 self.virtual.add(i)
@@ -535,6 +557,8 @@ class CLoop:
             self.outer(i, args, out)
         elif op in ("softmax", "softmax_vjp"):
             self.softmax(i, args, out)
+        elif op in ROW_REDUCTIONS:
+            self.reduce_row(i, args[0], out)
         elif op in ("matvec", "matvec_t"):
             vec = args[1]
             if vec.row == "0" or vec.literal:  # BLAS wants rows at least K apart; schedule() hoists these

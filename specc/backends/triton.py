@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import Graph, Node, suggested_names
-from ..ops import ACTIVATIONS, ELEMENTS, helper_name, helper_names
+from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS, helper_name, helper_names
 from ..schedule import Schedule
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after,
@@ -132,7 +132,7 @@ def _stages(s: Schedule, whole: set[int]) -> tuple[dict[int, int], set[int]]:
             raise Unsupported(f"{node.op} inside the recurrence (spec line {node.line})")
         if node.op in ("matvec", "matvec_t"):
             st = operand_stage(node.args[1])
-        elif node.op in ("softmax", "softmax_vjp", "outer"):
+        elif node.op in ("softmax", "softmax_vjp", "outer", "expand", *ROW_REDUCTIONS):
             # A row's sum runs over all its features, as a product's does over its operand's; x (x) h
             # reads its factors at any feature index (feature j of it is x[j // H] h[j % H]).
             st = max(operand_stage(a) for a in node.args)
@@ -344,6 +344,14 @@ class KernelWriter:
             return self._outer_vjp(i, node, offset)
         if op in ("softmax", "softmax_vjp"):
             return self._softmax(i, node, offset)
+        if op in ROW_REDUCTIONS:
+            total = self._row_reduce(i, node)
+            return self._emit(node, f"{total}[:, None] + tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)",
+                              self._wanted(i, offset))
+        if op == "expand":  # each row's one number (column 0 of its argument), at every column
+            one = self.gather(node.args[0], "(offs_f * 0)", "mask_f")
+            divisor = node.attrs[1]
+            return one if divisor == Size.of(1) else self._emit(node, f"{one} / ({divisor})", self._wanted(i, offset))
         raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
 
     def _product(self, i: int, node: Node, offset: Size) -> str:
@@ -472,6 +480,32 @@ class KernelWriter:
                 b.line(f"{total} += tl.sum(operand, axis=1)")
         self.memo[key] = f"{top},{total}"
         return [top, total]
+
+    def _row_reduce(self, i: int, node: Node) -> str:
+        """sum(v) or max(v) of each example's row, in one pass of BLOCK_K columns: (BLOCK_B,)."""
+        key = (i, "row reduce")
+        if key in self.memo:
+            return self.memo[key]
+        self._comment(node)
+        b = self.body
+        total = self.namer(self._wanted(i, Size.of(0)))
+        extent = str(self.g.nodes[node.args[0]].type.shape[0])
+        summed = node.op == "rowsum"
+        lowest = 'float("-inf")'
+        b.line(f"{total} = " + ("tl.zeros((BLOCK_B,), dtype=tl.float32)" if summed
+                                else f"tl.full((BLOCK_B,), {lowest}, dtype=tl.float32)"))
+        with b.block(f"for k0 in range(0, {extent}, BLOCK_K):"):
+            b.line("offs_k = k0 + tl.arange(0, BLOCK_K)")
+            b.line(f"mask_k = offs_k < {extent}")
+            saved_memo, self.memo = self.memo, {}
+            part = self.gather(node.args[0], "offs_k", "mask_k")
+            self.memo = saved_memo
+            if summed:
+                b.line(f"{total} += tl.sum(tl.where(mask_k[None, :], {part}, 0.0), axis=1)")
+            else:
+                b.line(f"{total} = tl.maximum({total}, tl.max(tl.where(mask_k[None, :], {part}, {lowest}), axis=1))")
+        self.memo[key] = total
+        return total
 
     def _softmax(self, i: int, node: Node, offset: Size) -> str:
         top, total = self._row_sums(i, node)

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from ..check import RESERVED, _reserved
-from ..ops import FUNCTIONS
+from ..ops import FUNCTIONS, SCALAR_FUNCTIONS
 from ..shapes import Size
 
 # Every function of the language of one argument (a new row of ops.ACTIVATIONS is drawn from the
 # day it lands), except those drawn only in the forms that keep them finite (below).
 ACTIVATIONS = tuple(f for f, arity in FUNCTIONS.items()
-                    if arity == 1 and f not in ("exp", "log", "sqrt", "rsqrt", "softmax"))
+                    if arity == 1 and f not in ("exp", "log", "sqrt", "rsqrt", "softmax", *SCALAR_FUNCTIONS))
 # Numbers of every sign and size, fractions among them.
 NUMBERS = (0.5, 2.0, 1.0, -0.5, 3.0, -1.0, 0.25, -2.0, 0.001, 1.5, -0.125, 10.0, 0.1, -3.0, 100.0, 1e-05)
 # Names that a C compiler, the C library, Python or the generated code may already use.
@@ -165,7 +165,7 @@ class _Writer:
                 return self.param("b", (sz,))
             arg, asz = self.operand(0)
             return f"{self.param('W', (sz, asz))} @ {arg}"
-        kind = draw(st.integers(0, 13))
+        kind = draw(st.integers(0, 15))
         sub = lambda: self.expr(sz, depth - 1)  # noqa: E731
         if kind == 0 and leaf is not None:
             return leaf
@@ -212,6 +212,27 @@ class _Writer:
                 return f"[{', '.join(texts)}]"
         if kind == 13:
             return f"{sub()} / {draw(st.sampled_from((2.0, -4.0, 0.5, 3.0)))!r}"
+        if kind == 15:  # the functions of several arguments, numbers where they take numbers
+            which = draw(st.integers(0, 5))
+            if which == 0:
+                return f"maximum({sub()}, {sub()})"
+            if which == 1:
+                return f"minimum({sub()}, {draw(st.sampled_from(NUMBERS))!r})"
+            if which == 2:
+                return f"leaky_relu({sub()}, {draw(st.sampled_from((0.01, 0.2, -0.5, 2.0)))!r})"
+            if which == 3:
+                lo, hi = draw(st.sampled_from(((-1.0, 1.0), (0.0, 6.0), (-0.25, 0.5), (2.0, 2.0))))
+                return f"clamp({sub()}, {lo!r}, {hi!r})"
+            if which == 4:
+                return f"pow({sub()}, {draw(st.sampled_from((2, 3, 4)))})"
+            # negative and fractional powers of a positive number away from 0
+            return f"pow(1.5 + tanh({sub()}), {draw(st.sampled_from((0.5, -0.5, 2.5, -1.5, 1.25, -1, -2)))!r})"
+        if kind == 14 and self.pool:  # a reduction of any vector: a number broadcast over this one
+            other = draw(st.sampled_from(self.pool)).sz
+            reduced = f"{draw(st.sampled_from(SCALAR_FUNCTIONS))}({self.expr(other, depth - 1)})"
+            if draw(st.booleans()):
+                return f"({sub()}) {draw(st.sampled_from('+-*'))} {reduced}"
+            return f"{reduced} * ({sub()})"
         return sub()
 
     def concat_parts(self, sz: _Sz) -> tuple[_Sz, ...] | None:

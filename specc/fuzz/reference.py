@@ -33,6 +33,12 @@ _ACTIVATIONS = {
     "hardtanh": torch.nn.functional.hardtanh,
     "softsign": torch.nn.functional.softsign,
     "softmax": lambda v: torch.softmax(v, dim=-1),
+    # one number per example, kept as a last axis of 1 so that it broadcasts against vectors
+    "sum": lambda v: v.sum(-1, keepdim=True),
+    "mean": lambda v: v.mean(-1, keepdim=True),
+    "max": lambda v: v.amax(-1, keepdim=True),
+    "layernorm": lambda v: torch.nn.functional.layer_norm(v, v.shape[-1:], eps=1e-5),
+    "rmsnorm": lambda v: torch.nn.functional.rms_norm(v, v.shape[-1:], eps=1e-5),
 }
 
 
@@ -99,8 +105,20 @@ def _eval(e: ast.Expr, env: dict):
         if b.dim() < a.dim():
             b = b.expand(*a.shape[:-1], b.shape[-1])
         return torch.einsum("ijk,...j,...k->...i", w, a, b)
+    if e.fn in _SEVERAL:
+        return _SEVERAL[e.fn](*(_eval(a, env) for a in e.args))
     [arg] = e.args
     return _ACTIVATIONS[e.fn](_eval(arg, env))
+
+
+# Their numbers arrive as 0-d tensors (see _eval); torch takes Python numbers for these.
+_SEVERAL = {
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+    "leaky_relu": lambda v, slope: torch.nn.functional.leaky_relu(v, float(slope)),
+    "clamp": lambda v, lo, hi: torch.clamp(v, float(lo), float(hi)),
+    "pow": lambda v, k: torch.pow(v, float(k)),
+}
 
 
 def _concat(items):
