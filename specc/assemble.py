@@ -115,6 +115,9 @@ def _header(w: Writer, cell: CheckedCell, file: str) -> None:
     w.line(f"INPUTS = {tuple(d.name for d in cell.inputs)!r}")
     w.line(f"STATES = {tuple(d.name for d in cell.states)!r}")
     w.line(f"PARAMS = {tuple(d.name for d in cell.params)!r}")
+    learned = tuple(d.name for d in cell.states if d.init is not None and d.init.name == "learned")
+    if learned:  # their initial values are parameters of the module (NAME_init), outside the step
+        w.line(f"LEARNED = {learned!r}")
     w.line(f"OUTPUTS = {tuple(name for name, _ in cell.outputs)!r}")
 
 
@@ -171,7 +174,7 @@ def _state_fill(w: Writer, cell: CheckedCell, fwd: Schedule, star: str, file: st
         w.line('"""The value every entry of each state starts from."""')
         fills = []
         for d in cell.states:
-            if d.init is None or d.init.name == "zeros":
+            if d.init is None or d.init.name == "zeros" or (d.init.name == "learned" and not d.init.args):
                 fills.append(f"{d.name!r}: 0.0")
             elif d.init.name == "ones":
                 fills.append(f"{d.name!r}: 1.0")

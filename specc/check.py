@@ -20,9 +20,13 @@ from .shapes import Shape, Size, shape_str
 # Initialisers and how many scalar arguments each takes.
 INITS = {
     "zeros": (0,), "ones": (0,), "constant": (1,), "uniform": (1, 2), "normal": (1, 2),
-    "orthogonal": (0, 1), "identity": (0, 1),
+    "orthogonal": (0, 1), "identity": (0, 1), "learned": (0, 1),
 }
-STATE_INITS = ("zeros", "ones", "constant")
+# `learned`, `learned(v)`: a parameter NAME_init of the module, starting at 0 (or v), used where the
+# caller gives no initial state.
+STATE_INITS = ("zeros", "ones", "constant", "learned")
+LEARNED_SUFFIX = "_init"
+PARAM_INITS = tuple(name for name in INITS if name != "learned")
 # Names the generated code reserves for itself; a spec may not take them.
 RESERVED = {"np", "tl", "triton", "torch", "self", "T", "B", "t", "rows", "dims", "specc"}
 # Dimensions are also keyword arguments, verbatim, of the generated functions (beside the names
@@ -548,6 +552,11 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
             errors.error(d.loc, f"state '{d.name}' has no next value; add an equation {d.name}' = ...")
     if not outputs:
         errors.error(cell.loc, f"cell '{cell.name}' has no output; add a line such as: output h'")
+    for d in c.states:
+        if d.init is not None and d.init.name == "learned" and d.name + LEARNED_SUFFIX in c.defined:
+            errors.error(d.loc, f"state '{d.name}' is learned, so the module has a parameter "
+                                f"'{d.name}{LEARNED_SUFFIX}' for its initial value; rename the other "
+                                f"'{d.name}{LEARNED_SUFFIX}'")
     ordered = c.typed(equations)
     output_list = c.outputs(outputs)
     if len(errors.diagnostics) > start:
@@ -636,7 +645,7 @@ class _CellChecker:
                 if not ok and (fresh or s.name not in self.state_names):
                     self.env[(s.name, True)] = None  # its next value is not reported missing or misused
             elif isinstance(s, ast.Param):
-                self._declare(s, "parameter", tuple(INITS), self.params)
+                self._declare(s, "parameter", PARAM_INITS, self.params)
             elif isinstance(s, ast.Assign):
                 assigns.append(s)
             elif isinstance(s, ast.Output):

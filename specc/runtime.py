@@ -236,7 +236,12 @@ class CellModule(nn.Module):
         self._default_dtype = dtype  # what a cell without parameters computes in
         for name, shape in self.sizes["params"].items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
+        for name in self._learned():  # `state h[H] = learned`: h's initial value is trained too
+            self.register_parameter(name + "_init", nn.Parameter(torch.empty(self.sizes["states"][name], dtype=dtype)))
         self.reset_parameters()
+
+    def _learned(self) -> tuple[str, ...]:
+        return getattr(self.program, "LEARNED", ())  # a module compiled before learned states had none
 
     def _dims_text(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.dims.items())
@@ -250,6 +255,10 @@ class CellModule(nn.Module):
         except (ValueError, ArithmeticError, RuntimeError) as e:
             raise ValueError(f"cell '{self.program.CELL}': an initialiser cannot be applied with "
                              f"{self._dims_text()}: {e}") from None
+        fill = self.program.state_fill(**self.dims)
+        with torch.no_grad():
+            for name in self._learned():
+                getattr(self, name + "_init").fill_(fill[name])
 
     def __getstate__(self):
         # The generated module is code: carry its source (or, for a module `specc compile` wrote,
@@ -279,8 +288,13 @@ class CellModule(nn.Module):
     def initial_state(self, batch: int, dtype=None, device=None) -> tuple[torch.Tensor, ...]:
         fill = self.program.state_fill(**self.dims)
         dtype = dtype or self._dtype()
-        return tuple(torch.full((batch, self.sizes["states"][n][0]), fill[n], dtype=dtype, device=device)
-                     for n in self.program.STATES)
+        learned = self._learned()
+
+        def start(n):
+            if n in learned:  # one row broadcast over the batch; its gradient sums over it
+                return getattr(self, n + "_init").to(dtype=dtype, device=device).expand(batch, -1).contiguous()
+            return torch.full((batch, self.sizes["states"][n][0]), fill[n], dtype=dtype, device=device)
+        return tuple(start(n) for n in self.program.STATES)
 
     def _dtype(self):
         for p in self.parameters():

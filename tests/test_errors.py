@@ -158,6 +158,13 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "clamp's bounds the wrong way round": (
         cell("h' = clamp(W @ x, 1, -1)", "output h'"),
         [want(7, 10, "clamp(v, lo, hi) needs lo <= hi")]),
+    "a learned state whose parameter name is taken": (
+        cell("param h_init[H]", "h' = tanh(W @ x + h_init)", "output h'").replace("state h[H] = zeros",
+                                                                                  "state h[H] = learned"),
+        [want(3, 11, "state 'h' is learned", "'h_init'")]),
+    "a parameter cannot be learned": (
+        cell("param a[H] = learned", "h' = tanh(W @ x + a)", "output h'"),
+        [want(7, 18, "unknown initialiser 'learned'")]),
     "split count not matching the names": (
         cell("p, q = split(W @ x, 3)", "h' = tanh(p + q)", "output h'"),
         [want(7, 12, "split(..., 3) gives 3 values but 2 names")]),

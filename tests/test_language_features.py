@@ -402,3 +402,46 @@ def test_an_output_that_is_an_input_does_not_share_its_memory(backend):
         outs.append(hr)
     (gr,) = torch.autograd.grad((torch.stack(outs) * w).sum() + (xr * w).sum(), [xr])
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
+
+
+LEARNED = '''
+cell learned_start(I, H) {
+    input x[I]
+    state h[H] = learned(0.5)
+    state c[H] = learned
+    param W[H, I]
+    param U[H, H]
+    h' = tanh(W @ x + U @ h + c)
+    c' = c * 0.5 + h'
+    output h'
+}
+'''
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend, dtype, tol", [("numpy", torch.float64, 1e-10), ("c", torch.float32, 1e-5),
+                                                 ("triton", torch.float32, 1e-5)])
+def test_a_learned_initial_state_is_a_parameter_with_its_gradient(backend, dtype, tol):
+    """`state h[H] = learned(0.5)`: a parameter h_init starting at 0.5, used when no state is given,
+    broadcast over the batch, and trained: its gradient is the torch loop's."""
+    m = specc.load(LEARNED, dtype=dtype, backend=backend, I=3, H=4)
+    assert sorted(n for n, _ in m.named_parameters()) == ["U", "W", "c_init", "h_init"]
+    assert torch.equal(m.h_init.detach(), torch.full((4,), 0.5, dtype=dtype))
+    assert torch.equal(m.c_init.detach(), torch.zeros(4, dtype=dtype))
+    assert "h_init" in m.state_dict()
+    with torch.no_grad():
+        m.h_init.normal_()
+        m.c_init.normal_()
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    out, (_, c) = m(x)
+    got = torch.autograd.grad(out.sum() + c.sum(), [m.h_init, m.c_init, m.W])
+
+    h0, c0, W, U = (t.detach().clone().requires_grad_() for t in (m.h_init, m.c_init, m.W, m.U))
+    h, c, outs = h0.expand(2, -1), c0.expand(2, -1), []
+    for t in range(5):
+        h = torch.tanh(x[t] @ W.T + h @ U.T + c)
+        c = c * 0.5 + h
+        outs.append(h)
+    want = torch.autograd.grad(torch.stack(outs).sum() + c.sum(), [h0, c0, W])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

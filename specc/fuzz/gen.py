@@ -277,7 +277,8 @@ def cells(draw, max_values: int = 5, max_depth: int = 3) -> GenCell:
     states = []
     for _ in range(draw(st.integers(1, 3))):
         name, sz = w.name("h", "state"), w.size()
-        init = draw(st.sampled_from(("", " = zeros", " = ones", " = constant(-0.5)", " = constant(1 / 3)")))
+        init = draw(st.sampled_from(("", " = zeros", " = ones", " = constant(-0.5)", " = constant(1 / 3)",
+                                     " = learned", " = learned(0.25)")))
         decls.append(f"    state {name}[{sz}]{init}")
         w.pool.append(_Val(name, sz, True))
         states.append((name, sz))

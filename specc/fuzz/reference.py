@@ -62,7 +62,7 @@ def initial_fill(cell: CheckedCell, dims: dict[str, int]) -> dict[str, float]:
     fill = {}
     for s in cell.states:
         init = s.init
-        if init is None or init.name == "zeros":
+        if init is None or init.name == "zeros" or (init.name == "learned" and not init.args):
             fill[s.name] = 0.0
         elif init.name == "ones":
             fill[s.name] = 1.0
