@@ -84,6 +84,7 @@ class Param:
     shape: tuple[Dim, ...]
     init: Init | None
     loc: Loc
+    const: bool = False  # `const M[H, H] = identity`: a buffer of the module, never trained
 
 
 @dataclass(frozen=True)

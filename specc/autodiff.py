@@ -18,7 +18,7 @@ from .ir import Builder, Forward, Graph, OutputGradient, Type, suggested_names
 from .shapes import Size
 
 
-def differentiate(fwd: Graph) -> Graph:
+def differentiate(fwd: Graph, frozen: frozenset[str] = frozenset()) -> Graph:
     b = Builder()
     mirror: dict[int, int] = {}
     fwd_names = suggested_names(fwd)
@@ -93,7 +93,8 @@ def differentiate(fwd: Graph) -> Graph:
 
     carries = [(name, d, whole(leaf)) for (name, leaf, _), (_, d) in zip(fwd.carries, carries_in)]
     outputs = [(name, whole(leaf)) for name, leaf in fwd.inputs]
-    reduced = [(name, whole(leaf)) for name, leaf in fwd.params]
+    # A `const` gets zeros: what would make its gradient is then unused, and optimize drops it.
+    reduced = [(name, zeros_like(leaf) if name in frozen else whole(leaf)) for name, leaf in fwd.params]
     saved = sorted((i for i in mirror if fwd.nodes[i].op != "const" and not _recomputed(fwd, i)),
                    key=lambda i: mirror[i])
     inputs += [(Forward(i), mirror[i]) for i in saved if fwd.nodes[i].type.batched]

@@ -34,7 +34,7 @@ RESERVED = {"np", "tl", "triton", "torch", "self", "T", "B", "t", "rows", "dims"
 RESERVED_DIMS = (
     set(dir(builtins))
     | {"math", "sys", "init", "rt", "p", "s", "e", "dtype", "train", "saved", "CellModule"}
-    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "OUTPUTS",
+    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "OUTPUTS",
        "sizes", "init_params", "state_fill", "forward", "backward", "check_sizes", "Fraction", "size"}
     | {"spec", "cell", "batch_first", "backend", "program"}
     | generated_names()
@@ -92,6 +92,7 @@ class CheckedCell:
     outputs: tuple[tuple[str, ast.Target], ...]
     loc: Loc
     sizes: tuple[SizeRule, ...] = ()  # what check_dims verifies when the dimensions are bound
+    consts: frozenset[str] = frozenset()  # the params declared `const`: buffers, with no gradient
 
 
 def _number(value: float) -> str:
@@ -562,7 +563,8 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
     if len(errors.diagnostics) > start:
         return None
     return CheckedCell(cell.name, cell.doc, file, tuple(n for n, _ in cell.dims), tuple(c.inputs), tuple(c.states),
-                       tuple(c.params), tuple(ordered), tuple(output_list), cell.loc, tuple(c.rules))
+                       tuple(c.params), tuple(ordered), tuple(output_list), cell.loc, tuple(c.rules),
+                       frozenset(c.consts))
 
 
 class _CellChecker:
@@ -574,6 +576,7 @@ class _CellChecker:
         self.errors = errors
         self.defined: dict[str, Loc] = {}
         self.kinds: dict[str, str] = {}  # name -> "dimension" | "input" | "state" | "parameter" | "value"
+        self.consts: set[str] = set()  # the parameters declared `const`
         self.rules: list[SizeRule] = []
         self.dims: set[str] = set()
         self.env: dict[tuple[str, bool], Type | None] = {}
@@ -645,7 +648,8 @@ class _CellChecker:
                 if not ok and (fresh or s.name not in self.state_names):
                     self.env[(s.name, True)] = None  # its next value is not reported missing or misused
             elif isinstance(s, ast.Param):
-                self._declare(s, "parameter", PARAM_INITS, self.params)
+                if self._declare(s, "parameter", PARAM_INITS, self.params) and s.const:
+                    self.consts.add(s.name)
             elif isinstance(s, ast.Assign):
                 assigns.append(s)
             elif isinstance(s, ast.Output):

@@ -29,7 +29,7 @@ _TERMINALS = {
     "ADD": "'+'", "SUB": "'-'", "MUL": "'*'", "DIV": "'/'", "MATMUL": "'@'", "SEMICOLON": "';'",
     "DOCSTRING": "a docstring", "$END": "end of file",
 }
-_KEYWORDS = ("cell", "network", "input", "state", "param", "output", "layer")
+_KEYWORDS = ("cell", "network", "input", "state", "param", "const", "output", "layer")
 # Where any of these may come next, an expression (or a size) may start.
 _STARTS_EXPR = {"NAME", "NUMBER", "LPAR"}
 
@@ -104,6 +104,9 @@ class _ToAst(NetworkRules, Transformer):
     @v_args(meta=True)
     def param_decl(self, meta, c):
         return ast.Param(str(c[0]), c[1], c[2], self._t(c[0]))
+
+    def const_decl(self, c):
+        return ast.Param(str(c[0]), c[1], c[2], self._t(c[0]), const=True)
 
     @v_args(meta=True)
     def output_decl(self, meta, c):

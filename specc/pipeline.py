@@ -61,7 +61,7 @@ def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Com
     if transform is not None:
         step = transform(step)
     fwd = optimize(step)
-    bwd = optimize(differentiate(fwd), keep_leaves=False)
+    bwd = optimize(differentiate(fwd, cell.consts), keep_leaves=False)
     # Forward values the backward pass reads, other than the parameters it is handed anyway.
     saved = sorted({k.node for k, _ in bwd.inputs + bwd.params
                     if isinstance(k, Forward) and fwd.nodes[k.node].op != "param"})

@@ -234,8 +234,12 @@ class CellModule(nn.Module):
         self.sizes = {k: {n: tuple(int(s) for s in shape) for n, shape in v.items()} for k, v in self.sizes.items()}
         dtype = dtype or torch.get_default_dtype()
         self._default_dtype = dtype  # what a cell without parameters computes in
+        consts = getattr(program, "CONSTS", ())  # a module compiled before `const` had none
         for name, shape in self.sizes["params"].items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
+            if name in consts:
+                self.register_buffer(name, torch.empty(shape, dtype=dtype))
+            else:
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
         for name in self._learned():  # `state h[H] = learned`: h's initial value is trained too
             self.register_parameter(name + "_init", nn.Parameter(torch.empty(self.sizes["states"][name], dtype=dtype)))
         self.reset_parameters()

@@ -445,3 +445,59 @@ def test_a_learned_initial_state_is_a_parameter_with_its_gradient(backend, dtype
     want = torch.autograd.grad(torch.stack(outs).sum() + c.sum(), [h0, c0, W])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+CONST = '''
+cell with_const(I, H) {
+    input x[I]
+    state h[H]
+    const M[H, H] = identity
+    const s[H] ~ uniform(0.5)
+    param W[H, I]
+    h' = tanh(W @ x + M @ h * s)
+    output h'
+}
+'''
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend, dtype, tol", [("numpy", torch.float64, 1e-10), ("c", torch.float32, 1e-5),
+                                                 ("triton", torch.float32, 1e-5)])
+def test_a_const_is_a_buffer_without_a_gradient(backend, dtype, tol):
+    """`const M[H, H] = identity`: a buffer (in state_dict, moved by .to(), not a parameter, never
+    trained) that the step reads as it reads a parameter; the backward pass does not compute its
+    gradient at all."""
+    m = specc.load(CONST, dtype=dtype, backend=backend, I=3, H=4)
+    assert [n for n, _ in m.named_parameters()] == ["W"]
+    assert sorted(n for n, _ in m.named_buffers()) == ["M", "s"] and "M" in m.state_dict()
+    assert torch.equal(m.M, torch.eye(4, dtype=dtype))
+    with torch.no_grad():
+        m.M.normal_()
+    x = torch.randn(5, 2, 3, dtype=dtype, requires_grad=True)
+    out, _ = m(x)
+    got = torch.autograd.grad(out.sum(), [x, m.W])
+
+    xr, W = x.detach().clone().requires_grad_(), m.W.detach().clone().requires_grad_()
+    h, outs = torch.zeros(2, 4, dtype=dtype), []
+    for t in range(5):
+        h = torch.tanh(xr[t] @ W.T + (h @ m.M.T) * m.s)
+        outs.append(h)
+    want = torch.autograd.grad(torch.stack(outs).sum(), [xr, W])
+    torch.testing.assert_close(out.detach(), torch.stack(outs).detach(), rtol=tol, atol=tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert m.to(torch.float64).M.dtype == torch.float64
+
+
+def test_the_backward_pass_computes_no_gradient_for_a_const():
+    from specc.pipeline import compile_cell
+    from specc.check import check
+    from specc.parse import parse
+
+    (cell,) = check(parse(CONST, "<const>"))
+    c = compile_cell(cell, CONST, "<const>")
+    reduced = dict(c.backward.reduced)
+    assert c.backward.nodes[reduced["M"]].op == "zeros" and c.backward.nodes[reduced["s"]].op == "zeros"
+    assert c.backward.nodes[reduced["W"]].op != "zeros"
+    # nothing in the backward step multiplies by h to make M's gradient: one outer product (W's) only
+    assert sum(n.op == "outer_sum" for n in c.backward.nodes) == 1

@@ -121,7 +121,8 @@ class _Writer:
         if len(shape) == 2:
             inits += [" ~ identity", " ~ identity(0.5)"]
         init = self.draw(st.sampled_from(inits))
-        self.params.append(f"    param {name}[{', '.join(str(s) for s in shape)}]{init}")
+        keyword = self.draw(st.sampled_from(("param",) * 7 + ("const",)))  # a buffer, never trained
+        self.params.append(f"    {keyword} {name}[{', '.join(str(s) for s in shape)}]{init}")
         return name
 
     # --- expressions --------------------------------------------------------------------------

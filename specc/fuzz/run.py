@@ -82,7 +82,8 @@ def _reference(cell, data: Data, dtype, lengths=None, grads=True):
     leaves = {}
     for kind in ("inputs", "states", "params"):
         for k, v in getattr(data, kind).items():
-            leaves[(kind, k)] = v.to(dtype, copy=True).requires_grad_(grads)
+            # a `const` is not trained: no gradient to compare
+            leaves[(kind, k)] = v.to(dtype, copy=True).requires_grad_(grads and not (kind == "params" and k in cell.consts))
     inputs = {k: leaves[("inputs", k)] for k in data.inputs}
     states = {k: leaves[("states", k)] for k in data.states}
     params = {k: leaves[("params", k)] for k in data.params}
@@ -91,7 +92,7 @@ def _reference(cell, data: Data, dtype, lengths=None, grads=True):
     if not grads:
         return {k: v.detach() for k, v in values.items()}, {}
     loss = _loss(outs, finals, data, dtype)
-    wrt = list(leaves.items())
+    wrt = [(k, v) for k, v in leaves.items() if v.requires_grad]
     got = torch.autograd.grad(loss, [v for _, v in wrt], allow_unused=True)
     gradients = {f"d {k[1]}": (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(wrt, got)}
     return {k: v.detach() for k, v in values.items()}, gradients
@@ -172,9 +173,10 @@ def _run_module(m, prog, data: Data, dtype, grads: bool):
     if not grads:
         return {k: v.detach() for k, v in values.items()}
     loss = _loss(dict(zip(prog.OUTPUTS, outs)), dict(zip(prog.STATES, finals)), data, dtype)
-    params = [getattr(m, k) for k in prog.PARAMS]
+    trained = [k for k in prog.PARAMS if k not in getattr(prog, "CONSTS", ())]
+    params = [getattr(m, k) for k in trained]
     got = torch.autograd.grad(loss, [*xs, *hs, *params], allow_unused=True)
-    names = [*prog.INPUTS, *prog.STATES, *prog.PARAMS]
+    names = [*prog.INPUTS, *prog.STATES, *trained]
     grads_ = {f"d {k}": (torch.zeros_like(t) if g is None else g)
               for k, t, g in zip(names, [*xs, *hs, *params], got)}
     return {k: v.detach() for k, v in values.items()} | grads_
@@ -286,10 +288,11 @@ def _lengths(findings, cell, text, dims, backend, dtype, data: Data, ref32) -> N
         outs = {first: out}
         fin = {s: f[0] for s, f in zip(layer.state_names, finals)}
         loss = _loss(outs, fin, data, dtype)
-        params = [getattr(layer.cell(), k) for k in data.params]
+        trained = [k for k in data.params if k not in cell.consts]
+        params = [getattr(layer.cell(), k) for k in trained]
         leaves = [*xs.values(), *hs.values(), *params]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        keys = [*(f"d {k}" for k in xs), *(f"d {k}" for k in hs), *(f"d {k}" for k in data.params)]
+        keys = [*(f"d {k}" for k in xs), *(f"d {k}" for k in hs), *(f"d {k}" for k in trained)]
         got = {k: (torch.zeros_like(t) if g is None else g) for k, t, g in zip(keys, leaves, grads)}
         got |= {f"output {first}": out.detach()} | {f"final {k}": v.detach() for k, v in fin.items()}
     except Exception as e:  # noqa: BLE001
