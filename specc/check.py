@@ -27,14 +27,16 @@ INITS = {
 STATE_INITS = ("zeros", "ones", "constant", "learned")
 LEARNED_SUFFIX = "_init"
 PARAM_INITS = tuple(name for name in INITS if name != "learned")
-# Names the generated code reserves for itself; a spec may not take them.
+# Names the generated code uses for itself beside the dimensions, which it takes verbatim as
+# keyword arguments (the spec's other names it renames where they clash: a value named T is
+# T_2 there). A dimension may not take them.
 RESERVED = {"np", "tl", "triton", "torch", "self", "T", "B", "t", "rows", "dims", "specc"}
 # Dimensions are also keyword arguments, verbatim, of the generated functions (beside the names
 # those functions use) and of specc.load and the generated module class.
 RESERVED_DIMS = (
     set(dir(builtins))
     | {"math", "sys", "init", "rt", "p", "s", "e", "dtype", "train", "saved", "CellModule"}
-    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "OUTPUTS",
+    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "NOISE", "OUTPUTS",
        "sizes", "init_params", "state_fill", "forward", "backward", "check_sizes", "Fraction", "size"}
     | {"spec", "cell", "batch_first", "backend", "program"}
     | generated_names()
@@ -44,7 +46,7 @@ RESERVED_DIMS = (
 # against the installed torch.
 MODULE_ATTRS = frozenset("""
     T_destination add_module apply backend backend_choice batch_first bfloat16 buffers call_super_init children
-    compile cpu cuda dims double dump_patches eval extra_repr float forward get_buffer
+    compile cpu cuda dims double draw_noise dump_patches eval extra_repr float forward get_buffer
     get_extra_state get_parameter get_submodule half initial_state ipu load_state_dict modules mtia
     named_buffers named_children named_modules named_parameters parameters program register_backward_hook
     register_buffer register_forward_hook register_forward_pre_hook register_full_backward_hook
@@ -72,6 +74,17 @@ class Equation:
 
 
 @dataclass(frozen=True)
+class Noise:
+    """A mask the module draws for one call of dropout(v, p) or zoneout(v_next, v, p), handed to
+    the step as an extra input `name` (the last inputs of the cell)."""
+
+    name: str
+    kind: str  # "dropout" | "zoneout"
+    p: float
+    loc: Loc  # the call's
+
+
+@dataclass(frozen=True)
 class SizeRule:
     """A size that must come out a positive whole number once the dimensions are bound."""
     size: Size
@@ -93,6 +106,12 @@ class CheckedCell:
     loc: Loc
     sizes: tuple[SizeRule, ...] = ()  # what check_dims verifies when the dimensions are bound
     consts: frozenset[str] = frozenset()  # the params declared `const`: buffers, with no gradient
+    noise: tuple[Noise, ...] = ()  # their inputs are the last of `inputs`
+
+    @property
+    def own_inputs(self) -> tuple[Decl, ...]:
+        """The inputs a caller hands in (not the masks the module draws)."""
+        return self.inputs[:len(self.inputs) - len(self.noise)]
 
 
 def _number(value: float) -> str:
@@ -524,9 +543,9 @@ _ARTICLE = {"input": "an input", "parameter": "a parameter", "value": "a value",
 
 def _reserved(name: str, what: str) -> str | None:
     """Why `name` may not be used for a `what`, or None."""
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED or name.startswith("__"):
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name.startswith("__"):
         return "is a reserved name"
-    if what == "dimension" and name in RESERVED_DIMS:
+    if what == "dimension" and (name in RESERVED_DIMS or name in RESERVED):
         return "is a reserved name (dimensions become arguments of the generated code)"
     if what == "parameter" and (name in MODULE_ATTRS or name.startswith("_")):
         return "is a reserved name (parameters become attributes of the torch module, which has one of that name)"
@@ -562,9 +581,33 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
     output_list = c.outputs(outputs)
     if len(errors.diagnostics) > start:
         return None
-    return CheckedCell(cell.name, cell.doc, file, tuple(n for n, _ in cell.dims), tuple(c.inputs), tuple(c.states),
-                       tuple(c.params), tuple(ordered), tuple(output_list), cell.loc, tuple(c.rules),
-                       frozenset(c.consts))
+    noise = _noise(ordered, c.env)
+    masks = tuple(Decl(n.name, shape, None, n.loc) for n, shape in noise)
+    return CheckedCell(cell.name, cell.doc, file, tuple(n for n, _ in cell.dims), tuple(c.inputs) + masks,
+                       tuple(c.states), tuple(c.params), tuple(ordered), tuple(output_list), cell.loc, tuple(c.rules),
+                       frozenset(c.consts), tuple(n for n, _ in noise))
+
+
+def _calls(expr: ast.Expr):
+    if isinstance(expr, ast.Call):
+        yield expr
+    for a in (expr.args if isinstance(expr, ast.Call) else expr.items if isinstance(expr, ast.Concat)
+              else (expr.left, expr.right) if isinstance(expr, ast.BinOp) else (expr.arg,) if isinstance(expr, ast.Neg)
+              else ()):
+        yield from _calls(a)
+
+
+def _noise(equations, env) -> list[tuple[Noise, Shape]]:
+    """A mask input for each dropout and zoneout call, named after its kind and place (a spec name
+    cannot start with two underscores), with the shape of what it masks."""
+    found = []
+    for eq in equations:
+        for call in _calls(eq.expr):
+            if call.fn in ("dropout", "zoneout"):
+                shape = type_of(call.args[0], env, Collector()).shape
+                name = f"__{call.fn}_{call.loc.line}_{call.loc.col}"
+                found.append((Noise(name, call.fn, number_written(call.args[-1]), call.loc), shape))
+    return found
 
 
 class _CellChecker:
@@ -1029,7 +1072,8 @@ def number_written(e: ast.Expr) -> float | None:
 
 # The arguments of these functions that must be numbers written in the spec, by position.
 _NUMBER_ARGS = {"leaky_relu": {1: "its slope"}, "pow": {1: "its exponent"},
-                "clamp": {1: "its lower bound", 2: "its upper bound"}}
+                "clamp": {1: "its lower bound", 2: "its upper bound"}, "dropout": {1: "its probability"},
+                "zoneout": {2: "its probability"}}
 
 
 def _numbers_in_place(expr: ast.Call, errors: Collector) -> bool:
@@ -1040,6 +1084,12 @@ def _numbers_in_place(expr: ast.Call, errors: Collector) -> bool:
             ok = False
     if ok and expr.fn == "clamp" and number_written(expr.args[1]) > number_written(expr.args[2]):
         errors.error(expr.loc, "clamp(v, lo, hi) needs lo <= hi")
+        ok = False
+    if ok and expr.fn == "dropout" and not 0 <= number_written(expr.args[1]) < 1:
+        errors.error(expr.args[1].loc, "dropout(v, p) drops with probability p, 0 <= p < 1")
+        ok = False
+    if ok and expr.fn == "zoneout" and not 0 <= number_written(expr.args[2]) <= 1:
+        errors.error(expr.args[2].loc, "zoneout(v_next, v, p) keeps v with probability p, 0 <= p <= 1")
         ok = False
     if ok and expr.fn == "pow" and number_written(expr.args[1]) == 0:
         errors.error(expr.args[1].loc, "pow(v, 0) is 1 for every v; write 1")
@@ -1080,6 +1130,12 @@ def _call_type(expr: ast.Call, env, errors: Collector, state_names, kinds) -> Ty
         return None
     if expr.fn in ("maximum", "minimum"):
         return _elementwise_type(f"{expr.fn}", "compare", args[0], args[1], expr.loc, errors)
+    if expr.fn in ("dropout", "zoneout"):  # a mask per example: what they give is per example
+        if len(args[0].shape) != 1 or (expr.fn == "zoneout" and args[1].shape != args[0].shape):
+            errors.error(expr.loc, f"{expr.fn} takes " + ("a vector" if expr.fn == "dropout" else
+                                   "two vectors of one size") + ", got " + ", ".join(shape_str(a.shape) for a in args[:-1]))
+            return None
+        return Type(args[0].shape, True)
     if expr.fn in _NUMBER_ARGS:
         return args[0]
     if expr.fn in ops.SCALAR_FUNCTIONS or expr.fn in ("layernorm", "rmsnorm"):

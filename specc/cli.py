@@ -40,7 +40,7 @@ def _cmd_check(args) -> int:
             continue
         for cell in cells:
             print(f"{file}: cell {cell.name}({', '.join(cell.dims)})" + _summary(cell.doc))
-            for label, decls in (("input", cell.inputs), ("state", cell.states), ("param", cell.params)):
+            for label, decls in (("input", cell.own_inputs), ("state", cell.states), ("param", cell.params)):
                 for d in decls:
                     print(f"  {label:6} {d.name}{shape_str(d.shape)}")
             print(f"  output {', '.join(name for name, _ in cell.outputs)}")

@@ -16,6 +16,8 @@ def lower(cell: CheckedCell) -> Graph:
     for d in cell.inputs:
         env[(d.name, False)] = b.add("input", (), (d.name,), type=Type(d.shape, True))
         inputs.append((d.name, env[(d.name, False)]))
+    # dropout(v, p) and zoneout(a, v, p) read the mask the module drew for them (check.Noise)
+    env.update({("noise", n.loc.line, n.loc.col): env[(n.name, False)] for n in cell.noise})
     for d in cell.states:
         env[(d.name, False)] = b.add("carry", (), (d.name,), type=Type(d.shape, True))
     for d in cell.params:
@@ -174,6 +176,13 @@ def _expr(b: Builder, e: ast.Expr, env, line: int) -> int:
     args = [_expr(b, a, env, line) for a in e.args]
     if e.fn == "concat":
         return b.add("concat", tuple(args), line=line)
+    if e.fn in ("dropout", "zoneout"):
+        mask = env[("noise", e.loc.line, e.loc.col)]
+        if e.fn == "dropout":  # the mask is 0 or 1 / (1 - p) while training, 1 in eval
+            return _binary(b, "mul", args[0], mask, line)
+        # zoneout(v_next, v, p): the mask is 1 (keep v) or 0 while training, p in eval
+        kept = _binary(b, "mul", mask, args[1], line)
+        return _binary(b, "add", kept, _binary(b, "mul", b.add("sub", (b.const(1), mask), line=line), args[0], line), line)
     if e.fn in _TWO_ARGUMENTS:
         return _TWO_ARGUMENTS[e.fn](b, args, [number_written(a) for a in e.args], line)
     if e.fn in _REDUCED:

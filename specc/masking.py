@@ -43,7 +43,9 @@ def mask_cell(cell: CheckedCell) -> tuple[CheckedCell, dict]:
             taken.add(name)
             names[size] = name
     decls = tuple(Decl(name, (size,), None, cell.loc) for size, name in names.items())
-    return replace(cell, name=cell.name + "_masked", inputs=cell.inputs + decls), names
+    # before the dropout masks, which stay the last inputs (CheckedCell.noise)
+    inputs = cell.own_inputs + decls + cell.inputs[len(cell.own_inputs):]
+    return replace(cell, name=cell.name + "_masked", inputs=inputs), names
 
 
 def mask_graph(g: Graph, names: dict) -> Graph:

@@ -95,7 +95,8 @@ class Recurrent(nn.Module):
         self.dropout = float(dropout)
         self.batch_first = batch_first
         self.input_names = tuple(program.INPUTS[:n_inputs])
-        self.mask_names = tuple(program.INPUTS[n_inputs:])
+        noise = getattr(program, "NOISE", {})  # drawn by the cell itself
+        self.mask_names = tuple(n for n in program.INPUTS[n_inputs:] if n not in noise)
         self.state_names = tuple(program.STATES)
         self.cells = nn.ModuleDict()
         for k, dims in enumerate(layer_dims):
@@ -374,7 +375,7 @@ class Network(nn.Module):
             if layer not in layer_dims[:k]:
                 where = f"layer '{spec.name}'" + (f", stacked layer {k}" if len(layer_dims) > 1 else "")
                 bind_inits(rec.cell, layer, dtype, context=where)
-        return Recurrent(prog, layer_dims, len(rec.cell.inputs), bidirectional=rec.bidirectional,
+        return Recurrent(prog, layer_dims, len(rec.cell.own_inputs), bidirectional=rec.bidirectional,
                          dropout=rec.dropout, dtype=dtype, backend=backend)
 
     def extra_repr(self) -> str:
@@ -677,6 +678,6 @@ def library_recurrent(cell: str, layer_dims: list[dict], bidirectional: bool = F
     from .network_check import _library_cells
 
     checked, text, file = _library_cells()[cell]
-    return Recurrent(_compile_layer_program(checked, text, file), layer_dims, len(checked.inputs),
+    return Recurrent(_compile_layer_program(checked, text, file), layer_dims, len(checked.own_inputs),
                      bidirectional=bidirectional, dropout=dropout,
                      batch_first=batch_first, dtype=dtype, backend=backend)

@@ -143,9 +143,9 @@ def _cell_output_and_states(cell: CheckedCell) -> tuple[Size, tuple[tuple[str, S
 def input_dim(cell: CheckedCell) -> str | None:
     """The dimension that the size of the cell's first input is, when it is one dimension alone:
     a layer binds it to the size of what feeds it (a stacked layer, to the layer below)."""
-    if not cell.inputs:
+    if not cell.own_inputs:
         return None
-    first = cell.inputs[0].shape[0]
+    first = cell.own_inputs[0].shape[0]
     if len(first.terms) == 1 and len(first.terms[0][0]) == 1 and first.terms[0][1] == 1:
         return first.terms[0][0][0]
     return None
@@ -161,7 +161,7 @@ def stackable(cell: CheckedCell) -> bool:
 
 def cannot_stack(cell: CheckedCell) -> str:
     return (f"cell '{cell.name}' cannot be stacked: a layer above the first reads the one below, so its "
-            f"input size must be a dimension of its own (input {cell.inputs[0].name}[{cell.inputs[0].shape[0]}])")
+            f"input size must be a dimension of its own (input {cell.own_inputs[0].name}[{cell.own_inputs[0].shape[0]}])")
 
 
 def _suggest(name: str, candidates) -> str:
@@ -316,7 +316,7 @@ class _Checker:
             return None
         if not 0.0 <= layer.dropout < 1.0:
             self.errors.error(layer.loc, f"dropout must be at least 0 and less than 1, got {layer.dropout:g}")
-        if not cell.inputs:
+        if not cell.own_inputs:
             self.errors.error(layer.kind_loc, f"cell '{cell.name}' has no input, so nothing can feed it")
             return None
         if stacked != Size.of(1) and not stackable(cell):
@@ -536,10 +536,10 @@ class _Checker:
                               f"dimension{'s' if len(missing) > 1 else ''} {', '.join(missing)} of cell "
                               f"'{cell.name}' not given; write {cell.name}({', '.join(d + '=...' for d in missing)})")
             return None
-        want = substitute(cell.inputs[0].shape[0], dims)
+        want = substitute(cell.own_inputs[0].shape[0], dims)
         if want != value.size:
             self.errors.error(stage.loc, f"sizes do not connect: layer '{name}' (cell {cell.name}) reads "
-                                         f"{cell.inputs[0].name}[{want}], but its input is {describe(value)}")
+                                         f"{cell.own_inputs[0].name}[{want}], but its input is {describe(value)}")
             return None
         if self.ops[v].stepwise and rec.bidirectional:
             self.errors.error(stage.loc, f"layer '{name}' depends on prev(...), so it runs one step at a time "
@@ -547,7 +547,7 @@ class _Checker:
             return None
         out, states = _cell_output_and_states(cell)
         states = dict(states)
-        inputs = {d.name: d for d in cell.inputs[1:]}
+        inputs = {d.name: d for d in cell.own_inputs[1:]}
         wires, given = [], set()
         for w in stage.wires:
             if w.name in given:
@@ -577,7 +577,7 @@ class _Checker:
                                              f"{size}-vectors, but it is given {describe(got)}")
                     continue
                 wires.append((w.name, "input", wv))
-        for d in cell.inputs[1:]:
+        for d in cell.own_inputs[1:]:
             if d.name not in given:
                 self.errors.error(stage.loc, f"input '{d.name}' of cell '{cell.name}' is not wired; "
                                              f"write {name}({d.name} = ...)")

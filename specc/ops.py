@@ -449,7 +449,8 @@ VJP: dict[str, Callable] = {
 # lowered specially).
 FUNCTIONS = {name: 1 for name in ACTIVATIONS if name != "step"} | {
     "softmax": 1, "split": 2, "contract": 3, "concat": None, "sum": 1, "mean": 1, "max": 1,
-    "layernorm": 1, "rmsnorm": 1, "maximum": 2, "minimum": 2, "leaky_relu": 2, "clamp": 3, "pow": 2}
+    "layernorm": 1, "rmsnorm": 1, "maximum": 2, "minimum": 2, "leaky_relu": 2, "clamp": 3, "pow": 2,
+    "dropout": 2, "zoneout": 3}
 # The per-example numbers the reductions give; they broadcast against vectors.
 SCALAR_FUNCTIONS = ("sum", "mean", "max")
 # layernorm(v), rmsnorm(v): torch's default epsilon, and no gain or bias (the spec adds its own).

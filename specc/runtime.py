@@ -300,9 +300,33 @@ class CellModule(nn.Module):
             return torch.full((batch, self.sizes["states"][n][0]), fill[n], dtype=dtype, device=device)
         return tuple(start(n) for n in self.program.STATES)
 
+    def draw_noise(self, T: int, B: int, dtype=None, device=None) -> list[torch.Tensor]:
+        """The masks of the cell's dropout and zoneout calls for one call of the module, from
+        torch's generator: while training, dropout(v, p) keeps each unit of each sequence with
+        probability 1 - p for all T steps, scaled by 1 / (1 - p) (variational dropout), and
+        zoneout(v_next, v, p) keeps v with probability p at each step; in eval, dropout is the
+        identity and zoneout keeps the expectation p v + (1 - p) v_next."""
+        dtype = dtype or self._dtype()
+        masks = []
+        for name, (kind, p) in getattr(self.program, "NOISE", {}).items():
+            n = self.sizes["inputs"][name][0]
+            if kind == "dropout":
+                if self.training and p > 0:
+                    keep = torch.empty((B, n), dtype=dtype, device=device).bernoulli_(1 - p) / (1 - p)
+                    masks.append(keep.expand(T, B, n).contiguous())
+                else:
+                    masks.append(torch.ones((T, B, n), dtype=dtype, device=device))
+            elif self.training:
+                masks.append(torch.empty((T, B, n), dtype=dtype, device=device).bernoulli_(p))
+            else:
+                masks.append(torch.full((T, B, n), p, dtype=dtype, device=device))
+        return masks
+
     def _dtype(self):
         for p in self.parameters():
             return p.dtype
+        for b in self.buffers():  # a cell whose only parameters are `const`
+            return b.dtype
         return self._default_dtype
 
     def forward(self, x=None, state=None, steps: int | None = None):
@@ -312,9 +336,11 @@ class CellModule(nn.Module):
         if x is not None and not isinstance(x, (torch.Tensor, tuple, list)):
             raise TypeError(f"cell '{name}': x must be a tensor (or a tuple of them), got {type(x).__name__}")
         inputs = () if x is None else ((x,) if isinstance(x, torch.Tensor) else tuple(x))
-        if len(inputs) != len(prog.INPUTS):
-            raise TypeError(f"cell '{name}' takes {len(prog.INPUTS)} input sequence(s) "
-                            f"({', '.join(prog.INPUTS) or 'none'}), got {len(inputs)}")
+        noise = getattr(prog, "NOISE", {})
+        given = prog.INPUTS[:len(prog.INPUTS) - len(noise)]
+        if len(inputs) != len(given):
+            raise TypeError(f"cell '{name}' takes {len(given)} input sequence(s) "
+                            f"({', '.join(given) or 'none'}), got {len(inputs)}")
         dtype = self._dtype()
         if not self.program.PARAMS and inputs and inputs[0].dtype in _NUMPY_DTYPES:
             # Nothing of its own fixes the precision of a cell without parameters: the inputs do,
@@ -322,7 +348,7 @@ class CellModule(nn.Module):
             dtype = inputs[0].dtype
         unbatched = bool(inputs) and inputs[0].dim() == 2
         xs = []
-        for x, iname in zip(inputs, prog.INPUTS):
+        for x, iname in zip(inputs, given):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"input {iname} must be a tensor, got {type(x).__name__}")
             if x.dim() == 2 and unbatched:
@@ -354,8 +380,11 @@ class CellModule(nn.Module):
             raise ValueError("the input sequence is empty (T = 0)")
         if batch == 0:
             raise ValueError("the batch is empty (B = 0)")
-        tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
         T = xs[0].shape[0] if xs else steps
+        if noise:
+            device = xs[0].device if xs else states[0].device
+            xs += self.draw_noise(T, batch, xs[0].dtype if xs else dtype, device)
+        tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
         backend, work = self._backend_for(tensors, dtype, n_inputs=len(xs), steps=T, batch=batch)
         out_dtype = xs[0].dtype if xs and xs[0].dtype in _HALF else work
         # Half-precision tensors (from autocast, or a module in bfloat16) are widened here, outside

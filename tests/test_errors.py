@@ -94,8 +94,8 @@ CASES: dict[str, tuple[str, list[Want]]] = {
         cell("param V[K, H]", "h' = tanh(W @ x)", "output h'"),
         [want(7, 13, "unknown dimension 'K'", "cell name(H, I, K)")]),
     "reserved name for a value": (
-        cell("np = W @ x", "h' = tanh(np)", "output h'"),
-        [want(7, 5, "'np' is a reserved name", "value")]),
+        cell("__v = W @ x", "h' = tanh(__v)", "output h'"),
+        [want(7, 5, "'__v' is a reserved name", "value")]),
     "reserved name for a dimension": (
         cell("h' = tanh(W @ x)", "output h'", header="cell c(I, H, T) {"),
         [want(1, 14, "'T' is a reserved name", "dimension")]),
@@ -165,6 +165,9 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "a parameter cannot be learned": (
         cell("param a[H] = learned", "h' = tanh(W @ x + a)", "output h'"),
         [want(7, 18, "unknown initialiser 'learned'")]),
+    "a dropout probability of 1": (
+        cell("h' = tanh(W @ dropout(x, 1))", "output h'"),
+        [want(7, 30, "dropout(v, p) drops with probability p, 0 <= p < 1")]),
     "split count not matching the names": (
         cell("p, q = split(W @ x, 3)", "h' = tanh(p + q)", "output h'"),
         [want(7, 12, "split(..., 3) gives 3 values but 2 names")]),

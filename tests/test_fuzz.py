@@ -77,8 +77,9 @@ def test_the_generator_and_the_reference_know_every_function():
     ones = {f for f, arity in FUNCTIONS.items() if arity == 1}
     assert ones <= set(reference._ACTIVATIONS)
     assert ones <= set(gen.ACTIVATIONS) | {"exp", "log", "sqrt", "rsqrt", "softmax"} | set(gen.SCALAR_FUNCTIONS)
-    drawn = " ".join(cell.text for cell in _examples(cells(), 200))
-    for f in ones:
+    assert set(FUNCTIONS) - ones <= set(reference._SEVERAL) | {"split", "contract", "concat"}
+    drawn = " ".join(cell.text for cell in _examples(cells(), 500))
+    for f in FUNCTIONS:
         assert f"{f}(" in drawn, f
 
 
@@ -262,6 +263,16 @@ cell f(I) {
     h0' = W1 @ layernorm(W0 @ concat(x0, h0))
     output h0'
 }""", {"I": 3}),
+    # a cell whose only parameter is a const: after .to(float64) it still computed in float32
+    # and refused float64 inputs (its precision was read from its parameters alone)
+    "only_a_const_then_to_float64": ("""
+cell cell_a(I, H, K) {
+    input x0[1]
+    state h0[H] = zeros
+    const W0[H, 1] ~ normal(0.1, 0.5)
+    h0' = softmax(W0 @ sigmoid(x0))
+    output h0
+}""", {"I": 5, "H": 2, "K": 5}),
 }
 
 

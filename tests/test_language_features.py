@@ -501,3 +501,110 @@ def test_the_backward_pass_computes_no_gradient_for_a_const():
     assert c.backward.nodes[reduced["W"]].op != "zeros"
     # nothing in the backward step multiplies by h to make M's gradient: one outer product (W's) only
     assert sum(n.op == "outer_sum" for n in c.backward.nodes) == 1
+
+
+DROPOUT = '''
+cell dropout_lstm(I, H) {
+    input x[I]
+    state h[H]
+    state c[H]
+    param W[4*H, I]
+    param U[4*H, H]
+    i, f, g, o = split(W @ x + U @ dropout(h, 0.25), 4)
+    c' = zoneout(sigmoid(f) * c + sigmoid(i) * tanh(g), c, 0.1)
+    h' = zoneout(sigmoid(o) * tanh(c'), h, 0.2)
+    output h'
+}
+'''
+
+
+def _dropout_lstm_ref(x, P, masks):
+    """Gal & Ghahramani's dropout of h before the recurrent product (one mask for the sequence),
+    Krueger et al.'s zoneout of c and h (a mask a step: 1 keeps the previous value)."""
+    d, zc, zh = masks
+    T, B = x.shape[:2]
+    h = c = torch.zeros(B, P["U"].shape[1], dtype=x.dtype)
+    outs = []
+    for t in range(T):
+        i, f, g, o = (x[t] @ P["W"].T + (h * d[t]) @ P["U"].T).chunk(4, 1)
+        c = zc[t] * c + (1 - zc[t]) * (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g))
+        h = zh[t] * h + (1 - zh[t]) * torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), c
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend, dtype, tol", [("numpy", torch.float64, 1e-10), ("c", torch.float32, 1e-5),
+                                                 ("triton", torch.float32, 1e-5)])
+def test_dropout_and_zoneout_train_with_torchs_generator_and_are_their_expectation_in_eval(backend, dtype, tol):
+    m = specc.load(DROPOUT, dtype=dtype, backend=backend, I=3, H=4)
+    T, B = 6, 5
+    x = torch.randn(T, B, 3, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    masks = m.draw_noise(T, B, dtype)
+    d, zc, zh = masks
+    assert torch.equal(d, d[:1].expand_as(d)), "a dropout mask is drawn once for the whole sequence"
+    assert set(d.unique().tolist()) <= {0.0, torch.tensor(4 / 3, dtype=dtype).item()}
+    assert set(zc.unique().tolist()) <= {0.0, 1.0}
+    torch.manual_seed(7)
+    out, (_, c) = m(x)  # draws the same masks from the same seed
+    P = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
+    xr = x.detach().clone().requires_grad_()
+    want_out, want_c = _dropout_lstm_ref(xr, P, masks)
+    torch.testing.assert_close(out.detach(), want_out.detach(), rtol=tol, atol=tol)
+    got = torch.autograd.grad(out.sum() + c.sum(), [x, m.W, m.U])
+    want = torch.autograd.grad(want_out.sum() + want_c.sum(), [xr, P["W"], P["U"]])
+    for a, b in zip(got, want, strict=True):  # the backward pass used the forward pass's masks
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+    m.eval()
+    ones = torch.ones(T, B, 4, dtype=dtype)
+    torch.testing.assert_close(m(x)[0].detach(), _dropout_lstm_ref(x, P, [ones, ones * 0.1, ones * 0.2])[0].detach(),
+                               rtol=tol, atol=tol)
+
+
+def test_a_dropout_cell_in_a_layer_with_lengths_is_reproducible_from_a_seed():
+    from specc.check import check
+    from specc.masking import compile_masked
+    from specc.network import Recurrent
+    from specc.parse import parse
+
+    (cell,) = check(parse(DROPOUT, "<d>"))
+    layer = Recurrent(specc.program(compile_masked(cell, DROPOUT, "<d>")), [dict(I=3, H=4), dict(I=4, H=4)],
+                      len(cell.own_inputs))
+    x, lengths = torch.randn(7, 3, 3), torch.tensor([7, 4, 2])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(layer(x, lengths=lengths)[0])
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(4)
+    assert not torch.equal(runs[0], layer(x, lengths=lengths)[0]), "the masks change with the seed"
+    assert torch.equal(runs[0][4:, 1], torch.zeros(3, 4)), "nothing past a sequence's end"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numpy", "c", "triton"])
+def test_names_the_generated_code_uses_are_the_specs_to_take(backend):
+    """T, B and t (the loop's), np, torch, tl, triton (its modules), self, rows: a spec may name
+    its values so; the generated code renames its own. Checked against the fuzzer's reference."""
+    from specc.fuzz.run import differences
+
+    text = """
+cell names(I, H) {
+    input T[I]
+    input np[H]
+    state B[H]
+    state t[H] = learned
+    param torch[H, I]
+    param rows[H, H]
+    param x[H]
+    const tl[H] = ones
+    triton = tanh(torch @ T + rows @ B + x * tl)
+    specc = triton * np
+    B' = specc
+    t' = sigmoid(t + triton)
+    output self = B' + t'
+}
+"""
+    assert differences(text, {"I": 3, "H": 4}, (backend,)) == []

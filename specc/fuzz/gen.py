@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from ..check import RESERVED, _reserved
+from ..check import _reserved
 from ..ops import FUNCTIONS, SCALAR_FUNCTIONS
 from ..shapes import Size
 
@@ -36,7 +36,10 @@ NUMBERS = (0.5, 2.0, 1.0, -0.5, 3.0, -1.0, 0.25, -2.0, 0.001, 1.5, -0.125, 10.0,
 TRICKY = ("linux", "unix", "INT32_MAX", "WCHAR_MAX", "math_errhandling", "errno", "stdin", "NULL", "EOF",
           "M_PI", "abs", "exp", "sqrt", "main", "float", "int", "len", "range", "min", "max", "sum", "i", "j",
           "k", "n", "out", "grad", "tmp", "acc", "x_t", "h_seq", "saved", "mask", "w", "b", "g", "np", "rt",
-          "lib", "restrict", "inline", "static", "const", "double", "signed", "char", "auto", "case", "goto")
+          "lib", "restrict", "inline", "static", "const", "double", "signed", "char", "auto", "case", "goto",
+          # the generated Python's own names: the loop's T, B and t, its modules, its helpers
+          "T", "B", "t", "rows", "dims", "np", "tl", "triton", "torch", "self", "specc", "dev", "dtype", "wrap",
+          "chunk", "whole", "part", "math", "init", "sys", "train", "p", "s", "e", "mask", "lengths")
 DIM_NAMES = ("I", "H", "K", "N", "D", "Q", "R")
 
 
@@ -86,7 +89,7 @@ class _Writer:
         draw = self.draw
         if draw(st.integers(0, 9)) == 0:
             for cand in draw(st.permutations(TRICKY))[:4]:
-                if cand not in self.taken and cand not in RESERVED and _reserved(cand, what) is None:
+                if cand not in self.taken and _reserved(cand, what) is None:
                     self.taken.add(cand)
                     return cand
         k = 0
@@ -214,7 +217,7 @@ class _Writer:
         if kind == 13:
             return f"{sub()} / {draw(st.sampled_from((2.0, -4.0, 0.5, 3.0)))!r}"
         if kind == 15:  # the functions of several arguments, numbers where they take numbers
-            which = draw(st.integers(0, 5))
+            which = draw(st.integers(0, 7))
             if which == 0:
                 return f"maximum({sub()}, {sub()})"
             if which == 1:
@@ -226,6 +229,10 @@ class _Writer:
                 return f"clamp({sub()}, {lo!r}, {hi!r})"
             if which == 4:
                 return f"pow({sub()}, {draw(st.sampled_from((2, 3, 4)))})"
+            if which == 6:  # run in eval: the identity, through a mask input of ones
+                return f"dropout({sub()}, {draw(st.sampled_from((0.0, 0.25, 0.5)))!r})"
+            if which == 7:  # run in eval: p v + (1 - p) v_next
+                return f"zoneout({sub()}, {sub()}, {draw(st.sampled_from((0.0, 0.1, 0.5, 1.0)))!r})"
             # negative and fractional powers of a positive number away from 0
             return f"pow(1.5 + tanh({sub()}), {draw(st.sampled_from((0.5, -0.5, 2.5, -1.5, 1.25, -1, -2)))!r})"
         if kind == 14 and self.pool:  # a reduction of any vector: a number broadcast over this one

@@ -60,7 +60,7 @@ def _data(cell, dims, gen: torch.Generator, T: int, B: int) -> Data:
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(F32)
 
-    inputs = {d.name: randn(T, B, *reference.size(d.shape, dims)) for d in cell.inputs}
+    inputs = {d.name: randn(T, B, *reference.size(d.shape, dims)) for d in cell.own_inputs}
     states = {d.name: randn(B, *reference.size(d.shape, dims), scale=0.5) for d in cell.states}
     params = {d.name: randn(*reference.size(d.shape, dims), scale=0.5) for d in cell.params}
     sizes = {}
@@ -155,6 +155,7 @@ def _module(prog, dims, backend, dtype, data: Data):
     from ..runtime import CellModule
 
     m = CellModule(prog, dims, backend=backend, dtype=dtype)
+    m.eval()  # dropout and zoneout then use their expectations, which the reference computes too
     with torch.no_grad():
         for k, v in data.params.items():
             getattr(m, k).copy_(v)
@@ -162,7 +163,8 @@ def _module(prog, dims, backend, dtype, data: Data):
 
 
 def _run_module(m, prog, data: Data, dtype, grads: bool):
-    xs = tuple(data.inputs[k].to(dtype, copy=True).requires_grad_(grads) for k in prog.INPUTS)
+    given = [k for k in prog.INPUTS if k not in getattr(prog, "NOISE", {})]
+    xs = tuple(data.inputs[k].to(dtype, copy=True).requires_grad_(grads) for k in given)
     hs = tuple(data.states[k].to(dtype, copy=True).requires_grad_(grads) for k in prog.STATES)
     with contextlib.nullcontext() if grads else torch.no_grad():
         outs, finals = m(xs if len(xs) != 1 else xs[0], hs if len(hs) != 1 else hs[0])
@@ -176,7 +178,7 @@ def _run_module(m, prog, data: Data, dtype, grads: bool):
     trained = [k for k in prog.PARAMS if k not in getattr(prog, "CONSTS", ())]
     params = [getattr(m, k) for k in trained]
     got = torch.autograd.grad(loss, [*xs, *hs, *params], allow_unused=True)
-    names = [*prog.INPUTS, *prog.STATES, *trained]
+    names = [*given, *prog.STATES, *trained]
     grads_ = {f"d {k}": (torch.zeros_like(t) if g is None else g)
               for k, t, g in zip(names, [*xs, *hs, *params], got)}
     return {k: v.detach() for k, v in values.items()} | grads_
@@ -274,11 +276,11 @@ def _lengths(findings, cell, text, dims, backend, dtype, data: Data, ref32) -> N
     lengths = data.lengths
     try:
         prog = program(compile_masked(cell, text, "<fuzz>"))
-        layer = Recurrent(prog, [dims], len(cell.inputs), dtype=dtype, backend=backend)
+        layer = Recurrent(prog, [dims], len(cell.own_inputs), dtype=dtype, backend=backend).eval()
         with torch.no_grad():
             for k, v in data.params.items():
                 getattr(layer.cell(), k).copy_(v)
-        names = [d.name for d in cell.inputs]
+        names = [d.name for d in cell.own_inputs]
         xs = {k: data.inputs[k].to(dtype, copy=True).requires_grad_() for k in names}
         hs = {k: data.states[k].to(dtype, copy=True).requires_grad_() for k in data.states}
         out, final = layer(xs[names[0]], hx={k: v[None] for k, v in hs.items()}, lengths=lengths,

@@ -108,4 +108,4 @@ def _stack(spec, cell_name, dims: dict, layers: int, dropout: float) -> Recurren
     out_size, _ = _cell_output_and_states(cell)
     below = dict(dims, **{input_dim(cell): int(out_size.evaluate(dims))})
     return Recurrent(specc.program(compile_masked(cell, text, file)), [dims] + [below] * (layers - 1),
-                     len(cell.inputs), dropout=dropout)
+                     len(cell.own_inputs), dropout=dropout)
