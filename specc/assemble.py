@@ -35,7 +35,7 @@ def _shape_code(shape) -> str:
 
 # Module-level names of a generated module, which its class may not take.
 MODULE_GLOBALS = {"math", "sys", "Fraction", "np", "init", "rt", "CellModule", "torch", "triton", "tl", "CELL",
-                  "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "NOISE", "OUTPUTS",
+                  "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "NOISE", "DIM_NAMES", "OUTPUTS",
                   "BLOCK_B", "BLOCK_F",
                   "BLOCK_K", "TILES", "tiles", "dot_precision", "WIDE_ELEMENTS", "CHUNK_ROWS", "CHUNK_STEPS", "NUM_WARPS",
                   "TRITON_UNSUPPORTED",
@@ -118,6 +118,8 @@ def _header(w: Writer, cell: CheckedCell, file: str) -> None:
     w.line(f"PARAMS = {tuple(d.name for d in cell.params)!r}")
     if cell.consts:  # buffers of the module, not parameters: never trained, their gradient not computed
         w.line(f"CONSTS = {tuple(d.name for d in cell.params if d.name in cell.consts)!r}")
+    if cell.dim_names:  # the spec's names of dimensions the generated code renamed (dimnames.py)
+        w.line(f"DIM_NAMES = {dict(cell.dim_names)!r}")
     if cell.noise:  # masks the module draws (the last INPUTS): dropout's per sequence, zoneout's per step
         w.line(f"NOISE = {({n.name: (n.kind, n.p) for n in cell.noise})!r}")
     learned = tuple(d.name for d in cell.states if d.init is not None and d.init.name == "learned")

@@ -36,11 +36,14 @@ RESERVED = {"np", "tl", "triton", "torch", "self", "T", "B", "t", "rows", "dims"
 RESERVED_DIMS = (
     set(dir(builtins))
     | {"math", "sys", "init", "rt", "p", "s", "e", "dtype", "train", "saved", "CellModule"}
-    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "NOISE", "OUTPUTS",
+    | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "NOISE", "DIM_NAMES", "OUTPUTS",
        "sizes", "init_params", "state_fill", "forward", "backward", "check_sizes", "Fraction", "size"}
     | {"spec", "cell", "batch_first", "backend", "program"}
     | generated_names()
 )
+# Dimensions are passed to specc.load and to a compiled module's class as keyword arguments
+# beside these (the generated code's own names are no obstacle: dimnames.py renames there).
+LOAD_KEYWORDS = {"spec", "cell", "batch_first", "backend", "dtype", "self", "program"}
 # Parameters become attributes of the torch.nn.Module (specc.runtime.CellModule): they may not
 # take the name of one of its methods or attributes. tests/test_errors.py checks this list
 # against the installed torch.
@@ -107,6 +110,7 @@ class CheckedCell:
     sizes: tuple[SizeRule, ...] = ()  # what check_dims verifies when the dimensions are bound
     consts: frozenset[str] = frozenset()  # the params declared `const`: buffers, with no gradient
     noise: tuple[Noise, ...] = ()  # their inputs are the last of `inputs`
+    dim_names: tuple[tuple[str, str], ...] = ()  # (spec's, generated code's): see dimnames.py
 
     @property
     def own_inputs(self) -> tuple[Decl, ...]:
@@ -545,8 +549,8 @@ def _reserved(name: str, what: str) -> str | None:
     """Why `name` may not be used for a `what`, or None."""
     if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name.startswith("__"):
         return "is a reserved name"
-    if what == "dimension" and (name in RESERVED_DIMS or name in RESERVED):
-        return "is a reserved name (dimensions become arguments of the generated code)"
+    if what == "dimension" and name in LOAD_KEYWORDS:
+        return "is a reserved name (specc.load and the module take it as a keyword of their own)"
     if what == "parameter" and (name in MODULE_ATTRS or name.startswith("_")):
         return "is a reserved name (parameters become attributes of the torch module, which has one of that name)"
     return None

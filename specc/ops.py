@@ -504,7 +504,9 @@ def _reshape(n, a, rows) -> str:
 
 
 def _zeros(n, rows) -> str:
-    return ", ".join(([rows] if n.type.batched else []) + [str(s) for s in n.attrs[0]])
+    """The shape of a zeros node as a tuple's code: (), (n,) or (rows, n)."""
+    parts = ([rows] if n.type.batched else []) + [str(s) for s in n.attrs[0]]
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
 
 
 def _expand(n, x: str, repeated: str) -> str:
@@ -563,8 +565,8 @@ SPELLINGS: dict[str, Spelling] = {
         lambda n, a, t, rows: f"torch.cat([{', '.join(a)}], dim={1 if n.type.batched else 0})"),
     "slice": Spelling(_slice, _slice),
     "reshape": Spelling(lambda n, a, t, rows: _reshape(n, a, rows), lambda n, a, t, rows: _reshape(n, a, "-1")),
-    "zeros": Spelling(lambda n, a, t, rows: f"np.zeros(({_zeros(n, rows)},), dtype=dtype)",
-                      lambda n, a, t, rows: f"torch.zeros(({_zeros(n, 'rows')},), device=dev, dtype=dtype)"),
+    "zeros": Spelling(lambda n, a, t, rows: f"np.zeros({_zeros(n, rows)}, dtype=dtype)",
+                      lambda n, a, t, rows: f"torch.zeros({_zeros(n, 'rows')}, device=dev, dtype=dtype)"),
     "rowsum": Spelling(lambda n, a, t, rows: f"{a[0]}.sum(axis=-1, keepdims=True)",
                        lambda n, a, t, rows: f"{a[0]}.sum(-1, keepdim=True)"),
     "rowmax": Spelling(lambda n, a, t, rows: f"{a[0]}.max(axis=-1, keepdims=True)",

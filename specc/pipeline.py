@@ -9,6 +9,7 @@ from pathlib import Path
 from . import assemble
 from .autodiff import differentiate
 from .check import CheckedCell, check
+from .dimnames import code_dims
 from .errors import SpecError
 from .ir import Forward, Graph
 from .library import spec_file
@@ -57,7 +58,8 @@ def pick_cell(cells: list[CheckedCell], name: str | None, file: str) -> CheckedC
 def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Compiled:
     """`transform`, a function from Graph to Graph, rewrites the step IR before it is optimised
     (masking.py's variable-length masks are one)."""
-    step = lower(cell)
+    code = code_dims(cell)  # the generated code's names for dimensions; Compiled.cell keeps the spec's
+    step = lower(code)
     if transform is not None:
         step = transform(step)
     fwd = optimize(step)
@@ -67,7 +69,7 @@ def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Com
                     if isinstance(k, Forward) and fwd.nodes[k.node].op != "param"})
     fs = schedule(fwd, also_keep=frozenset(saved))
     bs = schedule(bwd)
-    source = assemble.module_source(cell, fs, bs, saved, text, file)
+    source = assemble.module_source(code, fs, bs, saved, text, file)
     return Compiled(cell, fwd, bwd, fs, bs, source)
 
 

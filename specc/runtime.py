@@ -48,6 +48,24 @@ def load_program(source: str, cell: str) -> types.ModuleType:
     return sys.modules[name]
 
 
+def own_inputs(prog) -> tuple[str, ...]:
+    """The inputs a caller hands a compiled cell: all but the dropout and zoneout masks it draws."""
+    noise = getattr(prog, "NOISE", {})
+    return tuple(n for n in prog.INPUTS if n not in noise)
+
+
+def spec_dims(prog) -> tuple[str, ...]:
+    """The cell's dimensions as its spec names them (the generated code may rename some: DIM_NAMES)."""
+    back = {v: k for k, v in getattr(prog, "DIM_NAMES", {}).items()}
+    return tuple(back.get(d, d) for d in prog.DIMS)
+
+
+def code_dims(prog, dims: dict) -> dict:
+    """Dimensions by the spec's names, as the generated functions take them."""
+    names = getattr(prog, "DIM_NAMES", {})
+    return {names.get(k, k): v for k, v in dims.items()}
+
+
 def check_backend(backend) -> None:
     """A backend a cell or network may be asked to run on: one of the registry's, or "auto"."""
     if backend != "auto" and backend not in BACKENDS:
@@ -117,7 +135,7 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     import time
     import warnings
 
-    prog, dims = module.program, module.dims
+    prog, dims = module.program, module._dim_args
     work = [t.detach().float() for t in tensors]  # half-precision tensors are widened for the real call too
     work[:n_inputs] = [x[:T] for x in work[:n_inputs]]
     params = work[n_inputs + n_states:]
@@ -176,7 +194,7 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, backend, n_inputs, n_states, *tensors):
-        prog, dims = module.program, module.dims
+        prog, dims = module.program, module._dim_args
         T, B = module._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
         outs, finals, saved = backend.forward(prog, tensors, T, B, dims, train=True)
         ctx.module, ctx.backend, ctx.saved_values, ctx.sizes = module, backend, saved, (T, B)
@@ -200,7 +218,7 @@ class _Scan(torch.autograd.Function):
                   if g is None else g for g, n in zip(grads[:n_out], prog.OUTPUTS)]
         d_finals = [torch.zeros((B, module.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
                     if g is None else g for g, n in zip(grads[n_out:], prog.STATES)]
-        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, params, T, B, module.dims)
+        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, params, T, B, module._dim_args)
         return (None, None, None, None, *out)
 
 
@@ -215,7 +233,7 @@ class CellModule(nn.Module):
     def __init__(self, program: types.ModuleType, dims: dict, batch_first: bool = False,
                  backend: str = "auto", dtype: torch.dtype | None = None):
         super().__init__()
-        check_dims(f"cell '{program.CELL}'", program.DIMS, dims)
+        check_dims(f"cell '{program.CELL}'", spec_dims(program), dims)
         check_backend(backend)
         self.program = program
         self.dims = dict(dims)
@@ -224,8 +242,8 @@ class CellModule(nn.Module):
         # Which backend the last call ran on, and why ("c: the faster on this CPU, ..."): set by
         # each call, since what "auto" picks depends on the tensors (device, dtype, batch size).
         self.backend_choice: str | None = None
-        program.check_sizes(**self.dims)
-        self.sizes = program.sizes(**self.dims)
+        program.check_sizes(**self._dim_args)
+        self.sizes = program.sizes(**self._dim_args)
         for kind in ("params", "states", "inputs", "outputs"):
             for name, shape in self.sizes[kind].items():
                 if any(int(s) != s or s < 1 for s in shape):
@@ -247,6 +265,11 @@ class CellModule(nn.Module):
     def _learned(self) -> tuple[str, ...]:
         return getattr(self.program, "LEARNED", ())  # a module compiled before learned states had none
 
+    @property
+    def _dim_args(self) -> dict:
+        """self.dims as the generated functions take them (see specc/dimnames.py)."""
+        return code_dims(self.program, self.dims)
+
     def _dims_text(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.dims.items())
 
@@ -255,11 +278,11 @@ class CellModule(nn.Module):
 
     def reset_parameters(self) -> None:
         try:
-            self.program.init_params({n: getattr(self, n) for n in self.program.PARAMS}, **self.dims)
+            self.program.init_params({n: getattr(self, n) for n in self.program.PARAMS}, **self._dim_args)
         except (ValueError, ArithmeticError, RuntimeError) as e:
             raise ValueError(f"cell '{self.program.CELL}': an initialiser cannot be applied with "
                              f"{self._dims_text()}: {e}") from None
-        fill = self.program.state_fill(**self.dims)
+        fill = self.program.state_fill(**self._dim_args)
         with torch.no_grad():
             for name in self._learned():
                 getattr(self, name + "_init").fill_(fill[name])
@@ -290,7 +313,7 @@ class CellModule(nn.Module):
         return self._steps, states[0].shape[0]
 
     def initial_state(self, batch: int, dtype=None, device=None) -> tuple[torch.Tensor, ...]:
-        fill = self.program.state_fill(**self.dims)
+        fill = self.program.state_fill(**self._dim_args)
         dtype = dtype or self._dtype()
         learned = self._learned()
 
@@ -305,19 +328,20 @@ class CellModule(nn.Module):
         torch's generator: while training, dropout(v, p) keeps each unit of each sequence with
         probability 1 - p for all T steps, scaled by 1 / (1 - p) (variational dropout), and
         zoneout(v_next, v, p) keeps v with probability p at each step; in eval, dropout is the
-        identity and zoneout keeps the expectation p v + (1 - p) v_next."""
+        identity and zoneout keeps the expectation p v + (1 - p) v_next. Drawn on the CPU and moved
+        to `device`, so that a seed gives the same masks on every device and backend."""
         dtype = dtype or self._dtype()
         masks = []
         for name, (kind, p) in getattr(self.program, "NOISE", {}).items():
             n = self.sizes["inputs"][name][0]
             if kind == "dropout":
                 if self.training and p > 0:
-                    keep = torch.empty((B, n), dtype=dtype, device=device).bernoulli_(1 - p) / (1 - p)
+                    keep = torch.empty((B, n), dtype=dtype).bernoulli_(1 - p).div_(1 - p).to(device)
                     masks.append(keep.expand(T, B, n).contiguous())
                 else:
                     masks.append(torch.ones((T, B, n), dtype=dtype, device=device))
             elif self.training:
-                masks.append(torch.empty((T, B, n), dtype=dtype, device=device).bernoulli_(p))
+                masks.append(torch.empty((T, B, n), dtype=dtype).bernoulli_(p).to(device))
             else:
                 masks.append(torch.full((T, B, n), p, dtype=dtype, device=device))
         return masks
@@ -337,7 +361,7 @@ class CellModule(nn.Module):
             raise TypeError(f"cell '{name}': x must be a tensor (or a tuple of them), got {type(x).__name__}")
         inputs = () if x is None else ((x,) if isinstance(x, torch.Tensor) else tuple(x))
         noise = getattr(prog, "NOISE", {})
-        given = prog.INPUTS[:len(prog.INPUTS) - len(noise)]
+        given = own_inputs(prog)
         if len(inputs) != len(given):
             raise TypeError(f"cell '{name}' takes {len(given)} input sequence(s) "
                             f"({', '.join(given) or 'none'}), got {len(inputs)}")
@@ -394,7 +418,7 @@ class CellModule(nn.Module):
             results = _Scan.apply(self, backend, len(xs), len(states), *tensors)
         else:
             # Inference: nothing is kept for a backward pass.
-            outs, finals, _ = backend.forward(prog, tensors, T, batch, self.dims, train=False)
+            outs, finals, _ = backend.forward(prog, tensors, T, batch, self._dim_args, train=False)
             results = (*outs, *finals)
         outs, finals = results[:len(prog.OUTPUTS)], results[len(prog.OUTPUTS):]
         if out_dtype != work:
@@ -455,7 +479,7 @@ class CellModule(nn.Module):
             return BACKENDS["numpy"].run(), work, "asked for"
         if work != torch.float32:
             return BACKENDS["numpy"].run(), work, f"{work} (the C loops compute in float32)"
-        unusable = _c_unusable(self.program, self.dims)
+        unusable = _c_unusable(self.program, self._dim_args)
         if unusable is not None:
             return BACKENDS["numpy"].run(), work, unusable
         n_states = len(self.program.STATES)

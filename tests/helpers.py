@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import specc
+from specc.runtime import own_inputs
 
 
 def run(module, x, state, dy_seed=1, device="cpu"):
@@ -19,6 +20,7 @@ def run(module, x, state, dy_seed=1, device="cpu"):
     state = [s.detach().to(device).clone().requires_grad_() for s in state]
     for p in module.parameters():
         p.grad = None
+    torch.manual_seed(dy_seed)  # the same dropout masks (a cell's own) whatever the module and device
     y, final = module(xs[0] if len(xs) == 1 else tuple(xs), state[0] if len(state) == 1 else tuple(state))
     final = [final] if isinstance(final, torch.Tensor) else list(final)
     g = torch.Generator().manual_seed(dy_seed)
@@ -54,17 +56,19 @@ def assert_spec_matches_numpy(spec_cell, backend, B, device="cpu", T=4, tol=1e-5
     ours = specc.load(spec_cell.path, spec_cell.cell, backend=backend, **dims)
     ours.load_state_dict(ref.state_dict())
     ours.to(device)
-    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in ref.program.INPUTS)
+    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in own_inputs(ref.program))
     state = [torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES]
     assert_same(run(ours, x, state, device=device), run(ref, x, state), tol)
-    if ref.program.INPUTS:
+    if own_inputs(ref.program):
         # Inference keeps nothing for backward and takes another code path (states in two blocks
         # used in turn): outputs and final states, after an even and an odd number of steps.
         for steps in (T, T - 1):
             with torch.no_grad():
                 xs = tuple(xi[:steps] for xi in x)
                 xd = tuple(xi.to(device) for xi in xs)
+                torch.manual_seed(steps)
                 got = ours(xd[0] if len(xd) == 1 else xd, tuple(si.to(device) for si in state))
+                torch.manual_seed(steps)
                 want = ref(xs[0] if len(xs) == 1 else xs, tuple(state))
             for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
                 torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
@@ -76,7 +80,7 @@ def assert_text_spec_matches_numpy(spec: str, backend: str, T: int = 4, B: int =
     ours = specc.load(spec, backend=backend, **dims)
     ref = specc.load(spec, backend="numpy", **dims)
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(T, B, ref.sizes["inputs"][ref.program.INPUTS[0]][0])
+    x = torch.randn(T, B, ref.sizes["inputs"][own_inputs(ref.program)[0]][0])
     state = [torch.randn(B, ref.sizes["states"][n][0]) for n in ref.program.STATES]
     assert_same(run(ours, x, state), run(ref, x, state))
     return ours
@@ -137,13 +141,13 @@ def assert_long_inference_runs_in_chunks(backend, spec_cell, monkeypatch):
     and no buffer of the whole sequence's input-only values (the LSTM's W_ih @ x, T * B rows)."""
     dims = odd_dims(spec_cell.dims)
     ref = specc.load(spec_cell.path, spec_cell.cell, backend="numpy", **dims)
-    if not ref.program.INPUTS:
+    if not own_inputs(ref.program):
         return
     ours = specc.load(spec_cell.path, spec_cell.cell, backend=backend, **dims)
     ours.load_state_dict(ref.state_dict())
     monkeypatch.setattr(ours.program, "CHUNK_ROWS", 1)
     T, B = 37, 2
-    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in ref.program.INPUTS)
+    x = tuple(torch.randn(T, B, ref.sizes["inputs"][n][0]) for n in own_inputs(ref.program))
     state = tuple(torch.randn(B, ref.sizes["states"][n][0]) * 0.5 for n in ref.program.STATES)
     rows, real = [], torch.empty
 
@@ -155,7 +159,9 @@ def assert_long_inference_runs_in_chunks(backend, spec_cell, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     with torch.no_grad():
+        torch.manual_seed(0)
         got = ours(x[0] if len(x) == 1 else x, state)
+        torch.manual_seed(0)
         want = ref(x[0] if len(x) == 1 else x, state)
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,8 @@ import textwrap
 import pytest
 import torch
 
+from specc.runtime import own_inputs
+
 F64 = torch.float64
 T, B = 4, 3
 
@@ -51,6 +53,7 @@ RUNNER = textwrap.dedent('''
             xs = [x.clone().requires_grad_() for x in job["xs"]]
             states = [s.clone().requires_grad_() for s in job["states"]]
             x_arg = xs[0] if len(xs) == 1 else (tuple(xs) if xs else None)
+            torch.manual_seed(0)
             outs, finals = m(x_arg, states[0] if len(states) == 1 else tuple(states),
                              **({} if xs else {"steps": job["T"]}))
             outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
@@ -85,10 +88,11 @@ def compiled(tmp_path_factory, all_spec_cells, load_small, repo_root):
             for p in sp.parameters():
                 p.copy_(torch.randn_like(p) * 0.5)
         prog = sp.program
-        inputs = [torch.randn(T, B, sp.sizes["inputs"][n][0], dtype=F64) for n in prog.INPUTS]
+        inputs = [torch.randn(T, B, sp.sizes["inputs"][n][0], dtype=F64) for n in own_inputs(prog)]
         states = [torch.randn(B, sp.sizes["states"][n][0], dtype=F64) for n in prog.STATES]
         xs, ss = [x.clone().requires_grad_() for x in inputs], [s.clone().requires_grad_() for s in states]
         x_arg = xs[0] if len(xs) == 1 else (tuple(xs) if xs else None)
+        torch.manual_seed(0)  # a cell's own dropout draws its masks; the runner seeds the same
         outs, finals = sp(x_arg, ss[0] if len(ss) == 1 else tuple(ss), **({} if xs else {"steps": T}))
         outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
         finals = [finals] if isinstance(finals, torch.Tensor) else list(finals)

@@ -97,17 +97,17 @@ CASES: dict[str, tuple[str, list[Want]]] = {
         cell("__v = W @ x", "h' = tanh(__v)", "output h'"),
         [want(7, 5, "'__v' is a reserved name", "value")]),
     "reserved name for a dimension": (
-        cell("h' = tanh(W @ x)", "output h'", header="cell c(I, H, T) {"),
-        [want(1, 14, "'T' is a reserved name", "dimension")]),
+        cell("h' = tanh(W @ x)", "output h'", header="cell c(I, H, dtype) {"),
+        [want(1, 14, "'dtype' is a reserved name", "specc.load")]),
     "python keyword as a name": (
         cell("lambda = W @ x", "h' = tanh(lambda)", "output h'"),
         [want(7, 5, "'lambda' is a reserved name")]),
     "parameter named like a module attribute": (
         cell("param train[H]", "h' = tanh(W @ x + train)", "output h'"),
         [want(7, 11, "'train' is a reserved name", "attribute")]),
-    "dimension named like an argument of the generated code": (
-        cell("h' = tanh(W @ x)", "output h'", header="cell c(I, H, math) {"),
-        [want(1, 14, "'math' is a reserved name", "dimension")]),
+    "dimension named like a keyword of specc.load": (
+        cell("h' = tanh(W @ x)", "output h'", header="cell c(I, H, backend) {"),
+        [want(1, 14, "'backend' is a reserved name", "specc.load")]),
     # --- shapes ---
     "shape mismatch in @": (
         cell("h' = tanh(W @ h + b)", "output h'"),

@@ -273,6 +273,17 @@ cell cell_a(I, H, K) {
     h0' = softmax(W0 @ sigmoid(x0))
     output h0
 }""", {"I": 5, "H": 2, "K": 5}),
+    # a learned scalar (param a[]) that no output or state reads: its zero gradient was written
+    # np.zeros((,), dtype=dtype), a SyntaxError in the generated module (seed 31, cell 60 of 80)
+    "an_unread_learned_scalar": ("""
+cell s(I) {
+    input x[I]
+    state h[I]
+    param a[]
+    g = a * x
+    h' = tanh(x + h)
+    output h'
+}""", {"I": 3}),
 }
 
 

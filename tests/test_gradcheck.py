@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from specc.runtime import own_inputs
+
 F64 = torch.float64
 LIBRARY = {"elman:elman", "elman:rnn_tanh", "elman:rnn_relu", "gru:gru", "gru_cho:gru_cho", "jordan:jordan",
            "lstm:lstm", "second_order:second_order", "shortcut:shortcut"}
@@ -31,7 +33,7 @@ def test_gradcheck_bptt(spec_cell, T, B, load_small):
     # Parameters away from zero, so zero-initialised biases and gates are exercised too.
     names = [n for n, _ in module.named_parameters()]
     params = [(torch.randn_like(getattr(module, n)) * 0.5).requires_grad_() for n in names]
-    xs = [torch.randn(T, B, sizes["inputs"][n][0], dtype=F64, requires_grad=True) for n in prog.INPUTS]
+    xs = [torch.randn(T, B, sizes["inputs"][n][0], dtype=F64, requires_grad=True) for n in own_inputs(prog)]
     states = [torch.randn(B, sizes["states"][n][0], dtype=F64, requires_grad=True) for n in prog.STATES]
     n_x, n_s = len(xs), len(states)
 
@@ -39,6 +41,7 @@ def test_gradcheck_bptt(spec_cell, T, B, load_small):
         x, s, p = tensors[:n_x], tensors[n_x:n_x + n_s], tensors[n_x + n_s:]
         args = (x[0] if n_x == 1 else (tuple(x) if x else None)), (s[0] if n_s == 1 else tuple(s))
         kwargs = {} if x else {"steps": T}
+        torch.manual_seed(0)  # a cell's own dropout: the same masks at every evaluation
         outs, finals = functional_call(module, dict(zip(names, p)), args, kwargs)
         outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
         finals = (finals,) if isinstance(finals, torch.Tensor) else tuple(finals)
@@ -52,7 +55,7 @@ def test_gradcheck_bptt(spec_cell, T, B, load_small):
     # the module instead of the one passed in, gradcheck would pass with two zero Jacobians).
     loss = sum((o * torch.randn_like(o)).sum() for o in base)
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    labels = [*prog.INPUTS, *(s + "0" for s in prog.STATES), *names]
+    labels = [*own_inputs(prog), *(s + "0" for s in prog.STATES), *names]
     for g, label in zip(grads, labels):
         assert g is not None and g.abs().max() > 0, f"{spec_cell.id} {dims}: no gradient reaches {label}"
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -608,3 +608,28 @@ cell names(I, H) {
 }
 """
     assert differences(text, {"I": 3, "H": 4}, (backend,)) == []
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numpy", "c", "triton"])
+def test_dimensions_named_like_the_generated_codes_own(backend):
+    """cell c(T, B, len): the generated code takes its dimensions as T_, B_, len_; specc.load, the
+    module's dims and its messages keep the spec's names."""
+    from specc.fuzz.run import differences
+
+    text = """
+cell bt(T, B, len) {
+    input x[T]
+    state h[B]
+    param W[B, T] ~ uniform(1 / sqrt(B))
+    param U[B, B]
+    param V[len, B]
+    h' = tanh(W @ x + U @ h)
+    output y = V @ h'
+}
+"""
+    assert differences(text, {"T": 3, "B": 4, "len": 2}, (backend,)) == []
+    m = specc.load(text, T=3, B=4, len=2)
+    assert m.dims == {"T": 3, "B": 4, "len": 2} and "T=3, B=4, len=2" in repr(m)
+    with pytest.raises(TypeError, match="dimension len not bound; pass len="):
+        specc.load(text, T=3, B=4)

@@ -119,6 +119,34 @@ def test_stacked_layers_with_dropout_resume_bit_for_bit_and_sample(tmp_path):
     assert torch.equal(model(x)[0], model(x)[0])
 
 
+def test_a_cell_with_its_own_dropout_trains_resumes_bit_for_bit_and_evaluates_without_it(tmp_path):
+    """specs/lstm_dropout.rnn (dropout() inside the cell): its masks come from torch's generator,
+    so a resumed run is the straight one; in eval the cell is the plain LSTM with the same weights."""
+    def config(out, steps):
+        cfg = corpus_config(tmp_path, steps=steps, optimizer="adam", lr=0.01, checkpoint_every=2)
+        cfg["model"]["spec"] = "lstm_dropout"
+        cfg["out"] = str(tmp_path / out)
+        return cfg
+
+    straight = train(config("a", 7), progress=False)
+    train(config("b", 4), progress=False)
+    resumed = train(config("b", 7), resume=True, progress=False)
+    assert resumed.history == straight.history
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    import specc
+
+    cell = straight.model.cell
+    plain = specc.load("lstm", I=cell.dims["I"], H=12, dtype=torch.float32)
+    plain.load_state_dict(cell.state_dict())
+    x = torch.randn(5, 2, cell.dims["I"])
+    cell.eval()
+    torch.testing.assert_close(cell(x)[0], plain(x)[0])
+    cell.train()
+    assert not torch.equal(cell(x)[0], plain(x)[0])
+
+
 @pytest.mark.parametrize("model, message", [
     ({"layers": 0}, "model.layers: must be at least 1"),
     ({"dropout": 0.2}, "model.dropout: applies between stacked layers"),

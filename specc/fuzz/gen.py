@@ -40,7 +40,7 @@ TRICKY = ("linux", "unix", "INT32_MAX", "WCHAR_MAX", "math_errhandling", "errno"
           # the generated Python's own names: the loop's T, B and t, its modules, its helpers
           "T", "B", "t", "rows", "dims", "np", "tl", "triton", "torch", "self", "specc", "dev", "dtype", "wrap",
           "chunk", "whole", "part", "math", "init", "sys", "train", "p", "s", "e", "mask", "lengths")
-DIM_NAMES = ("I", "H", "K", "N", "D", "Q", "R")
+DIM_NAMES = ("I", "H", "K", "N", "D", "Q", "R", "T", "B", "len")  # T, B, len: the generated code's own too
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class _Writer:
                 return self.param("b", (sz,))
             arg, asz = self.operand(0)
             return f"{self.param('W', (sz, asz))} @ {arg}"
-        kind = draw(st.integers(0, 15))
+        kind = draw(st.integers(0, 16))
         sub = lambda: self.expr(sz, depth - 1)  # noqa: E731
         if kind == 0 and leaf is not None:
             return leaf
@@ -235,6 +235,9 @@ class _Writer:
                 return f"zoneout({sub()}, {sub()}, {draw(st.sampled_from((0.0, 0.1, 0.5, 1.0)))!r})"
             # negative and fractional powers of a positive number away from 0
             return f"pow(1.5 + tanh({sub()}), {draw(st.sampled_from((0.5, -0.5, 2.5, -1.5, 1.25, -1, -2)))!r})"
+        if kind == 16:  # a learned scalar, written with no axes or one of one entry
+            a = self.param("a", draw(st.sampled_from(((), (_Sz(Size.of(1), 1),)))))
+            return f"{a} {draw(st.sampled_from('+-*'))} ({sub()})"
         if kind == 14 and self.pool:  # a reduction of any vector: a number broadcast over this one
             other = draw(st.sampled_from(self.pool)).sz
             reduced = f"{draw(st.sampled_from(SCALAR_FUNCTIONS))}({self.expr(other, depth - 1)})"

@@ -22,6 +22,7 @@ from ..check import check, check_dims
 from ..errors import SpecError
 from ..parse import parse
 from ..pipeline import compile_cell
+from ..runtime import own_inputs
 from . import reference
 
 BACKENDS = ("numpy", "c", "triton")
@@ -58,7 +59,7 @@ class Data:
 def _data(cell, dims, gen: torch.Generator, T: int, B: int) -> Data:
     """Random data, drawn in float32 so that every backend gets exactly the same numbers."""
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(F32)
+        return (torch.randn(shape, generator=gen) * scale).to(F32)  # shape () too: a learned scalar
 
     inputs = {d.name: randn(T, B, *reference.size(d.shape, dims)) for d in cell.own_inputs}
     states = {d.name: randn(B, *reference.size(d.shape, dims), scale=0.5) for d in cell.states}
@@ -163,7 +164,7 @@ def _module(prog, dims, backend, dtype, data: Data):
 
 
 def _run_module(m, prog, data: Data, dtype, grads: bool):
-    given = [k for k in prog.INPUTS if k not in getattr(prog, "NOISE", {})]
+    given = own_inputs(prog)
     xs = tuple(data.inputs[k].to(dtype, copy=True).requires_grad_(grads) for k in given)
     hs = tuple(data.states[k].to(dtype, copy=True).requires_grad_(grads) for k in prog.STATES)
     with contextlib.nullcontext() if grads else torch.no_grad():

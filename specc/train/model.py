@@ -70,13 +70,14 @@ def build_model(model_cfg: dict, n_in: int, n_out: int, inputs: str) -> Sequence
     `layers` above 1, the layers above the first read the one below (their input dimension is
     bound to its output size), with `dropout` between them, as torch's stacked layers."""
     import specc
+    from ..runtime import own_inputs
 
     spec, cell_name = model_cfg["spec"], model_cfg.get("cell")
     if cell_name is None and spec.isidentifier():
         cell_name = spec  # a library name: the file's cell of that name (elman.rnn also holds rnn_tanh, ...)
     prog = specc.program(specc.compile_spec(spec, cell_name))
-    if len(prog.INPUTS) != 1:
-        raise ValueError(f"cell '{prog.CELL}' has {len(prog.INPUTS)} inputs; training needs a cell with one")
+    if len(own_inputs(prog)) != 1:
+        raise ValueError(f"cell '{prog.CELL}' has {len(own_inputs(prog))} inputs; training needs a cell with one")
     dims = dict(model_cfg.get("dims") or {})
     embed = model_cfg.get("embed")
     head = model_cfg.get("head", True)
