@@ -8,6 +8,11 @@ from .errors import Loc
 
 # --- dimension and initialiser arithmetic (scalars known once dimensions are bound) ---
 
+# The words that start a statement or a block. A value may not take one: `const' = ...` would
+# read as a declaration.
+KEYWORDS = ("cell", "network", "input", "state", "param", "const", "output", "layer")
+
+
 @dataclass(frozen=True)
 class DimNum:
     value: float

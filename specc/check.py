@@ -549,6 +549,8 @@ def _reserved(name: str, what: str) -> str | None:
     """Why `name` may not be used for a `what`, or None."""
     if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name.startswith("__"):
         return "is a reserved name"
+    if name in ast.KEYWORDS:
+        return "is a keyword of the language (it starts a declaration)"
     if what == "dimension" and name in LOAD_KEYWORDS:
         return "is a reserved name (specc.load and the module take it as a keyword of their own)"
     if what == "parameter" and (name in MODULE_ATTRS or name.startswith("_")):

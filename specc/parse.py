@@ -29,7 +29,7 @@ _TERMINALS = {
     "ADD": "'+'", "SUB": "'-'", "MUL": "'*'", "DIV": "'/'", "MATMUL": "'@'", "SEMICOLON": "';'",
     "DOCSTRING": "a docstring", "$END": "end of file",
 }
-_KEYWORDS = ("cell", "network", "input", "state", "param", "const", "output", "layer")
+_KEYWORDS = ast.KEYWORDS
 # Where any of these may come next, an expression (or a size) may start.
 _STARTS_EXPR = {"NAME", "NUMBER", "LPAR"}
 
@@ -338,6 +338,11 @@ def _diagnostic(text: str, file: str, e: lark.LarkError, original: str | None = 
         what = f"unexpected {value!r}" if value else "unexpected token"
         if e.token.type == "NAME" and value in _KEYWORDS:
             what = f"unexpected keyword {value!r}"
+        before = lines[e.line - 1][:e.column - 1].strip() if e.line <= len(lines) else ""
+        if before in _KEYWORDS and value in ("'", "=", ","):
+            line = lines[e.line - 1]
+            return Diagnostic(loc(e.line, len(line) - len(line.lstrip()) + 1),
+                              f"'{before}' is a keyword of the language; a value cannot take it as its name")
         return Diagnostic(where, what + _describe(expected))
     return Diagnostic(None, f"cannot parse: {e}")
 
@@ -356,7 +361,7 @@ def _unclosed(text: str) -> list[tuple[str, int, int]]:
     return stack
 
 
-_STATEMENT = re.compile(r"\s*(?:(?:cell|network|input|state|param|output|layer)\b|}|"
+_STATEMENT = re.compile(r"\s*(?:(?:cell|network|input|state|param|const|output|layer)\b|}|"
                         r"[A-Za-z_]\w*'?\s*(?:,\s*[A-Za-z_]\w*'?\s*)*=(?!=))")
 
 

@@ -48,7 +48,12 @@ def pick_cell(cells: list[CheckedCell], name: str | None, file: str) -> CheckedC
     if name is None:
         if len(cells) == 1:
             return cells[0]
-        raise SpecError(f"{file} defines cells {', '.join(c.name for c in cells)}; choose one with cell=NAME")
+        # a library file named after one of its cells (elman.rnn also holds rnn_tanh, rnn_relu)
+        same = [c for c in cells if file == f"specs/{c.name}.rnn"]
+        if same:
+            return same[0]
+        raise SpecError(f"{file} defines cells {', '.join(c.name for c in cells)}; choose one "
+                        f"(cell=NAME in Python, --cell NAME on the command line)")
     for c in cells:
         if c.name == name:
             return c

@@ -347,8 +347,10 @@ def test_load_library_name_equals_library_file(repo_root, close):
 
 
 def test_load_picks_a_cell():
+    # several cells: the library name picks the cell of that name, a file of its own does not
+    assert specc.load("elman", I=3, H=4, O=2).program.CELL == "elman"
     with pytest.raises(specc.SpecError, match="rnn_tanh"):
-        specc.load("elman", I=3, H=4)  # several cells: which one?
+        specc.load((specc.library.spec_file("elman").read_text()), I=3, H=4)
     with pytest.raises(specc.SpecError, match="nosuch"):
         specc.load("elman", "nosuch", I=3, H=4)
     with pytest.raises(specc.SpecError, match="no_such_spec"):

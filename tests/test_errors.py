@@ -168,6 +168,12 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "a dropout probability of 1": (
         cell("h' = tanh(W @ dropout(x, 1))", "output h'"),
         [want(7, 30, "dropout(v, p) drops with probability p, 0 <= p < 1")]),
+    "a keyword of the language as a state's name": (
+        cell("state const[H]", "const' = tanh(W @ x)", "output const'"),
+        [want(8, 5, "'const' is a keyword of the language")]),
+    "a keyword of the language as a parameter's name": (
+        cell("param output[H]", "h' = tanh(W @ x + output)", "output h'"),
+        [want(7, 11, "'output' is a keyword of the language")]),
     "split count not matching the names": (
         cell("p, q = split(W @ x, 3)", "h' = tanh(p + q)", "output h'"),
         [want(7, 12, "split(..., 3) gives 3 values but 2 names")]),
@@ -391,7 +397,7 @@ def test_loading_a_cell_that_does_not_exist(tmp_path):
     message = str(info.value)
     assert "no cell 'nope'" in message and "halves" in message and "other" in message
     assert "Traceback" not in message
-    with pytest.raises(SpecError, match="choose one with cell=NAME"):
+    with pytest.raises(SpecError, match=r"choose one \(cell=NAME"):
         specc.load(path, I=3, H=4)
 
 
@@ -614,3 +620,25 @@ def test_module_attribute_names_are_reserved_for_parameters():
         text = f"cell c(H) {{\n  state h[H]\n  param {name}[H]\n  h' = tanh(h + {name})\n  output h'\n}}\n"
         [d] = diagnostics(text)
         assert (d.loc.line, d.loc.col) == (3, 9) and "reserved" in d.message, name
+
+
+def test_the_command_line_takes_library_names_and_refuses_what_is_not_a_spec(tmp_path):
+    """`specc check lstm`, `specc compile elman` (the file's cell of that name); a directory, an
+    endless file or an output directory: one line each, exit 1, no traceback."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "specc.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+
+    ok = cli("check", "lstm", "gru")
+    assert ok.returncode == 0 and "specs/lstm.rnn: cell lstm(I, H)" in ok.stdout and "cell gru(" in ok.stdout
+    elman = cli("compile", "elman")
+    assert elman.returncode == 0 and "class Elman(CellModule)" in elman.stdout
+    for args, message in [(("check", str(tmp_path)), "error: not a file"),
+                          (("check", "/dev/zero"), "error: not a file"),
+                          (("compile", "lstm", "-o", str(tmp_path)), "error: is a directory")]:
+        run = cli(*args)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+    big = tmp_path / "big.rnn"
+    big.write_text("#" * (2 << 20))
+    run = cli("check", str(big))
+    assert run.returncode == 1 and "not a spec" in run.stderr

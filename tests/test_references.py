@@ -104,6 +104,63 @@ def indrnn_ref(x, hs, p):
     return torch.stack(outs), (h,)
 
 
+def mingru_ref(x, hs, p):
+    """Feng et al. (2024), minGRU: z = sigmoid(W_z x + b_z), h' = (1 - z) h + z (W_h x + b_h)."""
+    (h,), outs = hs, []
+    for t in range(x.shape[0]):
+        z = torch.sigmoid(x[t] @ p["W_z"].T + p["b_z"])
+        h = (1 - z) * h + z * (x[t] @ p["W_h"].T + p["b_h"])
+        outs.append(h)
+    return torch.stack(outs), (h,)
+
+
+def minlstm_ref(x, hs, p):
+    """Feng et al. (2024), minLSTM: f, i from x; h' = f/(f+i) h + i/(f+i) (W_h x + b_h)."""
+    (h,), outs = hs, []
+    for t in range(x.shape[0]):
+        f = torch.sigmoid(x[t] @ p["W_f"].T + p["b_f"])
+        i = torch.sigmoid(x[t] @ p["W_i"].T + p["b_i"])
+        h = f / (f + i) * h + i / (f + i) * (x[t] @ p["W_h"].T + p["b_h"])
+        outs.append(h)
+    return torch.stack(outs), (h,)
+
+
+def qrnn_ref(x, states, p):
+    """Bradbury et al. (2016), window 2, fo-pooling: [z, f, o] = W x_t + V x_{t-1} + b,
+    c_t = sigmoid(f) c_{t-1} + (1 - sigmoid(f)) tanh(z), h_t = sigmoid(o) c_t."""
+    (xp, c), outs = states, []
+    for t in range(x.shape[0]):
+        z, f, o = (x[t] @ p["W"].T + xp @ p["V"].T + p["b"]).chunk(3, dim=-1)
+        f = torch.sigmoid(f)
+        c = f * c + (1 - f) * torch.tanh(z)
+        outs.append(torch.sigmoid(o) * c)
+        xp = x[t]
+    return torch.stack(outs), (xp, c)
+
+
+def sru_ref(x, cs, p):
+    """Lei et al. (2017): f, r = sigmoid(W_f x + b_f), sigmoid(W_r x + b_r);
+    c' = f c + (1 - f) W x; h = r tanh(c') + (1 - r) x."""
+    (c,), outs = cs, []
+    for t in range(x.shape[0]):
+        f = torch.sigmoid(x[t] @ p["W_f"].T + p["b_f"])
+        r = torch.sigmoid(x[t] @ p["W_r"].T + p["b_r"])
+        c = f * c + (1 - f) * (x[t] @ p["W"].T)
+        outs.append(r * torch.tanh(c) + (1 - r) * x[t])
+    return torch.stack(outs), (c,)
+
+
+def selective_ssm_ref(x, hs, p):
+    """dt = softplus(W_dt x + b_dt), a = exp(-dt exp(A_log)), h' = a h + dt (W_B x),
+    y = W_C h' + D x: a real diagonal selective state space, one state per channel."""
+    (h,), outs = hs, []
+    for t in range(x.shape[0]):
+        dt = torch.nn.functional.softplus(x[t] @ p["W_dt"].T + p["b_dt"])
+        h = torch.exp(-dt * torch.exp(p["A_log"])) * h + dt * (x[t] @ p["W_B"].T)
+        outs.append(h @ p["W_C"].T + x[t] @ p["D"].T)
+    return torch.stack(outs), (h,)
+
+
 # name -> (reference, {dimension: size}, parameter shapes as the spec files declare them)
 CASES = {
     "jordan": (jordan_ref, dict(I=4, H=6, O=3),
@@ -120,14 +177,24 @@ CASES = {
     "peephole_lstm": (peephole_lstm_ref, dict(I=4, H=5),
                       dict(W_ih=("4*H", "I"), W_hh=("4*H", "H"), b=("4*H",), p_i=("H",), p_f=("H",), p_o=("H",))),
     "indrnn": (indrnn_ref, dict(I=4, H=6), dict(W=("H", "I"), u=("H",), b=("H",))),
+    "mingru": (mingru_ref, dict(I=4, H=6), dict(W_z=("H", "I"), b_z=("H",), W_h=("H", "I"), b_h=("H",))),
+    "minlstm": (minlstm_ref, dict(I=4, H=6), dict(W_f=("H", "I"), b_f=("H",), W_i=("H", "I"), b_i=("H",),
+                                                   W_h=("H", "I"), b_h=("H",))),
+    "qrnn": (qrnn_ref, dict(I=4, H=5), dict(W=("3*H", "I"), V=("3*H", "I"), b=("3*H",))),
+    "sru": (sru_ref, dict(H=6), dict(W=("H", "H"), W_f=("H", "H"), b_f=("H",), W_r=("H", "H"), b_r=("H",))),
+    "selective_ssm": (selective_ssm_ref, dict(I=4, H=6, O=3),
+                      dict(W_dt=("H", "I"), b_dt=("H",), A_log=("H",), W_B=("H", "I"), W_C=("O", "H"), D=("O", "I"))),
 }
 # each cell's states, by size, in the spec's order
 STATES = {"jordan": ("O",), "shortcut": ("H",), "second_order": ("H",), "gru_cho": ("H",),
-          "layernorm_lstm": ("H", "H"), "peephole_lstm": ("H", "H"), "indrnn": ("H",)}
+          "layernorm_lstm": ("H", "H"), "peephole_lstm": ("H", "H"), "indrnn": ("H",), "mingru": ("H",),
+          "minlstm": ("H",), "qrnn": ("I", "H"), "sru": ("H",), "selective_ssm": ("H",)}
+# each cell's input size, where it is not I
+INPUT = {"sru": "H"}
 
 
 def _size(d: str, dims: dict) -> int:
-    return 4 * dims["H"] if d == "4*H" else dims[d]
+    return int(d[0]) * dims[d[2:]] if d[1:2] == "*" else dims[d]
 
 
 def _one_or_tuple(items):
@@ -150,7 +217,7 @@ def compare_with_reference(name, dims, T, B, dtype, close, tol=None, scale=0.6, 
         for n, v in params.items():
             getattr(sp, n).copy_(v)
 
-    x = torch.randn(T, B, dims["I"], dtype=dtype)
+    x = torch.randn(T, B, dims[INPUT.get(name, "I")], dtype=dtype)
     s0 = [torch.randn(B, dims[d], dtype=dtype) for d in STATES[name]]
 
     sp.to(device)
@@ -189,7 +256,7 @@ def test_default_state_and_init_match_reference(name, close):
     """No state given: the spec's initial state (zeros) and its own initial parameters."""
     ref, dims, shapes = CASES[name]
     sp = specc.load(name, **dims, dtype=F64)
-    x = torch.randn(5, 2, dims["I"], dtype=F64)
+    x = torch.randn(5, 2, dims[INPUT.get(name, "I")], dtype=F64)
     out, final = sp(x)
     params = {n: getattr(sp, n).detach().clone() for n in shapes}
     ref_out, ref_final = ref(x, [torch.zeros(2, dims[d], dtype=F64) for d in STATES[name]], params)

@@ -1,0 +1,78 @@
+"""Which states are linear recurrences (specc/scan.py): a parallel scan where the next value is
+a * state + b with a and b free of every state, however it is written, and otherwise the reason,
+at the spec line that breaks it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from specc.check import check
+from specc.lower import lower
+from specc.parse import parse
+from specc.pipeline import compile_cell, compile_spec
+from specc.scan import linear_states
+
+
+def verdicts(body: str, states=("h",), extra: str = "") -> dict[str, str]:
+    decls = "".join(f"    state {s}[H]\n" for s in states)
+    text = (f"cell c(I, H) {{\n    input x[I]\n{decls}    param W[H, I]\n    param U[H, H]\n    param a[H]\n"
+            f"{extra}{body}\n}}\n")
+    (cell,) = check(parse(text, "<scan>"))
+    lowered = {v.state: str(v) for v in linear_states(lower(cell))}
+    optimised = {v.state: str(v) for v in linear_states(compile_cell(cell, text, "<scan>").forward)}
+    assert lowered.keys() == optimised.keys()
+    assert all((lowered[k] == "parallel scan") == (optimised[k] == "parallel scan") for k in lowered)
+    return lowered
+
+
+@pytest.mark.parametrize("body", [
+    "    z = sigmoid(W @ x)\n    h' = (1 - z) * h + z * tanh(W @ x)\n    output h'",
+    "    f = sigmoid(W @ x)\n    h' = f * h + (1 - f) * (W @ x)\n    output h'",
+    "    h' = h * sigmoid(a) + W @ x\n    output h'",
+    "    h' = -(sigmoid(W @ x) * -h) + a\n    output h'",
+    "    h' = sigmoid(W @ x) * h + 0.5 * h - h / 3 + exp(W @ x)\n    output h'",
+    "    h' = W @ x\n    output h'",
+])
+def test_linear_in_the_state_is_a_parallel_scan(body):
+    assert verdicts(body) == {"h": "parallel scan"}
+
+
+@pytest.mark.parametrize("body, why", [
+    ("    h' = tanh(W @ x + U @ h)\n    output h'", "h' reads h through U @ h at line 7"),
+    ("    h' = relu(a * h + W @ x)\n    output h'", "h' reads h through relu("),
+    ("    h' = h * h + W @ x\n    output h'", "h' reads h through h * h"),
+    ("    h' = sigmoid(U @ h) * h\n    output h'", "h' reads h through U @ h"),
+    ("    h' = h / (1 + h)\n    output h'", "h' reads h through"),
+])
+def test_otherwise_sequential_with_the_reason_and_its_line(body, why):
+    (verdict,) = verdicts(body).values()
+    assert verdict.startswith("sequential: ") and why in verdict, verdict
+
+
+def test_a_state_another_reads_is_no_obstacle_once_it_is_known_itself():
+    """A delay (xp' = x) and another scanned state may feed a and b; a sequential one may not."""
+    got = verdicts("    xp' = W @ x\n    s' = sigmoid(xp) * s + h\n    h' = sigmoid(W @ x) * h\n    output s'",
+                   states=("xp", "s", "h"))
+    assert got == {"xp": "parallel scan", "s": "parallel scan", "h": "parallel scan"}
+    got = verdicts("    r' = tanh(U @ r)\n    s' = sigmoid(r) * s + W @ x\n    output s'", states=("r", "s"))
+    assert got["r"].startswith("sequential") and got["s"] == "sequential: s' reads r through sigmoid(r) at line 9"
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("mingru", {"h": True}), ("minlstm", {"h": True}), ("qrnn", {"xp": True, "c": True}), ("sru", {"c": True}),
+    ("selective_ssm", {"h": True}), ("lstm", {"h": False, "c": False}), ("gru", {"h": False}),
+    ("indrnn", {"h": False}), ("second_order", {"h": False}),
+])
+def test_the_library(spec, want):
+    got = {v.state: v.scan for v in linear_states(compile_spec(spec).forward)}
+    assert got == want
+
+
+def test_specc_check_says_it_per_state(specs_dir):
+    out = subprocess.run([sys.executable, "-m", "specc.cli", "check", str(specs_dir / "lstm.rnn"),
+                          str(specs_dir / "mingru.rnn")], capture_output=True, text=True, check=True).stdout
+    assert "  h': sequential: h' reads h through W_hh @ h at line 15" in out
+    assert "  c': sequential: c' reads h through W_hh @ h at line 15" in out
+    assert "  h': parallel scan" in out
