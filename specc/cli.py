@@ -144,7 +144,7 @@ def _cmd_compile(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run
 
-    return run(steps=args.steps, show=not args.quiet)
+    return run(steps=args.steps, show=args.show)
 
 
 def _cmd_train(args) -> int:
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="compile specs/lstm.rnn and train it to predict the next letter of 'hello'")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--quiet", action="store_true", help="do not print the generated code")
+    p.add_argument("--show", action="store_true", help="print the generated code first (about 700 lines)")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("train", help="train a cell as a YAML config says (see configs/)")
