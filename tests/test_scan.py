@@ -76,3 +76,22 @@ def test_specc_check_says_it_per_state(specs_dir):
     assert "  h': sequential: h' reads h through W_hh @ h at line 15" in out
     assert "  c': sequential: c' reads h through W_hh @ h at line 15" in out
     assert "  h': parallel scan" in out
+
+
+def test_the_random_cells_include_linear_recurrences():
+    """The differential tests' generator writes a * h + b with a and b made of inputs alone, so
+    every backend is fuzzed on the cells a scan backend will take."""
+    from hypothesis import HealthCheck, given, settings
+
+    from specc.fuzz.gen import cells
+
+    found = []
+
+    @settings(max_examples=60, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(cells())
+    def collect(cell):
+        (checked,) = check(parse(cell.text, "<gen>"))
+        found.extend(v.scan for v in linear_states(lower(checked)) if f"* {v.state} + " in cell.text)
+
+    collect()
+    assert sum(found) >= 5

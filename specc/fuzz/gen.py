@@ -285,6 +285,7 @@ def cells(draw, max_values: int = 5, max_depth: int = 3) -> GenCell:
         name, sz = w.name("x", "input"), w.size()
         decls.append(f"    input {name}[{sz}]")
         w.pool.append(_Val(name, sz, True))
+    inputs = list(w.pool)  # what a linear recurrence's coefficients may read
     states = []
     for _ in range(draw(st.integers(1, 3))):
         name, sz = w.name("h", "state"), w.size()
@@ -317,12 +318,17 @@ def cells(draw, max_values: int = 5, max_depth: int = 3) -> GenCell:
         w.pool.append(_Val(name, sz, _refs_batched(text, w.pool)))
     for name, sz in states:
         text = w.expr(sz, draw(st.integers(0, max_depth)))
-        form = draw(st.integers(0, 3))
+        form = draw(st.integers(0, 4))
         if form == 0:  # kept bounded, as most cells do
             text = f"{draw(st.sampled_from(('tanh', 'sigmoid', 'softmax')))}({text})"
         elif form == 1:  # a gated mix of old and new, as GRU's
             z = w.expr(sz, 1)
             text = f"sigmoid({z}) * {name} + (1 - sigmoid({z})) * tanh({text})"
+        elif form == 2:  # a linear recurrence (minGRU's, a scan): a and b read the inputs alone
+            pool, w.pool = w.pool, inputs
+            a, b = w.expr(sz, 1), w.expr(sz, draw(st.integers(0, max_depth)))
+            w.pool = pool
+            text = f"sigmoid({a}) * {name} + {b}"
         equations.append(f"    {name}' = {w.per_example(text, sz)}")
         # A later state's next value may read this one's (the LSTM's h' = o * tanh(c')).
         w.pool.append(_Val(name + "'", sz, True))
