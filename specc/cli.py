@@ -108,6 +108,7 @@ def _read_spec_file(name: str) -> tuple[str, str]:
 
 def _cmd_compile(args) -> int:
     from .assemble import class_name
+    from .parse import parse
     from .pipeline import compile_spec
 
     try:
@@ -120,6 +121,12 @@ def _cmd_compile(args) -> int:
         return 1
     except ValueError as e:
         print(f"{args.file}: error: {e}", file=sys.stderr)
+        return 1
+    networks = [n.name for n in parse(text, file).networks]
+    if networks and (args.cell is None or args.cell in networks):
+        print(f"{file}: error: specc compile writes one cell as a module; {', '.join(networks)} "
+              f"{'is a network' if len(networks) == 1 else 'are networks'}, which specc.load builds "
+              f"(specc.load({file!r}, {networks[0]!r}, ...)); pick a cell with --cell", file=sys.stderr)
         return 1
     compiled = compile_spec(Path(args.file) if file == args.file else args.file, args.cell)
     source = compiled.source

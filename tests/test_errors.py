@@ -638,6 +638,10 @@ def test_the_command_line_takes_library_names_and_refuses_what_is_not_a_spec(tmp
                           (("compile", "lstm", "-o", str(tmp_path)), "error: is a directory")]:
         run = cli(*args)
         assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+    nets = cli("compile", "networks", "-o", str(tmp_path / "n.py"))
+    assert nets.returncode == 1 and "char_lm" in nets.stderr and "specc.load" in nets.stderr
+    assert not (tmp_path / "n.py").exists()
+    assert cli("compile", "networks", "--cell", "context_decoder").returncode == 0
     big = tmp_path / "big.rnn"
     big.write_text("#" * (2 << 20))
     run = cli("check", str(big))
