@@ -12,7 +12,6 @@ import types
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .backends import BACKENDS
 
@@ -205,8 +204,13 @@ class _Scan(torch.autograd.Function):
         return (*outs, *finals)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
+        # Autograd runs a backward with gradients on only for create_graph=True: a gradient of
+        # this gradient (a penalty on it, a Hessian-vector product), which the generated code
+        # does not have. Said here in one line, instead of torch's error at the second pass.
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"cell '{ctx.module.program.CELL}': specc computes the gradient of a cell but "
+                               f"not the gradient of that gradient (create_graph=True, double backward)")
         module = ctx.module
         prog = module.program
         T, B = ctx.sizes

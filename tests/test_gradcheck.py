@@ -59,3 +59,18 @@ def test_gradcheck_bptt(spec_cell, T, B, load_small):
     for g, label in zip(grads, labels):
         assert g is not None and g.abs().max() > 0, f"{spec_cell.id} {dims}: no gradient reaches {label}"
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_double_backward_is_refused_in_one_line(backend):
+    """specc has each cell's gradient, not the gradient of that gradient: create_graph=True says
+    so at once, in specc's words (torch's once_differentiable said it at the second pass)."""
+    import specc
+
+    m = specc.load("gru", I=3, H=4, backend=backend)
+    out, _ = m(torch.randn(5, 2, 3))
+    with pytest.raises(RuntimeError, match="cell 'gru': specc computes the gradient of a cell but not the "
+                                           "gradient of that gradient"):
+        torch.autograd.grad(out.sum(), list(m.parameters()), create_graph=True)
+    out, _ = m(torch.randn(5, 2, 3))
+    assert all(not g.requires_grad for g in torch.autograd.grad(out.sum(), list(m.parameters())))
