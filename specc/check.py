@@ -1005,10 +1005,11 @@ _VERBS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 
 
 def broadcast_one(t: Type, other: Type) -> Type:
-    """`t` as the elementwise ops take it beside `other`: a value of one entry ([1]) made of
-    parameters alone (a learned scalar written `param a[1]`) is a scalar beside a vector or matrix."""
-    if t.shape == (Size.of(1),) and not t.batched and other.shape not in ((), (Size.of(1),)):
-        return Type((), False)
+    """`t` as the elementwise ops take it beside `other`: a value of one entry ([1]) is a scalar
+    beside a vector (a learned scalar written `param a[1]`, a state s[1]), or beside a matrix when
+    it is made of parameters alone."""
+    if t.shape == (Size.of(1),) and other.shape not in ((), (Size.of(1),)):
+        return Type((), t.batched)
     return t
 
 

@@ -57,8 +57,9 @@ def _per_example(b: Builder, v: int, line: int) -> int:
 def _binary(b: Builder, op: str, left: int, right: int, line: int) -> int:
     """An elementwise op of two values, broadcast as the checker typed them."""
     lt, rt = b.type(left), b.type(right)
-    # check.broadcast_one: a [1] parameter beside a vector is a scalar
-    left, right = (b.add("reshape", (v,), ((),), line=line) if broadcast_one(t, o) != t else v
+    # check.broadcast_one: a [1] parameter beside a vector is a scalar (a per-example [1] is
+    # widened by expand below instead: no reshape inside the recurrence)
+    left, right = (b.add("reshape", (v,), ((),), line=line) if broadcast_one(t, o) != t and not t.batched else v
                    for v, t, o in ((left, lt, rt), (right, rt, lt)))
     left, right = _widened(b, left, right, line), _widened(b, right, left, line)
     return b.add(op, (left, right), line=line)

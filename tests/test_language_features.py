@@ -633,3 +633,25 @@ cell bt(T, B, len) {
     assert m.dims == {"T": 3, "B": 4, "len": 2} and "T=3, B=4, len=2" in repr(m)
     with pytest.raises(TypeError, match="dimension len not bound; pass len="):
         specc.load(text, T=3, B=4)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numpy", "c", "triton"])
+def test_a_value_of_one_entry_broadcasts_against_a_vector(backend):
+    """A state s[1] (and an input u[1]) times a vector: one number per example, as a scalar is."""
+    from specc.fuzz.run import differences
+
+    text = """
+cell one(I, H) {
+    input x[I]
+    input u[1]
+    state s[1]
+    state h[H]
+    param W[H, I]
+    param w[1, H]
+    s' = sigmoid(w @ h + u)
+    h' = tanh(W @ x) * s + h * (1 - s) - u
+    output h'
+}
+"""
+    assert differences(text, {"I": 3, "H": 4}, (backend,)) == []
