@@ -79,7 +79,8 @@ def compiled(tmp_path_factory, all_spec_cells, load_small, repo_root):
         sp, dims = load_small(sc, F64)
         target = folder / "tmp" / f"{sc.cell}_mod.py"
         # As a person types it, from the repository root: specc compile specs/X.rnn -o tmp/x_mod.py
-        several = sum(c.path == sc.path for c in all_spec_cells) > 1
+        # a file of several cells, or of networks beside its cell, needs --cell
+        several = sum(c.path == sc.path for c in all_spec_cells) > 1 or "\nnetwork " in sc.path.read_text()
         args = ["compile", sc.path.relative_to(repo_root), "-o", target] + (["--cell", sc.cell] if several else [])
         cli[sc.id] = specc_cli(*args, cwd=repo_root)
 
