@@ -595,12 +595,7 @@ def _check_cell(cell: ast.Cell, file: str, errors: Collector) -> CheckedCell | N
 
 
 def _calls(expr: ast.Expr):
-    if isinstance(expr, ast.Call):
-        yield expr
-    for a in (expr.args if isinstance(expr, ast.Call) else expr.items if isinstance(expr, ast.Concat)
-              else (expr.left, expr.right) if isinstance(expr, ast.BinOp) else (expr.arg,) if isinstance(expr, ast.Neg)
-              else ()):
-        yield from _calls(a)
+    yield from (e for e in _subexpressions(expr) if isinstance(e, ast.Call))
 
 
 def _noise(equations, env) -> list[tuple[Noise, Shape]]:
@@ -852,17 +847,17 @@ class _CellChecker:
         return True
 
 
+def _subexpressions(expr: ast.Expr):
+    """expr and every expression inside it."""
+    yield expr
+    for a in (expr.args if isinstance(expr, ast.Call) else expr.items if isinstance(expr, ast.Concat)
+              else (expr.left, expr.right) if isinstance(expr, ast.BinOp) else (expr.arg,) if isinstance(expr, ast.Neg)
+              else ()):
+        yield from _subexpressions(a)
+
+
 def _refs(expr: ast.Expr):
-    if isinstance(expr, ast.Ref):
-        yield expr
-    elif isinstance(expr, ast.BinOp):
-        yield from _refs(expr.left)
-        yield from _refs(expr.right)
-    elif isinstance(expr, ast.Neg):
-        yield from _refs(expr.arg)
-    elif isinstance(expr, (ast.Call, ast.Concat)):
-        for a in (expr.args if isinstance(expr, ast.Call) else expr.items):
-            yield from _refs(a)
+    yield from (e for e in _subexpressions(expr) if isinstance(e, ast.Ref))
 
 
 def _order(equations: list[Equation], defs, errors: Collector) -> list[Equation]:

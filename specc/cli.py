@@ -108,8 +108,9 @@ def _read_spec_file(name: str) -> tuple[str, str]:
 
 def _cmd_compile(args) -> int:
     from .assemble import class_name
+    from .check import check
     from .parse import parse
-    from .pipeline import compile_spec
+    from .pipeline import compile_cell, pick_cell
 
     try:
         text, file = _read_spec_file(args.file)
@@ -122,13 +123,14 @@ def _cmd_compile(args) -> int:
     except ValueError as e:
         print(f"{args.file}: error: {e}", file=sys.stderr)
         return 1
-    networks = [n.name for n in parse(text, file).networks]
+    spec = parse(text, file)  # once: the networks it holds, then its cells
+    networks = [n.name for n in spec.networks]
     if networks and (args.cell is None or args.cell in networks):
         print(f"{file}: error: specc compile writes one cell as a module; {', '.join(networks)} "
               f"{'is a network' if len(networks) == 1 else 'are networks'}, which specc.load builds "
               f"(specc.load({file!r}, {networks[0]!r}, ...)); pick a cell with --cell", file=sys.stderr)
         return 1
-    compiled = compile_spec(Path(args.file) if file == args.file else args.file, args.cell)
+    compiled = compile_cell(pick_cell(check(spec), args.cell, file), text, file)
     source = compiled.source
     if args.show or not args.output:
         sys.stdout.write(source)

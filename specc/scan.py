@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ir import Graph
+from .ops import INFIX
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _describe(g: Graph, i: int) -> str:
     if node.op == "matvec":
         return f"{names[0]} @ {names[1]}"
     if node.op in ("mul", "div", "add", "sub"):
-        return f"{names[0]} {dict(mul='*', div='/', add='+', sub='-')[node.op]} {names[1]}"
+        return f"{names[0]} {INFIX[node.op]} {names[1]}"
     return f"{node.op}({', '.join(names)})"
 
 
