@@ -6,10 +6,11 @@
 """
 from __future__ import annotations
 
+from . import torch_ops  # noqa: F401  (the ops a saved torch.export program calls: registered on import)
 from .api import compile_spec, load, program
 from .errors import SpecError
 
-__all__ = ["load", "from_torch", "compile_spec", "program", "SpecError"]
+__all__ = ["load", "from_torch", "to_torch", "compile_spec", "program", "SpecError"]
 __version__ = "0.1.0"
 
 
@@ -17,6 +18,12 @@ def from_torch(m, **kwargs):
     from .interop import from_torch as _from_torch
 
     return _from_torch(m, **kwargs)
+
+
+def to_torch(m):
+    from .interop import to_torch as _to_torch
+
+    return _to_torch(m)
 
 
 def __getattr__(name: str):

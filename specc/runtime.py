@@ -13,6 +13,7 @@ import types
 import torch
 from torch import nn
 
+from . import torch_ops
 from .backends import BACKENDS
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -265,6 +266,7 @@ class CellModule(nn.Module):
         for name in self._learned():  # `state h[H] = learned`: h's initial value is trained too
             self.register_parameter(name + "_init", nn.Parameter(torch.empty(self.sizes["states"][name], dtype=dtype)))
         self.reset_parameters()
+        torch_ops.register(self)
 
     def _learned(self) -> tuple[str, ...]:
         return getattr(self.program, "LEARNED", ())  # a module compiled before learned states had none
@@ -310,6 +312,7 @@ class CellModule(nn.Module):
 
             state["program"] = importlib.import_module(ref[1])
         self.__dict__.update(state)
+        torch_ops.register(self)
 
     def _steps_and_batch(self, inputs, states):
         if inputs:
@@ -413,12 +416,20 @@ class CellModule(nn.Module):
             device = xs[0].device if xs else states[0].device
             xs += self.draw_noise(T, batch, xs[0].dtype if xs else dtype, device)
         tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
-        backend, work = self._backend_for(tensors, dtype, n_inputs=len(xs), steps=T, batch=batch)
+        traced = torch_ops.traced(tensors)
+        if not traced:
+            torch_ops.check_no_transform(name)
+        if traced:  # the tensors may hold no data: the backend is chosen when the graph runs
+            work = self._traced_dtype(tensors, dtype)
+        else:
+            backend, work = self._backend_for(tensors, dtype, n_inputs=len(xs), steps=T, batch=batch)
         out_dtype = xs[0].dtype if xs and xs[0].dtype in _HALF else work
         # Half-precision tensors (from autocast, or a module in bfloat16) are widened here, outside
         # the autograd node, so their gradients come back narrowed by autograd itself.
         tensors = [t.to(work) if t.dtype != work else t for t in tensors]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if traced:
+            results = torch_ops.run(self, len(xs), len(states), 0 if xs else T, tensors)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             results = _Scan.apply(self, backend, len(xs), len(states), *tensors)
         else:
             # Inference: nothing is kept for a backward pass.
@@ -434,6 +445,14 @@ class CellModule(nn.Module):
         elif self.batch_first:
             outs = tuple(o.transpose(0, 1) for o in outs)
         return (outs[0] if len(outs) == 1 else outs), (finals[0] if len(finals) == 1 else finals)
+
+    def _traced_dtype(self, tensors, dtype) -> torch.dtype:
+        """What a traced call computes in: float32 on the C loops and Triton, else the module's
+        float32 or float64 (the choice between the C loops and NumPy, both float32, waits for
+        the real tensors)."""
+        if self.backend in ("c", "triton") or tensors[0].device.type != "cpu":
+            return torch.float32
+        return dtype if dtype in _NUMPY_DTYPES else torch.float32
 
     def _backend_for(self, tensors, dtype, n_inputs: int | None = None, steps: int | None = None,
                      batch: int | None = None):

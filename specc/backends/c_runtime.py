@@ -259,7 +259,10 @@ def blas() -> ctypes.CDLL:
 # below a few million, waking a second thread for each product costs more than it saves, and its
 # threads left spinning take the core the elementwise loops and the host code want. (The count
 # was one thread for every pass until then, measured on a machine where another process held a
-# core: on 2 shared cores, two threads lost even at the large size.)
+# core: on 2 shared cores, two threads lost even at the large size.) Two threads for the products
+# around the loop only (the loop on one, switching the count before and after each) lost too, on the
+# same idle machine, 2026-12-02: LSTM 100x16x128x128 53-60 ms against 35-41, 200x8x64x64 32 against
+# 10-13 (torch.nn 23 and 10); the same at 100x64x256x256, within noise.
 PARALLEL_STEP_MACS = 1 << 23
 _threads = [1]
 

@@ -1,0 +1,156 @@
+"""A compiled cell's whole sequence as one torch custom op, for the tracers (issue 16).
+
+torch.compile, torch.export and torch.jit.trace cannot look inside the generated code (ctypes
+calls, Triton launches, NumPy): they need an op that says what shapes it returns and how to take
+its gradient. `specc::scan` is that op: one call runs one cell over a sequence on any backend;
+its fake implementation gives the shapes from the module's sizes; its gradient is the op
+`specc::scan_backward`, which runs the generated forward again (keeping what backward reads) and
+then the generated backward. Eager calls do not come here: they keep the forward's values for
+backward (runtime._Scan) and run no forward twice; only a traced graph pays for the second forward,
+since an op's outputs must be tensors whose shapes are known before it runs, and what the
+generated forward keeps differs by cell and backend.
+
+An op names its cell by a key: the generated module's name (a digest of its source, the same in
+every process), the dimensions and the backend. The cell must have been loaded in the process that
+runs the traced graph (specc.load or a module `specc compile` wrote, imported).
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+
+_CELLS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+_MADE: dict[str, torch.nn.Module] = {}  # cells rebuilt from a key alone (a graph loaded from a file)
+
+
+def traced(tensors) -> bool:
+    """Whether this call is being traced (torch.compile, torch.export, torch.jit.trace), so that the
+    tensors may hold no data and the call must be one op in the graph."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(list(tensors)) is not None
+
+
+def check_no_transform(name: str) -> None:
+    """One line instead of torch's internals, inside torch.func.grad, vmap, jacrev, ..."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(f"cell '{name}': specc's generated passes do not run under torch.func transforms "
+                           f"(grad, vmap, jacrev, jvp, ...); use torch.autograd.grad, or loop over the batch "
+                           f"instead of vmap (torch.func.functional_call works)")
+
+
+def key_of(module) -> str:
+    dims = ",".join(f"{k}={v}" for k, v in module.dims.items())
+    return f"{module.program.__name__}|{dims}|{module.backend}"
+
+
+def register(module) -> None:
+    """Let ops of `module`'s key find it (called as it is made: not while a graph is traced)."""
+    _CELLS[key_of(module)] = module
+
+
+def _cell(key: str):
+    found = _CELLS.get(key) or _MADE.get(key)
+    if found is not None:
+        return found
+    name, dims, backend = key.split("|")
+    prog = sys.modules.get(name)
+    if prog is None:
+        raise RuntimeError(f"specc::scan: the cell of this graph ({name}) is not loaded in this process; "
+                           f"load it (specc.load, or import the module specc compile wrote) before running the graph")
+    from .runtime import CellModule
+
+    made = CellModule(prog, {k: int(v) for k, v in (d.split("=") for d in dims.split(",") if d)}, backend=backend)
+    _MADE[key] = made
+    return made
+
+
+def _sizes(cell, tensors, n_inputs: int, n_states: int, steps: int) -> tuple[int, int]:
+    if n_inputs:
+        return tensors[0].shape[0], tensors[0].shape[1]
+    return steps, tensors[n_inputs].shape[0]
+
+
+@torch.library.custom_op("specc::scan", mutates_args=())
+def scan(key: str, n_inputs: int, n_states: int, steps: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The cell's outputs (T, B, O) and final states (B, H) for `tensors`: inputs, states, parameters."""
+    cell = _cell(key)
+    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    backend, _ = cell._backend_for(list(tensors), tensors[-1].dtype, n_inputs=n_inputs, steps=T, batch=B)
+    outs, finals, _ = backend.forward(cell.program, list(tensors), T, B, cell._dim_args, train=False)
+    # An op's outputs share no memory with its inputs or with each other.
+    seen = {t.untyped_storage().data_ptr() for t in tensors}
+    result = []
+    for t in (*outs, *finals):
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return result
+
+
+@scan.register_fake
+def _(key, n_inputs, n_states, steps, tensors):
+    cell = _cell(key)
+    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    like = tensors[0]
+    prog = cell.program
+    return ([like.new_empty((T, B, cell.sizes["outputs"][n][0])) for n in prog.OUTPUTS]
+            + [like.new_empty((B, cell.sizes["states"][n][0])) for n in prog.STATES])
+
+
+@torch.library.custom_op("specc::scan_backward", mutates_args=())
+def scan_backward(key: str, n_inputs: int, n_states: int, steps: int, tensors: list[torch.Tensor],
+                  grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of every tensor of `scan`, given those of its results (`grads`)."""
+    cell = _cell(key)
+    prog = cell.program
+    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    tensors = list(tensors)
+    backend, _ = cell._backend_for(tensors, tensors[-1].dtype, n_inputs=n_inputs, steps=T, batch=B)
+    _, _, saved = backend.forward(prog, tensors, T, B, cell._dim_args, train=True)
+    n_out = len(prog.OUTPUTS)
+    params = tensors[n_inputs + n_states:]
+    out = backend.backward(prog, saved, list(grads[:n_out]), list(grads[n_out:]), params, T, B, cell._dim_args)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, out)]
+
+
+@scan_backward.register_fake
+def _(key, n_inputs, n_states, steps, tensors, grads):
+    return [t.new_empty(t.shape) for t in tensors]
+
+
+def _setup(ctx, inputs, output):
+    key, n_inputs, n_states, steps, tensors = inputs
+    ctx.args = (key, n_inputs, n_states, steps)
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grads):
+    if torch.is_grad_enabled():
+        raise RuntimeError("specc computes the gradient of a cell but not the gradient of that gradient "
+                           "(create_graph=True, double backward)")
+    tensors = ctx.saved_tensors
+    key, n_inputs, n_states, steps = ctx.args
+    cell = _cell(key)
+    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    prog = cell.program
+    n_out = len(prog.OUTPUTS)
+    like = tensors[-1]
+    full = [torch.zeros((T, B, cell.sizes["outputs"][n][0]), dtype=like.dtype, device=like.device)
+            if g is None else g.contiguous() for g, n in zip(grads[:n_out], prog.OUTPUTS)]
+    full += [torch.zeros((B, cell.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
+             if g is None else g.contiguous() for g, n in zip(grads[n_out:], prog.STATES)]
+    return None, None, None, None, scan_backward(key, n_inputs, n_states, steps, list(tensors), full)
+
+
+scan.register_autograd(_backward, setup_context=_setup)
+
+
+def run(module, n_inputs: int, n_states: int, steps: int, tensors: list) -> tuple:
+    """The cell's outputs and final states as one `specc::scan` in the graph being traced."""
+    return tuple(torch.ops.specc.scan(key_of(module), n_inputs, n_states, steps, list(tensors)))
