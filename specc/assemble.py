@@ -84,6 +84,10 @@ def module_source(cell: CheckedCell, fwd: Schedule, bwd: Schedule, saved: list[i
         w.line("")
         w.line("")
     _module_class(w, cell)
+    w.line("")
+    w.line("")
+    w.line("# The spec this module was generated from, as data: specc.export_onnx derives the step IR from it again.")
+    w.line(f"SPEC_TEXT = {text!r}")
     return w.text()
 
 

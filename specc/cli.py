@@ -150,6 +150,63 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _parse_dims(text: str | None) -> dict[str, int]:
+    dims = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip() or not value.strip().isdigit():
+            raise ValueError(f"--dims: expected NAME=NUMBER, got {part.strip()!r} (e.g. --dims I=6,H=8)")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _cmd_export(args) -> int:
+    from .onnx_export import export_onnx
+
+    out = Path(args.onnx)
+    if out.is_dir():
+        print(f"{out}: error: is a directory; give the file to write, e.g. {out / 'cell.onnx'}", file=sys.stderr)
+        return 1
+    if out.exists() and not args.force:
+        print(f"{out}: error: exists; not overwriting it (use --force)", file=sys.stderr)
+        return 1
+    try:
+        dims = _parse_dims(args.dims)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.source.endswith(".pt"):
+        from .train.sample import load_model
+
+        if dims:
+            print("error: --dims is for a spec; a checkpoint has its own", file=sys.stderr)
+            return 2
+        module = load_model(args.source)[0]
+    else:
+        from . import load
+
+        try:
+            _read_spec_file(args.source)  # a spec-sized text file, or a library name
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            print(f"{args.source}: error: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 1
+        try:
+            module = load(Path(args.source) if Path(args.source).is_file() else args.source, args.cell,
+                          backend="numpy", **dims)
+        except (TypeError, ValueError) as e:  # dimensions missing, unknown or unusable
+            print(f"{args.source}: error: {e}", file=sys.stderr)
+            return 1
+    try:
+        export_onnx(module.eval(), out)
+    except (TypeError, ValueError) as e:
+        print(f"{args.source}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run
 
@@ -235,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell", help="which cell, when the file defines several")
     p.add_argument("--force", action="store_true", help="overwrite an output file that specc did not write")
     p.set_defaults(run=_cmd_compile)
+
+    p = sub.add_parser("export", help="write a cell (a spec, or a checkpoint of one) as an ONNX graph")
+    p.add_argument("source", help="a .rnn file, a library cell's name, or a checkpoint (.pt)")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the file to write")
+    p.add_argument("--dims", help="the cell's dimensions, e.g. I=6,H=8 (for a spec)")
+    p.add_argument("--cell", help="which cell, when the file defines several")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.onnx if it exists")
+    p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("demo", help="compile specs/lstm.rnn and train it to predict the next letter of 'hello'")
     p.add_argument("--steps", type=int, default=300)

@@ -23,6 +23,7 @@ import torch
 
 _CELLS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
 _MADE: dict[str, torch.nn.Module] = {}  # cells rebuilt from a key alone (a graph loaded from a file)
+MAKE_CELL: list = [None]  # runtime.CellModule, set by runtime (which imports this module, not the reverse)
 
 
 def traced(tensors) -> bool:
@@ -62,9 +63,7 @@ def _cell(key: str):
     if prog is None:
         raise RuntimeError(f"specc::scan: the cell of this graph ({name}) is not loaded in this process; "
                            f"load it (specc.load, or import the module specc compile wrote) before running the graph")
-    from .runtime import CellModule
-
-    made = CellModule(prog, {k: int(v) for k, v in (d.split("=") for d in dims.split(",") if d)}, backend=backend)
+    made = MAKE_CELL[0](prog, {k: int(v) for k, v in (d.split("=") for d in dims.split(",") if d)}, backend=backend)
     _MADE[key] = made
     return made
 

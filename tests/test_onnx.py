@@ -1,0 +1,126 @@
+"""ONNX export (issue 16): every library cell and random cells, written by specc.export_onnx and
+run in onnxruntime, against the module in eval (float32, 1e-5)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+
+import specc
+from specc.check import check
+from specc.fuzz.gen import cells
+from specc.library import spec_file, spec_names
+from specc.onnx_export import ACTIVATION_NODES, export_onnx
+from specc.ops import ACTIVATIONS
+from specc.parse import parse
+from specc.runtime import own_inputs
+
+ort = pytest.importorskip("onnxruntime")  # a test extra: pip install -e '.[test]'
+
+
+def _library_cells():
+    """(spec name, cell name) of every cell of the library's spec files."""
+    out = []
+    for name in spec_names():
+        text = spec_file(name).read_text(encoding="utf-8")
+        out += [(name, c.name, tuple(c.dims)) for c in check(parse(text, f"specs/{name}.rnn"))]
+    return out
+
+
+SIZES = [5, 7, 3, 4, 6]
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the warning for each weight a forward does not read
+    return ort.InferenceSession(str(path), options)
+
+
+def _compare(m, path, T=6, B=3, seed=0, rtol=1e-5, atol=1e-5):
+    torch.manual_seed(seed)
+    sess = _session(path)
+    prog = m.program
+    xs = [torch.randn(T, B, m.sizes["inputs"][n][0]) for n in own_inputs(prog)]
+    states = [torch.randn(B, m.sizes["states"][n][0]) for n in prog.STATES]
+    assert [i.name for i in sess.get_inputs()][:len(xs)] == list(own_inputs(prog))
+    assert len(sess.get_inputs()) == len(xs) + len(states)
+    out, final = m(xs[0] if len(xs) == 1 else tuple(xs), states[0] if len(states) == 1 else tuple(states))
+    want = [*(out if isinstance(out, tuple) else (out,)), *(final if isinstance(final, tuple) else (final,))]
+    got = sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), xs + states)})
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        w = w.detach().numpy()
+        if np.isfinite(w).all():
+            scale = max(1.0, float(np.abs(w).max()))
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("spec,cell,dims", _library_cells(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_library_cell_runs_in_onnxruntime_as_in_specc(spec, cell, dims, tmp_path):
+    m = specc.load(spec, cell, backend="numpy", **dict(zip(dims, SIZES))).eval()
+    path = export_onnx(m, tmp_path / f"{cell}.onnx")
+    _compare(m, path)
+    _compare(m, path, T=1, B=1, seed=1)  # T and B are free in the graph
+
+
+@settings(max_examples=int(os.environ.get("SPECC_ONNX_CELLS", "40")), derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(cells())
+def test_random_cells_run_in_onnxruntime_as_in_specc(tmp_path_factory, cell):
+    """What users write, not only what we wrote: cells drawn from every construct of the language."""
+    m = specc.load(cell.text, backend="numpy", **cell.dims).eval()
+    assume(own_inputs(m.program))  # a cell without inputs takes T from steps=, which ONNX has not
+    path = export_onnx(m, tmp_path_factory.mktemp("onnx") / "cell.onnx")
+    _compare(m, path, T=4, B=2, rtol=1e-4, atol=1e-4)
+
+
+def test_every_activation_has_an_onnx_spelling():
+    assert set(ACTIVATION_NODES) == set(ACTIVATIONS)
+
+
+def test_the_graph_hoists_the_input_product_out_of_the_scan(tmp_path):
+    import onnx
+
+    path = export_onnx(specc.load("lstm", I=5, H=7), tmp_path / "lstm.onnx")
+    model = onnx.load(str(path))
+    main_ops = [n.op_type for n in model.graph.node]
+    assert main_ops.count("Scan") == 1 and "MatMul" in main_ops  # W_ih @ x for all steps, before
+    body = next(n for n in model.graph.node if n.op_type == "Scan").attribute[0].g
+    assert [n.op_type for n in body.node].count("MatMul") == 1  # W_hh @ h, the only product a step
+    assert {i.name for i in model.graph.initializer} == {"W_ih", "W_hh", "b_ih", "b_hh"}
+
+
+def test_from_torch_lstm_exports_and_equals_torch(tmp_path):
+    ref = torch.nn.LSTM(5, 7)
+    path = export_onnx(specc.from_torch(ref), tmp_path / "lstm.onnx")
+    x, h0, c0 = torch.randn(6, 3, 5), torch.randn(3, 7), torch.randn(3, 7)
+    out, h, c = _session(path).run(None, {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()})
+    want, (want_h, want_c) = ref(x, (h0[None], c0[None]))
+    np.testing.assert_allclose(out, want.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(c, want_c[0].detach().numpy(), atol=1e-5)
+
+
+def test_what_is_not_exported_is_refused_clearly(tmp_path):
+    net = specc.load("classifier", V=5, E=3, H=4, C=2)
+    with pytest.raises(TypeError, match="networks are not exported to ONNX yet"):
+        export_onnx(net, tmp_path / "n.onnx")
+    counter = specc.load("cell counter(H) {\n state h[H] = zeros\n h' = h + 1\n output h'\n}", H=2)
+    with pytest.raises(ValueError, match="no input sequence"):
+        export_onnx(counter, tmp_path / "c.onnx")
+
+
+def test_specc_export_on_the_command_line(tmp_path, capsys):
+    from specc.cli import main
+
+    out = tmp_path / "gru.onnx"
+    assert main(["export", "gru", "--onnx", str(out), "--dims", "I=6,H=8"]) == 0
+    sess = _session(out)
+    assert [i.name for i in sess.get_inputs()] == ["x", "h0"]
+    assert main(["export", "gru", "--onnx", str(out), "--dims", "I=6,H=8"]) == 1  # exists: not overwritten
+    assert "not overwriting" in capsys.readouterr().err
+    assert main(["export", "gru", "--onnx", str(tmp_path / "g1.onnx"), "--dims", "I=6,H=eight"]) == 2
+    assert "NAME=NUMBER" in capsys.readouterr().err
+    assert main(["export", "gru", "--onnx", str(tmp_path / "g2.onnx"), "--dims", "I=6"]) == 1
+    assert "H" in capsys.readouterr().err
