@@ -1,7 +1,5 @@
 """specc train / sample: the loop against a hand-written torch reference, resume, checkpoints, NaN."""
 import pickle
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -256,22 +254,12 @@ def test_checkpoints_load_safely_and_are_replaced_atomically(tmp_path, monkeypat
         checkpoint.load(path)
 
 
-def _read_png(data: bytes):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(kind + body)
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + n
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w)
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 3 * w)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(h, w, 3)
+def _read_png(path):
+    """The image as (H, W, 3) uint8, decoded by Pillow (matplotlib's own reader), not by us."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def test_cli_train_then_sample_hello(tmp_path, capsys):
@@ -304,8 +292,22 @@ out: {tmp_path / 'run'}
     first = capsys.readouterr().out
     assert main(["sample", ckpt, "--temperature", "1.5", "--seed", "3", "--length", "40"]) == 0
     assert capsys.readouterr().out == first
-    img = _read_png((tmp_path / "run" / "loss.png").read_bytes())
+    img = _read_png(tmp_path / "run" / "loss.png")
     assert img.shape[2] == 3 and (img == [31, 119, 180]).all(-1).any()  # the training curve is drawn
+
+
+def test_loss_figure_has_axes_titles_legend_and_marked_evaluations():
+    from specc.train.plot import loss_figure
+
+    train_curve = [(s, 4.0 * 0.99 ** s) for s in range(1, 400)]
+    ax = loss_figure(train_curve, [(400, 0.1)], "lstm on hello", "loss (cross-entropy, nats)").axes[0]
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss (cross-entropy, nats)"
+    assert ax.get_title() == "lstm on hello"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("training" in t for t in labels) and "evaluation loss" in labels
+    evals = [line for line in ax.get_lines() if line.get_label() == "evaluation loss"][0]
+    assert evals.get_marker() == "o"  # a single evaluation is a visible point
+    assert ax.get_yscale() == "log"  # 4.0 down to 0.07: more than a decade
 
 
 def test_sample_refuses_unknown_characters(tmp_path):
@@ -414,3 +416,15 @@ def test_a_fresh_run_does_not_replace_an_existing_checkpoint(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err and ckpt.read_bytes() == before
     assert main(["train", str(cfg_file), "--no-progress", "--force"]) == 0
     assert checkpoint.load(ckpt)["step"] == 1
+
+
+def test_metrics_csv_has_a_row_a_step_and_the_evaluations(tmp_path):
+    import csv
+
+    cfg = corpus_config(tmp_path, steps=6)
+    result = train(cfg, progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx(result.history, rel=1e-5)
+    evals = {int(r["step"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
+    assert evals == pytest.approx({s: m["loss"] for s, m in result.evals}, rel=1e-5)

@@ -27,6 +27,7 @@ from torch import nn
 from . import checkpoint
 from .config import ConfigError, model_section
 from .model import SequenceModel, build_model
+from .logs import TensorBoard, write_metrics_csv
 from .plot import write_loss_curve
 from .progress import Progress
 from .threads import set_threads
@@ -221,8 +222,13 @@ class _Training:
                 "carry": carry, "history": self.history, "evals": self.evals,
                 "io": {"n_in": task.n_in, "n_out": task.n_out, "inputs": task.inputs, "vocab": task.vocab},
             })
+            ylabel = "loss (cross-entropy, nats)" if task.loss == "ce" else "loss (mean squared error)"
+            spec = self.cfg["model"]["spec"]
+            cell = spec if len(spec) < 60 and "{" not in spec else "the config's cell"
+            title = f"{cell} on {self.cfg['task']['name']}"
             write_loss_curve(self.out / "loss.png", list(enumerate(self.history, 1)),
-                             [(s, m["loss"]) for s, m in self.evals])
+                             [(s, m["loss"]) for s, m in self.evals], title, ylabel)
+            write_metrics_csv(self.out / "metrics.csv", self.history, self.evals)
         self.saved_step = self.step
 
     def steps_done(self) -> bool:
@@ -245,6 +251,7 @@ class _Training:
         status, message = "done", ""
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.board = TensorBoard(self.out / "tensorboard" if main else None)
         try:
             done = self.steps_done()
             while not done:
@@ -257,6 +264,7 @@ class _Training:
                     break
         finally:
             self.bar.close()
+            self.board.close()
             self.model.share_of_batch(None)  # the model handed back takes any batch
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
@@ -297,12 +305,14 @@ class _Training:
         self.carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
         self.step += 1
         self.history.append(loss_value)
+        self.board.step(self.step, loss_value)
         self.bar.update(self.step, loss_value, int(count) if task.stream else self.B)
         done = self.steps_done() or out_of_time
         last = done or stop_now
         if self.step % t["eval_every"] == 0 or last:
             metrics = evaluate(task, self.model, self.cfg)
             self.evals.append((self.step, metrics))
+            self.board.eval(self.step, metrics)
             self.bar.message(f"step {self.step}: eval {format_metrics(metrics)}")
         if self.step % t["checkpoint_every"] == 0 or last:
             self.save()

@@ -1,4 +1,6 @@
-"""A one-line progress bar: steps, loss, throughput, time left. Plain log lines when not a terminal."""
+"""The progress bar of training: tqdm's, on a terminal; plain log lines every `every` steps when
+not (a log file, CI). The fraction done is the larger of steps and time against their limits, so a
+run bounded by train.time_limit fills the bar too."""
 from __future__ import annotations
 
 import sys
@@ -17,10 +19,22 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if enabled is None else enabled
         self.every = every
-        self.start = self.last_draw = time.perf_counter()
+        self.start = time.perf_counter()
         self.start_step = start_step
         self.items = 0
         self.smooth = None  # the loss shown: an exponential moving average over ~20 steps
+        self.bar = None
+        if self.tty:
+            import shutil
+
+            from tqdm import tqdm
+
+            # Thousandths of the run, so that a time limit and a step count share one bar. The size
+            # from shutil, which falls back to 100 x 20 where the terminal says 0 x 0 (tqdm would then
+            # draw nothing: a bar below the last of 0 rows is hidden).
+            size = shutil.get_terminal_size((100, 20))
+            self.bar = tqdm(total=1000, file=self.stream, bar_format="{percentage:3.0f}% |{bar:24}| {desc}",
+                            mininterval=0.1, ncols=size.columns, nrows=size.lines, leave=True)
 
     def fraction(self, step: int) -> float:
         parts = []
@@ -33,32 +47,28 @@ class Progress:
     def update(self, step: int, loss: float, items: int, note: str = "") -> None:
         self.items += items
         self.smooth = loss if self.smooth is None else 0.95 * self.smooth + 0.05 * loss
-        now = time.perf_counter()
-        elapsed = now - self.start
+        elapsed = time.perf_counter() - self.start
         rate = self.items / elapsed if elapsed > 0 else 0.0
         frac = self.fraction(step)
         eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
         total = f"/{self.total}" if self.total else ""
         text = (f"step {step}{total}  loss {self.smooth:.4f}  {rate:,.0f} {self.unit}/s  "
                 f"{_clock(elapsed)}<{_clock(eta)}" + (f"  {note}" if note else ""))
-        if self.tty:
-            if now - self.last_draw >= 0.1 or frac >= 1.0:
-                width = 24
-                filled = int(frac * width)
-                bar = "█" * filled + "·" * (width - filled)
-                self.stream.write(f"\r{int(frac * 100):3d}% {bar} {text}\x1b[K")
-                self.stream.flush()
-                self.last_draw = now
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=False)
+            self.bar.update(max(int(frac * 1000) - self.bar.n, 0))
         elif step % self.every == 0:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def message(self, text: str) -> None:
         """A line of its own, above the bar."""
-        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
