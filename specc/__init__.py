@@ -10,7 +10,7 @@ from . import torch_ops  # noqa: F401  (the ops a saved torch.export program cal
 from .api import compile_spec, load, program
 from .errors import SpecError
 
-__all__ = ["load", "from_torch", "to_torch", "compile_spec", "program", "SpecError"]
+__all__ = ["load", "load_checkpoint", "from_torch", "to_torch", "export_onnx", "compile_spec", "program", "SpecError"]
 __version__ = "0.1.0"
 
 
@@ -18,6 +18,20 @@ def from_torch(m, **kwargs):
     from .interop import from_torch as _from_torch
 
     return _from_torch(m, **kwargs)
+
+
+def load_checkpoint(path):
+    """The trained model in a checkpoint of `specc train` (checkpoint.pt), rebuilt from the spec
+    text it carries: no config and no spec file needed."""
+    from .train.sample import load_model
+
+    return load_model(path)[0]
+
+
+def export_onnx(module, path, example_input=None):
+    from .onnx_export import export_onnx as _export
+
+    return _export(module, path, example_input)
 
 
 def to_torch(m):

@@ -48,7 +48,7 @@ LOAD_KEYWORDS = {"spec", "cell", "batch_first", "backend", "dtype", "self", "pro
 # take the name of one of its methods or attributes. tests/test_errors.py checks this list
 # against the installed torch.
 MODULE_ATTRS = frozenset("""
-    T_destination add_module apply backend backend_choice batch_first bfloat16 buffers call_super_init children
+    T_destination add_module apply backend backend_choice batch_first bfloat16 buffers call_super_init cell_name children
     compile cpu cuda dims double draw_noise dump_patches eval extra_repr float forward get_buffer
     get_extra_state get_parameter get_submodule half initial_state ipu load_state_dict modules mtia
     named_buffers named_children named_modules named_parameters parameters program register_backward_hook

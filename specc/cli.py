@@ -231,10 +231,16 @@ def _cmd_train(args) -> int:
         print(f"final evaluation: {format_metrics(result.evals[-1][1])}")
     if result.task.stream and not args.no_sample:
         s = cfg["sample"]
-        print(f"\nA sample ({s['length']} characters after {s['prime']!r}, temperature {s['temperature']}):\n")
-        print(s["prime"] + generate(result.model, result.task.vocab, s["prime"], s["length"], s["temperature"],
-                                    s["seed"]))
+        prime = _prime(s["prime"], result.task.vocab)
+        print(f"\nA sample ({s['length']} characters after {prime!r}, temperature {s['temperature']}):\n")
+        print(prime + generate(result.model, result.task.vocab, prime, s["length"], s["temperature"], s["seed"]))
     return 0
+
+
+def _prime(prime: str, vocab: list[str]) -> str:
+    """The config's prime, or where the model never saw one of its characters (the default "\\n"
+    for a text without newlines) the first character it knows."""
+    return prime if prime and not set(prime) - set(vocab) else vocab[0]
 
 
 def _is_main_process() -> bool:
@@ -244,13 +250,20 @@ def _is_main_process() -> bool:
 def _cmd_sample(args) -> int:
     from .train.sample import generate, load_model
 
+    from .train.tasks import TASKS
+
     model, ck = load_model(args.checkpoint)
     vocab = ck["io"]["vocab"]
-    if vocab is None:
-        print(f"{args.checkpoint}: error: not a language model (task {ck['config']['task']['name']})", file=sys.stderr)
+    task = ck["config"]["task"]["name"]
+    if vocab is None or not getattr(TASKS.get(task), "stream", False):
+        print(f"{args.checkpoint}: error: not a language model (task {task}); specc sample continues text from "
+              f"models trained on a text stream (tasks {', '.join(n for n, t in TASKS.items() if t.stream)})",
+              file=sys.stderr)
         return 1
     s = ck["config"]["sample"]
     prime = s["prime"] if args.prime is None else args.prime.replace("\\n", "\n").replace("\\t", "\t")
+    if args.prime is None:
+        prime = _prime(prime, vocab)
     length = s["length"] if args.length is None else args.length
     temperature = s["temperature"] if args.temperature is None else args.temperature
     seed = s["seed"] if args.seed is None else args.seed
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:
         # Config mistakes and missing files are the user's to fix: say what, without a traceback.
-        if type(e).__name__ == "ConfigError" or isinstance(e, FileNotFoundError):
+        if type(e).__name__ in ("ConfigError", "CheckpointError") or isinstance(e, FileNotFoundError):
             print(f"error: {e}" if isinstance(e, FileNotFoundError) else str(e), file=sys.stderr)
             return 2
         if os.environ.get("SPECC_DEBUG"):

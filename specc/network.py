@@ -103,6 +103,8 @@ class Recurrent(nn.Module):
             for d in range(self.num_directions):
                 self.cells[self.key(k, d)] = CellModule(program, dims, dtype=dtype, backend=backend)
         self.cell_name = program.CELL.removesuffix("_masked")  # the user's cell, not masking's variant
+        for cell in self.cells.values():
+            cell.cell_name = self.cell_name
         # (batch, first, end): this process trains on columns first:end of a batch of `batch`
         # (DistributedDataParallel), and draws each dropout mask for the whole batch, keeping its
         # columns, so that the processes together drop what one process would. None: torch's own.
@@ -392,8 +394,11 @@ class Network(nn.Module):
 
     def _bind(self, args, named, lengths):
         if len(args) > len(self.input_names):
+            fed = self.checked.prev[0] if self.checked.prev is not None else None
+            hint = (f"; its output {fed} is fed back with prev({fed}): pass the targets by name, "
+                    f"net({', '.join(self.input_names + ('',))}{fed}=...)" if fed else "")
             raise TypeError(f"network '{self.checked.name}' takes {len(self.input_names)} input(s) "
-                            f"({', '.join(self.input_names) or 'none'}), got {len(args)}")
+                            f"({', '.join(self.input_names) or 'none'}), got {len(args)}{hint}")
         given = dict(zip(self.input_names, args))
         for k in list(named):
             if k in self.input_names:

@@ -210,7 +210,7 @@ class _Scan(torch.autograd.Function):
         # this gradient (a penalty on it, a Hessian-vector product), which the generated code
         # does not have. Said here in one line, instead of torch's error at the second pass.
         if torch.is_grad_enabled():
-            raise RuntimeError(f"cell '{ctx.module.program.CELL}': specc computes the gradient of a cell but "
+            raise RuntimeError(f"cell '{ctx.module.cell_name}': specc computes the gradient of a cell but "
                                f"not the gradient of that gradient (create_graph=True, double backward)")
         module = ctx.module
         prog = module.program
@@ -241,6 +241,9 @@ class CellModule(nn.Module):
         check_dims(f"cell '{program.CELL}'", spec_dims(program), dims)
         check_backend(backend)
         self.program = program
+        # The name in messages and print(module): the user's cell, which a network's layer sets
+        # (its program is masking's variant of the cell, named CELL_masked).
+        self.cell_name = program.CELL
         self.dims = dict(dims)
         self.batch_first = batch_first
         self.backend = backend
@@ -280,13 +283,13 @@ class CellModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.dims.items())
 
     def extra_repr(self) -> str:
-        return f"{self.program.CELL}, {self._dims_text()}" + (", batch_first=True" if self.batch_first else "")
+        return f"{self.cell_name}, {self._dims_text()}" + (", batch_first=True" if self.batch_first else "")
 
     def reset_parameters(self) -> None:
         try:
             self.program.init_params({n: getattr(self, n) for n in self.program.PARAMS}, **self._dim_args)
         except (ValueError, ArithmeticError, RuntimeError) as e:
-            raise ValueError(f"cell '{self.program.CELL}': an initialiser cannot be applied with "
+            raise ValueError(f"cell '{self.cell_name}': an initialiser cannot be applied with "
                              f"{self._dims_text()}: {e}") from None
         fill = self.program.state_fill(**self._dim_args)
         with torch.no_grad():
@@ -311,6 +314,7 @@ class CellModule(nn.Module):
             import importlib
 
             state["program"] = importlib.import_module(ref[1])
+        state.setdefault("cell_name", state["program"].CELL)  # a module pickled before it had one
         self.__dict__.update(state)
         torch_ops.register(self)
 
@@ -363,7 +367,7 @@ class CellModule(nn.Module):
     def forward(self, x=None, state=None, steps: int | None = None):
         """x: the input sequence (a tuple of them for a cell with several inputs, None for none)."""
         prog = self.program
-        name = prog.CELL
+        name = self.cell_name
         if x is not None and not isinstance(x, (torch.Tensor, tuple, list)):
             raise TypeError(f"cell '{name}': x must be a tensor (or a tuple of them), got {type(x).__name__}")
         inputs = () if x is None else ((x,) if isinstance(x, torch.Tensor) else tuple(x))
@@ -463,7 +467,7 @@ class CellModule(nn.Module):
         return backend, work
 
     def _choose(self, tensors, dtype, n_inputs, steps, batch):
-        name = self.program.CELL
+        name = self.cell_name
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise RuntimeError(f"cell '{name}': all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -517,11 +521,11 @@ class CellModule(nn.Module):
         prog = self.program
         if state is None:
             if batch is None:
-                raise TypeError(f"cell '{prog.CELL}' has no inputs: pass its initial state")
+                raise TypeError(f"cell '{self.cell_name}' has no inputs: pass its initial state")
             return list(self.initial_state(batch, device=device))
         states = [state] if isinstance(state, torch.Tensor) else list(state)
         if len(states) != len(prog.STATES):
-            raise ValueError(f"cell '{prog.CELL}' has {len(prog.STATES)} state(s) ({', '.join(prog.STATES)}), "
+            raise ValueError(f"cell '{self.cell_name}' has {len(prog.STATES)} state(s) ({', '.join(prog.STATES)}), "
                              f"got {len(states)}")
         out = []
         for s, sname in zip(states, prog.STATES):

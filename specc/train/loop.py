@@ -26,7 +26,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import ConfigError, model_section
-from .model import SequenceModel, build_model
+from .model import SequenceModel, build_model, spec_of
 from .logs import TensorBoard, write_metrics_csv
 from .plot import write_loss_curve
 from .progress import Progress
@@ -171,6 +171,7 @@ class _Training:
         seed_everything(t["seed"])
         task = self.task = task_from_config(cfg)
         self.model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs).to(self.device)
+        self.spec = spec_of(cfg["model"])
         # Dropout masks are drawn for the global batch by every process (each keeping its columns), as
         # one process would draw them; in one process too, so that both draw the same numbers.
         self.model.share_of_batch((B, self.lo, self.hi))
@@ -221,6 +222,7 @@ class _Training:
                 "optimizer": self.opt.state_dict(), "rng": checkpoint.rng_states(), "data": self.source.state_dict(),
                 "carry": carry, "history": self.history, "evals": self.evals,
                 "io": {"n_in": task.n_in, "n_out": task.n_out, "inputs": task.inputs, "vocab": task.vocab},
+                "spec": self.spec,
             })
             ylabel = "loss (cross-entropy, nats)" if task.loss == "ce" else "loss (mean squared error)"
             spec = self.cfg["model"]["spec"]

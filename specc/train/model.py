@@ -64,6 +64,19 @@ def _output_size(cell) -> int:
     return cell.sizes["outputs"][cell.program.OUTPUTS[0]][0]
 
 
+def spec_of(model_cfg: dict) -> dict:
+    """The cell a config's model section names, as a checkpoint keeps it: the spec's text (so that
+    the checkpoint rebuilds its model wherever it is read, whatever became of the file) and the
+    cell's name."""
+    from ..pipeline import read_spec
+
+    spec, cell = model_cfg["spec"], model_cfg.get("cell")
+    text, file = read_spec(spec)
+    if cell is None and spec.isidentifier():
+        cell = spec
+    return {"text": text, "file": file, "cell": cell}
+
+
 def build_model(model_cfg: dict, n_in: int, n_out: int, inputs: str) -> SequenceModel:
     """From a config's model section and the task's input/output sizes. Dimensions I (the input
     size) and, with the head off, O (the output size) are filled in when the cell has them; with

@@ -11,8 +11,15 @@ def load_model(path) -> tuple[SequenceModel, dict]:
     """The model in a training checkpoint, and the checkpoint (its config, vocabulary, ...)."""
     ck = checkpoint.load(path)
     io = ck["io"]
-    model = build_model(ck["config"]["model"], io["n_in"], io["n_out"], io["inputs"])
-    model.load_state_dict(ck["model"])
+    model_cfg = ck["config"]["model"]
+    if "spec" in ck:  # the spec's own text: the file it came from need not exist any more
+        model_cfg = dict(model_cfg, spec=ck["spec"]["text"], cell=ck["spec"]["cell"])
+    model = build_model(model_cfg, io["n_in"], io["n_out"], io["inputs"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"{path}: its weights do not fit the model it describes "
+                                         f"({str(e).splitlines()[0]})") from None
     return model, ck
 
 
