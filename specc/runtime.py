@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import linecache
+import math
 import os
 import sys
 import types
@@ -189,6 +190,28 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
     return _CHOICES[key]
 
 
+def _machine_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
+
+
+def _check_memory(what: str, shapes: dict, dtype: torch.dtype) -> None:
+    """Refuse, before allocating, parameters larger than this machine's memory, naming the largest
+    (torch's allocator would fail with its own message, or the machine would start swapping)."""
+    total = _machine_memory()
+    if total is None:
+        return
+    size = torch.empty((), dtype=dtype).element_size()
+    need = {name: size * math.prod(shape) for name, shape in shapes.items()}
+    if sum(need.values()) > total:
+        name = max(need, key=need.get)
+        raise ValueError(f"{what}: the parameters would take {sum(need.values()) / 2**30:,.1f} GiB "
+                         f"({name} alone {tuple(shapes[name])}, {need[name] / 2**30:,.1f} GiB of {dtype}), more than "
+                         f"this machine's memory ({total / 2**30:,.1f} GiB)")
+
+
 class _Scan(torch.autograd.Function):
     """The whole sequence as one autograd node: forward and backward are the generated code."""
 
@@ -259,6 +282,7 @@ class CellModule(nn.Module):
                                      f"{tuple(shape)}; every size must be a positive whole number")
         self.sizes = {k: {n: tuple(int(s) for s in shape) for n, shape in v.items()} for k, v in self.sizes.items()}
         dtype = dtype or torch.get_default_dtype()
+        _check_memory(f"cell '{program.CELL}' with {self._dims_text()}", self.sizes["params"], dtype)
         self._default_dtype = dtype  # what a cell without parameters computes in
         consts = getattr(program, "CONSTS", ())  # a module compiled before `const` had none
         for name, shape in self.sizes["params"].items():

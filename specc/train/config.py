@@ -190,6 +190,14 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             fail("model", "dims", f"dimension {name} must be a positive whole number, got {size!r}")
     m = cfg["model"]
+    declared = _cell_dims(m)
+    for name in m["dims"]:
+        if declared is not None and name not in declared[1]:
+            dims_node = node_of("model", "dims")
+            keys = r.mapping(dims_node, "model.dims") if isinstance(dims_node, yaml.MappingNode) else {}
+            at = r.where(keys[name][0]) if name in keys else r.source
+            raise ConfigError(f"{at}: model.dims: cell '{declared[0]}' has no dimension {name} (its dimensions: "
+                              f"{', '.join(declared[1]) or 'none'}; I, and O without a head, come from the task)")
     if m["layers"] < 1:
         fail("model", "layers", f"must be at least 1, got {m['layers']}")
     if not 0.0 <= m["dropout"] < 1.0:
@@ -215,6 +223,23 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
         fail("train", "steps", "say when to stop: steps, epochs or time_limit")
     if t["epochs"] is not None and not TASKS[cfg["task"]["name"]].stream:
         fail("train", "epochs", f"task {cfg['task']['name']} generates fresh data without end; use steps")
+
+
+def _cell_dims(m: dict) -> tuple[str, tuple[str, ...]] | None:
+    """(name, dimensions) of the cell the model section names; None when the spec does not read
+    (its own error, at its own line, comes when the model is built)."""
+    from ..check import check
+    from ..errors import SpecError
+    from ..parse import parse
+    from ..pipeline import pick_cell, read_spec
+
+    spec, cell = m["spec"], m.get("cell")
+    try:
+        text, file = read_spec(spec)
+        found = pick_cell(check(parse(text, file)), cell if cell is not None or not spec.isidentifier() else spec, file)
+    except (SpecError, OSError, ValueError):
+        return None
+    return found.name, tuple(found.dims)
 
 
 def model_section(model: dict) -> dict:

@@ -28,6 +28,7 @@ class Experiment:
     measure: str  # the metric that decides
     target: float
     better: str  # "higher" or "lower"
+    measured: str = ""  # specc's own full run, as the README reports it (seed 0)
     compare: dict | None = None  # another model, trained on the same budget, reported beside
 
 
@@ -41,19 +42,22 @@ EXPERIMENTS = {e.name: e for e in [
     Experiment(
         "reber", "an Elman network's predicted next-symbol sets (outputs > 0.3) are exactly the legal "
         "ones at >= 99% of positions on fresh strings", "Cleeremans, Servan-Schreiber & McClelland 1989",
-        _reber_config("reber", "elman", 16, False, 2000, 0.01), {"train": {"steps": 300}}, 60, "positions", 0.99, "higher"),
+        _reber_config("reber", "elman", 16, False, 2000, 0.01), {"train": {"steps": 300}}, 60, "positions", 0.99, "higher",
+        measured="100.00% of positions, 100.00% of 1920 fresh strings (2000 steps, seed 0)"),
     Experiment(
         "embedded_reber", "an LSTM predicts all legal next symbols (outputs > 0.3) of >= 99% of fresh "
         "embedded Reber strings, the second-to-last symbol included", "Hochreiter & Schmidhuber 1997",
         _reber_config("embedded_reber", "lstm", 32, True, 3000, 0.01), {"train": {"steps": 600}}, 60, "sequences", 0.99,
-        "higher", compare={"spec": "elman", "dims": {"H": 32}, "head": False}),
+        "higher", measured="100.00% of 1920 fresh strings (3000 steps, seed 0); an Elman network on the same budget too",
+        compare={"spec": "elman", "dims": {"H": 32}, "head": False}),
     Experiment(
         "adding", "an LSTM solves the adding problem at T = 100 to a mean squared error < 0.01 "
         "(always answering 1 scores ~0.167)", "Hochreiter & Schmidhuber 1997; Le, Jaitly & Hinton 2015",
         {"model": {"spec": "lstm", "dims": {"H": 64}}, "task": {"name": "adding", "length": 100},
          "train": {"batch_size": 64, "steps": 4000, "lr": 0.003, "clip": 1.0, "eval_every": 500,
                    "checkpoint_every": 10**9, "log_every": 250, "eval_batches": 4}},
-        {"task": {"length": 20}, "train": {"steps": 500}}, 16, "mse", 0.01, "lower"),
+        {"task": {"length": 20}, "train": {"steps": 500}}, 16, "mse", 0.01, "lower",
+        measured="MSE 0.0001 on 512 fresh sequences (4000 steps, seed 0)"),
 ]}
 
 
@@ -95,8 +99,15 @@ def run(name: str, quick: bool = False, seed: int = 0, out: str | None = None, p
     log(f"  measured ({e.test_batches * 32} fresh sequences): " + _fmt(results["model"]))
     if e.compare:
         log(f"  {e.compare['spec']} on the same budget: " + _fmt(results["compare"]))
-    log(f"  {'REPRODUCED' if ok else 'NOT REPRODUCED'}: {e.measure} {m:.4f} "
-        f"({'>=' if e.better == 'higher' else '<'} {e.target} wanted)")
+    wanted = f"({'>=' if e.better == 'higher' else '<'} {e.target} wanted)"
+    if quick:
+        # The small version is a smoke run of the whole path (train, test, compare), on a budget
+        # too small for the published bar: it says how far it got, and is not a failure.
+        log(f"  quick run (a smoke test, {results['model']['steps']} steps): {e.measure} {m:.4f}; the published "
+            f"bar {wanted} is for the full run: specc experiment {name}")
+        results["reproduced"] = None
+        return results
+    log(f"  {'REPRODUCED' if ok else 'NOT REPRODUCED'}: {e.measure} {m:.4f} {wanted}")
     results["reproduced"] = ok
     return results
 
