@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .check import CheckedCell, Decl
+from .dimnames import _size, code_dims
 from .ir import LEAVES, Builder, Graph
 from .lower import lower
 from .pipeline import Compiled, compile_cell
@@ -29,7 +30,12 @@ def mask_cell(cell: CheckedCell) -> tuple[CheckedCell, dict]:
 
     Returns the new cell and {size: mask input name}.
     """
-    plain = lower(cell)
+    # The widths as the compiled step names them: code_dims renames a dimension that clashes with
+    # the generated code's names (a dimension `chunk` is chunk_ there), and mask_graph meets the
+    # step IR of the renamed cell. The found fuzz cell 343 of seed 101 (2026-12-02).
+    coded = code_dims(cell)
+    plain = lower(coded)
+    back = {v: k for k, v in coded.dim_names}
     taken = {d.name for d in cell.inputs + cell.states + cell.params}
     taken |= {t.name for eq in cell.equations for t in eq.targets} | set(cell.dims)
     widths = [plain.nodes[nxt].type.shape[0] for _, _, nxt in plain.carries]
@@ -42,7 +48,7 @@ def mask_cell(cell: CheckedCell) -> tuple[CheckedCell, dict]:
                 name, k = f"mask_{k}", k + 1
             taken.add(name)
             names[size] = name
-    decls = tuple(Decl(name, (size,), None, cell.loc) for size, name in names.items())
+    decls = tuple(Decl(name, (_size(size, back),), None, cell.loc) for size, name in names.items())
     # before the dropout masks, which stay the last inputs (CheckedCell.noise)
     inputs = cell.own_inputs + decls + cell.inputs[len(cell.own_inputs):]
     return replace(cell, name=cell.name + "_masked", inputs=inputs), names

@@ -284,6 +284,21 @@ cell s(I) {
     h' = tanh(x + h)
     output h'
 }""", {"I": 3}),
+    # a dimension named like a variable of the generated code (chunk, renamed chunk_ there) in a
+    # state's size: the masked cell (lengths) looked its mask up under the spec's name of the size
+    # (seed 101, cells 343-347, 2026-12-02)
+    "a_dimension_renamed_in_the_code_sizes_a_masked_state": ("""
+cell main(I, chunk) {
+    input x1[chunk]
+    state h0[(2*chunk)] = learned
+    state h1[(I + chunk)] = zeros
+    param A0[(2*chunk), (2*chunk)]
+    param W4[(I + chunk), chunk]
+    h0' = tanh(A0 @ h0 + 0.5) * h0
+    h1' = tanh(W4 @ x1 + h1)
+    output h0
+    output y = h1'
+}""", {"I": 3, "chunk": 2}),
 }
 
 
