@@ -298,7 +298,7 @@ cell main(I, chunk) {
     h1' = tanh(W4 @ x1 + h1)
     output h0
     output y = h1'
-}""", {"I": 3, "chunk": 2}),
+}""", {"I": 3, "chunk": 2}, 1),  # seed 1: a batch of several sequences, so the lengths run
 }
 
 
