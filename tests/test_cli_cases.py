@@ -99,3 +99,24 @@ def test_compile_mistakes(tmp_path):
 def test_library_names_work_on_the_command_line(tmp_path):
     rc, out, err = specc("check", "lstm", cwd=tmp_path)  # no specs/ folder here
     assert rc == 0 and "lstm" in out, err
+
+
+def test_sample_of_a_hello_model_without_a_sample_section(tmp_path):
+    """The default prime is "\\n", which "hello" never has: sampling starts from a letter it knows."""
+    cfg = tmp_path / "hello.yaml"
+    cfg.write_text(f"model: {{spec: lstm, dims: {{H: 8}}}}\ntask: {{name: hello}}\n"
+                   f"train: {{batch_size: 4, seq_len: 10, steps: 3}}\nout: {tmp_path / 'run'}\n")
+    rc, out, err = specc("train", cfg, "--no-progress")
+    assert rc == 0 and "A sample" in out, err
+    rc, out, err = specc("sample", tmp_path / "run" / "checkpoint.pt", "--length", "10")
+    assert rc == 0 and len(out.strip()) == 11 and set(out.strip()) <= set("helo"), err
+
+
+def test_a_network_fed_back_names_the_keyword_and_prints_the_users_cell():
+    import specc as lib
+
+    net = lib.load("char_lm", V=5, E=3, H=4)
+    with pytest.raises(TypeError, match=r"pass the targets by name, net\(next=\.\.\.\)"):
+        net(torch.zeros(3, 2, dtype=torch.long))
+    shown = str(net)
+    assert "CellModule(lstm, I=3, H=4)" in shown and "masked" not in shown

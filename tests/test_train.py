@@ -428,3 +428,100 @@ def test_metrics_csv_has_a_row_a_step_and_the_evaluations(tmp_path):
     assert [float(r["train_loss"]) for r in rows] == pytest.approx(result.history, rel=1e-5)
     evals = {int(r["step"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
     assert evals == pytest.approx({s: m["loss"] for s, m in result.evals}, rel=1e-5)
+
+
+def test_schedules_follow_their_formulas_after_a_linear_warmup():
+    import math
+
+    lr, warm, total, floor = 0.1, 3, 13, 0.01
+    t = dict(schedule="cosine", warmup=warm, min_lr=floor, decay_every=4, decay=0.5)
+
+    def rates(t, total):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = loop_module.make_scheduler(opt, t, total)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])  # the rate of this update
+            opt.step()
+            sched.step()
+        return out
+
+    want = [lr * (k + 1) / (warm + 1) for k in range(warm)]
+    want += [floor + (lr - floor) * (1 + math.cos(math.pi * k / (total - warm))) / 2 for k in range(total - warm)]
+    assert rates(t, total) == pytest.approx(want, rel=1e-6)
+    assert rates(dict(t, schedule="step", warmup=0), 9) == pytest.approx([lr] * 4 + [lr / 2] * 4 + [lr / 4])
+    assert rates(dict(t, schedule="constant", warmup=0), 5) == pytest.approx([lr] * 5)
+
+
+def test_a_resumed_run_continues_its_schedule(tmp_path):
+    def config(out, steps):
+        cfg = corpus_config(tmp_path, steps=steps, optimizer="adam", lr=0.01, checkpoint_every=2, schedule="cosine",
+                            warmup=2, min_lr=0.001)
+        cfg["out"] = str(tmp_path / out)
+        return cfg
+
+    straight = train(config("a", 8), progress=False)
+    # an interrupted run: stop after 4 updates of the 8-step schedule, then resume it
+    cfg = config("b", 8)
+    original = loop_module._Training.steps_done
+    loop_module._Training.steps_done = lambda self: self.step >= 4 or original(self)
+    try:
+        train(cfg, progress=False)
+    finally:
+        loop_module._Training.steps_done = original
+    resumed = train(config("b", 8), resume=True, progress=False)
+    assert resumed.history == straight.history
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accumulated_batches_make_the_update_of_their_mean_loss(tmp_path):
+    """accumulate=2: one SGD update by the gradient of the mean of two batches' losses, against a
+    hand-written update on the same two batches (same seed, so the same data and weights)."""
+    raw = {"model": {"spec": "gru", "dims": {"H": 6}}, "task": {"name": "adding", "length": 5},
+           "train": {"batch_size": 4, "steps": 1, "optimizer": "sgd", "lr": 0.5, "clip": None, "accumulate": 2,
+                     "eval_every": 1000, "checkpoint_every": 1000, "threads": 1}, "out": str(tmp_path / "run")}
+    cfg = config_from_dict(raw)
+    result = train(cfg, progress=False)
+
+    from specc.train.model import build_model
+    from specc.train.tasks import Generated
+
+    loop_module.seed_everything(0)
+    task = loop_module.task_from_config(cfg)
+    model = build_model(cfg["model"], task.n_in, task.n_out, task.inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    source = Generated(task, 4, 0)
+    losses = []
+    for _ in range(2):
+        batch, _ = source.next()
+        pred, _ = model(batch.x)
+        losses.append(((pred - batch.y) ** 2).mean(-1).mul(batch.mask).sum() / batch.mask.sum())
+    (sum(losses) / 2).backward()
+    with torch.no_grad():
+        want = {k: before[k] - 0.5 * p.grad for k, p in model.named_parameters()}
+    got = result.model.state_dict()
+    assert result.history == pytest.approx([float(sum(losses).detach() / 2)], rel=1e-5)
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+
+
+def test_early_stopping_on_the_evaluation_loss(tmp_path):
+    assert loop_module.early_stop_due([(1, {"loss": 2.0}), (2, {"loss": 1.0}), (3, {"loss": 1.5})], 2) == ""
+    why = loop_module.early_stop_due([(1, {"loss": 2.0}), (2, {"loss": 1.0}), (3, {"loss": 1.5}), (4, {"loss": 1.2})], 2)
+    assert "best 1.0000 at step 2" in why
+    # a learning rate too small to move a float32 weight: the evaluation loss never improves
+    cfg = corpus_config(tmp_path, steps=50, optimizer="sgd", lr=1e-12, eval_every=1, early_stop=2)
+    result = train(cfg, progress=False)
+    assert result.status == "done" and result.step == 3 and "stopped early" in result.message
+
+
+def test_training_options_are_checked(tmp_path):
+    with pytest.raises(loop_module.ConfigError, match="cosine decays to min_lr"):
+        corpus_config(tmp_path, steps=None, time_limit=5.0, schedule="cosine")
+    with pytest.raises(loop_module.ConfigError, match="unknown schedule"):
+        corpus_config(tmp_path, schedule="linear")
+    with pytest.raises(loop_module.ConfigError, match="bf16 autocasts on CUDA"):
+        corpus_config(tmp_path, precision="bf16")
+    with pytest.raises(loop_module.ConfigError, match="accumulate: must be at least 1"):
+        corpus_config(tmp_path, accumulate=0)

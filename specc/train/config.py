@@ -39,6 +39,14 @@ SCHEMA = {
         "epochs": ((float, NONE), None),      # ... or passes over a stream ...
         "time_limit": ((float, NONE), None),  # ... or seconds of training in this run, whichever comes first
         "clip": ((float, NONE), 5.0),         # gradient clipping by global norm; null turns it off
+        "schedule": ((str,), "constant"),     # the learning rate: constant, cosine (to min_lr at the last step) or step
+        "warmup": ((int,), 0),                # steps of linear warmup to lr, before the schedule
+        "min_lr": ((float,), 0.0),            # cosine: the learning rate at the last step
+        "decay_every": ((int,), 1000),        # step: multiply the learning rate by `decay` every this many steps
+        "decay": ((float,), 0.5),
+        "accumulate": ((int,), 1),            # batches whose gradients one update sums (a batch of accumulate * batch_size)
+        "early_stop": ((int, NONE), None),    # stop after this many evaluations without a better evaluation loss
+        "precision": ((str,), "float32"),     # float32, or bf16 (autocast on CUDA)
         "seed": ((int,), 0),
         "device": ((str,), "cpu"),            # cpu (the faster of the C loops and NumPy) or cuda (Triton backend; nccl under torchrun)
         "threads": ((int, NONE), 1),          # CPU threads for torch and BLAS (null: leave them as they are)
@@ -56,6 +64,7 @@ SCHEMA = {
     "out": ((str,), "runs/run"),              # the directory for checkpoints, the loss curve and the log
 }
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "step")
 TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
               dict: "a mapping", NONE: "null"}
 
@@ -211,9 +220,23 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
     t = cfg["train"]
     if t["device"] not in ("cpu", "cuda"):
         fail("train", "device", f"expected cpu or cuda, got {t['device']!r}")
+    if t["schedule"] not in SCHEDULES:
+        fail("train", "schedule", f"unknown schedule {t['schedule']!r} (known: {', '.join(SCHEDULES)})")
+    if t["schedule"] == "cosine" and t["steps"] is None and t["epochs"] is None:
+        fail("train", "schedule", "cosine decays to min_lr at the last step: give train.steps or train.epochs")
+    for key in ("warmup", "min_lr"):
+        if t[key] < 0:
+            fail("train", key, f"must not be negative, got {t[key]}")
+    if not 0 < t["decay"] <= 1:
+        fail("train", "decay", f"must be in (0, 1], got {t['decay']}")
+    if t["precision"] not in ("float32", "bf16"):
+        fail("train", "precision", f"expected float32 or bf16, got {t['precision']!r}")
+    if t["precision"] == "bf16" and t["device"] != "cuda":
+        fail("train", "precision", "bf16 autocasts on CUDA; on the CPU train in float32")
     if t["optimizer"] not in OPTIMIZERS:
         fail("train", "optimizer", f"unknown optimizer {t['optimizer']!r} (known: {', '.join(OPTIMIZERS)})")
-    for key in ("threads", "batch_size", "seq_len", "eval_every", "checkpoint_every", "log_every", "steps", "eval_batches"):
+    for key in ("threads", "batch_size", "seq_len", "eval_every", "checkpoint_every", "log_every", "steps", "eval_batches",
+                "decay_every", "accumulate", "early_stop"):
         if t[key] is not None and t[key] < 1:
             fail("train", key, f"must be at least 1, got {t[key]}")
     for key in ("lr", "epochs", "time_limit", "clip"):

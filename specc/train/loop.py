@@ -83,6 +83,37 @@ def make_optimizer(params, t: dict) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, momentum=t["momentum"], weight_decay=wd)
 
 
+def make_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int | None):
+    """train.schedule as torch's schedulers, stepped once an update: `warmup` updates rising
+    linearly to lr, then constant, cosine (to min_lr at the last update) or step (times `decay`
+    every `decay_every` updates)."""
+    from torch.optim import lr_scheduler as sched
+
+    warm = t["warmup"]
+    if t["schedule"] == "cosine":
+        main = sched.CosineAnnealingLR(opt, T_max=max(total_steps - warm, 1), eta_min=t["min_lr"])
+    elif t["schedule"] == "step":
+        main = sched.StepLR(opt, step_size=t["decay_every"], gamma=t["decay"])
+    else:
+        main = sched.ConstantLR(opt, factor=1.0, total_iters=0)
+    if not warm:
+        return main
+    rise = sched.LinearLR(opt, start_factor=1 / (warm + 1), end_factor=1.0, total_iters=warm)
+    return sched.SequentialLR(opt, [rise, main], milestones=[warm])
+
+
+def early_stop_due(evals: list, patience: int | None) -> str:
+    """Why to stop, or "": the last `patience` evaluations were none better than the best before."""
+    if patience is None or len(evals) <= patience:
+        return ""
+    losses = [m["loss"] for _, m in evals]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    if len(losses) - 1 - best < patience:
+        return ""
+    return (f"stopped early: the evaluation loss has not improved for {patience} evaluations "
+            f"(best {losses[best]:.4f} at step {evals[best][0]})")
+
+
 def task_from_config(cfg: dict) -> Task:
     options = dict(cfg["task"])
     return make_task(options.pop("name"), **options)
@@ -178,13 +209,16 @@ class _Training:
         self.opt = make_optimizer(self.model.parameters(), t)
         self.source = Stream(task.train_ids, B, t["seq_len"]) if task.stream else Generated(task, B, t["seed"])
         self.step, self.history, self.evals, self.carry, self.saved_step = 0, [], [], None, None
-        if resume:
-            self._resume()
         self.total_steps = t["steps"]
         if t["epochs"] is not None:
             by_epochs = math.ceil(t["epochs"] * self.source.chunks_per_epoch)
             self.total_steps = by_epochs if self.total_steps is None else min(self.total_steps, by_epochs)
+        # Made before a resume loads the optimiser's state (its learning rate as saved), then its own.
+        self.sched = make_scheduler(self.opt, t, self.total_steps)
+        if resume:
+            self._resume()
         self.stop_requested = False
+        self.early = ""  # why training stopped early (train.early_stop), once it has
 
     def _resume(self) -> None:
         if not self.ckpt_path.exists():
@@ -197,6 +231,8 @@ class _Training:
                                   f"({ck['config'][section]} there)")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
+        if "scheduler" in ck:  # a checkpoint from before schedules had a constant rate
+            self.sched.load_state_dict(ck["scheduler"])
         checkpoint.set_rng_states(ck["rng"])
         self.source.load_state_dict(ck["data"])
         self.step = self.saved_step = ck["step"]
@@ -219,7 +255,8 @@ class _Training:
             task = self.task
             checkpoint.save(self.ckpt_path, {
                 "config": self.cfg, "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "rng": checkpoint.rng_states(), "data": self.source.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "rng": checkpoint.rng_states(), "data": self.source.state_dict(),
                 "carry": carry, "history": self.history, "evals": self.evals,
                 "io": {"n_in": task.n_in, "n_out": task.n_out, "inputs": task.inputs, "vocab": task.vocab},
                 "spec": self.spec,
@@ -270,6 +307,8 @@ class _Training:
             self.model.share_of_batch(None)  # the model handed back takes any batch
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+        if status == "done" and self.early:
+            message = f"{self.early}; checkpoint {self.ckpt_path}"
         if status == "done" and self.saved_step != self.step:
             self.save()  # e.g. a resumed run that was already finished
         if self.world > 1:
@@ -280,35 +319,28 @@ class _Training:
         return Result(status, self.step, self.model, self.task, self.out, self.history, self.evals, message)
 
     def one_step(self, net) -> tuple[bool, bool, str]:
-        """One optimiser step: (done, stop now, why it diverged or "")."""
-        t, task, device, world = self.t, self.task, self.device, self.world
-        batch, fresh = self.source.next()
-        count = batch.mask.sum()
-        mine = batch.columns(self.lo, self.hi).to(device)
-        pred, state = net(mine.x, None if fresh or self.carry is None else self.carry)
-        local = loss_sum(task, pred, mine)
-        # The loss, and whether to stop: decided together, so that all processes stop at one step.
-        time_up = t["time_limit"] is not None and time.perf_counter() - self.bar.start >= t["time_limit"]
-        seen = torch.tensor([local.item() / count.item(), float(self.stop_requested), float(time_up)],
-                            dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(seen)
-        loss_value, stop_now, out_of_time = seen[0].item(), seen[1].item() > 0, seen[2].item() > 0
-        if not math.isfinite(loss_value):
-            return True, False, _diverged(loss_value, "loss", self.step + 1, self.ckpt_path, self.saved_step)
+        """One optimiser step over train.accumulate batches: (done, stop now, why it diverged or "")."""
+        t, task = self.t, self.task
         self.opt.zero_grad(set_to_none=True)
-        # Every process divides by the global count; DDP averages over processes, hence * world.
-        (local / count.to(device) * world).backward()
+        parts, items, stop_now, out_of_time = [], 0, False, False
+        for _ in range(t["accumulate"]):
+            loss_value, count, stop, late = self._backward_one(net)
+            stop_now, out_of_time = stop_now or stop, out_of_time or late
+            if not math.isfinite(loss_value):
+                return True, False, _diverged(loss_value, "loss", self.step + 1, self.ckpt_path, self.saved_step)
+            parts.append(loss_value)
+            items += int(count) if task.stream else self.B
+        loss_value = sum(parts) / len(parts)
         # Clipped by global norm; measured even without clipping, so that a NaN never reaches the weights.
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), t["clip"] if t["clip"] is not None else math.inf)
         if not math.isfinite(norm.item()):
             return True, False, _diverged(norm.item(), "gradient norm", self.step + 1, self.ckpt_path, self.saved_step)
         self.opt.step()
-        self.carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
+        self.sched.step()
         self.step += 1
         self.history.append(loss_value)
         self.board.step(self.step, loss_value)
-        self.bar.update(self.step, loss_value, int(count) if task.stream else self.B)
+        self.bar.update(self.step, loss_value, items)
         done = self.steps_done() or out_of_time
         last = done or stop_now
         if self.step % t["eval_every"] == 0 or last:
@@ -316,9 +348,36 @@ class _Training:
             self.evals.append((self.step, metrics))
             self.board.eval(self.step, metrics)
             self.bar.message(f"step {self.step}: eval {format_metrics(metrics)}")
+            self.early = early_stop_due(self.evals, t["early_stop"])
+            if self.early:
+                self.bar.message(self.early)
+                done = last = True
         if self.step % t["checkpoint_every"] == 0 or last:
             self.save()
         return done, stop_now, ""
+
+    def _backward_one(self, net) -> tuple[float, torch.Tensor, bool, bool]:
+        """The gradient of one batch added to the parameters' (scaled so that the update's is the
+        mean over its batches): (its mean loss, its count, stop now, out of time)."""
+        t, task, device, world = self.t, self.task, self.device, self.world
+        batch, fresh = self.source.next()
+        count = batch.mask.sum()
+        mine = batch.columns(self.lo, self.hi).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=t["precision"] == "bf16"):
+            pred, state = net(mine.x, None if fresh or self.carry is None else self.carry)
+            local = loss_sum(task, pred.float(), mine)
+        # The loss, and whether to stop: decided together, so that all processes stop at one step.
+        time_up = t["time_limit"] is not None and time.perf_counter() - self.bar.start >= t["time_limit"]
+        seen = torch.tensor([local.item() / count.item(), float(self.stop_requested), float(time_up)],
+                            dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(seen)
+        loss_value = seen[0].item()
+        if math.isfinite(loss_value):
+            # Every process divides by the global count; DDP averages over processes, hence * world.
+            (local / count.to(device) * world / t["accumulate"]).backward()
+            self.carry = tuple(s.detach() for s in _as_tuple(state)) if task.stream else None
+        return loss_value, count, seen[1].item() > 0, seen[2].item() > 0
 
 
 def _diverged(value: float, what: str, step: int, ckpt: Path, saved_step: int | None) -> str:
