@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .errors import Diagnostic
-from .runtime import CellModule, check_backend, check_dims
+from .runtime import CellModule, _check_memory, check_backend, check_dims
 
 
 def length_mask(lengths: torch.Tensor | None, T: int, B: int, dtype, device=None) -> torch.Tensor:
@@ -328,9 +328,11 @@ class Network(nn.Module):
         for spec in checked.layers:
             if spec.kind == "embedding":
                 V, E = (_evaluate(s, dims, f"the size of {spec.name}") for s in spec.sizes)
+                _check_memory(f"network '{checked.name}'", {f"layer {spec.name}'s weight": (V, E)}, dtype)
                 self.layers[spec.name] = nn.Embedding(V, E, dtype=dtype)
             elif spec.kind == "linear":
                 n_in, n_out = (_evaluate(s, dims, f"the size of {spec.name}") for s in spec.sizes)
+                _check_memory(f"network '{checked.name}'", {f"layer {spec.name}'s weight": (n_out, n_in)}, dtype)
                 self.layers[spec.name] = nn.Linear(n_in, n_out, dtype=dtype)
             else:
                 self.layers[spec.name] = self._recurrent(spec, dims, dtype, backend)

@@ -120,3 +120,10 @@ def test_a_network_fed_back_names_the_keyword_and_prints_the_users_cell():
         net(torch.zeros(3, 2, dtype=torch.long))
     shown = str(net)
     assert "CellModule(lstm, I=3, H=4)" in shown and "masked" not in shown
+
+
+def test_a_network_layer_beyond_memory_is_refused_before_allocating():
+    import specc as lib
+
+    with pytest.raises(ValueError, match="layer embed's weight .* more than this machine's memory"):
+        lib.load("classifier", V=10**10, E=64, H=8, C=3)
