@@ -428,6 +428,8 @@ def test_metrics_csv_has_a_row_a_step_and_the_evaluations(tmp_path):
     assert [float(r["train_loss"]) for r in rows] == pytest.approx(result.history, rel=1e-5)
     evals = {int(r["step"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
     assert evals == pytest.approx({s: m["loss"] for s, m in result.evals}, rel=1e-5)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "step 6: eval loss" in log
 
 
 def test_schedules_follow_their_formulas_after_a_linear_warmup():

@@ -279,17 +279,18 @@ class _Training:
         if self.world > 1:
             net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.bar = Progress(self.total_steps, t["time_limit"], start_step=self.step,
                             unit="tok" if self.task.stream else "seq", stream=stream if main else _Silent(),
-                            every=t["log_every"], enabled=progress if main else False)
+                            every=t["log_every"], enabled=progress if main else False,
+                            log=self.out / "train.log" if main else None)
 
         def on_sigint(signum, frame):
             self.stop_requested = True
 
         old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
         status, message = "done", ""
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.board = TensorBoard(self.out / "tensorboard" if main else None)
         try:
             done = self.steps_done()

@@ -1,5 +1,5 @@
 """The progress bar of training: tqdm's, on a terminal; plain log lines every `every` steps when
-not (a log file, CI). The fraction done is the larger of steps and time against their limits, so a
+not (a log file, CI). The same lines, and the evaluations, go to `log` (out/train.log) either way. The fraction done is the larger of steps and time against their limits, so a
 run bounded by train.time_limit fills the bar too."""
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total_steps: int | None, time_limit: float | None, start_step: int = 0,
-                 unit: str = "tok", stream=None, every: int = 50, enabled: bool | None = None):
+                 unit: str = "tok", stream=None, every: int = 50, enabled: bool | None = None, log=None):
         self.total, self.time_limit, self.unit = total_steps, time_limit, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if enabled is None else enabled
         self.every = every
+        self.log = open(log, "a", encoding="utf-8") if log is not None else None
         self.start = time.perf_counter()
         self.start_step = start_step
         self.items = 0
@@ -60,9 +61,14 @@ class Progress:
         elif step % self.every == 0:
             self.stream.write(text + "\n")
             self.stream.flush()
+        if self.log is not None and step % self.every == 0:
+            self.log.write(text + "\n")
 
     def message(self, text: str) -> None:
         """A line of its own, above the bar."""
+        if self.log is not None:
+            self.log.write(text + "\n")
+            self.log.flush()
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -72,3 +78,5 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.log is not None:
+            self.log.close()
