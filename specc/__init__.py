@@ -28,10 +28,10 @@ def load_checkpoint(path):
     return load_model(path)[0]
 
 
-def export_onnx(module, path, example_input=None):
+def export_onnx(module, path, example_input=None, example_kwargs=None):
     from .onnx_export import export_onnx as _export
 
-    return _export(module, path, example_input)
+    return _export(module, path, example_input, example_kwargs)
 
 
 def to_torch(m):

@@ -12,9 +12,13 @@ state h), and returns its outputs (T, B, n), then its final states (h_final); T 
 Only the forward, in inference: dropout is the identity and zoneout keeps its expectation, as in
 the module's eval(). The IR is derived again from the spec the module was generated from
 (SPEC_TEXT), so a module written by an older specc is refused with a message to regenerate it.
+
+A network goes through torch.onnx.export (embeddings, heads, reversal and concatenation are
+torch's), each of its cells a call of an ONNX function of domain `specc`, built here as above.
 """
 from __future__ import annotations
 
+import inspect
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from .ops import ACTIVATIONS
 from .schedule import Schedule
 from .shapes import Size
 
-OPSET = 17
+OPSET = 18  # torch.onnx.export's own (a network's graph and its cells' functions share one)
 
 
 def _onnx():
@@ -126,7 +130,7 @@ def _emit(n: _Nodes, g: Graph, i: int, names: dict[int, str], dims: dict, rows: 
     if node.op == "rowsum":
         return n.op("ReduceSum", [a[0], n.const([-1], np.int64)], hint, keepdims=1)
     if node.op == "rowmax":
-        return n.op("ReduceMax", a, hint, axes=[-1], keepdims=1)
+        return n.op("ReduceMax", [a[0], n.const([-1], np.int64)], hint, keepdims=1)
     if node.op == "expand":  # a [1] value broadcast to `width`, divided by `divisor` (mean)
         width, divisor = (size_of(s, dims) for s in node.attrs)
         shape = n.op("Concat", [rows, n.const([width], np.int64)], axis=0) if batched else n.const([width], np.int64)
@@ -210,14 +214,31 @@ def _scan_body(helper, f32, fwd: Schedule, loop_args: set[int], names: dict[int,
     return scan_inputs, scan_body, per_step
 
 
-def build(prog, fwd: Schedule, params: dict[str, np.ndarray], dims: dict, name: str):
+def _outputs(helper, f32, main: _Nodes, g: Graph, names: dict[int, str], sizes: dict, steps_batch: str,
+             outs: list[str], finals: list[str]) -> list:
+    """The graph's outputs: each per-step output back to (T, B, n), then the final states."""
+    outputs = []
+    for (nm, k), out in zip(g.outputs, outs):
+        width = sizes["outputs"][nm][0]
+        shape = main.op("Concat", [steps_batch, main.const([width], np.int64)], axis=0)
+        main.nodes.append(helper.make_node("Reshape", [names[k], shape], [out]))
+        outputs.append(helper.make_tensor_value_info(out, f32, ["T", "B", width]))
+    for (nm, _, _), final in zip(g.carries, finals):
+        outputs.append(helper.make_tensor_value_info(final, f32, ["B", sizes["states"][nm][0]]))
+    return outputs
+
+
+def build(prog, fwd: Schedule, params: dict[str, np.ndarray] | None, dims: dict, name: str):
     """The ONNX model of one cell: `prog` the generated module (names, sizes, noise), `fwd` the
     optimised forward's schedule, `params` the weights by name, `dims` the generated code's
-    dimensions."""
+    dimensions. With `params` None, an ONNX function (domain specc) instead, as a network's graph
+    calls it: every input (masks too), the initial states and the weights are its inputs, in the
+    order of the module's own call (specc::scan's tensors)."""
     onnx, helper = _onnx()
     g = fwd.graph
     region = fwd.region
-    noise = getattr(prog, "NOISE", {})
+    function = params is None
+    noise = {} if function else getattr(prog, "NOISE", {})
     sizes = prog.sizes(**dims)
     own = [nm for nm in prog.INPUTS if nm not in noise]
     if not own:
@@ -244,7 +265,8 @@ def build(prog, fwd: Schedule, params: dict[str, np.ndarray], dims: dict, name: 
         else:
             names[k] = main.op("Reshape", [nm, main.const([-1, n_feat], np.int64)], nm + "_rows")
     for nm, k in g.params:
-        initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(params[nm], dtype=np.float32), nm))
+        if not function:
+            initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(params[nm], dtype=np.float32), nm))
         names[k] = nm
     state_names = [nm for nm, _, _ in g.carries]
     taken = set(own) | set(prog.PARAMS)
@@ -285,14 +307,10 @@ def build(prog, fwd: Schedule, params: dict[str, np.ndarray], dims: dict, name: 
         if region[i] == "post":
             names[i] = _emit(main, g, i, names, dims, rows)
 
-    outputs = []
-    for (nm, k), out in zip(g.outputs, outs):
-        width = sizes["outputs"][nm][0]
-        shape = main.op("Concat", [steps_batch, main.const([width], np.int64)], axis=0)
-        main.nodes.append(helper.make_node("Reshape", [names[k], shape], [out]))
-        outputs.append(seq_info(out, width))
-    for nm, final in zip(state_names, finals):
-        outputs.append(helper.make_tensor_value_info(final, f32, ["B", sizes["states"][nm][0]]))
+    outputs = _outputs(helper, f32, main, g, names, sizes, steps_batch, outs, finals)
+    if function:
+        return helper.make_function("specc", name, [*own, *starts, *prog.PARAMS], [*outs, *finals], main.nodes,
+                                    [helper.make_opsetid("", OPSET)])
     graph = helper.make_graph(main.nodes, name, graph_inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="specc")
     model.ir_version = 8  # what onnxruntime of the last years reads
@@ -300,35 +318,110 @@ def build(prog, fwd: Schedule, params: dict[str, np.ndarray], dims: dict, name: 
     return model
 
 
-def export_onnx(module, path, example_input=None) -> Path:
-    """Write `module` (a specc cell, e.g. specc.load("lstm", I=6, H=8)) to `path` as ONNX.
-
-    `example_input` is optional: ONNX export needs no tracing, and when given it is only checked
-    against the module's sizes by running the module on it."""
+def _step_schedule(prog) -> Schedule:
+    """The optimised forward step of a generated module, derived again from its spec (SPEC_TEXT):
+    a network's layer is the masked variant of its cell (masking.py), made the same way."""
     from . import pipeline
     from .check import check
+    from .dimnames import code_dims
     from .lower import lower
+    from .masking import mask_cell, mask_graph
     from .optimize import optimize
     from .parse import parse
-    from .runtime import CellModule
     from .schedule import schedule
 
-    if not isinstance(module, CellModule):
-        raise TypeError(f"export_onnx takes a cell (specc.load of a cell, or from_torch of a one-layer layer), "
-                        f"not {type(module).__name__}; networks are not exported to ONNX yet")
-    prog = module.program
     text = getattr(prog, "SPEC_TEXT", None)
-    if text is None or prog.CELL.endswith("_masked"):
-        raise ValueError(f"cell '{prog.CELL}': this module does not carry its spec (written by an older specc, or a "
-                         f"network's layer); regenerate it with specc compile")
+    if text is None:
+        raise ValueError(f"cell '{prog.CELL}': this module does not carry its spec (written by an older specc); "
+                         f"regenerate it with specc compile")
+    masked = prog.CELL.endswith("_masked")
+    name = prog.CELL.removesuffix("_masked") if masked else prog.CELL
+    checked = pipeline.pick_cell(check(parse(text, prog.SPEC_FILE)), name, prog.SPEC_FILE)
+    if masked:
+        checked, names = mask_cell(checked)
+        return schedule(optimize(mask_graph(lower(code_dims(checked)), names)))
+    return schedule(optimize(lower(code_dims(checked))))
+
+
+def _positional(module, n_args: int, names: list[str]):
+    """`module(*args, **kwargs)` as a module called with every tensor positional, in that order."""
+    import torch
+
+    class Positional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *tensors):
+            return self.module(*tensors[:n_args], **dict(zip(names, tensors[n_args:])))
+
+    return Positional().eval()
+
+
+def _export_network(module, path: Path, example_input, example_kwargs) -> Path:
+    """A network (or a from_torch stack) through torch.onnx.export, each of its cells a call of an
+    ONNX function defined here from the cell's step IR (torch_ops.run emits the calls)."""
+    import torch
+
+    from . import torch_ops
+
+    if example_input is None:
+        raise TypeError("export_onnx of a network needs an example input (what the network is called with): it "
+                        "traces the network with torch.onnx.export; from Python, specc.export_onnx(net, path, x)")
+    onnx, helper = _onnx()
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    kwargs = dict(example_kwargs or {})
+    # Sequences of any length and batch: the first two axes of every tensor argument are free
+    # (AUTO: torch keeps one fixed where the network's code needs it so).
+    free = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return free if v.dim() >= 2 else None
+        if isinstance(v, (tuple, list)):
+            return type(v)(spec(a) for a in v)
+        if isinstance(v, dict):
+            return {k: spec(a) for k, a in v.items()}
+        return None
+
+    traced = module.eval()
+    if kwargs:  # torch.export cannot free the axes of keyword tensors (a **kwargs): all positional
+        traced, args = _positional(module, len(args), list(kwargs)), (*args, *kwargs.values())
+    bound = inspect.signature(traced.forward).bind(*args)
+    dynamic = {name: spec(value) for name, value in bound.arguments.items()}
+    torch_ops.ONNX_CELLS.clear()
+    program = torch.onnx.export(traced, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
+                                verbose=False)
+    model = program.model_proto
+    used = {n.op_type for n in model.graph.node if n.domain == "specc"}
+    for fname in sorted(used):
+        cell = torch_ops.ONNX_CELLS[fname]
+        model.functions.append(build(cell.program, _step_schedule(cell.program), None, cell._dim_args, fname))
+    if not any(o.domain == "specc" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("specc", 1))
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def export_onnx(module, path, example_input=None, example_kwargs=None) -> Path:
+    """Write `module` to `path` as ONNX: a cell (specc.load("lstm", I=6, H=8)) from its step IR
+    alone; a network (specc.load of one, or from_torch of a stacked or bidirectional layer)
+    through torch.onnx.export, called with `example_input` (a tensor or a tuple of them) and
+    `example_kwargs`, each of its cells an ONNX function made from the cell's step IR. For a cell
+    the example is optional, and only checked against the module's sizes by running it."""
+    from .runtime import CellModule
+
+    path = Path(path)
+    if not isinstance(module, CellModule):
+        return _export_network(module, path, example_input, example_kwargs)
+    prog = module.program
+    if prog.CELL.endswith("_masked"):
+        raise ValueError(f"cell '{module.cell_name}' is a network's layer; export the network")
     if example_input is not None:
         module.eval()(example_input)
-    checked = pipeline.pick_cell(check(parse(text, prog.SPEC_FILE)), prog.CELL, prog.SPEC_FILE)
-    from .dimnames import code_dims
-
-    fwd = optimize(lower(code_dims(checked)))
     params = {n: getattr(module, n).detach().float().cpu().numpy() for n in prog.PARAMS}
-    model = build(prog, schedule(fwd), params, module._dim_args, prog.CELL)
+    model = build(prog, _step_schedule(prog), params, module._dim_args, prog.CELL)
     path = Path(path)
     path.write_bytes(model.SerializeToString())
     return path

@@ -29,7 +29,7 @@ MAKE_CELL: list = [None]  # runtime.CellModule, set by runtime (which imports th
 def traced(tensors) -> bool:
     """Whether this call is being traced (torch.compile, torch.export, torch.jit.trace), so that the
     tensors may hold no data and the call must be one op in the graph."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         return True
     from torch._guards import detect_fake_mode
 
@@ -150,6 +150,27 @@ def _backward(ctx, grads):
 scan.register_autograd(_backward, setup_context=_setup)
 
 
+# ONNX functions the graph being exported calls: their op name -> the cell (onnx_export.py
+# defines each, from the cell's step IR, into the exported model).
+ONNX_CELLS: dict[str, torch.nn.Module] = {}
+
+
+def onnx_name(module) -> str:
+    import hashlib
+
+    return "cell_" + hashlib.sha256(key_of(module).encode()).hexdigest()[:16]
+
+
 def run(module, n_inputs: int, n_states: int, steps: int, tensors: list) -> tuple:
-    """The cell's outputs and final states as one `specc::scan` in the graph being traced."""
+    """The cell's outputs and final states as one `specc::scan` in the graph being traced (under
+    torch.onnx.export, a call of the ONNX function specc.cell_<digest>, defined afterwards)."""
+    if torch.onnx.is_in_onnx_export():
+        name = onnx_name(module)
+        ONNX_CELLS[name] = module
+        prog, like = module.program, tensors[0]
+        T, B = (like.shape[0], like.shape[1]) if n_inputs else (steps, tensors[n_inputs].shape[0])
+        shapes = ([(T, B, module.sizes["outputs"][n][0]) for n in prog.OUTPUTS]
+                  + [(B, module.sizes["states"][n][0]) for n in prog.STATES])
+        return tuple(torch.onnx.ops.symbolic_multi_out(f"specc::{name}", list(tensors), {},
+                                                       dtypes=[like.dtype] * len(shapes), shapes=shapes, version=1))
     return tuple(torch.ops.specc.scan(key_of(module), n_inputs, n_states, steps, list(tensors)))

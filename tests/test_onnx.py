@@ -102,9 +102,48 @@ def test_from_torch_lstm_exports_and_equals_torch(tmp_path):
     np.testing.assert_allclose(c, want_c[0].detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: specc.from_torch(torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True), backend="numpy"),
+    lambda: specc.from_torch(torch.nn.GRU(5, 7, num_layers=2, batch_first=True), backend="numpy"),
+], ids=["lstm_2_layers_bidirectional", "gru_2_layers_batch_first"])
+def test_stacked_layers_export_and_equal_torch(make, tmp_path):
+    torch.manual_seed(0)
+    layer = make().eval()
+    x = torch.randn(3, 6, 5) if layer.batch_first else torch.randn(6, 3, 5)
+    path = export_onnx(layer, tmp_path / "layer.onnx", x)
+    x = torch.randn(2, 4, 5) if layer.batch_first else torch.randn(4, 2, 5)  # T and B are free
+    got = _session(path).run(None, {_session(path).get_inputs()[0].name: x.numpy()})
+    back = specc.to_torch(layer).eval()  # the torch layer itself, as the reference
+    out, final = back(x)
+    finals = final if isinstance(final, tuple) else (final,)
+    assert len(got) == 1 + len(finals)
+    for g, w in zip(got, (out, *finals)):
+        np.testing.assert_allclose(g, w.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dims,named", [("classifier", dict(V=11, E=6, H=8, C=3), None),
+                                             ("char_lm", dict(V=11, E=6, H=8), "next"),
+                                             ("reverse", dict(V=11, E=6, H=8), "target")])
+def test_networks_export_and_equal_eager(name, dims, named, tmp_path):
+    torch.manual_seed(0)
+    net = specc.load(name, backend="numpy", **dims).eval()
+    x = torch.randint(0, 11, (7, 2))
+    args, kwargs = ((), {named: x}) if named == "next" else ((x,), {named: x[:5]} if named else {})
+    path = export_onnx(net, tmp_path / f"{name}.onnx", args, kwargs)
+    sess = _session(path)
+    # run on other lengths and batch sizes than the example's: T and B are free in the graph
+    y = torch.randint(0, 11, (9, 3))
+    args, kwargs = ((), {named: y}) if named == "next" else ((y,), {named: y[:4]} if named else {})
+    feeds = [*args, *kwargs.values()]
+    got = sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), feeds)})
+    want = net(*args, **kwargs)
+    want = want if isinstance(want, tuple) else (want,)
+    np.testing.assert_allclose(got[0], want[0].detach().numpy(), atol=1e-5)
+
+
 def test_what_is_not_exported_is_refused_clearly(tmp_path):
     net = specc.load("classifier", V=5, E=3, H=4, C=2)
-    with pytest.raises(TypeError, match="networks are not exported to ONNX yet"):
+    with pytest.raises(TypeError, match="needs an example input"):
         export_onnx(net, tmp_path / "n.onnx")
     counter = specc.load("cell counter(H) {\n state h[H] = zeros\n h' = h + 1\n output h'\n}", H=2)
     with pytest.raises(ValueError, match="no input sequence"):

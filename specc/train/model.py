@@ -82,13 +82,13 @@ def build_model(model_cfg: dict, n_in: int, n_out: int, inputs: str) -> Sequence
     size) and, with the head off, O (the output size) are filled in when the cell has them; with
     `layers` above 1, the layers above the first read the one below (their input dimension is
     bound to its output size), with `dropout` between them, as torch's stacked layers."""
-    import specc
+    from ..api import compile_spec, load, program
     from ..runtime import own_inputs
 
     spec, cell_name = model_cfg["spec"], model_cfg.get("cell")
     if cell_name is None and spec.isidentifier():
         cell_name = spec  # a library name: the file's cell of that name (elman.rnn also holds rnn_tanh, ...)
-    prog = specc.program(specc.compile_spec(spec, cell_name))
+    prog = program(compile_spec(spec, cell_name))
     if len(own_inputs(prog)) != 1:
         raise ValueError(f"cell '{prog.CELL}' has {len(own_inputs(prog))} inputs; training needs a cell with one")
     dims = dict(model_cfg.get("dims") or {})
@@ -100,13 +100,13 @@ def build_model(model_cfg: dict, n_in: int, n_out: int, inputs: str) -> Sequence
         dims["O"] = n_out
     layers = model_cfg.get("layers", 1)
     if layers == 1:
-        return SequenceModel(specc.load(spec, cell_name, **dims), n_in, n_out, inputs, embed, head)
+        return SequenceModel(load(spec, cell_name, **dims), n_in, n_out, inputs, embed, head)
     return SequenceModel(_stack(spec, cell_name, dims, layers, model_cfg.get("dropout", 0.0)),
                          n_in, n_out, inputs, embed, head)
 
 
 def _stack(spec, cell_name, dims: dict, layers: int, dropout: float) -> Recurrent:
-    import specc
+    from ..api import program
     from ..check import check
     from ..masking import compile_masked
     from ..network_check import _cell_output_and_states, cannot_stack, input_dim, stackable
@@ -121,5 +121,5 @@ def _stack(spec, cell_name, dims: dict, layers: int, dropout: float) -> Recurren
     check_dims(f"cell '{cell.name}'", cell.dims, dims)
     out_size, _ = _cell_output_and_states(cell)
     below = dict(dims, **{input_dim(cell): int(out_size.evaluate(dims))})
-    return Recurrent(specc.program(compile_masked(cell, text, file)), [dims] + [below] * (layers - 1),
+    return Recurrent(program(compile_masked(cell, text, file)), [dims] + [below] * (layers - 1),
                      len(cell.own_inputs), dropout=dropout)
