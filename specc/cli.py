@@ -163,8 +163,11 @@ def _parse_dims(text: str | None) -> dict[str, int]:
 
 
 def _cmd_export(args) -> int:
+    import torch
+
     from .onnx_export import export_onnx
 
+    example = None
     out = Path(args.onnx)
     if out.is_dir():
         print(f"{out}: error: is a directory; give the file to write, e.g. {out / 'cell.onnx'}", file=sys.stderr)
@@ -183,7 +186,10 @@ def _cmd_export(args) -> int:
         if dims:
             print("error: --dims is for a spec; a checkpoint has its own", file=sys.stderr)
             return 2
-        module = load_model(args.source)[0]
+        module, ck = load_model(args.source)
+        io = ck["io"]  # an example of what the model reads: T and B stay free in the graph
+        example = (torch.zeros((4, 1), dtype=torch.long) if io["inputs"] == "tokens"
+                   else torch.zeros((4, 1, io["n_in"])))
     else:
         from . import load
 
@@ -199,7 +205,7 @@ def _cmd_export(args) -> int:
             print(f"{args.source}: error: {e}", file=sys.stderr)
             return 1
     try:
-        export_onnx(module.eval(), out)
+        export_onnx(module.eval(), out, example)
     except (TypeError, ValueError) as e:
         print(f"{args.source}: error: {e}", file=sys.stderr)
         return 1

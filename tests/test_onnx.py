@@ -163,3 +163,19 @@ def test_specc_export_on_the_command_line(tmp_path, capsys):
     assert "NAME=NUMBER" in capsys.readouterr().err
     assert main(["export", "gru", "--onnx", str(tmp_path / "g2.onnx"), "--dims", "I=6"]) == 1
     assert "H" in capsys.readouterr().err
+
+
+def test_specc_export_of_a_training_checkpoint(tmp_path):
+    from specc.cli import main
+    from specc.train import config_from_dict, train
+
+    cfg = config_from_dict({"model": {"spec": "gru", "dims": {"H": 8}}, "task": {"name": "hello"},
+                            "train": {"batch_size": 4, "seq_len": 10, "steps": 3}, "out": str(tmp_path / "run")})
+    train(cfg, progress=False)
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tmp_path / "run" / "checkpoint.pt"), "--onnx", str(out)]) == 0
+    model = specc.load_checkpoint(tmp_path / "run" / "checkpoint.pt").eval()
+    x = torch.tensor([[0, 1, 2, 2, 3, 0, 1], [1, 2, 3, 0, 1, 2, 2]]).T  # (T, B) tokens, not the example's sizes
+    sess = _session(out)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got[0], model(x)[0].detach().numpy(), atol=1e-5)

@@ -13,6 +13,12 @@ import specc
 from specc.backends import c_runtime
 
 BACKENDS = ["numpy"] + (["c"] if c_runtime.problem() is None else [])
+try:  # the op runs any backend: Triton's kernels too (its interpreter on CPU tensors, conftest.py)
+    import triton  # noqa: F401
+
+    BACKENDS.append("triton")
+except ImportError:
+    pass
 
 
 def _pair(kind: str, backend: str, **kw):
