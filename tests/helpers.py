@@ -298,3 +298,16 @@ def assert_matches_references(backend, device="cpu", B=3, tol=1e-5):
     for name, (_, dims, _) in CASES.items():
         compare_with_reference(name, dims, 5, B, torch.float32, Close(), tol=tol, scale=0.4, backend=backend,
                                device=device)
+
+
+def library_cells() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(spec file's name, cell, its dimensions) of every cell of the library's spec files."""
+    from specc.check import check
+    from specc.library import spec_file, spec_names
+    from specc.parse import parse
+
+    out = []
+    for name in spec_names():
+        text = spec_file(name).read_text(encoding="utf-8")
+        out += [(name, c.name, tuple(c.dims)) for c in check(parse(text, f"specs/{name}.rnn"))]
+    return out

@@ -10,24 +10,13 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 
 import specc
-from specc.check import check
+from helpers import library_cells
 from specc.fuzz.gen import cells
-from specc.library import spec_file, spec_names
 from specc.onnx_export import ACTIVATION_NODES, export_onnx
 from specc.ops import ACTIVATIONS
-from specc.parse import parse
 from specc.runtime import own_inputs
 
 ort = pytest.importorskip("onnxruntime")  # a test extra: pip install -e '.[test]'
-
-
-def _library_cells():
-    """(spec name, cell name) of every cell of the library's spec files."""
-    out = []
-    for name in spec_names():
-        text = spec_file(name).read_text(encoding="utf-8")
-        out += [(name, c.name, tuple(c.dims)) for c in check(parse(text, f"specs/{name}.rnn"))]
-    return out
 
 
 SIZES = [5, 7, 3, 4, 6]
@@ -58,7 +47,7 @@ def _compare(m, path, T=6, B=3, seed=0, rtol=1e-5, atol=1e-5):
             np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * scale)
 
 
-@pytest.mark.parametrize("spec,cell,dims", _library_cells(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("spec,cell,dims", library_cells(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_library_cell_runs_in_onnxruntime_as_in_specc(spec, cell, dims, tmp_path):
     m = specc.load(spec, cell, backend="numpy", **dict(zip(dims, SIZES))).eval()
     path = export_onnx(m, tmp_path / f"{cell}.onnx")

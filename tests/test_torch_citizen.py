@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import specc
+from helpers import library_cells
 from specc.backends import c_runtime
 
 BACKENDS = ["numpy"] + (["c"] if c_runtime.problem() is None else [])
@@ -186,19 +187,7 @@ def test_a_network_compiles_and_exports_equal_to_eager(name, dims, named):
         assert torch.allclose(g, w, atol=1e-6) and torch.allclose(e, w, atol=1e-6)
 
 
-def _library_cells():
-    from specc.check import check
-    from specc.library import spec_file, spec_names
-    from specc.parse import parse
-
-    out = []
-    for name in spec_names():
-        text = spec_file(name).read_text(encoding="utf-8")
-        out += [(name, c.name, tuple(c.dims)) for c in check(parse(text, f"specs/{name}.rnn"))]
-    return out
-
-
-@pytest.mark.parametrize("spec,cell,dims", _library_cells(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("spec,cell,dims", library_cells(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_library_cell_compiles_fullgraph_and_exports_equal_to_eager(spec, cell, dims):
     from specc.runtime import own_inputs
 
