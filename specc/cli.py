@@ -255,7 +255,6 @@ def _is_main_process() -> bool:
 
 def _cmd_sample(args) -> int:
     from .train.sample import generate, load_model
-
     from .train.tasks import TASKS
 
     model, ck = load_model(args.checkpoint)

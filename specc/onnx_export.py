@@ -321,26 +321,22 @@ def build(prog, fwd: Schedule, params: dict[str, np.ndarray] | None, dims: dict,
 def _step_schedule(prog) -> Schedule:
     """The optimised forward step of a generated module, derived again from its spec (SPEC_TEXT):
     a network's layer is the masked variant of its cell (masking.py), made the same way."""
-    from . import pipeline
     from .check import check
-    from .dimnames import code_dims
-    from .lower import lower
-    from .masking import mask_cell, mask_graph
-    from .optimize import optimize
+    from .masking import compile_masked
     from .parse import parse
-    from .schedule import schedule
+    from .pipeline import compile_cell, pick_cell
 
     text = getattr(prog, "SPEC_TEXT", None)
     if text is None:
         raise ValueError(f"cell '{prog.CELL}': this module does not carry its spec (written by an older specc); "
                          f"regenerate it with specc compile")
-    masked = prog.CELL.endswith("_masked")
-    name = prog.CELL.removesuffix("_masked") if masked else prog.CELL
-    checked = pipeline.pick_cell(check(parse(text, prog.SPEC_FILE)), name, prog.SPEC_FILE)
-    if masked:
-        checked, names = mask_cell(checked)
-        return schedule(optimize(mask_graph(lower(code_dims(checked)), names)))
-    return schedule(optimize(lower(code_dims(checked))))
+    cells = check(parse(text, prog.SPEC_FILE))
+    # The same stages that made the module (compile_cell or masking's compile_masked), so the
+    # ONNX graph is built from the very step IR its generated code came from.
+    if prog.CELL.endswith("_masked") and prog.CELL not in {c.name for c in cells}:
+        cell = pick_cell(cells, prog.CELL.removesuffix("_masked"), prog.SPEC_FILE)
+        return compile_masked(cell, text, prog.SPEC_FILE).forward_schedule
+    return compile_cell(pick_cell(cells, prog.CELL, prog.SPEC_FILE), text, prog.SPEC_FILE).forward_schedule
 
 
 def _positional(module, n_args: int, names: list[str]):

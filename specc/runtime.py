@@ -229,23 +229,15 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # Autograd runs a backward with gradients on only for create_graph=True: a gradient of
-        # this gradient (a penalty on it, a Hessian-vector product), which the generated code
-        # does not have. Said here in one line, instead of torch's error at the second pass.
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"cell '{ctx.module.cell_name}': specc computes the gradient of a cell but "
-                               f"not the gradient of that gradient (create_graph=True, double backward)")
         module = ctx.module
+        torch_ops.refuse_double_backward(module.cell_name)
         prog = module.program
         T, B = ctx.sizes
         saved_tensors = ctx.saved_tensors  # raises if any was modified in place since forward
         n_out = len(prog.OUTPUTS)
         params = saved_tensors[len(saved_tensors) - n_out - ctx.n_params:len(saved_tensors) - n_out]
         like = params[0] if params else grads[0]
-        d_outs = [torch.zeros((T, B, module.sizes["outputs"][n][0]), dtype=like.dtype, device=like.device)
-                  if g is None else g for g, n in zip(grads[:n_out], prog.OUTPUTS)]
-        d_finals = [torch.zeros((B, module.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
-                    if g is None else g for g, n in zip(grads[n_out:], prog.STATES)]
+        d_outs, d_finals = torch_ops.result_gradients(module, grads, T, B, like)
         out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, params, T, B, module._dim_args)
         return (None, None, None, None, *out)
 
@@ -445,11 +437,10 @@ class CellModule(nn.Module):
             xs += self.draw_noise(T, batch, xs[0].dtype if xs else dtype, device)
         tensors = [*xs, *states, *(getattr(self, p) for p in prog.PARAMS)]
         traced = torch_ops.traced(tensors)
-        if not traced:
-            torch_ops.check_no_transform(name)
         if traced:  # the tensors may hold no data: the backend is chosen when the graph runs
             work = self._traced_dtype(tensors, dtype)
         else:
+            torch_ops.check_no_transform(name)
             backend, work = self._backend_for(tensors, dtype, n_inputs=len(xs), steps=T, batch=batch)
         out_dtype = xs[0].dtype if xs and xs[0].dtype in _HALF else work
         # Half-precision tensors (from autocast, or a module in bfloat16) are widened here, outside

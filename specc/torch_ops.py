@@ -68,17 +68,38 @@ def _cell(key: str):
     return made
 
 
-def _sizes(cell, tensors, n_inputs: int, n_states: int, steps: int) -> tuple[int, int]:
+def _sizes(tensors, n_inputs: int, steps: int) -> tuple[int, int]:
+    """(T, B): from the first input, else `steps` and the first state."""
     if n_inputs:
         return tensors[0].shape[0], tensors[0].shape[1]
-    return steps, tensors[n_inputs].shape[0]
+    return steps, tensors[0].shape[0]
+
+
+def refuse_double_backward(name: str) -> None:
+    """Autograd runs a backward with gradients on only for create_graph=True: a gradient of the
+    gradient (a penalty on it, a Hessian-vector product), which the generated code does not have.
+    Said in one line, instead of torch's error at the second pass."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"cell '{name}': specc computes the gradient of a cell but not the gradient of "
+                           f"that gradient (create_graph=True, double backward)")
+
+
+def result_gradients(module, grads, T: int, B: int, like: torch.Tensor) -> tuple[list, list]:
+    """(gradients of the outputs, of the final states) as the generated backward takes them:
+    zeros where autograd hands None (a result the loss does not read)."""
+    prog, n_out = module.program, len(module.program.OUTPUTS)
+    d_outs = [torch.zeros((T, B, module.sizes["outputs"][n][0]), dtype=like.dtype, device=like.device)
+              if g is None else g for g, n in zip(grads[:n_out], prog.OUTPUTS)]
+    d_finals = [torch.zeros((B, module.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
+                if g is None else g for g, n in zip(grads[n_out:], prog.STATES)]
+    return d_outs, d_finals
 
 
 @torch.library.custom_op("specc::scan", mutates_args=())
 def scan(key: str, n_inputs: int, n_states: int, steps: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The cell's outputs (T, B, O) and final states (B, H) for `tensors`: inputs, states, parameters."""
     cell = _cell(key)
-    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    T, B = _sizes(tensors, n_inputs, steps)
     backend, _ = cell._backend_for(list(tensors), tensors[-1].dtype, n_inputs=n_inputs, steps=T, batch=B)
     outs, finals, _ = backend.forward(cell.program, list(tensors), T, B, cell._dim_args, train=False)
     # An op's outputs share no memory with its inputs or with each other.
@@ -95,7 +116,7 @@ def scan(key: str, n_inputs: int, n_states: int, steps: int, tensors: list[torch
 @scan.register_fake
 def _(key, n_inputs, n_states, steps, tensors):
     cell = _cell(key)
-    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    T, B = _sizes(tensors, n_inputs, steps)
     like = tensors[0]
     prog = cell.program
     return ([like.new_empty((T, B, cell.sizes["outputs"][n][0])) for n in prog.OUTPUTS]
@@ -108,7 +129,7 @@ def scan_backward(key: str, n_inputs: int, n_states: int, steps: int, tensors: l
     """The gradients of every tensor of `scan`, given those of its results (`grads`)."""
     cell = _cell(key)
     prog = cell.program
-    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
+    T, B = _sizes(tensors, n_inputs, steps)
     tensors = list(tensors)
     backend, _ = cell._backend_for(tensors, tensors[-1].dtype, n_inputs=n_inputs, steps=T, batch=B)
     _, _, saved = backend.forward(prog, tensors, T, B, cell._dim_args, train=True)
@@ -130,21 +151,12 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    if torch.is_grad_enabled():
-        raise RuntimeError("specc computes the gradient of a cell but not the gradient of that gradient "
-                           "(create_graph=True, double backward)")
-    tensors = ctx.saved_tensors
     key, n_inputs, n_states, steps = ctx.args
     cell = _cell(key)
-    T, B = _sizes(cell, tensors, n_inputs, n_states, steps)
-    prog = cell.program
-    n_out = len(prog.OUTPUTS)
-    like = tensors[-1]
-    full = [torch.zeros((T, B, cell.sizes["outputs"][n][0]), dtype=like.dtype, device=like.device)
-            if g is None else g.contiguous() for g, n in zip(grads[:n_out], prog.OUTPUTS)]
-    full += [torch.zeros((B, cell.sizes["states"][n][0]), dtype=like.dtype, device=like.device)
-             if g is None else g.contiguous() for g, n in zip(grads[n_out:], prog.STATES)]
-    return None, None, None, None, scan_backward(key, n_inputs, n_states, steps, list(tensors), full)
+    refuse_double_backward(cell.cell_name)
+    tensors = ctx.saved_tensors
+    d_outs, d_finals = result_gradients(cell, grads, *_sizes(tensors, n_inputs, steps), like=tensors[-1])
+    return None, None, None, None, scan_backward(key, n_inputs, n_states, steps, list(tensors), d_outs + d_finals)
 
 
 scan.register_autograd(_backward, setup_context=_setup)
@@ -168,7 +180,7 @@ def run(module, n_inputs: int, n_states: int, steps: int, tensors: list) -> tupl
         name = onnx_name(module)
         ONNX_CELLS[name] = module
         prog, like = module.program, tensors[0]
-        T, B = (like.shape[0], like.shape[1]) if n_inputs else (steps, tensors[n_inputs].shape[0])
+        T, B = _sizes(tensors, n_inputs, steps)
         shapes = ([(T, B, module.sizes["outputs"][n][0]) for n in prog.OUTPUTS]
                   + [(B, module.sizes["states"][n][0]) for n in prog.STATES])
         return tuple(torch.onnx.ops.symbolic_multi_out(f"specc::{name}", list(tensors), {},

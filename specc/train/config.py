@@ -248,6 +248,13 @@ def _check_values(r: _Reader, cfg: dict, top: dict) -> None:
         fail("train", "epochs", f"task {cfg['task']['name']} generates fresh data without end; use steps")
 
 
+def model_cell(m: dict) -> str | None:
+    """The cell a model section names: its `cell`, else for a library name the file's cell of that
+    name (elman.rnn also holds rnn_tanh, ...), else None (the spec's only cell)."""
+    spec, cell = m["spec"], m.get("cell")
+    return spec if cell is None and spec.isidentifier() else cell
+
+
 def _cell_dims(m: dict) -> tuple[str, tuple[str, ...]] | None:
     """(name, dimensions) of the cell the model section names; None when the spec does not read
     (its own error, at its own line, comes when the model is built)."""
@@ -256,10 +263,9 @@ def _cell_dims(m: dict) -> tuple[str, tuple[str, ...]] | None:
     from ..parse import parse
     from ..pipeline import pick_cell, read_spec
 
-    spec, cell = m["spec"], m.get("cell")
     try:
-        text, file = read_spec(spec)
-        found = pick_cell(check(parse(text, file)), cell if cell is not None or not spec.isidentifier() else spec, file)
+        text, file = read_spec(m["spec"])
+        found = pick_cell(check(parse(text, file)), model_cell(m), file)
     except (SpecError, OSError, ValueError):
         return None
     return found.name, tuple(found.dims)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..network import Recurrent
+from .config import model_cell
 
 
 class SequenceModel(nn.Module):
@@ -70,11 +71,8 @@ def spec_of(model_cfg: dict) -> dict:
     cell's name."""
     from ..pipeline import read_spec
 
-    spec, cell = model_cfg["spec"], model_cfg.get("cell")
-    text, file = read_spec(spec)
-    if cell is None and spec.isidentifier():
-        cell = spec
-    return {"text": text, "file": file, "cell": cell}
+    text, file = read_spec(model_cfg["spec"])
+    return {"text": text, "file": file, "cell": model_cell(model_cfg)}
 
 
 def build_model(model_cfg: dict, n_in: int, n_out: int, inputs: str) -> SequenceModel:
@@ -85,9 +83,7 @@ def build_model(model_cfg: dict, n_in: int, n_out: int, inputs: str) -> Sequence
     from ..api import compile_spec, load, program
     from ..runtime import own_inputs
 
-    spec, cell_name = model_cfg["spec"], model_cfg.get("cell")
-    if cell_name is None and spec.isidentifier():
-        cell_name = spec  # a library name: the file's cell of that name (elman.rnn also holds rnn_tanh, ...)
+    spec, cell_name = model_cfg["spec"], model_cell(model_cfg)
     prog = program(compile_spec(spec, cell_name))
     if len(own_inputs(prog)) != 1:
         raise ValueError(f"cell '{prog.CELL}' has {len(own_inputs(prog))} inputs; training needs a cell with one")
