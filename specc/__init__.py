@@ -6,12 +6,19 @@
 """
 from __future__ import annotations
 
-from . import torch_ops  # noqa: F401  (the ops a saved torch.export program calls: registered on import)
+import sys as _sys
+
 from .api import compile_spec, load, program
 from .errors import SpecError
 
 __all__ = ["load", "load_checkpoint", "from_torch", "to_torch", "export_onnx", "compile_spec", "program", "SpecError"]
 __version__ = "0.1.0"
+
+# The ops a saved torch.export program calls (specc::scan), registered as specc is imported after
+# torch, so that torch.export.load finds them; not otherwise: importing torch would add ~1.5 s to
+# every `specc check` (0.4 s without). Making a cell registers them too (runtime imports them).
+if "torch" in _sys.modules:
+    from . import torch_ops  # noqa: F401
 
 
 def from_torch(m, **kwargs):

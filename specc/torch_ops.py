@@ -12,7 +12,9 @@ generated forward keeps differs by cell and backend.
 
 An op names its cell by a key: the generated module's name (a digest of its source, the same in
 every process), the dimensions and the backend. The cell must have been loaded in the process that
-runs the traced graph (specc.load or a module `specc compile` wrote, imported).
+runs the traced graph (specc.load or a module `specc compile` wrote, imported), and these ops
+registered before torch.export.load reads a saved program: `import torch` before `import specc`
+(or `import specc.torch_ops`).
 """
 from __future__ import annotations
 
