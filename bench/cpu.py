@@ -313,7 +313,10 @@ def versions() -> str:
     try:
         import scipy_openblas32
 
-        ours = f", specc's C loops: {scipy_openblas32.get_openblas_config().split(' DYNAMIC')[0]} (scipy-openblas32)"
+        from specc.backends import c_runtime
+
+        ours = (f", specc's C loops: {scipy_openblas32.get_openblas_config().split(' DYNAMIC')[0]} (scipy-openblas32), "
+                f"its {c_runtime.blas_kernels()} kernels")
     except ImportError:
         ours = ""
     return f"Python {platform.python_version()}, NumPy {numpy.__version__} ({blas}), torch {torch.__version__}{ours}"

@@ -422,7 +422,7 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
 
 def test_the_c_is_readable_and_quotes_the_spec():
     source = specc.load("lstm", I=3, H=4).program.C_SOURCE
-    assert "void specc_lstm_forward(long T, long B, int train, float *const *arg, const long *row)" in source
+    assert "void specc_lstm_forward(long T, long B, int train, int threads, float *const *arg, const long *row)" in source
     assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
     assert "float v_sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
 
@@ -668,23 +668,88 @@ def test_auto_runs_cells_named_like_c_on_the_c_loops_without_a_warning(timed_fas
     assert [str(w.message) for w in caught] == []
 
 
-def test_a_pass_sets_openblas_threads_by_the_size_of_its_products(monkeypatch):
-    """Each pass tells the runtime how much its loop multiplies a step (an LSTM: B * H * 4H each
-    way), and OpenBLAS runs on all of torch's threads only for large products."""
+def test_a_pass_splits_its_batch_among_threads_or_lets_openblas_share_large_products(monkeypatch):
+    """Each pass tells the runtime its batch and how much its loop multiplies a step (an LSTM:
+    B * H * 4H each way). The batch is split among torch's threads, SPLIT_ROWS rows or more each,
+    OpenBLAS on one; OpenBLAS shares the products only where the batch is too small to split and
+    the products are large."""
     import re
 
     source = specc.compile_spec("lstm").source
-    calls = re.findall(r"rt_c\.blas_threads\((.*?)\)  #", source)
-    assert calls == ["B * (H * 4*H)", "B * (4*H * H)"], calls
+    calls = re.findall(r"rt_c\.pass_threads\((.*?)\)  #", source)
+    assert calls == ["B, B * (H * 4*H)", "B, B * (4*H * H)"], calls
     seen = []
     monkeypatch.setattr(c_runtime, "_threads", [1])
+    monkeypatch.setattr(c_runtime, "_loop", [1])
+    monkeypatch.delenv("SPECC_LOOP_THREADS", raising=False)
     monkeypatch.setattr(c_runtime, "blas", lambda: type("L", (), {
         c_runtime.BLAS_PREFIX + "openblas_set_num_threads": staticmethod(lambda n: seen.append(n.value))})())
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    c_runtime.blas_threads(64 * 256 * 1024)
-    c_runtime.blas_threads(64 * 256 * 1024)  # no call when the count stays
-    c_runtime.blas_threads(16 * 128 * 512)
-    assert seen == [4, 1]
+    c_runtime.pass_threads(64, 64 * 256 * 1024)
+    assert (seen, c_runtime.loop_threads(64), c_runtime.loop_threads(6)) == ([], 4, 1)
+    c_runtime.pass_threads(1, 2048 * 8192)  # one example, large products: OpenBLAS shares them
+    assert (seen, c_runtime.loop_threads(1)) == ([4], 1)
+    c_runtime.pass_threads(1, 2048 * 8192)  # no call when the count stays
+    c_runtime.pass_threads(16, 16 * 128 * 512)
+    assert (seen, c_runtime.loop_threads(16)) == ([4, 1], 4)
+
+
+@pytest.mark.parametrize("B", [1, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_every_split_of_the_batch_gives_torchs_numbers(monkeypatch, threads, B):
+    """However the batch is split among the loop's threads (rows left over, a thread with none),
+    the LSTM's outputs and gradients are torch.nn.LSTM's."""
+    monkeypatch.setenv("SPECC_LOOP_THREADS", threads)
+    monkeypatch.setattr(c_runtime, "SPLIT_ROWS", 1)  # every split, down to one row a thread
+    torch.manual_seed(B)
+    m = specc.load("lstm", I=5, H=7, backend="c")
+    ref = torch.nn.LSTM(5, 7)
+    with torch.no_grad():
+        for mine, theirs in (("W_ih", "weight_ih_l0"), ("W_hh", "weight_hh_l0"), ("b_ih", "bias_ih_l0"),
+                             ("b_hh", "bias_hh_l0")):
+            getattr(ref, theirs).copy_(getattr(m, mine))
+    x = torch.randn(6, B, 5, requires_grad=True)
+    y, (h, c) = m(x)
+    y_ref, (h_ref, c_ref) = ref(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, c_ref[0], atol=1e-5, rtol=1e-5)
+    mine = torch.autograd.grad((y * y).sum() + c.sum(), [x, m.W_hh, m.W_ih])
+    theirs = torch.autograd.grad((y_ref * y_ref).sum() + c_ref.sum(), [x, ref.weight_hh_l0, ref.weight_ih_l0])
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_host_products_split_among_threads_match_torch(monkeypatch):
+    """specc_matmul splits a product by rows, or by columns when it has fewer rows, over any
+    number of threads, for each of CBLAS's layouts (transposed views read in place)."""
+    specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))  # a compiled library to call
+    c_lib = next(iter(c_runtime._loaded.values()))
+    torch.manual_seed(0)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(c_runtime, "_loop", [threads])
+        monkeypatch.setattr(c_runtime, "MATMUL_SPLIT_MACS", 0)
+        for M, K, N in ((37, 5, 11), (3, 7, 50), (1, 1, 1), (64, 64, 64)):
+            a, w = torch.randn(M, K), torch.randn(K, N)
+            for left in (a, a.T.contiguous().T):
+                for right in (w, w.T.contiguous().T):
+                    torch.testing.assert_close(c_runtime.matmul(c_lib, left, right), left @ right,
+                                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vendor, family, flags, expected", [
+    ("AuthenticAMD", 26, "avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", "SkylakeX"),  # Zen 5
+    ("AuthenticAMD", 26, "avx2 fma", None),  # a Zen 5 VM that hides AVX-512
+    ("AuthenticAMD", 25, "avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", None),  # Zen 4: OpenBLAS knows it
+    ("AuthenticAMD", 23, "avx2 fma", None),
+    ("GenuineIntel", 6, "avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", None),
+])
+def test_openblas_is_told_the_kernels_only_where_it_misreads_the_cpu(monkeypatch, vendor, family, flags, expected):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    info = (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\n"
+            f"flags\t\t: fpu sse sse2 {flags}\n\nprocessor\t: 1\nvendor_id\t: {vendor}\n")
+    assert c_runtime._core_type(info) == expected
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # the user's choice stands
+    assert c_runtime._core_type(info) is None
 
 
 CROSS_CC = shutil.which("aarch64-linux-gnu-gcc")

@@ -4,14 +4,17 @@ On a CPU the time loop is where NumPy loses: every op of a step is a call from P
 array (a batch of 16 x 128 features), a few microseconds each, a dozen per step, while torch's
 nn.LSTM runs the whole step inside oneDNN. Here the loop itself is compiled, one call per pass:
 
-    void specc_lstm_forward(long T, long B, int train, float *const *arg, const long *row)
+    void specc_lstm_forward(long T, long B, int train, int threads, float *const *arg, const long *row)
 
 `arg` holds the host's tensors in a fixed order (`row`, the distance between the rows of each,
 for those the host may hand in as views); the dimensions are compile-time constants, so one
 compiled library serves one set of sizes. Per step:
 
+* the batch is split among `threads` threads, each running every step on its own rows with no
+  barrier between steps (no example reads another's inside the loop);
 * each product of the state by a weight is one call of OpenBLAS's sgemm (sp_gemm in
-  c_runtime.PRELUDE), on one thread: a (B, K) @ (K, N) product a step is too small to share;
+  c_runtime.PRELUDE) on a thread's rows, on that thread: a (B, K) @ (K, N) product a step is too
+  small for OpenBLAS to share out itself;
 * the elementwise ops of one width run in one loop over the batch and the features, each value a
   local named after the spec's, written to memory only where something outside that loop reads it
   (a later product, the backward pass, the next step);
@@ -279,7 +282,7 @@ class CLoop:
         def copy(dest: str) -> str:
             if local is not None:  # inside a fused loop: this element
                 return f"{self.element(Place(dest, width, p.scalar), width)} = {local};"
-            return f"memcpy({dest}, {p.ptr}, sizeof(float) * B * {width});"
+            return f"memcpy({dest} + r0 * {width}, {p.ptr} + r0 * {width}, sizeof(float) * (r1 - r0) * {width});"
 
         sharing = [name for name, _, nxt in self.g.carries if nxt == i]
         for name in sharing[1:]:
@@ -291,8 +294,8 @@ class CLoop:
             self.line(f"if (train) {line}" if i in self.guard else line)
 
     def elementwise(self, out: Place, width: str, expr: str) -> None:
-        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
-        self.line("for (long r = 0; r < B; r++)")
+        self.line(f"#pragma omp parallel for if (threads == 1 && B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = r0; r < r1; r++)")
         self.line("    " + IVDEP)
         self.line(f"    for (long c = 0; c < {width}; c++)")
         self.line(f"        {self.element(out, width)} = {expr};")
@@ -364,8 +367,8 @@ class CLoop:
             elif self._owns(m) or outside:
                 self.comment(g.nodes[m])
                 stored[m] = self.target(m, "_out")
-        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
-        self.line("for (long r = 0; r < B; r++) {")
+        self.line(f"#pragma omp parallel for if (threads == 1 && B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = r0; r < r1; r++) {")
         self.line("    " + IVDEP)
         self.line(f"    for (long c = 0; c < {width}; c++) {{")
         self.body_indent = "        "
@@ -420,8 +423,8 @@ class CLoop:
         if node.op == "outer":
             n, k = (c_size(g.nodes[a].type.shape[0]) for a in node.args)
             a, b = args
-            self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
-            self.line("for (long r = 0; r < B; r++)")
+            self.line(f"#pragma omp parallel for if (threads == 1 && B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
+            self.line("for (long r = r0; r < r1; r++)")
             self.line(f"    for (long i = 0; i < {n}; i++) {{")
             self.line(f"        float a_ri = {at(a, 'i').replace('[r', '[r').replace('c]', '0]')};")
             self.line("        " + IVDEP)
@@ -432,8 +435,8 @@ class CLoop:
         n, k = (c_size(x) for x in node.attrs)
         grad, other = args
         width = n if node.op == "outer_vjp_a" else k
-        self.line(f"#pragma omp parallel for if (B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
-        self.line("for (long r = 0; r < B; r++) {")
+        self.line(f"#pragma omp parallel for if (threads == 1 && B * {n} * {k} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = r0; r < r1; r++) {")
         if node.op == "outer_vjp_a":  # out[i] = sum_j G[i * k + j] b[j]
             self.line(f"    for (long i = 0; i < {n}; i++) {{")
             self.line("        float sum = 0.0f;")
@@ -460,8 +463,8 @@ class CLoop:
         def at(p: Place) -> str:
             return self.element(p, width)
 
-        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
-        self.line("for (long r = 0; r < B; r++) {")
+        self.line(f"#pragma omp parallel for if (threads == 1 && B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = r0; r < r1; r++) {")
         if self.g.nodes[i].op == "softmax":
             v = args[0]
             self.line("    float top = -INFINITY, sum = 0.0f;")
@@ -487,8 +490,8 @@ class CLoop:
         """sum(v) or max(v) of each example's row: one number a row."""
         width = self._width(self.g.nodes[i].args[0])
         at = self.element(v, width)
-        self.line(f"#pragma omp parallel for if (B * {width} >= SP_PARALLEL_ELEMENTS)")
-        self.line("for (long r = 0; r < B; r++) {")
+        self.line(f"#pragma omp parallel for if (threads == 1 && B * {width} >= SP_PARALLEL_ELEMENTS)")
+        self.line("for (long r = r0; r < r1; r++) {")
         if self.g.nodes[i].op == "rowsum":
             self.line("    float acc = 0.0f;")
             self.line(f"    for (long c = 0; c < {width}; c++)")
@@ -565,7 +568,9 @@ class CLoop:
                 raise Unsupported(f"a product of a vector shared by every example in the loop (spec line {node.line})")
             k = c_size(g.nodes[node.args[1]].type.shape[0])
             weight = self.arg(self.weights[i], const=True)
-            self.line(f"sp_gemm(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
+            # This thread's rows of the batch (see write()).
+            self.line(f"sp_gemm(r1 - r0, {k}, {width}, {vec.ptr} + r0 * {vec.row}, {vec.row}, {weight}, "
+                      f"{out.ptr} + r0 * {out.row}, {out.row});")
         else:
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
         self.also_kept(i, out)
@@ -600,7 +605,7 @@ class CLoop:
                 buf = self.arg(self.host.carry_buf[name], const=False)
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
-        head = [f"void {self.fn}(long T, long B, int train, float *const *arg, const long *row) {{"]
+        head = [f"void {self.fn}(long T, long B, int train, int threads, float *const *arg, const long *row) {{"]
         if self.host.wrapped:  # see HostNames.wrapped
             wrap = "2" if self.reverse else "train ? T + 1 : 2"
             head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
@@ -608,8 +613,15 @@ class CLoop:
         widths = " + ".join(c_size(w) for w in self.scratch) or "0"
         head.append(f"    float *scratch = arg[{len(self.args)}];  /* B * ({widths}) floats */")
         steps = "for (long t = T - 1; t >= 0; t--) {" if self.reverse else "for (long t = 0; t < T; t++) {"
-        text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + ["    " + steps] \
-            + self.body + ["    }", "}"]
+        # No example reads another's within the loop (sums over the batch come after it), so the
+        # threads split the batch and each runs every step on its own rows, with no barrier
+        # between steps; a thread's products are OpenBLAS calls on one thread. (`threads == 1`:
+        # the whole batch on one, with the wide elementwise loops shared instead.)
+        split = ["    #pragma omp parallel num_threads(threads) if (threads > 1)", "    {",
+                 "        const long r0 = B * sp_thread() / sp_threads(), r1 = B * (sp_thread() + 1) / sp_threads();",
+                 "        " + steps]
+        text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + split \
+            + ["    " + line for line in self.body] + ["        }", "    }", "}"]
         scratch = f"B * ({' + '.join(f'({w})' for w in self.scratch)})" if self.scratch else "0"
         views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
         return LoopSource(self.fn, text, list(self.args), scratch, views)
@@ -624,8 +636,8 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
         raise Unsupported(f"cell name {fn!r} is not usable in C")
     products = [f"{g.nodes[node.args[1]].type.shape[0]} * {node.type.shape[0]}" for node in
                 (g.nodes[i] for i in s.nodes_in("loop")) if node.op in ("matvec", "matvec_t")]
-    w.line(f"rt_c.blas_threads(B * ({' + '.join(products)}))  # one thread, or all for large products a step"
-           if products else "rt_c.blas_threads(0)  # no product in the loop: one thread")
+    w.line(f"rt_c.pass_threads(B, B * ({' + '.join(products)}))  # the batch split among threads (or OpenBLAS's)"
+           if products else "rt_c.pass_threads(B, 0)  # no product in the loop: the batch split among threads")
     # Elementwise input-only values that only the loop reads are computed in it, at step t, as the
     # Triton kernels do. The loop has one stage, so nothing else of the Triton plan applies.
     fused = fused_into_loop(s, keep)

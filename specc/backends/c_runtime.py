@@ -82,6 +82,15 @@ PRELUDE = r"""#include <math.h>
 #include <string.h>
 #include <cblas.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+static inline long sp_thread(void) { return omp_get_thread_num(); }
+static inline long sp_threads(void) { return omp_get_num_threads(); }
+#else
+static inline long sp_thread(void) { return 0; }
+static inline long sp_threads(void) { return 1; }
+#endif
+
 #ifndef SP_PARALLEL_ELEMENTS
 #define SP_PARALLEL_ELEMENTS 65536  /* elements below which one thread runs an elementwise loop alone */
 #endif
@@ -103,6 +112,30 @@ static inline float sp_exp(float x) {
 }
 
 """ + "\n".join(a.c_helper for a in ACTIVATIONS.values() if a.c_helper) + r"""
+/* o (M, N) = a @ w (each transposed as CBLAS's flag says) on `threads` threads, each one
+   OpenBLAS call on its block of o's rows, or of its columns when it has fewer rows than columns:
+   the host's products around the loop, on the loop's threads (see c_runtime.pass_threads). */
+void specc_matmul(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
+                  float *o, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        long id = sp_thread(), nt = sp_threads();
+        if (M >= N) {
+            long m0 = M * id / nt, m1 = M * (id + 1) / nt;
+            if (m1 > m0)
+                """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, ta, tw, (blasint)(m1 - m0), (blasint)N, (blasint)K, 1.0f,
+                                  ta == CblasTrans ? a + m0 : a + m0 * lda, (blasint)lda, w, (blasint)ldw, 0.0f,
+                                  o + m0 * N, (blasint)N);
+        } else {
+            long n0 = N * id / nt, n1 = N * (id + 1) / nt;
+            if (n1 > n0)
+                """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, ta, tw, (blasint)M, (blasint)(n1 - n0), (blasint)K, 1.0f,
+                                  a, (blasint)lda, tw == CblasTrans ? w + n0 * ldw : w + n0, (blasint)ldw, 0.0f,
+                                  o + n0, (blasint)N);
+        }
+    }
+}
+
 static inline void sp_gemm(long M, long K, long N, const float *a, long lda, const float *w, float *o, long ldo) {
     """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f,
                       a, (blasint)lda, w, (blasint)N, 0.0f, o, (blasint)ldo);
@@ -232,18 +265,53 @@ def cache_key(text: str, cc: str) -> str:
     return hashlib.sha256("\0".join([text, cc, *flags(), *(openblas() or ()), _cpu()]).encode()).hexdigest()[:32]
 
 
+def _core_type(cpuinfo: str | None = None) -> str | None:
+    """The kernels OpenBLAS should use where its own choice is known to be wrong: AMD's Zen 5
+    (family 26) has AVX-512, but the OpenBLAS of scipy-openblas32 0.3.34 takes it for a Haswell
+    (OpenBLAS issue 6029, fixed after that release) and runs AVX2 kernels. Its SkylakeX kernels
+    there, one thread, 2-core EPYC: sgemm (6400, 256) @ (256, 1024) 94 -> 180 GFLOP/s, (1600, 128)
+    @ (128, 512) 99 -> 197, (16, 128) @ (128, 512) 58 -> 85. A user's OPENBLAS_CORETYPE wins."""
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return None
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return None
+    head = cpuinfo.split("\n\n")[0]  # the first processor's
+    fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    try:
+        family = int(fields.get("cpu family", "0"))
+    except ValueError:
+        return None
+    avx512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    if fields.get("vendor_id") == "AuthenticAMD" and family >= 26 and avx512 <= flags:
+        return "SkylakeX"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def blas() -> ctypes.CDLL:
     """OpenBLAS's library itself, the one the loops link to (a library whose loop has no product may
-    not name it at all): for its thread count and the host's products. It starts on one thread;
-    blas_threads() sets the count for each pass. This copy of OpenBLAS is specc's alone (NumPy,
+    not name it at all): for its thread count. It starts on one thread; pass_threads() sets the
+    count for each pass. This copy of OpenBLAS is specc's alone (NumPy,
     SciPy and torch bring their own), so the setting, which is the whole process's, touches nobody
     else's products."""
     include, libdir, name = openblas()
     found = sorted(Path(libdir).glob(f"lib{name}.*"))
     if not found:
         raise CompileError(f"no lib{name} in {libdir}")
-    lib = ctypes.CDLL(str(found[0]))
+    core = _core_type()
+    if core:  # read once, as the library loads; the process's environment is left as it was
+        os.environ["OPENBLAS_CORETYPE"] = core
+    try:
+        lib = ctypes.CDLL(str(found[0]))
+    finally:
+        if core:
+            del os.environ["OPENBLAS_CORETYPE"]
     getattr(lib, BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(1))
     sgemm = getattr(lib, BLAS_PREFIX + "cblas_sgemm")
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -252,27 +320,51 @@ def blas() -> ctypes.CDLL:
     return lib
 
 
-# A pass whose loop multiplies at least this many (multiply-adds a step, over its products) runs
-# OpenBLAS on all of torch's threads, in the loop and around it; a smaller one on one. Measured on
-# an idle 2-core AMD EPYC (AVX2), LSTM forward + backward, one thread against two: 334 / 244 ms at
-# 100x64x256x256 (16.8M a step), 36 / 76 ms at 100x16x128x128 (1M), 14 / 48 ms at 200x8x64x64:
-# below a few million, waking a second thread for each product costs more than it saves, and its
-# threads left spinning take the core the elementwise loops and the host code want. (The count
-# was one thread for every pass until then, measured on a machine where another process held a
-# core: on 2 shared cores, two threads lost even at the large size.) Two threads for the products
-# around the loop only (the loop on one, switching the count before and after each) lost too, on the
-# same idle machine, 2026-12-02: LSTM 100x16x128x128 53-60 ms against 35-41, 200x8x64x64 32 against
-# 10-13 (torch.nn 23 and 10); the same at 100x64x256x256, within noise.
+def blas_kernels() -> str:
+    """The kernels OpenBLAS chose (Haswell, SkylakeX, ...), and why, for the benchmarks' headers."""
+    name = getattr(blas(), BLAS_PREFIX + "openblas_get_corename")
+    name.restype = ctypes.c_char_p
+    why = ("OPENBLAS_CORETYPE in the environment" if os.environ.get("OPENBLAS_CORETYPE")
+           else "chosen by specc for this CPU" if _core_type() else "OpenBLAS's own choice")
+    return f"{name().decode()} ({why})"
+
+
+# How a pass uses the cores (torch.get_num_threads() of them), measured on 2-core AMD EPYCs:
+#
+# * The loop splits the batch: each thread runs every step on its own rows (SPLIT_ROWS or more),
+#   its products one-thread OpenBLAS calls, with no barrier between steps. LSTM 100x16x128x128
+#   (Zen 5, AVX-512): a loop 2.5 -> 1.0 ms. Before this the loop ran on one thread, or OpenBLAS
+#   shared each product of a step among its threads, which lost below a few million multiply-adds
+#   a product (idle AVX2 EPYC, LSTM forward + backward, one thread against two: 36 / 76 ms at
+#   100x16x128x128, 14 / 48 ms at 200x8x64x64: waking a thread for each small product costs more
+#   than it saves, and OpenBLAS's threads left spinning took the core the elementwise loops wanted).
+# * The host's products around the loop (W @ x over all steps, the gradients) are split the same
+#   way in specc_matmul, one OpenBLAS call a thread: one pool of threads, the loops', and none of
+#   OpenBLAS's spinning beside it.
+# * OpenBLAS shares a product itself only where the batch is too small to split and a step's
+#   products are large (PARALLEL_STEP_MACS multiply-adds or more: B = 1 at H = 2048).
 PARALLEL_STEP_MACS = 1 << 23
-_threads = [1]
+SPLIT_ROWS = 4
+MATMUL_SPLIT_MACS = 1 << 20  # a host product smaller than this runs on one thread
+_threads = [1]  # OpenBLAS's own count, as last set
+_loop = [1]  # threads of the pass's loop and host products
 
 
-def blas_threads(step_macs: int) -> None:
-    """Set OpenBLAS's thread count for a pass whose loop does `step_macs` multiply-adds a step."""
-    n = torch.get_num_threads() if step_macs >= PARALLEL_STEP_MACS else 1
-    if n != _threads[0]:
-        getattr(blas(), BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(n))
-        _threads[0] = n
+def pass_threads(B: int, step_macs: int) -> None:
+    """Choose the threads of a pass over B examples whose loop multiplies `step_macs` a step."""
+    forced = os.environ.get("SPECC_LOOP_THREADS")  # the benchmark's comparisons
+    n = max(1, int(forced)) if forced else torch.get_num_threads()
+    split = min(n, B // SPLIT_ROWS)
+    shared = n if split < 2 and step_macs >= PARALLEL_STEP_MACS and not forced else 1
+    if shared != _threads[0]:
+        getattr(blas(), BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(shared))
+        _threads[0] = shared
+    _loop[0] = n if shared == 1 else 1
+
+
+def loop_threads(B: int) -> int:
+    """Threads for a loop over B examples: each takes SPLIT_ROWS rows or more."""
+    return max(1, min(_loop[0], B // SPLIT_ROWS))
 
 
 def _compile(cc: str, text: str, path: Path, key: str) -> None:
@@ -338,8 +430,9 @@ def _blas_layout(t: torch.Tensor) -> tuple[int, int, torch.Tensor]:
 
 def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w for float32 CPU matrices (transposed views need no copy): the host's products around
-    the loop (W @ x for all steps, the gradients), by the OpenBLAS the loop calls, on the threads
-    blas_threads() chose for the pass: one pool, not torch's beside OpenBLAS's. (With torch's,
+    the loop (W @ x for all steps, the gradients), by the OpenBLAS the loop calls, split among the
+    threads pass_threads() chose (specc_matmul in the prelude): one pool, not torch's beside
+    OpenBLAS's. (With torch's,
     on 2 cores another process shared, each product waited for the core it held: a GRU at
     20x4x16x16 took 87-150 ms a forward + backward, 6 ms with these.)"""
     M, K = a.shape
@@ -349,10 +442,12 @@ def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty((M, N), dtype=torch.float32)
     if M == 0 or N == 0 or K == 0:
         return out.zero_()
-    fn = getattr(blas(), BLAS_PREFIX + "cblas_sgemm")
     ta, lda, a = _blas_layout(a)
     tw, ldw, w = _blas_layout(w)
-    fn(101, ta, tw, M, N, K, 1.0, a.data_ptr(), lda, w.data_ptr(), ldw, 0.0, out.data_ptr(), N)  # 101: CblasRowMajor
+    threads = _loop[0] if M * N * K >= MATMUL_SPLIT_MACS else 1
+    lib.specc_matmul(ctypes.c_long(M), ctypes.c_long(N), ctypes.c_long(K), ctypes.c_void_p(a.data_ptr()),
+                     ctypes.c_long(lda), ctypes.c_int(ta), ctypes.c_void_p(w.data_ptr()), ctypes.c_long(ldw),
+                     ctypes.c_int(tw), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(threads))
     return out
 
 
@@ -377,4 +472,5 @@ def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, s
         ptrs[k] = t.data_ptr()
         rows[k] = t.stride(0) if t.dim() == 2 else 0
     ptrs[len(tensors)] = work.data_ptr()
-    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ptrs, rows)
+    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ctypes.c_int(loop_threads(B)),
+                     ptrs, rows)
