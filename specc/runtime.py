@@ -160,7 +160,10 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
     """("c" or "numpy", why) for a float32 cell whose C loops compile."""
     from .backends import c_runtime
 
-    key = (module.program.__name__, tuple(sorted(module.dims.items())), B, tuple(c_runtime.flags()))
+    # What the timing depends on: the generated code, its sizes and batch, the compiler's flags, the
+    # threads a pass splits its batch among, and the kernels OpenBLAS runs.
+    key = (module.program.__name__, tuple(sorted(module.dims.items())), B, tuple(c_runtime.flags()),
+           torch.get_num_threads(), os.environ.get("OPENBLAS_CORETYPE") or c_runtime._core_type())
     if key in _CHOICES:
         return _CHOICES[key]
     text = repr((key, c_runtime.openblas(), c_runtime._cpu()))

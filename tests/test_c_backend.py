@@ -254,6 +254,13 @@ def test_a_choice_is_kept_for_the_next_process(timed_faster, monkeypatch):
     assert _backend(again, batch=2) == "numpy" and len(timed) == 1
     assert "timed by an earlier process" in again.backend_choice
     assert _backend(again, batch=5) == "numpy" and len(timed) == 2  # another batch size: timed
+    # Other threads (the C loops split the batch among them) or other OpenBLAS kernels: timed again.
+    monkeypatch.setattr(runtime, "_CHOICES", {})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert _backend(specc.load("gru", I=3, H=4), batch=2) == "numpy" and len(timed) == 3
+    monkeypatch.setattr(runtime, "_CHOICES", {})
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
+    assert _backend(specc.load("gru", I=3, H=4), batch=2) == "numpy" and len(timed) == 4
 
 
 def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch, tmp_path):
