@@ -358,6 +358,40 @@ cell fuzz(I) {
     output p3
     output y0 = (WCHAR_MAX @ softmax(g2)) * (W7 @ g1)
 }""", {"I": 3}, 1),
+    # h1' = a1 - h1 over four steps: d a1 is 0 exactly in the reference's order of sums and one
+    # ulp of 1.0 in the C loops'; float32 comparisons allow a few ulps of the O(1) data (seed 808,
+    # cell 2232, 2026-12-02)
+    "a_gradient_that_cancels_to_zero_in_float32": ("""
+cell cell_a(I) {
+    input x0[I]
+    state h0[I] = learned(0.25)
+    state h1[(I + 1)] = constant(1 / 3)
+    state h2[I] = ones
+    const a0[] ~ constant(-0.25)
+    param b0[(I + 1)] ~ uniform(0.3)
+    param b1[(2*I)] ~ uniform(0.3)
+    param b2[I] ~ uniform(0.3)
+    param W0[I, I] ~ identity(0.5)
+    param a1[1] ~ constant(-0.25)
+    param W1[I, I] ~ constant(-0.25)
+    param W2[(2*I), I]
+    param range[(2*I), I] ~ orthogonal
+    param b3[I]
+    param W3[I, I] = zeros
+    param W4[I, (I + 1)] ~ identity(0.5)
+    const W5[(2*I), I] ~ orthogonal
+    param b4[1] ~ uniform(-0.5, 1 / 4)
+    param W6[1, I] ~ constant(-0.25)
+    h1' = a1 - (h1)
+    h0' = sigmoid(W0 @ (g0))
+    h2' = sigmoid(gelu(leaky_relu(W1 @ h2, 0.2)))
+    g1 = (b1) * sum(b0)
+    g2 = -(b2)
+    g0 = a0 - (leaky_relu(h0, 0.01))
+    output y0 = rsqrt(softplus(rmsnorm(W5 @ sigmoid(x0))) + 0.5)
+    output y1 = b4 + W6 @ h0'
+    output h0
+}""", {"I": 1}, 2232),
 }
 
 

@@ -144,6 +144,13 @@ def _compare(findings, backend, mode, got: dict, want64: dict, want32: dict | No
             # a finding). A wrong formula is off by far more than rounding.
             slack += 8 * max(float((w[key].double() - want.double()).abs().max())
                              for w in (want32 if isinstance(want32, list) else [want32]))
+        if dtype == torch.float32:
+            # A few ulps of the O(1) numbers the data is drawn as: a gradient that cancels to zero
+            # exactly in the reference's order of sums is an ulp or two off in another order, and
+            # the nudged runs cannot show it (seed 808, cell 2232: d a1 of h1' = a1 - h1 over four
+            # steps is 0 in the reference, one ulp of 1.0 in the C loops; the scale's floor, 1e-3,
+            # made that 1.2e-4 of "scale").
+            slack = max(slack, 16 * torch.finfo(torch.float32).eps)
         if diff > slack:
             findings.append(Finding(backend, mode, key, diff / _scale(want)))
 
