@@ -726,6 +726,43 @@ def test_every_split_of_the_batch_gives_torchs_numbers(monkeypatch, threads, B):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def _forward_backward_in_child(m, x, queue, one_thread):
+    if one_thread:  # as torch's DataLoader workers do: torch's own ops on large tensors hang there too
+        torch.set_num_threads(1)
+    y, _ = m(x)
+    (dx,) = torch.autograd.grad(y.sum(), [x])
+    queue.put((y.detach().numpy(), dx.numpy()))  # arrays: pickled by value, not shared
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+@pytest.mark.parametrize("threads, B, H", [(None, 16, 8), ("1", 64, 1024)])
+def test_a_forked_child_runs_the_loops_after_its_parent_did(monkeypatch, threads, B, H):
+    """GCC's OpenMP waits forever, in a forked child, for the threads of a region its parent ran
+    (the batch split among threads; a wide elementwise loop on one): a multiprocessing or
+    DataLoader worker that calls the model hung. In a forked child the loops start no region."""
+    import multiprocessing
+
+    if threads:
+        monkeypatch.setenv("SPECC_LOOP_THREADS", threads)
+    torch.manual_seed(0)
+    m = specc.load("lstm", I=4, H=H, backend="c")
+    x = torch.randn(3, B, 4, requires_grad=True)
+    y, _ = m(x)
+    (dx,) = torch.autograd.grad(y.sum(), [x])  # the parent's regions, before the fork
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forward_backward_in_child, args=(m, x, queue, H > 64))
+    child.start()
+    try:
+        y_child, dx_child = queue.get(timeout=60)
+    finally:
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+    torch.testing.assert_close(torch.from_numpy(y_child), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(dx_child), dx, atol=1e-5, rtol=1e-5)
+
+
 def test_host_products_split_among_threads_match_torch(monkeypatch):
     """specc_matmul splits a product by rows, or by columns when it has fewer rows, over any
     number of threads, for each of CBLAS's layouts (transposed views read in place)."""

@@ -616,8 +616,9 @@ class CLoop:
         # No example reads another's within the loop (sums over the batch come after it), so the
         # threads split the batch and each runs every step on its own rows, with no barrier
         # between steps; a thread's products are OpenBLAS calls on one thread. (`threads == 1`:
-        # the whole batch on one, with the wide elementwise loops shared instead.)
-        split = ["    #pragma omp parallel num_threads(threads) if (threads > 1)", "    {",
+        # the whole batch on one, with the wide elementwise loops shared instead; 0: no OpenMP
+        # region at all, in a forked child, where GCC's OpenMP would wait for its parent's threads.)
+        split = ["    #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)", "    {",
                  "        const long r0 = B * sp_thread() / sp_threads(), r1 = B * (sp_thread() + 1) / sp_threads();",
                  "        " + steps]
         text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + split \

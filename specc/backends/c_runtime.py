@@ -117,7 +117,7 @@ static inline float sp_exp(float x) {
    the host's products around the loop, on the loop's threads (see c_runtime.pass_threads). */
 void specc_matmul(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
                   float *o, int threads) {
-    #pragma omp parallel num_threads(threads) if (threads > 1)
+    #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)
     {
         long id = sp_thread(), nt = sp_threads();
         if (M >= N) {
@@ -350,6 +350,14 @@ _threads = [1]  # OpenBLAS's own count, as last set
 _loop = [1]  # threads of the pass's loop and host products
 
 
+# In a process forked from one that ran OpenMP regions (a multiprocessing or DataLoader worker),
+# GCC's OpenMP waits forever for the parent's threads at the next region it starts: there the
+# loops run without any (threads 0), as torch runs its own ops on one thread in such a child.
+_forked = [False]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forked.__setitem__(0, True))
+
+
 def pass_threads(B: int, step_macs: int) -> None:
     """Choose the threads of a pass over B examples whose loop multiplies `step_macs` a step."""
     forced = os.environ.get("SPECC_LOOP_THREADS")  # the benchmark's comparisons
@@ -363,7 +371,9 @@ def pass_threads(B: int, step_macs: int) -> None:
 
 
 def loop_threads(B: int) -> int:
-    """Threads for a loop over B examples: each takes SPLIT_ROWS rows or more."""
+    """Threads for a loop over B examples: each takes SPLIT_ROWS rows or more (0: no OpenMP)."""
+    if _forked[0]:
+        return 0
     return max(1, min(_loop[0], B // SPLIT_ROWS))
 
 
@@ -444,7 +454,7 @@ def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return out.zero_()
     ta, lda, a = _blas_layout(a)
     tw, ldw, w = _blas_layout(w)
-    threads = _loop[0] if M * N * K >= MATMUL_SPLIT_MACS else 1
+    threads = 0 if _forked[0] else _loop[0] if M * N * K >= MATMUL_SPLIT_MACS else 1
     lib.specc_matmul(ctypes.c_long(M), ctypes.c_long(N), ctypes.c_long(K), ctypes.c_void_p(a.data_ptr()),
                      ctypes.c_long(lda), ctypes.c_int(ta), ctypes.c_void_p(w.data_ptr()), ctypes.c_long(ldw),
                      ctypes.c_int(tw), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(threads))
