@@ -265,6 +265,16 @@ def cache_key(text: str, cc: str) -> str:
     return hashlib.sha256("\0".join([text, cc, *flags(), *(openblas() or ()), _cpu()]).encode()).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=1)
+def _first_cpu() -> str:
+    """/proc/cpuinfo's first processor, read once: `auto` asks _core_type() at every call."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read(1 << 16).split("\n\n")[0]
+    except OSError:
+        return ""
+
+
 def _core_type(cpuinfo: str | None = None) -> str | None:
     """The kernels OpenBLAS should use where its own choice is known to be wrong: AMD's Zen 5
     (family 26) has AVX-512, but the OpenBLAS of scipy-openblas32 0.3.34 takes it for a Haswell
@@ -273,13 +283,7 @@ def _core_type(cpuinfo: str | None = None) -> str | None:
     @ (128, 512) 99 -> 197, (16, 128) @ (128, 512) 58 -> 85. A user's OPENBLAS_CORETYPE wins."""
     if os.environ.get("OPENBLAS_CORETYPE"):
         return None
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read(1 << 16)
-        except OSError:
-            return None
-    head = cpuinfo.split("\n\n")[0]  # the first processor's
+    head = (_first_cpu() if cpuinfo is None else cpuinfo).split("\n\n")[0]  # the first processor's
     fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
@@ -313,10 +317,6 @@ def blas() -> ctypes.CDLL:
         if core:
             del os.environ["OPENBLAS_CORETYPE"]
     getattr(lib, BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(1))
-    sgemm = getattr(lib, BLAS_PREFIX + "cblas_sgemm")
-    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
-    sgemm.restype = None
     return lib
 
 
