@@ -429,7 +429,7 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
 
 def test_the_c_is_readable_and_quotes_the_spec():
     source = specc.load("lstm", I=3, H=4).program.C_SOURCE
-    assert "void specc_lstm_forward(long T, long B, int train, int threads, float *const *arg, const long *row)" in source
+    assert "void specc_lstm_forward(long T, long B, int train, int threads, int cols, float *const *arg, const long *row)" in source
     assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
     assert "float v_sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
 
@@ -675,38 +675,45 @@ def test_auto_runs_cells_named_like_c_on_the_c_loops_without_a_warning(timed_fas
     assert [str(w.message) for w in caught] == []
 
 
-def test_a_pass_splits_its_batch_among_threads_or_lets_openblas_share_large_products(monkeypatch):
+def test_a_pass_splits_its_batch_among_threads_or_each_products_columns(monkeypatch):
     """Each pass tells the runtime its batch and how much its loop multiplies a step (an LSTM:
-    B * H * 4H each way). The batch is split among torch's threads, SPLIT_ROWS rows or more each,
-    OpenBLAS on one; OpenBLAS shares the products only where the batch is too small to split and
-    the products are large."""
+    B * H * 4H each way). The batch is split among torch's threads, SPLIT_ROWS rows or more each;
+    where a step's weights are large, each product's columns are split among all of them instead,
+    whatever the batch. OpenBLAS itself stays on one thread."""
     import re
 
     source = specc.compile_spec("lstm").source
     calls = re.findall(r"rt_c\.pass_threads\((.*?)\)  #", source)
     assert calls == ["B, B * (H * 4*H)", "B, B * (4*H * H)"], calls
-    seen = []
-    monkeypatch.setattr(c_runtime, "_threads", [1])
     monkeypatch.setattr(c_runtime, "_loop", [1])
+    monkeypatch.setattr(c_runtime, "_cols", [False])
     monkeypatch.delenv("SPECC_LOOP_THREADS", raising=False)
-    monkeypatch.setattr(c_runtime, "blas", lambda: type("L", (), {
-        c_runtime.BLAS_PREFIX + "openblas_set_num_threads": staticmethod(lambda n: seen.append(n.value))})())
+    monkeypatch.delenv("SPECC_LOOP_SPLIT", raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    c_runtime.pass_threads(64, 64 * 256 * 1024)
-    assert (seen, c_runtime.loop_threads(64), c_runtime.loop_threads(6)) == ([], 4, 1)
-    c_runtime.pass_threads(1, 2048 * 8192)  # one example, large products: OpenBLAS shares them
-    assert (seen, c_runtime.loop_threads(1)) == ([4], 1)
-    c_runtime.pass_threads(1, 2048 * 8192)  # no call when the count stays
-    c_runtime.pass_threads(16, 16 * 128 * 512)
-    assert (seen, c_runtime.loop_threads(16)) == ([4, 1], 4)
+    c_runtime.pass_threads(64, 64 * 128 * 512)  # weights of 64K floats: the batch split
+    assert (c_runtime._cols[0], c_runtime.loop_threads(64), c_runtime.loop_threads(6)) == (False, 4, 1)
+    c_runtime.pass_threads(1, 1024 * 4096)  # one example, 4M floats of weights: the columns split
+    assert (c_runtime._cols[0], c_runtime.loop_threads(1)) == (True, 4)
+    c_runtime.pass_threads(16, 16 * 256 * 1024)  # 1 MiB of weights, the threshold
+    assert (c_runtime._cols[0], c_runtime.loop_threads(16)) == (True, 4)
+    monkeypatch.setenv("SPECC_LOOP_SPLIT", "rows")
+    c_runtime.pass_threads(16, 16 * 256 * 1024)
+    assert (c_runtime._cols[0], c_runtime.loop_threads(16)) == (False, 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setenv("SPECC_LOOP_SPLIT", "cols")
+    c_runtime.pass_threads(16, 16 * 256 * 1024)  # one thread: no columns to share
+    assert (c_runtime._cols[0], c_runtime.loop_threads(16)) == (False, 1)
 
 
 @pytest.mark.parametrize("B", [1, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_every_split_of_the_batch_gives_torchs_numbers(monkeypatch, threads, B):
+@pytest.mark.parametrize("split", ["rows", "cols"])
+def test_every_split_of_the_batch_gives_torchs_numbers(monkeypatch, split, threads, B):
     """However the batch is split among the loop's threads (rows left over, a thread with none),
+    or each product's columns (28 = 16 + 12 columns a gate: a block that is not a multiple of 16),
     the LSTM's outputs and gradients are torch.nn.LSTM's."""
     monkeypatch.setenv("SPECC_LOOP_THREADS", threads)
+    monkeypatch.setenv("SPECC_LOOP_SPLIT", split)
     monkeypatch.setattr(c_runtime, "SPLIT_ROWS", 1)  # every split, down to one row a thread
     torch.manual_seed(B)
     m = specc.load("lstm", I=5, H=7, backend="c")

@@ -41,16 +41,19 @@ def test_random_cells_match_the_reference(backend):
     one()
 
 
-def test_random_cells_with_the_batch_split_among_the_c_loops_threads(monkeypatch):
+@pytest.mark.parametrize("split", ["rows", "cols"])
+def test_random_cells_with_the_batch_split_among_the_c_loops_threads(monkeypatch, split):
     """The C loops split the batch among threads, each running every step on its own rows: no op
-    of any cell may read another example's row inside the loop. Every split, down to one row a
-    thread, on random cells against the reference."""
+    of any cell may read another example's row inside the loop. Or (cols) each product is split
+    by columns among the threads, with a barrier before and after it: every thread must meet every
+    barrier. Every split, down to one row a thread, on random cells against the reference."""
     from specc.backends import c_runtime
 
     monkeypatch.setenv("SPECC_LOOP_THREADS", "3")
+    monkeypatch.setenv("SPECC_LOOP_SPLIT", split)
     monkeypatch.setattr(c_runtime, "SPLIT_ROWS", 1)
 
-    @settings(max_examples=40, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=40 if split == "rows" else 25, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cells())
     def one(cell):

@@ -4,14 +4,16 @@ On a CPU the time loop is where NumPy loses: every op of a step is a call from P
 array (a batch of 16 x 128 features), a few microseconds each, a dozen per step, while torch's
 nn.LSTM runs the whole step inside oneDNN. Here the loop itself is compiled, one call per pass:
 
-    void specc_lstm_forward(long T, long B, int train, int threads, float *const *arg, const long *row)
+    void specc_lstm_forward(long T, long B, int train, int threads, int cols, float *const *arg, const long *row)
 
 `arg` holds the host's tensors in a fixed order (`row`, the distance between the rows of each,
 for those the host may hand in as views); the dimensions are compile-time constants, so one
 compiled library serves one set of sizes. Per step:
 
 * the batch is split among `threads` threads, each running every step on its own rows with no
-  barrier between steps (no example reads another's inside the loop);
+  barrier between steps (no example reads another's inside the loop); or, where the weights are
+  large and the batch small (`cols`), each product is split by columns among the threads, with a
+  barrier before and after it, and the elementwise work by rows;
 * each product of the state by a weight is one call of OpenBLAS's sgemm (sp_gemm in
   c_runtime.PRELUDE) on a thread's rows, on that thread: a (B, K) @ (K, N) product a step is too
   small for OpenBLAS to share out itself;
@@ -569,8 +571,15 @@ class CLoop:
             k = c_size(g.nodes[node.args[1]].type.shape[0])
             weight = self.arg(self.weights[i], const=True)
             # This thread's rows of the batch (see write()).
-            self.line(f"sp_gemm(r1 - r0, {k}, {width}, {vec.ptr} + r0 * {vec.row}, {vec.row}, {weight}, "
+            # This thread's rows of the batch, or its columns of the product for every row (see write()).
+            self.line("if (cols) {")
+            self.line("    #pragma omp barrier")
+            self.line(f"    sp_gemm_cols(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
+            self.line("    #pragma omp barrier")
+            self.line("} else {")
+            self.line(f"    sp_gemm(r1 - r0, {k}, {width}, {vec.ptr} + r0 * {vec.row}, {vec.row}, {weight}, "
                       f"{out.ptr} + r0 * {out.row}, {out.row});")
+            self.line("}")
         else:
             raise Unsupported(f"{op} inside the recurrence (spec line {node.line})")
         self.also_kept(i, out)
@@ -605,7 +614,8 @@ class CLoop:
                 buf = self.arg(self.host.carry_buf[name], const=False)
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
-        head = [f"void {self.fn}(long T, long B, int train, int threads, float *const *arg, const long *row) {{"]
+        head = [f"void {self.fn}(long T, long B, int train, int threads, int cols, float *const *arg, "
+                "const long *row) {"]
         if self.host.wrapped:  # see HostNames.wrapped
             wrap = "2" if self.reverse else "train ? T + 1 : 2"
             head.append(f"    const long wrap = {wrap};  /* blocks of the states only this loop reads */")
@@ -621,7 +631,7 @@ class CLoop:
         split = ["    #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)", "    {",
                  "        const long r0 = B * sp_thread() / sp_threads(), r1 = B * (sp_thread() + 1) / sp_threads();",
                  "        " + steps]
-        text = head + ["    (void)train;"] + ([] if self.view_rows else ["    (void)row;"]) + split \
+        text = head + ["    (void)train;", "    (void)cols;"] + ([] if self.view_rows else ["    (void)row;"]) + split \
             + ["    " + line for line in self.body] + ["        }", "    }", "}"]
         scratch = f"B * ({' + '.join(f'({w})' for w in self.scratch)})" if self.scratch else "0"
         views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
@@ -637,7 +647,7 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
         raise Unsupported(f"cell name {fn!r} is not usable in C")
     products = [f"{g.nodes[node.args[1]].type.shape[0]} * {node.type.shape[0]}" for node in
                 (g.nodes[i] for i in s.nodes_in("loop")) if node.op in ("matvec", "matvec_t")]
-    w.line(f"rt_c.pass_threads(B, B * ({' + '.join(products)}))  # the batch split among threads (or OpenBLAS's)"
+    w.line(f"rt_c.pass_threads(B, B * ({' + '.join(products)}))  # the batch split among threads, or each product's columns"
            if products else "rt_c.pass_threads(B, 0)  # no product in the loop: the batch split among threads")
     # Elementwise input-only values that only the loop reads are computed in it, at step t, as the
     # Triton kernels do. The loop has one stage, so nothing else of the Triton plan applies.

@@ -140,6 +140,17 @@ static inline void sp_gemm(long M, long K, long N, const float *a, long lda, con
     """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f,
                       a, (blasint)lda, w, (blasint)N, 0.0f, o, (blasint)ldo);
 }
+
+/* This thread's block of o's columns (a multiple of 16 wide), for every row: OpenBLAS packs the
+   weight it reads at every call, so the threads share that packing instead of each packing all
+   of it for its own rows (see c_runtime.pass_threads). */
+static inline void sp_gemm_cols(long M, long K, long N, const float *a, long lda, const float *w, float *o, long ldo) {
+    long id = sp_thread(), nt = sp_threads();
+    long n0 = id == 0 ? 0 : (N * id / nt) & ~15L, n1 = id == nt - 1 ? N : (N * (id + 1) / nt) & ~15L;
+    if (n1 > n0)
+        """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)(n1 - n0), (blasint)K,
+                          1.0f, a, (blasint)lda, w + n0, (blasint)N, 0.0f, o + n0, (blasint)ldo);
+}
 """
 
 
@@ -300,10 +311,10 @@ def _core_type(cpuinfo: str | None = None) -> str | None:
 @functools.lru_cache(maxsize=1)
 def blas() -> ctypes.CDLL:
     """OpenBLAS's library itself, the one the loops link to (a library whose loop has no product may
-    not name it at all): for its thread count. It starts on one thread; pass_threads() sets the
-    count for each pass. This copy of OpenBLAS is specc's alone (NumPy,
-    SciPy and torch bring their own), so the setting, which is the whole process's, touches nobody
-    else's products."""
+    not name it at all): for its thread count. It runs on one thread: the loops and specc_matmul
+    split every product among their own threads (see pass_threads). This copy of OpenBLAS is
+    specc's alone (NumPy, SciPy and torch bring their own), so the setting, which is the whole
+    process's, touches nobody else's products."""
     include, libdir, name = openblas()
     found = sorted(Path(libdir).glob(f"lib{name}.*"))
     if not found:
@@ -338,16 +349,23 @@ def blas_kernels() -> str:
 #   a product (idle AVX2 EPYC, LSTM forward + backward, one thread against two: 36 / 76 ms at
 #   100x16x128x128, 14 / 48 ms at 200x8x64x64: waking a thread for each small product costs more
 #   than it saves, and OpenBLAS's threads left spinning took the core the elementwise loops wanted).
+# * Where a step's weights are large (COLS_WEIGHT_FLOATS floats or more: 1 MiB, a core's L2 on
+#   Zen 5), each product is split by columns instead, with a barrier before and after it, and the
+#   elementwise work by rows. OpenBLAS packs the weight it reads at every call (it has no API to
+#   keep a packed matrix): split by rows, each thread packs all of it each step for a few rows;
+#   by columns, each packs its share, and multiplies the whole batch. One-thread sgemm of
+#   (16, 512) @ (512, 2048): 65 GFLOP/s, against 180 for large products. Zen 5, LSTM forward /
+#   forward + backward: 50x32x512x512 35 / 85 -> 29 / 75 ms, 50x1x1024x1024 (OpenBLAS sharing
+#   each product before) 49 / 147 -> 37 / 87 ms; below the threshold the barriers cost more than
+#   the packing (100x16x128x128 forward 2.3 -> 7.5 ms on a noisy run).
 # * The host's products around the loop (W @ x over all steps, the gradients) are split the same
 #   way in specc_matmul, one OpenBLAS call a thread: one pool of threads, the loops', and none of
-#   OpenBLAS's spinning beside it.
-# * OpenBLAS shares a product itself only where the batch is too small to split and a step's
-#   products are large (PARALLEL_STEP_MACS multiply-adds or more: B = 1 at H = 2048).
-PARALLEL_STEP_MACS = 1 << 23
+#   OpenBLAS's spinning beside it. OpenBLAS itself stays on one thread.
 SPLIT_ROWS = 4
+COLS_WEIGHT_FLOATS = 1 << 18
 MATMUL_SPLIT_MACS = 1 << 20  # a host product smaller than this runs on one thread
-_threads = [1]  # OpenBLAS's own count, as last set
 _loop = [1]  # threads of the pass's loop and host products
+_cols = [False]  # whether the loop's products are split by columns (see pass_threads)
 
 
 # In a process forked from one that ran OpenMP regions (a multiprocessing or DataLoader worker),
@@ -359,22 +377,22 @@ if hasattr(os, "register_at_fork"):
 
 
 def pass_threads(B: int, step_macs: int) -> None:
-    """Choose the threads of a pass over B examples whose loop multiplies `step_macs` a step."""
+    """Choose the threads of a pass over B examples whose loop multiplies `step_macs` a step, and
+    whether they split the batch or each product's columns."""
     forced = os.environ.get("SPECC_LOOP_THREADS")  # the benchmark's comparisons
     n = max(1, int(forced)) if forced else torch.get_num_threads()
-    split = min(n, B // SPLIT_ROWS)
-    shared = n if split < 2 and step_macs >= PARALLEL_STEP_MACS and not forced else 1
-    if shared != _threads[0]:
-        getattr(blas(), BLAS_PREFIX + "openblas_set_num_threads")(ctypes.c_int(shared))
-        _threads[0] = shared
-    _loop[0] = n if shared == 1 else 1
+    mode = os.environ.get("SPECC_LOOP_SPLIT")  # rows or cols: the benchmark's comparisons
+    if mode not in ("rows", "cols"):
+        mode = "cols" if step_macs // max(B, 1) >= COLS_WEIGHT_FLOATS else "rows"
+    _loop[0] = n
+    _cols[0] = mode == "cols" and n > 1
 
 
 def loop_threads(B: int) -> int:
     """Threads for a loop over B examples: each takes SPLIT_ROWS rows or more (0: no OpenMP)."""
     if _forked[0]:
         return 0
-    return max(1, min(_loop[0], B // SPLIT_ROWS))
+    return _loop[0] if _cols[0] else max(1, min(_loop[0], B // SPLIT_ROWS))
 
 
 def _compile(cc: str, text: str, path: Path, key: str) -> None:
@@ -482,5 +500,6 @@ def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, s
         ptrs[k] = t.data_ptr()
         rows[k] = t.stride(0) if t.dim() == 2 else 0
     ptrs[len(tensors)] = work.data_ptr()
-    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ctypes.c_int(loop_threads(B)),
-                     ptrs, rows)
+    threads = loop_threads(B)
+    getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ctypes.c_int(threads),
+                     ctypes.c_int(int(_cols[0] and threads > 1)), ptrs, rows)
