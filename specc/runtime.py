@@ -118,7 +118,8 @@ def _c_unusable(prog, dims) -> str | None:
 # every process on this machine makes the same one (a run resumed from a checkpoint computes on
 # the backend the first run did, bit for bit).
 PROBE_STEPS = 32  # steps of the timed forward + backward (fewer if the sequence is shorter)
-PROBE_RUNS = 3  # calls of a backend in a row, of which the first warms up (first-touch memory, oneDNN's plans)
+PROBE_RUNS = 2  # timed calls of a backend in a row, after PROBE_SETTLE seconds of untimed ones
+PROBE_SETTLE = 0.15  # OpenBLAS's threads spin 2^28 cycles (~0.1 s) after their last product
 _CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
@@ -126,11 +127,15 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     """Seconds of one forward + backward on each of the C loops and the NumPy backend (the best of
     timed calls), on the first T steps of the caller's own tensors.
 
-    Each backend runs PROBE_RUNS calls in a row, twice, in turn (C, NumPy, C, NumPy), and the
-    first call of each row is not timed: a backend leaves thread pools spinning for a while after
-    its products (NumPy's OpenBLAS, torch's, OpenBLAS's for the C loops), which slow whatever runs
-    next on a machine of few cores (an LSTM at 100x16x128x128 on 2 cores: the C loops 3 ms a probe
-    alone, 8 ms right after NumPy's), and what `auto` chooses is the backend that then runs alone.
+    Each backend runs a row of calls, twice, in turn (C, NumPy, C, NumPy), and only the calls that
+    start PROBE_SETTLE seconds or more into a row are timed (PROBE_RUNS of them; the first call of
+    a row is never timed: first-touch memory, oneDNN's plans): a backend leaves thread pools
+    spinning for a while after its products (NumPy's OpenBLAS ~0.1 s, torch's), which slow
+    whatever runs next on a machine of few cores (an LSTM at 100x16x128x128 on 2 cores: the C
+    loops 3 ms a probe alone, 8 ms right after NumPy's), and what `auto` chooses is the backend
+    that then runs alone. With one untimed call a row, a process that had just run NumPy's
+    products had the C loops of an Elman cell at 100x64x256x256 timed slower than NumPy (42.8 ms
+    a call chosen against 19.8).
     With 8 steps a probe and all of one backend's calls before the other's, `auto` picked the
     slower at half the sizes of bench/cpu.py on an idle AVX2 machine."""
     import time
@@ -147,12 +152,15 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
         for runner in runners + runners:
-            for k in range(PROBE_RUNS):
+            row = time.perf_counter()
+            k = 0
+            while k < PROBE_RUNS:
                 start = time.perf_counter()
                 _, _, saved = runner.forward(prog, work, T, B, dims, train=True)
                 runner.backward(prog, saved, d_outs, d_finals, params, T, B, dims)
-                if k:
+                if start - row >= PROBE_SETTLE:
                     seconds[runner.name] = min(seconds[runner.name], time.perf_counter() - start)
+                    k += 1
     return seconds
 
 

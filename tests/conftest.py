@@ -28,6 +28,16 @@ def _fixed_seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _quick_probe(monkeypatch):
+    """`auto`'s timing of the two CPU backends waits PROBE_SETTLE seconds into each of its four
+    rows of calls before it times one (other threads' spinning); the tests of what it chooses set
+    it back, the rest of the suite, which only needs a choice, does not wait."""
+    from specc import runtime
+
+    monkeypatch.setattr(runtime, "PROBE_SETTLE", 0.0)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

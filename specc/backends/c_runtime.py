@@ -164,8 +164,13 @@ _failed: dict[str, str] = {}
 
 
 def compiler() -> str | None:
-    cc = os.environ.get("CC") or "cc"
-    return shutil.which(cc)
+    return _which(os.environ.get("CC") or "cc", os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=8)
+def _which(cc: str, path: str | None) -> str | None:
+    """Looked up once for each CC and PATH: every call of a module asks (30-70 us a search)."""
+    return shutil.which(cc, path=path)
 
 
 def problem() -> str | None:
@@ -294,7 +299,12 @@ def _core_type(cpuinfo: str | None = None) -> str | None:
     @ (128, 512) 99 -> 197, (16, 128) @ (128, 512) 58 -> 85. A user's OPENBLAS_CORETYPE wins."""
     if os.environ.get("OPENBLAS_CORETYPE"):
         return None
-    head = (_first_cpu() if cpuinfo is None else cpuinfo).split("\n\n")[0]  # the first processor's
+    return _core_type_of(_first_cpu() if cpuinfo is None else cpuinfo)
+
+
+@functools.lru_cache(maxsize=4)
+def _core_type_of(cpuinfo: str) -> str | None:
+    head = cpuinfo.split("\n\n")[0]  # the first processor's
     fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
