@@ -11,6 +11,7 @@ uses NumPy and an explicit backend="c" says why.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -831,3 +832,18 @@ def test_the_c_compiles_for_aarch64(tmp_path, spec, cell):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "loop vectorized" in result.stderr
+
+
+def test_elementwise_work_after_the_backward_loop_is_made_in_it():
+    """minGRU's backward: every elementwise gradient the scheduler put after the loop (d_z and the
+    halves of the input product's gradient) is made in the C loop, which writes only what the
+    host's products and sums read; after the loop the host runs products and sums alone. (Its
+    numbers: test_references and the differential tests, on every backend.)"""
+    source = specc.compile_spec("mingru").source
+    body = source[source.index("def backward_c("):]
+    body = body[:body.index("\n\n\n")]
+    after = body[body.index("rt_c.run("):].splitlines()[1:]
+    code = [line.strip() for line in after if line.strip() and not line.strip().startswith("#")]
+    arithmetic = [line for line in code if re.search(r"[^*]\s[-+*/]\s", line.split("=", 1)[-1])]
+    assert arithmetic == [], arithmetic
+    assert sum("rt_c.matmul" in line for line in code) == 2  # d_x, and both weights' gradients in one

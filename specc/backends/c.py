@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from ..ir import Forward, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS
-from ..schedule import Schedule
+from ..schedule import Schedule, sink_elementwise
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
                    torch_spell, wrapped_states)
@@ -813,6 +813,7 @@ TARGET = LoopTarget(
      "backward, with the time loop as one call of compiled C (C_SOURCE)."),
     reserved=frozenset({"c_lib", "rt_c"}), extra_args=("c_lib",),
     title="--- C backend: the time loop as one compiled C function per pass, the rest in torch ---",
-    preamble=lambda w, code: w.line("import torch  # the host code around the C loops (also where the Triton part is missing)"))
+    preamble=lambda w, code: w.line("import torch  # the host code around the C loops (also where the Triton part is missing)"),
+    backward_schedule=sink_elementwise)
 # Every name the C part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = HOST_NAMES | TARGET.reserved | {"forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}

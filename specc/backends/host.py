@@ -204,6 +204,8 @@ class LoopTarget:
     title: str = ""  # the comment that opens the section
     # (w, code): what the section needs before its functions (imports, helpers), given their code
     preamble: Callable = lambda w, code: None
+    # The backward pass's schedule as this target runs it (the C loops make more in the loop)
+    backward_schedule: Callable = lambda s: s
 
 
 def write_section(target: LoopTarget, w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int],
@@ -288,6 +290,7 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
                    fwd_numbers: set[int], dims: tuple[str, ...], source: tuple[list[str], str], prefix: str,
                    target: LoopTarget) -> None:
     """backward_<target>: it reads the saved values by the keys forward_<target> gave them."""
+    bwd = target.backward_schedule(bwd)
     g = fwd.graph
     kw = ", ".join(["T", "B", *dims])
     extra = "".join(f", {a}" for a in target.extra_args)
