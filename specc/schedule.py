@@ -109,23 +109,25 @@ def sink_post(s: Schedule) -> Schedule:
     return Schedule(g, tuple(region), _kept(g, region))
 
 
-def sink_elementwise(s: Schedule) -> Schedule:
+def sink_elementwise(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
     """For a loop that fuses each step's elementwise work (the C loops): every elementwise value
     the scheduler puts after the loop, whose operands are made in the loop or before it, is made
     in the loop instead, where its operands are still in registers; only what the host reads
     after the loop is written to memory. After the loop, each such value is a pass over (T*B,
     features) memory that reads the loop's kept values back: minGRU's backward at 4096 x 8 x 256
     made six of them (86 of its 191 ms) from the carried gradient the loop wrote for them.
-    For a backward pass (no values kept for another pass beyond its outputs)."""
+    `also_keep`: values another pass reads for every step (a forward pass's saved values), kept
+    wherever they are made, as schedule() keeps them."""
     g = s.graph
     region = list(s.region)
     for n, node in enumerate(g.nodes):
-        if (region[n] == "post" and node.op in ELEMENTS and node.type.batched
+        if (region[n] == "post" and (node.op in ELEMENTS or node.op == "slice") and node.type.batched
                 and all(region[a] in ("loop", "pre", "const") for a in node.args)):
             region[n] = "loop"
     if tuple(region) == s.region:
         return s
-    return Schedule(g, tuple(region), _kept(g, region))
+    kept = _kept(g, region) | {i for i in also_keep if region[i] == "loop"}
+    return Schedule(g, tuple(region), kept - {leaf for _, leaf, _ in g.carries} - {nxt for _, _, nxt in g.carries})
 
 
 def _kept(g: Graph, region: list[str]) -> frozenset[int]:

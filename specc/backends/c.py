@@ -814,6 +814,6 @@ TARGET = LoopTarget(
     reserved=frozenset({"c_lib", "rt_c"}), extra_args=("c_lib",),
     title="--- C backend: the time loop as one compiled C function per pass, the rest in torch ---",
     preamble=lambda w, code: w.line("import torch  # the host code around the C loops (also where the Triton part is missing)"),
-    backward_schedule=sink_elementwise)
+    forward_schedule=sink_elementwise, backward_schedule=sink_elementwise)
 # Every name the C part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = HOST_NAMES | TARGET.reserved | {"forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}

@@ -204,7 +204,9 @@ class LoopTarget:
     title: str = ""  # the comment that opens the section
     # (w, code): what the section needs before its functions (imports, helpers), given their code
     preamble: Callable = lambda w, code: None
-    # The backward pass's schedule as this target runs it (the C loops make more in the loop)
+    # Each pass's schedule as this target runs it (the C loops make more in the loop): the forward
+    # pass's given the values it saves for backward, which must stay kept
+    forward_schedule: Callable = lambda s, saved: s
     backward_schedule: Callable = lambda s: s
 
 
@@ -233,6 +235,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     kernels = Writer()
     body = Writer()
     source = (source_lines, file)
+    fwd = target.forward_schedule(fwd, frozenset(saved_nodes))
     saved_keys, fwd_numbers = _emit_forward(body, kernels, fwd, saved_nodes, dims, source, prefix, target)
     body.line("")
     body.line("")
