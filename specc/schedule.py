@@ -64,15 +64,7 @@ def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
         if r == "loop" and i not in needed and g.nodes[i].op != "carry":
             region[i] = "post"
 
-    kept = set()
-    for i, node in enumerate(g.nodes):
-        if region[i] in ("post", "reduce"):
-            kept.update(a for a in node.args if region[a] == "loop")
-    kept.update(i for _, i in g.outputs if region[i] == "loop")
-    kept.update(i for i in also_keep if region[i] == "loop")
-    # Carried values live in the state sequence buffer already.
-    kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
-    return Schedule(g, tuple(region), frozenset(kept))
+    return Schedule(g, tuple(region), _kept(g, region, also_keep))
 
 
 _ROWWISE = {*ELEMENTS, "matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b", "softmax", "softmax_vjp"}
@@ -126,16 +118,19 @@ def sink_elementwise(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Sc
             region[n] = "loop"
     if tuple(region) == s.region:
         return s
-    kept = _kept(g, region) | {i for i in also_keep if region[i] == "loop"}
-    return Schedule(g, tuple(region), kept - {leaf for _, leaf, _ in g.carries} - {nxt for _, _, nxt in g.carries})
+    return Schedule(g, tuple(region), _kept(g, region, also_keep))
 
 
-def _kept(g: Graph, region: list[str]) -> frozenset[int]:
+def _kept(g: Graph, region: list[str], also_keep: frozenset[int] = frozenset()) -> frozenset[int]:
+    """The loop values something outside the loop reads: a post or reduce value, an output, or
+    `also_keep` (another pass)."""
     kept = set()
     for i, node in enumerate(g.nodes):
         if region[i] in ("post", "reduce"):
             kept.update(a for a in node.args if region[a] == "loop")
     kept.update(i for _, i in g.outputs if region[i] == "loop")
+    kept.update(i for i in also_keep if region[i] == "loop")
+    # Carried values live in the state sequence buffer already.
     kept -= {leaf for _, leaf, _ in g.carries} | {nxt for _, _, nxt in g.carries}
     return frozenset(kept)
 

@@ -570,7 +570,6 @@ class CLoop:
                 raise Unsupported(f"a product of a vector shared by every example in the loop (spec line {node.line})")
             k = c_size(g.nodes[node.args[1]].type.shape[0])
             weight = self.arg(self.weights[i], const=True)
-            # This thread's rows of the batch (see write()).
             # This thread's rows of the batch, or its columns of the product for every row (see write()).
             self.line("if (cols) {")
             self.line("    #pragma omp barrier")
