@@ -264,8 +264,11 @@ class _Writer:
 
 
 def _refs_batched(text: str, pool: list[_Val]) -> bool:
-    """Whether `text` reads a per-example value of `pool`. A name followed by "(" is a function
-    called, not a value read: an input named exp is not read by exp(tanh(b))."""
+    """Whether `text` reads a per-example value of `pool`, or draws a mask per example (dropout
+    and zoneout of parameters alone are per-example values too). A name followed by "(" is a
+    function called, not a value read: an input named exp is not read by exp(tanh(b))."""
+    if re.search(r"(?<![A-Za-z0-9_'])(dropout|zoneout)\s*\(", text):
+        return True
     names = {m.group(1) for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*'?)(?![A-Za-z0-9_'])(?!\s*\()", text)
              if not (m.start() and (text[m.start() - 1].isalnum() or text[m.start() - 1] == "_"))}
     return any(v.batched and v.name in names for v in pool)

@@ -175,5 +175,8 @@ def run(cell: CheckedCell, inputs: dict[str, torch.Tensor], states: dict[str, to
         for name, target in cell.outputs:
             v = env[(target.name, target.next)]
             outs[name].append(v.expand(B, v.shape[-1]) if v.dim() == 1 else v)
-        h = {s.name: env[(s.name, True)] for s in cell.states}
+        # A next value made of parameters alone (dropout(b) is per-example to the checker) is
+        # every example's state, as it is every example's output.
+        h = {s.name: v.expand(B, v.shape[-1]) if v.dim() == 1 else v
+             for s in cell.states for v in [env[(s.name, True)]]}
     return {k: torch.stack(v) for k, v in outs.items()}, h
