@@ -31,6 +31,10 @@ print("smoke ok", tuple(y.shape), float(m.W_hh.grad.abs().sum()))
 PY
 par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout 200 python3 -m pytest -q $par -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$out/tests.log"
+# Linear recurrences as scans against the same cells forced sequential (issue 15's GPU target:
+# >= 10x at T = 4096).
+timeout 150 python3 bench/scan.py --device cuda --sizes 1024x8x256,4096x8x256,4096x64x1024 --passes fwd,fb \
+    --min-time 0.3 --markdown "$out/scan.md" 2>&1 | tee "$out/scan.log"
 timeout "$bench_s" python3 bench/gpu.py --tf32 --warps 2,8 --skip torch.compile --out "$out/gpu.md" 2>&1 \
     | tee "$out/bench.log"
 exit 0

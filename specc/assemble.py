@@ -201,5 +201,6 @@ def _module_class(w: Writer, cell: CheckedCell) -> None:
         dims_doc = ", ".join(f"{d}=..." for d in cell.dims)
         w.line(f'"""The {cell.name} cell as a torch.nn.Module: {name}({dims_doc}); see specc.runtime.CellModule."""')
         w.line("")
-        with w.block("def __init__(self, batch_first=False, backend='auto', dtype=None, **dims):"):
-            w.line("super().__init__(sys.modules[__name__], dims, batch_first=batch_first, backend=backend, dtype=dtype)")
+        with w.block("def __init__(self, batch_first=False, backend='auto', dtype=None, scan=True, **dims):"):
+            w.line("super().__init__(sys.modules[__name__], dims, batch_first=batch_first, backend=backend, dtype=dtype,")
+            w.line("                 scan=scan)")

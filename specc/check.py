@@ -38,12 +38,12 @@ RESERVED_DIMS = (
     | {"math", "sys", "init", "rt", "p", "s", "e", "dtype", "train", "saved", "CellModule"}
     | {"CELL", "SPEC_FILE", "DOC", "DIMS", "INPUTS", "STATES", "PARAMS", "CONSTS", "LEARNED", "NOISE", "DIM_NAMES", "OUTPUTS",
        "sizes", "init_params", "state_fill", "forward", "backward", "check_sizes", "Fraction", "size"}
-    | {"spec", "cell", "batch_first", "backend", "program"}
+    | {"spec", "cell", "batch_first", "backend", "program", "scan"}
     | generated_names()
 )
 # Dimensions are passed to specc.load and to a compiled module's class as keyword arguments
 # beside these (the generated code's own names are no obstacle: dimnames.py renames there).
-LOAD_KEYWORDS = {"spec", "cell", "batch_first", "backend", "dtype", "self", "program"}
+LOAD_KEYWORDS = {"spec", "cell", "batch_first", "backend", "dtype", "self", "program", "scan"}
 # Parameters become attributes of the torch.nn.Module (specc.runtime.CellModule): they may not
 # take the name of one of its methods or attributes. tests/test_errors.py checks this list
 # against the installed torch.
@@ -51,7 +51,7 @@ MODULE_ATTRS = frozenset("""
     T_destination add_module apply backend backend_choice batch_first bfloat16 buffers call_super_init cell_name children
     compile cpu cuda dims double draw_noise dump_patches eval extra_repr float forward get_buffer
     get_extra_state get_parameter get_submodule half initial_state ipu load_state_dict modules mtia
-    named_buffers named_children named_modules named_parameters parameters program register_backward_hook
+    named_buffers named_children named_modules named_parameters parameters program register_backward_hook scan
     register_buffer register_forward_hook register_forward_pre_hook register_full_backward_hook
     register_full_backward_pre_hook register_load_state_dict_post_hook
     register_load_state_dict_pre_hook register_module register_parameter

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.set_defaults(run=_cmd_sample)
 
-    p = sub.add_parser("experiment", help="reproduce a published result: reber, embedded_reber, adding (or list)")
+    p = sub.add_parser("experiment", help="reproduce a published result: reber, embedded_reber, adding, char_mingru (or list)")
     p.add_argument("name")
     p.add_argument("--quick", action="store_true", help="the small version the tests run")
     p.add_argument("--seed", type=int, default=0)

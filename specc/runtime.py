@@ -263,7 +263,7 @@ class CellModule(nn.Module):
     """
 
     def __init__(self, program: types.ModuleType, dims: dict, batch_first: bool = False,
-                 backend: str = "auto", dtype: torch.dtype | None = None):
+                 backend: str = "auto", dtype: torch.dtype | None = None, scan: bool = True):
         super().__init__()
         check_dims(f"cell '{program.CELL}'", spec_dims(program), dims)
         check_backend(backend)
@@ -274,6 +274,10 @@ class CellModule(nn.Module):
         self.dims = dict(dims)
         self.batch_first = batch_first
         self.backend = backend
+        # False: a cell whose states are all linear recurrences (specc check says "parallel scan")
+        # runs them step by step (Triton, NumPy), as any other cell; for comparing, and for ruling
+        # the scan out. The C loops run such a cell as one fused loop over steps either way.
+        self.scan = scan
         # Which backend the last call ran on, and why ("c: the faster on this CPU, ..."): set by
         # each call, since what "auto" picks depends on the tensors (device, dtype, batch size).
         self.backend_choice: str | None = None
@@ -311,7 +315,8 @@ class CellModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.dims.items())
 
     def extra_repr(self) -> str:
-        return f"{self.cell_name}, {self._dims_text()}" + (", batch_first=True" if self.batch_first else "")
+        return (f"{self.cell_name}, {self._dims_text()}" + (", batch_first=True" if self.batch_first else "")
+                + ("" if self.scan else ", scan=False"))
 
     def reset_parameters(self) -> None:
         try:
@@ -336,6 +341,7 @@ class CellModule(nn.Module):
     def __setstate__(self, state):
         ref = state.pop("_program_ref")
         state.setdefault("backend_choice", None)  # a module pickled before it had one
+        state.setdefault("scan", True)
         if ref[0] == "source":
             state["program"] = load_program(ref[1], ref[2])
         else:
@@ -502,7 +508,7 @@ class CellModule(nn.Module):
         use_triton = self.backend == "triton" or (self.backend == "auto" and on_cuda)
         full = {t.dtype for t in tensors if t.dtype not in _HALF}
         if use_triton:
-            runner = BACKENDS["triton"].run()
+            runner = BACKENDS["triton"].run(scan=self.scan)
             problem = runner.problem(self.program, on_cuda)
             if problem:
                 raise RuntimeError(problem)
@@ -530,19 +536,19 @@ class CellModule(nn.Module):
             raise TypeError(f"cell '{name}' has {dtype} parameters but got a {other} tensor; "
                             f"convert one to the other (module.double() or x.float())")
         if self.backend == "numpy":
-            return BACKENDS["numpy"].run(), work, "asked for"
+            return BACKENDS["numpy"].run(scan=self.scan), work, "asked for"
         if work != torch.float32:
-            return BACKENDS["numpy"].run(), work, f"{work} (the C loops compute in float32)"
+            return BACKENDS["numpy"].run(scan=self.scan), work, f"{work} (the C loops compute in float32)"
         unusable = _c_unusable(self.program, self._dim_args)
         if unusable is not None:
-            return BACKENDS["numpy"].run(), work, unusable
+            return BACKENDS["numpy"].run(scan=self.scan), work, unusable
         n_states = len(self.program.STATES)
         if n_inputs is None:
             n_inputs = len(self.program.INPUTS)
         if batch is None or steps is None:
             steps, batch = self._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
         name, why = _auto_choice(self, tensors, n_inputs, n_states, steps, batch)
-        return BACKENDS[name].run(), work, why
+        return BACKENDS[name].run(scan=self.scan), work, why
 
     def _check_state(self, state, batch, unbatched, device):
         prog = self.program

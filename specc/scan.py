@@ -7,15 +7,19 @@ fo-pooling, SRU and diagonal state-space layers are this shape, however they are
 `(1 - z) * h + z * c`, `f * h + i * c`, `h * a + b`, `-(a * -h) + b`, the state in several terms.
 
 This stage says, for each state, "parallel scan" or "sequential" and why (the first thing that
-reads a state other than linearly, with its spec line). The code generators still run every cell
-as a sequential loop; the verdict is what a scan backend will read.
+reads a state other than linearly, with its spec line). `affine_loop` is what a backend reads: for
+a scheduled pass (forward, or backward, whose carried gradients of such states are linear in
+themselves too), every loop value as a * s + b over values made outside the loop, or None where
+the loop is not only linear recurrences.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 from .ir import Graph
 from .ops import INFIX
+from .schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,87 @@ def _name(g: Graph, i: int) -> str:
 
 def _state_names(found: frozenset[int], leaves: dict[int, str]) -> str:
     return ", ".join(sorted(leaves[i] for i in found))
+
+
+# --- a loop of linear recurrences, as the scan backends read it ------------------------------------
+
+# A coefficient or offset: a number, a node made outside the loop (its id), or (op, term, term)
+# with op one of add, sub, mul, div.
+Term = Union[float, int, tuple]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A loop value as a * s + b: s the carry leaf it reads (None: it reads none, a = 0), a and b
+    terms over values made outside the loop."""
+
+    state: int | None
+    a: Term
+    b: Term
+
+
+def affine_loop(s: Schedule) -> dict[int, Affine] | None:
+    """Every loop value of the pass `s` (carry leaves included) as a * s + b, where each state's next
+    value reads that state alone; None if the loop is anything else (a product through a state, a
+    nonlinear op, a value mixing two states, a next value reading another state). The scan is then
+    the whole loop: a and b for all steps before it, every kept loop value from the states after it."""
+    g = s.graph
+    forms: dict[int, Affine] = {}
+
+    def outside(i: int) -> Affine:
+        node = g.nodes[i]
+        return Affine(None, 0.0, float(node.attrs[0]) if node.op == "const" else i)
+
+    for i in s.nodes_in("loop"):
+        node = g.nodes[i]
+        if node.op == "carry":
+            forms[i] = Affine(i, 1.0, 0.0)
+            continue
+        args = [forms[a] if s.region[a] == "loop" else outside(a) for a in node.args]
+        states = {f.state for f in args} - {None}
+        if len(states) > 1 or node.op not in ("add", "sub", "neg", "mul", "div"):
+            return None
+        state = states.pop() if states else None
+        if node.op == "neg":
+            (x,) = args
+            forms[i] = Affine(state, combine("sub", 0.0, x.a), combine("sub", 0.0, x.b))
+        elif node.op in ("add", "sub"):
+            x, y = args
+            forms[i] = Affine(state, combine(node.op, x.a, y.a), combine(node.op, x.b, y.b))
+        else:
+            x, y = args
+            if node.op == "mul" and x.state is None:
+                x, y = y, x  # x the factor carrying the state, y its coefficient
+            if y.state is not None:  # s * s, or a division by the state
+                return None
+            forms[i] = Affine(state, combine(node.op, x.a, y.b), combine(node.op, x.b, y.b))
+    for _, leaf, nxt in g.carries:
+        if s.region[nxt] != "loop":
+            forms[nxt] = outside(nxt)
+        if forms[nxt].state not in (None, leaf):
+            return None
+    return forms
+
+
+def combine(op: str, x: Term, y: Term) -> Term:
+    """x op y, with numbers folded and the identities (0 + y, 1 * y, 0 * y, x / 1) applied."""
+    def num(t: Term, v: float | None = None) -> bool:
+        return isinstance(t, float) and (v is None or t == v)
+
+    if num(x) and num(y):
+        if op == "div" and y == 0.0:
+            return (op, x, y)
+        return {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y if op == "div" else 0.0}[op]
+    if op == "add" and num(x, 0.0):
+        return y
+    if op in ("add", "sub") and num(y, 0.0):
+        return x
+    if op == "mul" and (num(x, 0.0) or num(y, 0.0)):
+        return 0.0
+    if op == "mul" and num(x, 1.0):
+        return y
+    if op in ("mul", "div") and num(y, 1.0):
+        return x
+    if op == "div" and num(x, 0.0):
+        return 0.0
+    return (op, x, y)

@@ -36,11 +36,19 @@ class Schedule:
 
 def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
     """`also_keep`: values the caller needs for every step (the backward pass's saved values)."""
+    region = _regions(g, frozenset(), frozenset())
+    return Schedule(g, tuple(region), _kept(g, region, also_keep))
+
+
+def _regions(g: Graph, known: frozenset[int], after: frozenset[int]) -> list[str]:
+    """Each node's region. `known`: carry leaves whose sequence is known before the loop (pre);
+    `after`: carry leaves whose next values nothing in the loop needs (made after it, if no
+    other carried value needs them)."""
     region: list[str] = []
-    for node in g.nodes:
+    for i, node in enumerate(g.nodes):
         arg_regions = {region[a] for a in node.args}
         if node.op == "carry":
-            r = "loop"
+            r = "pre" if i in known else "loop"
         elif node.op == "input":
             r = "pre"
         elif node.op in REDUCTIONS and any(g.nodes[a].type.batched for a in node.args):
@@ -53,7 +61,7 @@ def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
 
     # Loop values that no carried value needs move after the loop.
     needed: set[int] = set()
-    stack = [nxt for _, _, nxt in g.carries]
+    stack = [nxt for _, leaf, nxt in g.carries if leaf not in after]
     while stack:
         i = stack.pop()
         if i in needed or region[i] != "loop":
@@ -63,8 +71,59 @@ def schedule(g: Graph, also_keep: frozenset[int] = frozenset()) -> Schedule:
     for i, r in enumerate(region):
         if r == "loop" and i not in needed and g.nodes[i].op != "carry":
             region[i] = "post"
+    return region
 
+
+def hoist_delays(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
+    """Carried values the loop need not make, for a loop whose host fills their buffers outside it
+    (backends/host.py: right after the next value is made, before any reader of the state):
+
+    * a delay, a state whose next value depends on no state (QRNN's xp' = x): its sequence is the
+      initial value then the next values, known before the loop, so what reads it is made before
+      the loop too (QRNN's V @ xp: one product over the sequence, not one a step);
+    * the dual, a carried value the loop never reads (the backward pass's gradient of that delay):
+      its next values are made after the loop, for all steps at once (V^T @ dgates: one product).
+
+    A state is taken only where its next value comes before every reader of the state in the
+    graph's order, so that the buffer is filled before it is read."""
+    g = s.graph
+    users = g.users()
+    # A state that is another's next value (xpp' = xp) is read where that one's buffer is filled.
+    copied = {nxt for _, _, nxt in g.carries}
+
+    def fill_first(leaf: int, nxt: int) -> bool:
+        return nxt != leaf and all(nxt < u for u in users[leaf]) and (leaf not in copied or nxt < leaf)
+
+    known: frozenset[int] = frozenset()
+    after: frozenset[int] = frozenset()
+    while True:
+        region = _regions(g, known, after)
+        more_known = {leaf for _, leaf, nxt in g.carries
+                      if leaf not in known and region[nxt] in ("pre", "const") and fill_first(leaf, nxt)}
+        more_after = {leaf for _, leaf, nxt in g.carries
+                      if leaf not in after | known and region[nxt] == "loop" and g.nodes[nxt].op != "carry"
+                      and leaf not in copied and fill_first(leaf, nxt)
+                      and not any(region[u] == "loop" for u in users[leaf])}
+        if not more_known and not more_after:
+            break
+        known, after = known | more_known, after | more_after
+    # A carried value kept in the loop after all (another's next needs it) is written there, as before.
+    if tuple(region) == s.region:
+        return s
     return Schedule(g, tuple(region), _kept(g, region, also_keep))
+
+
+def filled_after(s: Schedule) -> frozenset[int]:
+    """The carry leaves whose buffers are filled after the loop (hoist_delays): nothing may move
+    into the loop that reads them."""
+    return frozenset(leaf for _, leaf, nxt in s.graph.carries if s.region[nxt] == "post")
+
+
+def filled_outside(s: Schedule) -> dict[str, int]:
+    """State -> its next value, for the states whose buffers the host fills outside the loop
+    (hoist_delays): the state read before the loop, or its next value made after it."""
+    return {name: nxt for name, leaf, nxt in s.graph.carries
+            if s.region[leaf] == "pre" or s.region[nxt] == "post"}
 
 
 _ROWWISE = {*ELEMENTS, "matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b", "softmax", "softmax_vjp"}
@@ -86,11 +145,12 @@ def sink_post(s: Schedule) -> Schedule:
     region = list(s.region)
     users = g.users()
     outputs = {i for _, i in g.outputs}
+    late = filled_after(s)
     for n in range(len(g.nodes)):
         node = g.nodes[n]
         if region[n] != "post" or node.op not in _ROWWISE or not node.type.batched:
             continue
-        if any(region[a] not in ("loop", "pre", "const") for a in node.args):
+        if any(region[a] not in ("loop", "pre", "const") or a in late for a in node.args):
             continue
         freed = [a for a in set(node.args) if region[a] == "loop" and g.nodes[a].op != "carry" and a not in outputs
                  and all(u == n or region[u] == "loop" for u in users[a])]
@@ -112,9 +172,10 @@ def sink_elementwise(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Sc
     wherever they are made, as schedule() keeps them."""
     g = s.graph
     region = list(s.region)
+    late = filled_after(s)
     for n, node in enumerate(g.nodes):
         if (region[n] == "post" and (node.op in ELEMENTS or node.op == "slice") and node.type.batched
-                and all(region[a] in ("loop", "pre", "const") for a in node.args)):
+                and all(region[a] in ("loop", "pre", "const") and a not in late for a in node.args)):
             region[n] = "loop"
     if tuple(region) == s.region:
         return s

@@ -75,10 +75,11 @@ def assert_spec_matches_numpy(spec_cell, backend, B, device="cpu", T=4, tol=1e-5
 
 
 def assert_text_spec_matches_numpy(spec: str, backend: str, T: int = 4, B: int = 3, **dims):
-    """A cell written in the test through `backend` against the NumPy backend, same weights; the
+    """A cell written in the test through `backend` against the NumPy backend's loop over steps
+    (scan=False: not the scan of a linear recurrence that `backend` may run), same weights; the
     module, for further checks."""
     ours = specc.load(spec, backend=backend, **dims)
-    ref = specc.load(spec, backend="numpy", **dims)
+    ref = specc.load(spec, backend="numpy", scan=False, **dims)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(T, B, ref.sizes["inputs"][own_inputs(ref.program)[0]][0])
     state = [torch.randn(B, ref.sizes["states"][n][0]) for n in ref.program.STATES]

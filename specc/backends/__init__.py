@@ -28,11 +28,12 @@ class Backend:
     generated_names: frozenset[str]  # names its generated code uses for itself
     runner: str  # the class in backends/runners.py that runs a loaded module's code
 
-    def run(self):
-        """A runner for this backend (imports torch, which generating code never needs)."""
+    def run(self, scan: bool = True):
+        """A runner for this backend (imports torch, which generating code never needs). scan=False:
+        linear recurrences run as a sequential loop, as every other cell (see specc/scan.py)."""
         from . import runners
 
-        return getattr(runners, self.runner)()
+        return getattr(runners, self.runner)(scan)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from ..ir import Forward, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS
-from ..schedule import Schedule, sink_elementwise
+from ..schedule import Schedule, filled_after, filled_outside, sink_elementwise
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
                    torch_spell, wrapped_states)
@@ -605,9 +605,10 @@ class CLoop:
                 run.append(order[k + len(run)])
             self.group(run)
             k += len(run)
-        # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step.
+        # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step,
+        # unless the host fills its buffer (schedule.hoist_delays).
         for name, _, nxt in g.carries:
-            if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
+            if (s.region[nxt] != "loop" or g.nodes[nxt].op == "carry") and name not in filled_outside(s):
                 width = c_size(g.nodes[nxt].type.shape[0])
                 src = self.where(nxt)
                 buf = self.arg(self.host.carry_buf[name], const=False)
@@ -713,8 +714,9 @@ def _sunk_into_loop(s: Schedule, host: Host) -> list[int]:
     x (x) h kept for every step, where in it a (B, I * H) block a step is enough."""
     g, names = s.graph, host.names
     users = g.users()
+    late = filled_after(s)
     sunk = [i for i in s.nodes_in("post") if g.nodes[i].op in ("outer_vjp_a", "outer_vjp_b")
-            and all(s.region[a] in ("loop", "pre", "const") for a in g.nodes[i].args)]
+            and all(s.region[a] in ("loop", "pre", "const") and a not in late for a in g.nodes[i].args)]
     for i in sunk:
         names.seq[i] = names.namer(f"{names.names[i]}_seq")
     for big in {g.nodes[i].args[0] for i in sunk}:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..ir import LEAVES, Forward, Graph, Node
 from ..ops import ELEMENTS, SPELLINGS
-from ..schedule import Schedule, needed_by_pass
+from ..schedule import Schedule, filled_outside, hoist_delays, needed_by_pass
 from .writer import Namer, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
 
 # Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
@@ -125,15 +125,21 @@ def emit_region(w: Writer, host: Host, region: str, skip: frozenset[int] = froze
     g = host.s.graph
     lines, file = host.source
     last = 0
+    fills: dict[int, list[str]] = {}  # next value -> the states it fills (h' = c' = tanh(x): one value, two)
+    for name, nxt in filled_outside(host.s).items():
+        fills.setdefault(nxt, []).append(name)
     for i in host.s.nodes_in(region):
         node = g.nodes[i]
-        if node.op in ("input", "param", "const", "carry") or i in skip:
-            continue
-        if node.line and node.line != last and node.line <= len(lines):
-            w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
-            last = node.line
-        args = [host.ref(a) for a in node.args]
-        w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
+        if not (node.op in ("input", "param", "const", "carry") or i in skip):
+            if node.line and node.line != last and node.line <= len(lines):
+                w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
+                last = node.line
+            args = [host.ref(a) for a in node.args]
+            w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
+        for name in fills.get(i, ()):
+            # A state the loop does not carry (schedule.hoist_delays): its buffer, every step at once.
+            rows = ":rows" if host.reverse else "B:"
+            w.line(f"{host.names.carry_buf[name]}[{rows}] = {host.ref(i)}")
 
 
 def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[int], fused_pre: set[int],
@@ -142,10 +148,6 @@ def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[
     buffers of one step's values (a Triton stage's output that the next stage reads), B rows;
     `cross`: kept values a later stage reads, made even when not training."""
     g, names = host.s.graph, host.names
-    w.comment("Fixed for the whole sequence.")
-    emit_region(w, host, "const")
-    w.comment("Before the loop: the input-only values the loop reads, for all steps at once.")
-    emit_region(w, host, "pre", skip=frozenset(fused_pre))
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = str(g.nodes[leaf].type.shape[0])
         buf = names.carry_buf[name]
@@ -156,6 +158,10 @@ def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[
             w.line(f"{buf} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
             first = "T * B:" if host.reverse else ":B"
         w.line(f"{buf}[{first}] = {init}")
+    w.comment("Fixed for the whole sequence.")
+    emit_region(w, host, "const")
+    w.comment("Before the loop: the input-only values the loop reads, for all steps at once.")
+    emit_region(w, host, "pre", skip=frozenset(fused_pre))
     for i, buf in names.seq.items():
         size = str(g.nodes[i].type.shape[0])
         rows = "B" if i in scratch else "rows"
@@ -197,7 +203,8 @@ class LoopTarget:
     spell: Callable  # how the host code spells an op (torch_spell, or the C backend's own products)
     docs: tuple[str, str]  # the docstrings of forward_<name> and backward_<name>
     reserved: frozenset[str]  # names the loop's code uses, which no host value may take
-    extra_args: tuple[str, ...] = ()  # keyword arguments of both functions beyond the sizes (c_lib)
+    # keyword arguments of both functions beyond the sizes (c_lib), with a default where given (scan=True)
+    extra_args: tuple[str, ...] = ()
     # The Triton kernels address a saved value as rows of exactly its width: a slice made outside the
     # loop is saved as a copy (Host.saved_ref). The C loops read it at its own row stride.
     copy_saved_views: bool = False
@@ -235,7 +242,7 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     kernels = Writer()
     body = Writer()
     source = (source_lines, file)
-    fwd = target.forward_schedule(fwd, frozenset(saved_nodes))
+    fwd = target.forward_schedule(hoist_delays(fwd, frozenset(saved_nodes)), frozenset(saved_nodes))
     saved_keys, fwd_numbers = _emit_forward(body, kernels, fwd, saved_nodes, dims, source, prefix, target)
     body.line("")
     body.line("")
@@ -293,7 +300,7 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
                    fwd_numbers: set[int], dims: tuple[str, ...], source: tuple[list[str], str], prefix: str,
                    target: LoopTarget) -> None:
     """backward_<target>: it reads the saved values by the keys forward_<target> gave them."""
-    bwd = target.backward_schedule(bwd)
+    bwd = target.backward_schedule(hoist_delays(bwd))
     g = fwd.graph
     kw = ", ".join(["T", "B", *dims])
     extra = "".join(f", {a}" for a in target.extra_args)
@@ -337,7 +344,7 @@ def emit_chunks(body: Writer, target: LoopTarget, inputs: list[str], inits: list
             body.line("chunk_len = min(chunk, T - chunk_start)")
             rows = [f"{x}[chunk_start * B:(chunk_start + chunk_len) * B]" for x in inputs]
             kw = ", ".join(["T=chunk_len", "B=B", *(f"{d}={d}" for d in dims)]
-                           + [f"{a}={a}" for a in target.extra_args])
+                           + [f"{a.split('=')[0]}={a.split('=')[0]}" for a in target.extra_args])
             body.line(f"chunk_out, chunk_state, _ = forward_{target.name}({', '.join([*rows, '*chunk_state', *params, kw])})")
             with body.block("if chunk_outs is None:"):
                 body.line("chunk_outs = tuple(torch.empty((T, *part.shape[1:]), device=dev, dtype=part.dtype) "

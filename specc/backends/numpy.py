@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from ..ir import Graph, Node
 from ..ops import ELEMENTS, SPELLINGS
 from ..optimize import hoist_factors
-from ..schedule import Schedule, needed_by_pass, schedule, sink_post
+from ..scan import Affine, affine_loop, combine
+from ..schedule import Schedule, filled_outside, hoist_delays, needed_by_pass, schedule, sink_post
 from ..shapes import Size
-from .writer import Namer, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
+from .writer import Namer, TermSpeller, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
 
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
-            "steps", "lo", "hi", "cs", "ce", "last", "matmul"}
+            "steps", "lo", "hi", "cs", "ce", "last", "matmul", "scan"}
 LEAVES = ("input", "param", "const", "carry")
 VIEWS = ("slice", "reshape")
 
@@ -466,9 +467,10 @@ def _choose_alternating(scan: Scan, protect: frozenset[int]) -> None:
     for i, node in enumerate(g.nodes):
         if sched.region[i] != "loop" and node.op not in LEAVES:
             outside.update(node.args)
+    filled = filled_outside(sched)  # every step's block written outside the loop
     for name, leaf, nxt in g.carries:
         read = {leaf} | ({nxt} if sched.region[nxt] == "loop" else set())
-        if not read & outside:
+        if not read & outside and name not in filled:
             scan.alternating.add(name)
 
 
@@ -593,8 +595,15 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
         a, b = _size(start), _size(stop)
         return f"{code}[{'' if a == '0' else a}:{b}]"
 
+    fills: dict[int, list[str]] = {}  # next value -> the states whose buffers it fills, outside the loop
+    for name, nxt in filled_outside(scan.sched).items():
+        fills.setdefault(nxt, []).append(name)
     members = scan.sched.nodes_in(region)
+    pending: tuple[int, list[str]] | None = None  # the states the value just made fills
     for i in members:
+        if pending:
+            _fill(lines, scan, *pending)
+        pending = (i, fills[i]) if i in fills and not chunk else None
         node = g.nodes[i]
         if node.op in LEAVES or (i in scan.chunked) != chunk or i in scan.split:
             continue
@@ -629,6 +638,17 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
         if node.op in _FRESH:
             scan.fresh.add(i)
         lines.emit(node, f"{scan.names[i]} = {stmt}")
+    if pending:
+        _fill(lines, scan, *pending)
+
+
+def _fill(lines: "_Lines", scan: Scan, i: int, states: list[str]) -> None:
+    """Every step's block of these states' buffers from value i, their next value, made outside
+    the loop (schedule.hoist_delays): before it, a delay's sequence; after it, a carried gradient
+    the loop never read."""
+    rows = ":rows" if scan.reverse else "B:"
+    for name in states:
+        lines.w.line(f"{scan.carry_buf[name]}[{rows}] = {scan.ref(i, loop=False)}")
 
 
 def _emit_loop_body(w: Writer, scan: Scan) -> None:
@@ -715,14 +735,69 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
 
     `carry_init`: per state, the code of the value it starts from (the initial state forward, the
     final state's gradient backward). `scan.guarded` buffers are filled only when training.
+    Where every state is a linear recurrence (scan.affine_loop), the pass is a chunked scan
+    (rt.linear_scan) unless the caller asks for the loop over steps (scan=False).
     """
+    forms = affine_loop(scan.sched)
+    if forms is None:
+        _emit_steps(w, scan, carry_init, namer, protect)
+        return
+    linear = Scan(scan.sched, scan.reverse, scan.source_lines, scan.file, names=dict(scan.names),
+                  seq=dict(scan.seq), carry_buf=dict(scan.carry_buf), guarded=scan.guarded)
+    with w.block("if scan:"):
+        _emit_linear_scan(w, linear, carry_init, namer, protect, forms)
+    with w.block("else:"):
+        _emit_steps(w, scan, carry_init, namer, protect)
+
+
+def _emit_linear_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protect: frozenset[int],
+                      forms: dict[int, Affine]) -> None:
+    """The pass without a loop over steps: a and b of every state for all steps (array
+    expressions), one rt.linear_scan a state, then the loop values kept for every step from the
+    states (a * s + b), then what follows the loop, as it always does."""
+    g, sched = scan.g, scan.sched
+    w.comment("Every state is a linear recurrence s' = a * s + b, with a and b made from the inputs: each")
+    w.comment("state's sequence is one chunked scan over time (rt.linear_scan), with no loop over steps here.")
+    _emit_state_buffers(w, scan, carry_init)
+    w.comment("Fixed for the whole sequence.")
+    _emit_nodes(w, scan, "const", protect)
+    if any(n.op in ("matvec", "matvec_t", "outer_sum") and any(g.nodes[a].type.batched for a in n.args)
+           for n in g.nodes):
+        w.line("matmul = np.matmul")
+    w.comment("Everything that does not depend on the state, for all steps at once.")
+    _emit_nodes(w, scan, "pre", protect)
+    spell = TermSpeller(w, lambda i: scan.ref(i, loop=False), namer, lambda i: g.nodes[i].type.batched,
+                        lambda i: False, "np.full((rows, {size}), {value!r}, dtype=dtype)",
+                        "np.broadcast_to({code}, (rows, {size}))", "{code}")
+    for name, leaf, nxt in g.carries:
+        if name in filled_outside(sched):
+            continue  # filled before the scan or after it
+        size = _size(g.nodes[leaf].type.shape[0])
+        a = spell.rows(forms[nxt].a, size, f"a_of_{name}")
+        b = spell.rows(forms[nxt].b, size, f"b_of_{name}")
+        w.line(f"rt.linear_scan({a}, {b}, {scan.carry_buf[name]}, T, B, reverse={scan.reverse})")
+    kept = [i for i in scan.seq if sched.region[i] == "loop"]
+    if kept:
+        w.comment("The loop values kept for every step, from the states: a * s + b.")
+    for i in kept:
+        f, buf = forms[i], scan.seq[i]
+        value = combine("add", combine("mul", f.a, f.state) if f.state is not None else 0.0, f.b)
+        code = spell.rows(value, _size(g.nodes[i].type.shape[0]), buf, exact=True)
+        if code != buf:
+            w.line(f"{buf} = {code}")
+    after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
+
+
+def _emit_steps(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protect: frozenset[int]) -> None:
+    """The pass as a loop over steps."""
     sched = scan.sched
     _choose_chunked(scan, protect)
     _choose_alternating(scan, protect)
     _plan_loop(scan, namer)
     _choose_split(scan, protect)
+    _emit_state_buffers(w, scan, carry_init)
     _emit_before_loop(w, scan, protect)
-    _emit_buffers(w, scan, carry_init)
+    _emit_buffers(w, scan)
     _emit_time_loop(w, scan, protect)
     after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
 
@@ -746,8 +821,9 @@ def _emit_before_loop(w: Writer, scan: Scan, protect: frozenset[int]) -> None:
     _emit_nodes(w, scan, "pre", protect)
 
 
-def _emit_buffers(w: Writer, scan: Scan, carry_init: list[str]) -> None:
-    """The states' buffers, what the loop keeps, its scratch space, and values set up once for it."""
+def _emit_state_buffers(w: Writer, scan: Scan, carry_init: list[str]) -> None:
+    """The states' buffers, holding the first state (forward) or the final state's gradient; before
+    anything else, since the host fills some of them outside the loop (schedule.hoist_delays)."""
     g = scan.g
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = _size(g.nodes[leaf].type.shape[0])
@@ -761,6 +837,11 @@ def _emit_buffers(w: Writer, scan: Scan, carry_init: list[str]) -> None:
         else:
             w.line(f"{buf} = np.empty(((T + 1) * B if train else 2 * B, {size}), dtype=dtype)")
             w.line(f"{buf}[:B] = {init}")
+
+
+def _emit_buffers(w: Writer, scan: Scan) -> None:
+    """What the loop keeps, its scratch space, and values set up once for it."""
+    g = scan.g
     if scan.seq:
         w.comment("What the loop keeps for later, one block of B rows per step." +
                   (" Values only the backward pass\nreads get a single block when not training."
@@ -832,9 +913,10 @@ def _emit_time_loop(w: Writer, scan: Scan, protect: frozenset[int]) -> None:
             w.line(f"p, q = (s, e) if train else (t % 2 * B, (t + 1) % 2 * B)  # blocks of "
                    f"{', '.join(sorted(scan.alternating))} read and written")
         _emit_loop_body(w, scan)
+        filled = filled_outside(scan.sched)
         for name, _, nxt in g.carries:
             place = scan.place.get(nxt)
-            if place is None or place.buf != scan.carry_buf[name]:
+            if name not in filled and (place is None or place.buf != scan.carry_buf[name]):
                 block = "q:q + B" if name in scan.alternating else "s:e" if scan.reverse else "e:e + B"
                 w.line(f"{scan.carry_buf[name]}[{block}] = {scan.ref(nxt, loop=True)}")
 
@@ -846,6 +928,7 @@ def _reshape_in(w: Writer, name: str, size: str) -> None:
 def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[str, ...],
                  source_lines: list[str], file: str) -> dict[int, str]:
     """def forward(...): the pass over the sequence. Returns the names the saved values go by."""
+    fwd = hoist_delays(fwd, frozenset(saved_nodes))
     g = fwd.graph
     namer = Namer(INTERNAL | set(dims))
     scan = Scan(fwd, reverse=False, source_lines=source_lines, file=file)
@@ -858,7 +941,7 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
     _name_values(scan, namer, leaf_names)
     args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
     kw = ", ".join(["T", "B", *dims])
-    with w.block(f"def forward({', '.join(args)}, *, {kw}, train=False):"):
+    with w.block(f"def forward({', '.join(args)}, *, {kw}, train=False, scan=True):"):
         w.line('"""One pass over a sequence of T steps with batch B; inputs are (T, B, size).')
         w.line("")
         w.line("Returns (outputs, final states, saved): saved holds what backward needs when train is set.")
@@ -874,7 +957,8 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
         finals = tuple_code([f"{scan.carry_buf[name]}[last:last + B]" if name in scan.alternating
                          else f"{scan.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         if scan.alternating:
-            w.line("last = T * B if train else T % 2 * B  # where the final states are")
+            scanned = " or scan" if affine_loop(fwd) is not None else ""  # a scan keeps every step's state
+            w.line(f"last = T * B if train{scanned} else T % 2 * B  # where the final states are")
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
         saved_names = {i: key_namer(saved_key(g, i, scan.names)) for i in saved_nodes}
         if saved_nodes:
@@ -888,7 +972,7 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
 
 def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, str],
                   dims: tuple[str, ...], source_lines: list[str], file: str) -> None:
-    bwd = sink_post(schedule(hoist_factors(bwd.graph)))
+    bwd = sink_post(hoist_delays(schedule(hoist_factors(bwd.graph))))
     g = bwd.graph
     namer = Namer(INTERNAL | set(dims))
     scan = Scan(bwd, reverse=True, source_lines=source_lines, file=file)
@@ -897,7 +981,7 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
     _name_values(scan, namer, leaf_names)
     args = ["saved"] + [leaf_names[i] for i in d_out_args] + d_final + leaves.params
     kw = ", ".join(["T", "B", *dims])
-    with w.block(f"def backward({', '.join(args)}, *, {kw}):"):
+    with w.block(f"def backward({', '.join(args)}, *, {kw}, scan=True):"):
         w.line('"""Backpropagation through time: gradients of the inputs, initial states and parameters."""')
         w.line("rows = T * B")
         w.line(f"dtype = {d_final[0] if d_final else leaf_names[d_out_args[0]]}.dtype")

@@ -241,3 +241,45 @@ def torch_matmul(a, b, out=None):
         torch.mm(ta, tb, out=torch.from_numpy(out))
         return out
     return np.matmul(a, b, out)
+
+
+def linear_scan(a, b, s, T, B, reverse=False):
+    """A linear recurrence over the sequence, into the state buffer s ((T + 1) * B, n): s after
+    step t is a_t * (s before it) + b_t, for every step (a and b: (T * B, n), or broadcast to
+    that). Forward, block 0 of s holds the first state and block t + 1 is written; reverse (a
+    backward pass), block T holds it and block t is written, from t = T - 1 down.
+
+    A chunked scan: the steps in chunks of about sqrt(T), each chunk's running (product of a,
+    combined b) made for all chunks at once, one step of the chunk at a time; then each chunk's
+    first state, chunk after chunk; then every state at once. About 2 sqrt(T) NumPy calls a pass
+    instead of several a step. A running product of a that underflows to 0 is a state forgotten,
+    as it is step by step (no division by it, no logarithm)."""
+    n = s.shape[1]
+    width = B * n
+    a = np.broadcast_to(a, (T * B, n)).reshape(T, width)
+    b = np.broadcast_to(b, (T * B, n)).reshape(T, width)
+    if reverse:
+        a, b = a[::-1], b[::-1]
+    size = max(1, int(np.sqrt(T)))
+    chunks = -(-T // size)
+    run_a = np.ones((chunks * size, width), dtype=s.dtype)
+    run_b = np.zeros((chunks * size, width), dtype=s.dtype)
+    run_a[:T], run_b[:T] = a, b  # steps past the end are (1, 0): they leave the state as it is
+    run_a = run_a.reshape(chunks, size, width)
+    run_b = run_b.reshape(chunks, size, width)
+    for k in range(1, size):
+        run_b[:, k] += run_a[:, k] * run_b[:, k - 1]  # run_a[:, k] is still a at that step
+        run_a[:, k] *= run_a[:, k - 1]
+    starts = np.empty((chunks, width), dtype=s.dtype)
+    state = (s[T * B:] if reverse else s[:B]).reshape(width)
+    for j in range(chunks):
+        starts[j] = state
+        state = run_a[j, -1] * state + run_b[j, -1]
+    run_a *= starts[:, None, :]
+    run_a += run_b
+    states = run_a.reshape(chunks * size, width)[:T]
+    if reverse:
+        s[:T * B] = states[::-1].reshape(T * B, n)
+    else:
+        s[B:] = states.reshape(T * B, n)
+    return s

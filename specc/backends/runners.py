@@ -28,7 +28,19 @@ def _unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class NumpyRunner:
+class Runner:
+    name = ""
+
+    def __init__(self, scan: bool = True):
+        self.scan = scan  # False: a loop of linear recurrences runs step by step, not as a scan
+
+    def _options(self) -> dict:
+        """Keyword arguments of the generated functions that are not their defaults (a module that
+        `specc compile` wrote before they existed still runs where they are not asked for)."""
+        return {} if self.scan else {"scan": False}
+
+
+class NumpyRunner(Runner):
     """Runs the generated NumPy code on CPU tensors, sharing their memory."""
 
     name = "numpy"
@@ -39,7 +51,7 @@ class NumpyRunner:
 
     def forward(self, prog, tensors, T, B, dims, train):
         arrays = [_to_numpy(t) for t in tensors]
-        outs, finals, saved = prog.forward(*arrays, T=T, B=B, train=train, **dims)
+        outs, finals, saved = prog.forward(*arrays, T=T, B=B, train=train, **self._options(), **dims)
         # An output that is an input (`output x`) is a view of the caller's tensor: a copy, so that
         # changing one in place leaves the other (and what backward reads) alone.
         outs = [a.copy() if any(np.may_share_memory(a, i) for i in arrays) else a for a in outs]
@@ -49,7 +61,7 @@ class NumpyRunner:
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
         d_inputs, d_inits, d_params = prog.backward(
             saved, *(_to_numpy(g) for g in d_outs), *(_to_numpy(g) for g in d_finals),
-            *(_to_numpy(p) for p in params), T=T, B=B, **dims)
+            *(_to_numpy(p) for p in params), T=T, B=B, **self._options(), **dims)
         return _unshared([torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)])
 
 
@@ -58,10 +70,8 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class TorchHostRunner:
+class TorchHostRunner(Runner):
     """Runs the host functions of backends/host.py (forward_<name>, backward_<name>) on float32 tensors."""
-
-    name = ""
 
     def _extra(self, prog, dims) -> dict:
         """Keyword arguments of this backend's generated functions beyond the sizes."""
@@ -102,6 +112,9 @@ class TritonRunner(TorchHostRunner):
             return ("the Triton backend runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (Triton's "
                     "interpreter, slow) or use backend='numpy'")
         return None
+
+    def _extra(self, prog, dims) -> dict:
+        return self._options()
 
 
 class CRunner(TorchHostRunner):

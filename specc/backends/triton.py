@@ -28,15 +28,17 @@ for its own matmuls (`torch.set_float32_matmul_precision("high")`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS, helper_name, helper_names
-from ..schedule import Schedule
+from ..scan import Affine, affine_loop, combine
+from ..schedule import Schedule, filled_outside
 from ..shapes import Size
-from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after,
+from .host import (HOST_NAMES, VIEWS, Host, HostNames, LoopTarget, Unsupported, emit_after,
                    emit_buffers, fused_into_loop, torch_spell)
-from .writer import Namer, Writer
+from .writer import Namer, TermSpeller, Writer
 
 # (BLOCK_B, BLOCK_F, BLOCK_K) for batches up to SMALL_BATCH and above, by product precision: the
 # best of those measured at the fastrnns sizes on an H200 (bench/results/gpu-2026-11-26.md). TF32
@@ -48,7 +50,8 @@ SMALL_BATCH = 64
 KERNEL_NAMES = frozenset({
     "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0", "TRAIN",
     "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
-    "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS"})
+    "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
+    "scan_t", "scan_n", "scan"})
 
 
 def _p(code: str) -> str:
@@ -609,9 +612,10 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
             for part, column in _parts(g, i, Size.of(0)):
                 tasks.append(StoreTask(part, buf, row, width, column, guarded))
     if stage == plan.n_stages - 1:
-        # A state whose next value is made outside the loop (h' = x, h' = c) is copied here.
+        # A state whose next value is made outside the loop (h' = x, h' = c) is copied here,
+        # unless the host fills its buffer (schedule.hoist_delays).
         for name, _, nxt in g.carries:
-            if s.region[nxt] != "loop" or g.nodes[nxt].op == "carry":
+            if (s.region[nxt] != "loop" or g.nodes[nxt].op == "carry") and name not in filled_outside(s):
                 width = str(g.nodes[nxt].type.shape[0])
                 tasks.append(StoreTask(nxt, host.carry_buf[name], host.carry_rows(name, not reverse), width,
                                        Size.of(0), False))
@@ -620,7 +624,104 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
 
 def _emit_scan(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: list[str], guard: frozenset[int],
                taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
-    """The body of one pass: torch before the loop, kernel launches in it, torch after it."""
+    """The body of one pass: torch before the loop, kernel launches in it, torch after it. Where
+    every state is a linear recurrence (scan.affine_loop), the loop is a parallel scan instead,
+    unless the caller asks for the sequential loop (scan=False: to compare, or to rule it out)."""
+    forms = affine_loop(host.s)
+    if forms is None:
+        _emit_steps(w, kernels_out, host, fn, carry_init, guard, taken, dims, keep)
+        return
+    with w.block("if scan:"):
+        _emit_linear_scan(w, kernels_out, host, carry_init, guard, forms)
+    with w.block("else:"):
+        _emit_steps(w, kernels_out, host, fn, carry_init, guard, taken, dims, keep)
+
+
+def _emit_linear_scan(w: Writer, kernels_out: Writer, host: Host, carry_init: list[str], guard: frozenset[int],
+                      forms: dict[int, Affine]) -> None:
+    """The loop as one scan per state over (a_t, b_t), made before it as torch operations; the loop
+    values kept for every step then follow from the states, a * s + b, all steps at once."""
+    s, g, names = host.s, host.s.graph, host.names
+    if LINEAR_SCAN not in kernels_out.lines:
+        kernels_out.lines.extend(["", ""] + LINEAR_SCAN_KERNEL.split("\n"))
+    w.comment("Every state is a linear recurrence s' = a * s + b, with a and b made before the loop: each")
+    w.comment("state's sequence is one parallel scan over time, with no loop over steps here.")
+    if names.wrapped:
+        w.line("wrap = T + 1  # the scan writes every step's state")
+    kept, names.seq = names.seq, {}  # the kept loop values are made after the scan, not written by it
+    emit_buffers(w, host, carry_init, guard, set())
+    names.seq = kept
+    spell = TermSpeller(w, host.ref, host.names.namer, lambda i: g.nodes[i].type.batched,
+                        lambda i: g.nodes[i].op in VIEWS, "torch.full((rows, {size}), {value!r}, device=dev, dtype=dtype)",
+                        "{code}.expand(rows, {size}).contiguous()", "{code}.contiguous()")
+    w.comment("Blocks no larger than the sequence and the state: lanes past them would be scanned for nothing.")
+    w.line("scan_t = min(SCAN_BLOCKS[0], triton.next_power_of_2(T))")
+    for name, leaf, nxt in g.carries:
+        if name in filled_outside(s):
+            continue  # filled by the host, before the scan or after it
+        size = g.nodes[leaf].type.shape[0]
+        a = spell.rows(forms[nxt].a, size, f"a_of_{name}")
+        b = spell.rows(forms[nxt].b, size, f"b_of_{name}")
+        n = f"B * {_p(str(size))}"
+        w.line(f"scan_n = min(SCAN_BLOCKS[1], triton.next_power_of_2({n}))")
+        w.line(f"linear_scan[(triton.cdiv({n}, scan_n),)]({a}, {b}, {names.carry_buf[name]}, T, {n}, "
+               f"REVERSE={host.reverse}, WIDE=(T + 1) * {n} >= WIDE_ELEMENTS, BLOCK_T=scan_t, BLOCK_N=scan_n, "
+               f"num_warps=NUM_WARPS)")
+    if kept:
+        w.comment("The loop values kept for every step, from the states: a * s + b.")
+    for i, buf in kept.items():
+        f = forms[i]
+        value = combine("add", combine("mul", f.a, f.state) if f.state is not None else 0.0, f.b)
+        if i in guard:
+            w.line(f"{buf} = None")
+        with w.block("if train:") if i in guard else contextlib.nullcontext():
+            code = spell.rows(value, g.nodes[i].type.shape[0], buf, exact=True)
+            if code != buf:
+                w.line(f"{buf} = {code}")
+    emit_after(w, host)
+
+
+LINEAR_SCAN = "def linear_scan(a, b, s, T, N, REVERSE: tl.constexpr, WIDE: tl.constexpr, BLOCK_T: tl.constexpr,"
+LINEAR_SCAN_KERNEL = \
+    """@triton.jit
+def affine_then(a1, b1, a2, b2):
+    # Step (a1, b1) then step (a2, b2): s -> a2 * (a1 * s + b1) + b2. Associative, so a block of
+    # steps is combined in log-depth.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+""" + LINEAR_SCAN + """
+                BLOCK_N: tl.constexpr):
+    \"\"\"s_{t+1} = a_t * s_t + b_t for t = 0 .. T-1 (REVERSE: s_t = a_t * s_{t+1} + b_t, from t = T-1
+    down), over N values a step: a and b are (T, N), s is (T + 1, N) and holds the first state.
+    A program owns BLOCK_N values and scans BLOCK_T steps at a time, carrying the last state over.\"\"\"
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_T)
+    if WIDE:  # 2**31 elements or more: int32 offsets would wrap around
+        offs_n = offs_n.to(tl.int64)
+        lanes = lanes.to(tl.int64)
+    mask_n = offs_n < N
+    state = tl.load(s + (T if REVERSE else 0) * N + offs_n, mask=mask_n, other=0.0)
+    for t0 in range(0, T, BLOCK_T):
+        steps = t0 + lanes
+        mask = (steps < T)[:, None] & mask_n[None, :]
+        if REVERSE:
+            steps = T - 1 - steps
+        at = steps[:, None] * N + offs_n[None, :]
+        # Steps past the end are (1, 0), which leave the state as it is.
+        a_block = tl.load(a + at, mask=mask, other=1.0)
+        b_block = tl.load(b + at, mask=mask, other=0.0)
+        a_run, b_run = tl.associative_scan((a_block, b_block), axis=0, combine_fn=affine_then)
+        states = a_run * state[None, :] + b_run
+        written = steps + (0 if REVERSE else 1)
+        tl.store(s + written[:, None] * N + offs_n[None, :], states, mask=mask)
+        state = tl.sum(tl.where((lanes == BLOCK_T - 1)[:, None], states, 0.0), axis=0)"""
+
+
+def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: list[str], guard: frozenset[int],
+                taken: set[str], dims: tuple[str, ...], keep: set[int]) -> None:
+    """The loop as fused kernels launched once per step (and stage)."""
     s, g, names = host.s, host.s.graph, host.names
     plan = plan_loop(s, keep)
     for i in sorted(plan.stored):
@@ -676,17 +777,19 @@ def _emit_scan(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init: 
         w.line(f"wide = max(a.numel() for a in ({', '.join(every_tensor)},) if a is not None) >= WIDE_ELEMENTS")
     else:
         w.line("wide = False")
-    w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
-              "The time loop, from the last step to the first: one launch of each fused kernel per step.")
-    with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
-        for launch in launches:
-            w.line(launch)
+    if launches:  # none where the host fills every state's buffer (schedule.hoist_delays)
+        w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
+                  "The time loop, from the last step to the first: one launch of each fused kernel per step.")
+        with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
+            for launch in launches:
+                w.line(launch)
     emit_after(w, host)
 
 
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
     w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
+    w.line("SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)")
     w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
     w.line("")
     w.line("")
@@ -747,7 +850,7 @@ TARGET = LoopTarget(
     "triton", _emit_scan, _finish, torch_spell,
     ("forward, with the time loop as fused Triton kernels; tensors are float32 on one device.",
      "backward, with the time loop as fused Triton kernels."),
-    reserved=KERNEL_NAMES, copy_saved_views=True,
+    reserved=KERNEL_NAMES, copy_saved_views=True, extra_args=("scan=True",),
     title="--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---", preamble=_preamble)
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = HOST_NAMES | KERNEL_NAMES | helper_names("triton_helper") | {"forward_triton", "backward_triton",

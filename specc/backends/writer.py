@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..ir import Forward, OutputGradient, suggested_names
+from ..ops import INFIX
 
 
 class Writer:
@@ -133,3 +134,58 @@ def saved_key(g, i: int, names: dict[int, str]) -> str:
         if nxt == i:
             return f"{name}_next"
     return names[i]
+
+
+class TermSpeller:
+    """Writes scan.Term values (a linear recurrence's a and b) as array code in a host function,
+    one line an operation. `ref`: a node's code there; `full`, `expand`, `view`: how this code
+    spells a number as (rows, size) values, a value of parameters alone repeated for every row,
+    and a view (a slice of a stacked product) as rows of its own."""
+
+    def __init__(self, w: Writer, ref, namer: Namer, batched, is_view, full: str, expand: str, view: str):
+        self.w, self.ref, self.namer, self.batched, self.is_view = w, ref, namer, batched, is_view
+        self.full, self.expand, self.view = full, expand, view
+        self.made: dict = {}
+
+    def code(self, t, name=None) -> str:
+        """t's code; an operation is written as a line of its own, named name() when given."""
+        if isinstance(t, float):
+            return repr(t) if t >= 0 else f"({t!r})"
+        if isinstance(t, int):
+            return self.ref(t)
+        key = _typed(t)  # node 1 and the number 1.0 are equal keys of a dict
+        if key not in self.made:
+            op, x, y = t
+            line = f"{self.code(x)} {INFIX[op]} {self.code(y)}"
+            made = name() if name else self.namer("scan_term")
+            self.w.line(f"{made} = {line}")
+            self.made[key] = made
+        return self.made[key]
+
+    def rows(self, t, size, want: str, exact: bool = False) -> str:
+        """The code of t as (rows, size) values, as a scan reads a and b; what has to be made for
+        it is named `want` (exact), or after it."""
+        def name() -> str:
+            return want if exact else self.namer(want)
+
+        made = None
+        if isinstance(t, float):
+            made = self.full.format(size=size, value=t)
+        elif not self._batched(t):  # made of parameters alone: the same for every row
+            made = self.expand.format(code=self.code(t), size=size)
+        elif isinstance(t, int) and self.is_view(t):
+            made = self.view.format(code=self.code(t))
+        if made is None:
+            return self.code(t, name)
+        named = name()
+        self.w.line(f"{named} = {made}")
+        return named
+
+    def _batched(self, t) -> bool:
+        if isinstance(t, tuple):
+            return self._batched(t[1]) or self._batched(t[2])
+        return isinstance(t, int) and self.batched(t)
+
+
+def _typed(t):
+    return (t[0], _typed(t[1]), _typed(t[2])) if isinstance(t, tuple) else (type(t).__name__, t)
