@@ -125,7 +125,10 @@ _SEVERAL = {
 
 
 def _concat(items):
-    return torch.cat(items, dim=-1)
+    # A part made of parameters alone beside per-example ones (dropout(b) is per-example to the
+    # checker, a plain vector here): every example's copy of it.
+    lead = max(items, key=lambda v: v.dim()).shape[:-1]
+    return torch.cat([v.expand(*lead, v.shape[-1]) for v in items], dim=-1)
 
 
 def step(cell: CheckedCell, values: dict[tuple[str, bool], torch.Tensor]) -> dict:
