@@ -276,7 +276,7 @@ def test_delayed_states_are_filled_outside_the_loop(body, backend, monkeypatch):
 
 def test_qrnn_makes_no_product_inside_its_loops():
     """V @ xp before the forward loop, V^T @ dgates after the backward one: QRNN's loops, as the
-    C and Triton backends run them, are elementwise (and so a scan)."""
+    Triton and NumPy backends run them, are elementwise (and so a scan)."""
     from specc.schedule import hoist_delays
     from specc.scan import affine_loop
 
@@ -304,7 +304,7 @@ def _user_cell(body: str) -> str:
 
 
 @pytest.mark.parametrize("spec", [*SCAN_CELLS, *USER_BODIES])
-def test_numpy_scan_gives_the_loop_over_steps_gradients_to_1e9_in_float64(spec):
+def test_numpy_scan_gives_the_loop_over_steps_gradients_to_1e9_in_float64(spec, monkeypatch):
     """Issue 15's bar: the NumPy backend's chunked scan (rt.linear_scan, ~sqrt(T) steps a chunk)
     against the same cell run step by step (scan=False), in float64, over 301 steps (chunks of 17,
     the last one short): outputs, final states and every gradient within 1e-9 of their scale."""
@@ -313,6 +313,11 @@ def test_numpy_scan_gives_the_loop_over_steps_gradients_to_1e9_in_float64(spec):
     import specc
     from specc.runtime import own_inputs
 
+    from specc.backends import numpy_runtime
+
+    scans = []
+    real = numpy_runtime.linear_scan
+    monkeypatch.setattr(numpy_runtime, "linear_scan", lambda *a, **k: scans.append(1) or real(*a, **k))
     dims = SCAN_CELLS.get(spec, dict(I=3, H=4))
     text = spec if spec in SCAN_CELLS else _user_cell(spec)
     torch.manual_seed(0)
@@ -331,4 +336,22 @@ def test_numpy_scan_gives_the_loop_over_steps_gradients_to_1e9_in_float64(spec):
     for got, want in zip(*results, strict=True):  # a parameter the cell does not read: both exactly 0
         assert (got - want).abs().max() <= 1e-9 * want.abs().max()
     assert sum(bool(want.abs().max() > 0) for want in results[1]) >= len(results[1]) - 2  # h0, a unread
-    assert "rt.linear_scan(" in par.program.__specc_source__
+    assert scans  # on the scan side only (a delay such as h' = tanh(W @ x) is filled, not scanned, forward)
+
+
+def test_numpy_runs_wide_states_step_by_step(monkeypatch):
+    """Where a step's values are many (B x H > rt.SCAN_MAX_WIDTH), NumPy's loop over steps, which
+    makes a and b a chunk at a time in cache, is the faster (bench/results/scan-cpu-2026-12-02c.md)."""
+    import torch
+
+    import specc
+    from specc.backends import numpy_runtime
+
+    scans = []
+    real = numpy_runtime.linear_scan
+    monkeypatch.setattr(numpy_runtime, "linear_scan", lambda *a, **k: scans.append(a[0].shape) or real(*a, **k))
+    m = specc.load("mingru", backend="numpy", I=3, H=64)
+    m(torch.randn(5, 16, 3))[0].sum().backward()  # 1,024 values a step: the scan
+    assert len(scans) == 2
+    m(torch.randn(5, 17, 3))[0].sum().backward()  # 1,088: step by step
+    assert len(scans) == 2

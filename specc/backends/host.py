@@ -215,6 +215,9 @@ class LoopTarget:
     # pass's given the values it saves for backward, which must stay kept
     forward_schedule: Callable = lambda s, saved: s
     backward_schedule: Callable = lambda s: s
+    # Whether a delay's buffer is filled outside the loop and what reads it made there too
+    # (schedule.hoist_delays): one product over the sequence instead of one a step
+    fill_delays: bool = True
 
 
 def write_section(target: LoopTarget, w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int],
@@ -242,7 +245,9 @@ def emit(w: Writer, fwd: Schedule, bwd: Schedule, saved_nodes: list[int], dims: 
     kernels = Writer()
     body = Writer()
     source = (source_lines, file)
-    fwd = target.forward_schedule(hoist_delays(fwd, frozenset(saved_nodes)), frozenset(saved_nodes))
+    if target.fill_delays:
+        fwd = hoist_delays(fwd, frozenset(saved_nodes))
+    fwd = target.forward_schedule(fwd, frozenset(saved_nodes))
     saved_keys, fwd_numbers = _emit_forward(body, kernels, fwd, saved_nodes, dims, source, prefix, target)
     body.line("")
     body.line("")
@@ -300,7 +305,7 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
                    fwd_numbers: set[int], dims: tuple[str, ...], source: tuple[list[str], str], prefix: str,
                    target: LoopTarget) -> None:
     """backward_<target>: it reads the saved values by the keys forward_<target> gave them."""
-    bwd = target.backward_schedule(hoist_delays(bwd))
+    bwd = target.backward_schedule(hoist_delays(bwd) if target.fill_delays else bwd)
     g = fwd.graph
     kw = ", ".join(["T", "B", *dims])
     extra = "".join(f", {a}" for a in target.extra_args)

@@ -736,7 +736,8 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
     `carry_init`: per state, the code of the value it starts from (the initial state forward, the
     final state's gradient backward). `scan.guarded` buffers are filled only when training.
     Where every state is a linear recurrence (scan.affine_loop), the pass is a chunked scan
-    (rt.linear_scan) unless the caller asks for the loop over steps (scan=False).
+    (rt.linear_scan) where that is the faster (narrow states: rt.scan_pays), unless the caller
+    asks for the loop over steps (scan=False).
     """
     forms = affine_loop(scan.sched)
     if forms is None:
@@ -744,7 +745,8 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
         return
     linear = Scan(scan.sched, scan.reverse, scan.source_lines, scan.file, names=dict(scan.names),
                   seq=dict(scan.seq), carry_buf=dict(scan.carry_buf), guarded=scan.guarded)
-    with w.block("if scan:"):
+    width = " + ".join(_size(scan.g.nodes[leaf].type.shape[0]) for _, leaf, _ in scan.g.carries)
+    with w.block(f"if scan and rt.scan_pays(B, {width}):"):
         _emit_linear_scan(w, linear, carry_init, namer, protect, forms)
     with w.block("else:"):
         _emit_steps(w, scan, carry_init, namer, protect)

@@ -243,6 +243,20 @@ def torch_matmul(a, b, out=None):
     return np.matmul(a, b, out)
 
 
+# Values a step (batch x the states' widths) up to which the chunked scan beats the loop over
+# steps. The loop's cost is its NumPy calls, a few a step; the scan's, passes over (T, B x width)
+# memory (a and b made whole, copied, scanned, combined), where the loop makes a and b a chunk
+# at a time in cache. minGRU forward + backward over 4,096 steps on 2 Zen 5 cores (bench/scan.py
+# --numpy; bench/results/scan-cpu-2026-12-02c.md): the scan 1.4-2.0x faster at 64-1,024 values a
+# step, 0.6-0.7x at 2,048 and 16,384.
+SCAN_MAX_WIDTH = 1024
+
+
+def scan_pays(B, width):
+    """Whether a pass of linear recurrences runs as a chunked scan (linear_scan) or step by step."""
+    return B * width <= SCAN_MAX_WIDTH
+
+
 def linear_scan(a, b, s, T, B, reverse=False):
     """A linear recurrence over the sequence, into the state buffer s ((T + 1) * B, n): s after
     step t is a_t * (s before it) + b_t, for every step (a and b: (T * B, n), or broadcast to
