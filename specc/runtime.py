@@ -147,7 +147,7 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     params = work[n_inputs + n_states:]
     d_outs = [torch.ones((T, B, module.sizes["outputs"][n][0])) for n in prog.OUTPUTS]
     d_finals = [torch.ones((B, module.sizes["states"][n][0])) for n in prog.STATES]
-    runners = [BACKENDS["c"].run(), BACKENDS["numpy"].run()]
+    runners = [BACKENDS["c"].run(), BACKENDS["numpy"].run(scan=module.scan)]
     seconds = {r.name: float("inf") for r in runners}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
@@ -172,7 +172,7 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
     # What the timing depends on: the generated code, its sizes and batch, the compiler's flags, the
     # threads a pass splits its batch among, and the kernels OpenBLAS runs.
     key = (module.program.__name__, tuple(sorted(module.dims.items())), B, tuple(c_runtime.flags()),
-           torch.get_num_threads(), os.environ.get("OPENBLAS_CORETYPE") or c_runtime._core_type())
+           torch.get_num_threads(), os.environ.get("OPENBLAS_CORETYPE") or c_runtime._core_type(), module.scan)
     if key in _CHOICES:
         return _CHOICES[key]
     text = repr((key, c_runtime.openblas(), c_runtime._cpu()))

@@ -44,7 +44,7 @@ from .writer import Namer, TermSpeller, Writer, after_loop, backward_args, saved
 
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
-            "steps", "lo", "hi", "cs", "ce", "last", "matmul", "scan"}
+            "steps", "lo", "hi", "cs", "ce", "last", "matmul", "scan", "scanned"}
 LEAVES = ("input", "param", "const", "carry")
 VIEWS = ("slice", "reshape")
 
@@ -746,7 +746,8 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
     linear = Scan(scan.sched, scan.reverse, scan.source_lines, scan.file, names=dict(scan.names),
                   seq=dict(scan.seq), carry_buf=dict(scan.carry_buf), guarded=scan.guarded)
     width = " + ".join(_size(scan.g.nodes[leaf].type.shape[0]) for _, leaf, _ in scan.g.carries)
-    with w.block(f"if scan and rt.scan_pays(B, {width}):"):
+    w.line(f"scanned = scan and rt.scan_pays(B, {width})  # else the loop over steps")
+    with w.block("if scanned:"):
         _emit_linear_scan(w, linear, carry_init, namer, protect, forms)
     with w.block("else:"):
         _emit_steps(w, scan, carry_init, namer, protect)
@@ -959,7 +960,7 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
         finals = tuple_code([f"{scan.carry_buf[name]}[last:last + B]" if name in scan.alternating
                          else f"{scan.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         if scan.alternating:
-            scanned = " or scan" if affine_loop(fwd) is not None else ""  # a scan keeps every step's state
+            scanned = " or scanned" if affine_loop(fwd) is not None else ""  # a scan keeps every step's state
             w.line(f"last = T * B if train{scanned} else T % 2 * B  # where the final states are")
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
         saved_names = {i: key_namer(saved_key(g, i, scan.names)) for i in saved_nodes}

@@ -669,7 +669,9 @@ def _emit_linear_scan(w: Writer, kernels_out: Writer, host: Host, carry_init: li
                f"num_warps=NUM_WARPS)")
     if kept:
         w.comment("The loop values kept for every step, from the states: a * s + b.")
-    for i, buf in kept.items():
+    # Values only backward reads (made when training) last: a part they share with another is then
+    # made outside `if train:` first.
+    for i, buf in sorted(kept.items(), key=lambda item: item[0] in guard):
         f = forms[i]
         value = combine("add", combine("mul", f.a, f.state) if f.state is not None else 0.0, f.b)
         if i in guard:
