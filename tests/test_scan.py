@@ -358,31 +358,31 @@ def test_numpy_runs_wide_states_step_by_step(monkeypatch):
     # Without training, the loop keeps a state only the loop reads in two blocks: the final state
     # is read from the block it ended in, not from block T, which only a scan writes (a reviewer's
     # cell: its final state came back empty).
-    text = ("cell alt(H) {\n    input x[H]\n    state c[H] = zeros\n    param W[H, H]\n    f = sigmoid(W @ x)\n"
-            "    c' = f * c + x\n    output y = tanh(x)\n}\n")
-    wide = specc.load(text, backend="numpy", H=600)
-    loop = specc.load(text, backend="numpy", scan=False, H=600)
-    loop.load_state_dict(wide.state_dict())
-    x = torch.randn(3, 2, 600)
+    _same_as_the_loop_without_training("cell alt(H) {\n    input x[H]\n    state c[H] = zeros\n    param W[H, H]\n"
+                                       "    f = sigmoid(W @ x)\n    c' = f * c + x\n    output y = tanh(x)\n}\n",
+                                       "numpy", T=3, B=2, H=600)
+
+
+def _same_as_the_loop_without_training(text: str, backend: str, T: int, B: int, H: int) -> None:
+    """Outputs and final states under no_grad through `backend` against NumPy's loop over steps."""
+    import torch
+
+    import specc
+
+    ours = specc.load(text, backend=backend, H=H)
+    ref = specc.load(text, backend="numpy", scan=False, H=H)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, H)
     with torch.no_grad():
-        torch.testing.assert_close(wide(x)[1], loop(x)[1], rtol=0, atol=0)
+        for got, want in zip(ours(x), ref(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_part_of_a_value_backward_reads_is_made_when_not_training(monkeypatch):
     """Kept loop values share parts (c * f in m1 and in k): the one only backward reads is made under
     `if train:`, so a part both need must be made before it, outside (a reviewer's cell: without
     training it raised UnboundLocalError on Triton)."""
-    import torch
-
-    import specc
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    text = ("cell gk(H) {\n    input x[H]\n    state c[H] = zeros\n    param p[H]\n    f = sigmoid(x)\n"
-            "    m1 = (c + x) * f\n    k = c * f\n    c' = p * m1 + k\n    output y = tanh(k)\n}\n")
-    ours = specc.load(text, backend="triton", H=3)
-    ref = specc.load(text, backend="numpy", scan=False, H=3)
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(7, 2, 3)
-    with torch.no_grad():
-        for got, want in zip(ours(x), ref(x)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _same_as_the_loop_without_training("cell gk(H) {\n    input x[H]\n    state c[H] = zeros\n    param p[H]\n"
+                                       "    f = sigmoid(x)\n    m1 = (c + x) * f\n    k = c * f\n    c' = p * m1 + k\n"
+                                       "    output y = tanh(k)\n}\n", "triton", T=7, B=2, H=3)
