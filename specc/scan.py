@@ -14,6 +14,7 @@ the loop is not only linear recurrences.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -206,20 +207,20 @@ def combine(op: str, x: Term, y: Term) -> Term:
     def num(t: Term, v: float | None = None) -> bool:
         return isinstance(t, float) and (v is None or t == v)
 
+    if op in ("mul", "div") and num(x, 0.0):
+        return 0.0  # no such term (a state's offset that is not there), whatever it is scaled by
     if num(x) and num(y):
-        if op == "div" and y == 0.0:
-            return (op, x, y)
+        if op == "div" and y == 0.0:  # h / 0.0: as the loop's arrays divide (inf), not an exception
+            return math.copysign(math.inf, x) * math.copysign(1.0, y) if not math.isnan(x) else math.nan
         return {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y if op == "div" else 0.0}[op]
     if op == "add" and num(x, 0.0):
         return y
     if op in ("add", "sub") and num(y, 0.0):
         return x
-    if op == "mul" and (num(x, 0.0) or num(y, 0.0)):
+    if op == "mul" and num(y, 0.0):
         return 0.0
     if op == "mul" and num(x, 1.0):
         return y
     if op in ("mul", "div") and num(y, 1.0):
         return x
-    if op == "div" and num(x, 0.0):
-        return 0.0
     return (op, x, y)

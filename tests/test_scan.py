@@ -386,3 +386,21 @@ def test_a_part_of_a_value_backward_reads_is_made_when_not_training(monkeypatch)
     _same_as_the_loop_without_training("cell gk(H) {\n    input x[H]\n    state c[H] = zeros\n    param p[H]\n"
                                        "    f = sigmoid(x)\n    m1 = (c + x) * f\n    k = c * f\n    c' = p * m1 + k\n"
                                        "    output y = tanh(k)\n}\n", "triton", T=7, B=2, H=3)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_a_division_by_the_number_zero_is_infinite_as_in_the_loop(backend, monkeypatch):
+    """h / 0.0 makes a = inf: the scan's code spells it (it raised ZeroDivisionError, a Python
+    division of two numbers), and the states are not finite, as the loop over steps makes them."""
+    import torch
+
+    import specc
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    text = "cell z(H) {\n    input x[H]\n    state h[H]\n    h' = h / 0.0 + x\n    output h'\n}\n"
+    x, h0 = torch.randn(3, 1, 2), torch.randn(1, 2)
+    with torch.no_grad():
+        got = specc.load(text, backend=backend, H=2)(x, h0)[0]
+        want = specc.load(text, backend="numpy", scan=False, H=2)(x, h0)[0]
+    assert not torch.isfinite(want).any() and not torch.isfinite(got).any()

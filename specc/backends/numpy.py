@@ -770,7 +770,7 @@ def _emit_linear_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer
     w.comment("Everything that does not depend on the state, for all steps at once.")
     _emit_nodes(w, scan, "pre", protect)
     spell = TermSpeller(w, lambda i: scan.ref(i, loop=False), namer, lambda i: g.nodes[i].type.batched,
-                        lambda i: False, "np.full((rows, {size}), {value!r}, dtype=dtype)",
+                        lambda i: False, "np.full((rows, {size}), {value}, dtype=dtype)",
                         "np.broadcast_to({code}, (rows, {size}))", "{code}")
     for name, leaf, nxt in g.carries:
         if name in filled_outside(sched):

@@ -652,7 +652,7 @@ def _emit_linear_scan(w: Writer, kernels_out: Writer, host: Host, carry_init: li
     emit_buffers(w, host, carry_init, guard, set())
     names.seq = kept
     spell = TermSpeller(w, host.ref, host.names.namer, lambda i: g.nodes[i].type.batched,
-                        lambda i: g.nodes[i].op in VIEWS, "torch.full((rows, {size}), {value!r}, device=dev, dtype=dtype)",
+                        lambda i: g.nodes[i].op in VIEWS, "torch.full((rows, {size}), {value}, device=dev, dtype=dtype)",
                         "{code}.expand(rows, {size}).contiguous()", "{code}.contiguous()")
     w.comment("Blocks no larger than the sequence and the state: lanes past them would be scanned for nothing.")
     w.line("scan_t = min(SCAN_BLOCKS[0], triton.next_power_of_2(T))")
