@@ -158,6 +158,10 @@ class Affine:
     a: Term
     b: Term
 
+    def term(self) -> Term:
+        """The value itself, a * s + b, as one term (s a node like any other)."""
+        return combine("add", combine("mul", self.a, self.state) if self.state is not None else 0.0, self.b)
+
 
 def affine_loop(s: Schedule) -> dict[int, Affine] | None:
     """Every loop value of the pass `s` (carry leaves included) as a * s + b, where each state's next

@@ -126,6 +126,15 @@ def filled_outside(s: Schedule) -> dict[str, int]:
             if s.region[leaf] == "pre" or s.region[nxt] == "post"}
 
 
+def fills(s: Schedule) -> dict[int, list[str]]:
+    """Next value -> the states whose buffers the host fills from it outside the loop, right after
+    making it (several: h' = c' = tanh(x) is one value)."""
+    out: dict[int, list[str]] = {}
+    for name, nxt in filled_outside(s).items():
+        out.setdefault(nxt, []).append(name)
+    return out
+
+
 _ROWWISE = {*ELEMENTS, "matvec", "matvec_t", "outer", "outer_vjp_a", "outer_vjp_b", "softmax", "softmax_vjp"}
 
 

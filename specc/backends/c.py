@@ -607,8 +607,9 @@ class CLoop:
             k += len(run)
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied each step,
         # unless the host fills its buffer (schedule.hoist_delays).
+        filled = filled_outside(s)
         for name, _, nxt in g.carries:
-            if (s.region[nxt] != "loop" or g.nodes[nxt].op == "carry") and name not in filled_outside(s):
+            if (s.region[nxt] != "loop" or g.nodes[nxt].op == "carry") and name not in filled:
                 width = c_size(g.nodes[nxt].type.shape[0])
                 src = self.where(nxt)
                 buf = self.arg(self.host.carry_buf[name], const=False)

@@ -15,8 +15,8 @@ from typing import Callable
 
 from ..ir import LEAVES, Forward, Graph, Node
 from ..ops import ELEMENTS, SPELLINGS
-from ..schedule import Schedule, filled_outside, hoist_delays, needed_by_pass
-from .writer import Namer, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
+from ..schedule import Schedule, fills, hoist_delays, needed_by_pass
+from .writer import Namer, Writer, after_loop, backward_args, number_code, saved_key, tuple_code, value_names
 
 # Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
 RECOMPUTABLE = (*ELEMENTS, "slice", "outer")
@@ -94,8 +94,7 @@ class Host:
         g = self.s.graph
         node = g.nodes[i]
         if node.op == "const":
-            v = node.attrs[0]
-            return repr(v) if v >= 0 else f"({v!r})"
+            return number_code(node.attrs[0])
         for name, leaf, nxt in g.carries:
             # A next value made before the loop (h' = tanh(W @ x)) is read where it was made.
             if i == leaf or (i == nxt and self.s.region[i] == "loop"):
@@ -125,9 +124,7 @@ def emit_region(w: Writer, host: Host, region: str, skip: frozenset[int] = froze
     g = host.s.graph
     lines, file = host.source
     last = 0
-    fills: dict[int, list[str]] = {}  # next value -> the states it fills (h' = c' = tanh(x): one value, two)
-    for name, nxt in filled_outside(host.s).items():
-        fills.setdefault(nxt, []).append(name)
+    filling = fills(host.s)
     for i in host.s.nodes_in(region):
         node = g.nodes[i]
         if not (node.op in ("input", "param", "const", "carry") or i in skip):
@@ -136,17 +133,18 @@ def emit_region(w: Writer, host: Host, region: str, skip: frozenset[int] = froze
                 last = node.line
             args = [host.ref(a) for a in node.args]
             w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
-        for name in fills.get(i, ()):
+        for name in filling.get(i, ()):
             # A state the loop does not carry (schedule.hoist_delays): its buffer, every step at once.
             rows = ":rows" if host.reverse else "B:"
             w.line(f"{host.names.carry_buf[name]}[{rows}] = {host.ref(i)}")
 
 
 def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[int], fused_pre: set[int],
-                 scratch: set[int] = frozenset(), cross: set[int] = frozenset()) -> None:
+                 scratch: set[int] = frozenset(), cross: set[int] = frozenset(), kept: bool = True) -> None:
     """Before the loop: the host's values and every buffer the loop reads or writes. `scratch`:
     buffers of one step's values (a Triton stage's output that the next stage reads), B rows;
-    `cross`: kept values a later stage reads, made even when not training."""
+    `cross`: kept values a later stage reads, made even when not training. kept=False: no buffers for
+    the kept loop values (a scan makes them whole after it)."""
     g, names = host.s.graph, host.names
     for (name, leaf, _), init in zip(g.carries, carry_init):
         size = str(g.nodes[leaf].type.shape[0])
@@ -162,7 +160,7 @@ def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[
     emit_region(w, host, "const")
     w.comment("Before the loop: the input-only values the loop reads, for all steps at once.")
     emit_region(w, host, "pre", skip=frozenset(fused_pre))
-    for i, buf in names.seq.items():
+    for i, buf in names.seq.items() if kept else ():
         size = str(g.nodes[i].type.shape[0])
         rows = "B" if i in scratch else "rows"
         alloc = f"torch.empty(({rows}, {size}), device=dev, dtype=dtype)"

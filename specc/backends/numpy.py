@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from ..ir import Graph, Node
 from ..ops import ELEMENTS, SPELLINGS
 from ..optimize import hoist_factors
-from ..scan import Affine, affine_loop, combine
-from ..schedule import Schedule, filled_outside, hoist_delays, needed_by_pass, schedule, sink_post
+from ..scan import Affine, affine_loop
+from ..schedule import Schedule, filled_outside, fills, hoist_delays, needed_by_pass, schedule, sink_post
 from ..shapes import Size
-from .writer import Namer, TermSpeller, Writer, after_loop, backward_args, saved_key, tuple_code, value_names
+from .writer import (Namer, TermSpeller, Writer, after_loop, backward_args, number_code, saved_key, tuple_code,
+                     value_names)
 
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
@@ -158,7 +159,7 @@ class Scan:
             v = node.attrs[0]
             if loop and v in self.consts:
                 return self.consts[v]
-            return repr(v) if v >= 0 else f"({v!r})"
+            return number_code(v)
         if loop and i in self.tiled:
             return self.tiled[i]
         carried = self.carry_of(i)
@@ -595,15 +596,13 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
         a, b = _size(start), _size(stop)
         return f"{code}[{'' if a == '0' else a}:{b}]"
 
-    fills: dict[int, list[str]] = {}  # next value -> the states whose buffers it fills, outside the loop
-    for name, nxt in filled_outside(scan.sched).items():
-        fills.setdefault(nxt, []).append(name)
+    filling = fills(scan.sched)
     members = scan.sched.nodes_in(region)
     pending: tuple[int, list[str]] | None = None  # the states the value just made fills
     for i in members:
         if pending:
             _fill(lines, scan, *pending)
-        pending = (i, fills[i]) if i in fills and not chunk else None
+        pending = (i, filling[i]) if i in filling and not chunk else None
         node = g.nodes[i]
         if node.op in LEAVES or (i in scan.chunked) != chunk or i in scan.split:
             continue
@@ -730,19 +729,19 @@ def _emit_group(lines: _Lines, scan: Scan, index: int) -> None:
                 lines.emit(first, f"{scan.names[m]} = {scan.place[m].code()}")
 
 
-def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protect: frozenset[int] = frozenset()) -> None:
+def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protect: frozenset[int] = frozenset()) -> bool:
     """The body of one pass over the sequence.
 
     `carry_init`: per state, the code of the value it starts from (the initial state forward, the
     final state's gradient backward). `scan.guarded` buffers are filled only when training.
     Where every state is a linear recurrence (scan.affine_loop), the pass is a chunked scan
     (rt.linear_scan) where that is the faster (narrow states: rt.scan_pays), unless the caller
-    asks for the loop over steps (scan=False).
+    asks for the loop over steps (scan=False). Returns whether the pass may scan (`scanned` is set).
     """
     forms = affine_loop(scan.sched)
     if forms is None:
         _emit_steps(w, scan, carry_init, namer, protect)
-        return
+        return False
     linear = Scan(scan.sched, scan.reverse, scan.source_lines, scan.file, names=dict(scan.names),
                   seq=dict(scan.seq), carry_buf=dict(scan.carry_buf), guarded=scan.guarded)
     width = " + ".join(_size(scan.g.nodes[leaf].type.shape[0]) for _, leaf, _ in scan.g.carries)
@@ -751,6 +750,7 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
         _emit_linear_scan(w, linear, carry_init, namer, protect, forms)
     with w.block("else:"):
         _emit_steps(w, scan, carry_init, namer, protect)
+    return True
 
 
 def _emit_linear_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protect: frozenset[int],
@@ -772,8 +772,9 @@ def _emit_linear_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer
     spell = TermSpeller(w, lambda i: scan.ref(i, loop=False), namer, lambda i: g.nodes[i].type.batched,
                         lambda i: False, "np.full((rows, {size}), {value}, dtype=dtype)",
                         "np.broadcast_to({code}, (rows, {size}))", "{code}")
+    filled = filled_outside(sched)
     for name, leaf, nxt in g.carries:
-        if name in filled_outside(sched):
+        if name in filled:
             continue  # filled before the scan or after it
         size = _size(g.nodes[leaf].type.shape[0])
         a = spell.rows(forms[nxt].a, size, f"a_of_{name}")
@@ -783,9 +784,8 @@ def _emit_linear_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer
     if kept:
         w.comment("The loop values kept for every step, from the states: a * s + b.")
     for i in kept:
-        f, buf = forms[i], scan.seq[i]
-        value = combine("add", combine("mul", f.a, f.state) if f.state is not None else 0.0, f.b)
-        code = spell.rows(value, _size(g.nodes[i].type.shape[0]), buf, exact=True)
+        buf = scan.seq[i]
+        code = spell.rows(forms[i].term(), _size(g.nodes[i].type.shape[0]), buf, exact=True)
         if code != buf:
             w.line(f"{buf} = {code}")
     after_loop(w, sched, lambda region: _emit_nodes(w, scan, region, protect))
@@ -955,12 +955,12 @@ def emit_forward(w: Writer, fwd: Schedule, saved_nodes: list[int], dims: tuple[s
         for name, i in g.inputs:
             _reshape_in(w, leaf_names[i], _size(g.nodes[i].type.shape[0]))
         scan.guarded = frozenset(i for i in saved_nodes if i in fwd.kept) - needed_by_pass(fwd)
-        emit_scan(w, scan, init_names, namer, protect=frozenset(saved_nodes))
+        may_scan = emit_scan(w, scan, init_names, namer, protect=frozenset(saved_nodes))
         outs = tuple_code([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
         finals = tuple_code([f"{scan.carry_buf[name]}[last:last + B]" if name in scan.alternating
                          else f"{scan.carry_buf[name]}[T * B:]" for name, _, _ in g.carries])
         if scan.alternating:
-            scanned = " or scanned" if affine_loop(fwd) is not None else ""  # a scan keeps every step's state
+            scanned = " or scanned" if may_scan else ""  # a scan keeps every step's state
             w.line(f"last = T * B if train{scanned} else T % 2 * B  # where the final states are")
         key_namer = Namer()  # a gate may be called h_prev too: every key its own
         saved_names = {i: key_namer(saved_key(g, i, scan.names)) for i in saved_nodes}

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ..ir import Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS, helper_name, helper_names
-from ..scan import Affine, affine_loop, combine
+from ..scan import Affine, affine_loop
 from ..schedule import Schedule, filled_outside
 from ..shapes import Size
 from .host import (HOST_NAMES, VIEWS, Host, HostNames, LoopTarget, Unsupported, emit_after,
@@ -614,8 +614,9 @@ def _store_tasks(s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, st
     if stage == plan.n_stages - 1:
         # A state whose next value is made outside the loop (h' = x, h' = c) is copied here,
         # unless the host fills its buffer (schedule.hoist_delays).
+        filled = filled_outside(s)
         for name, _, nxt in g.carries:
-            if (s.region[nxt] != "loop" or g.nodes[nxt].op == "carry") and name not in filled_outside(s):
+            if (s.region[nxt] != "loop" or g.nodes[nxt].op == "carry") and name not in filled:
                 width = str(g.nodes[nxt].type.shape[0])
                 tasks.append(StoreTask(nxt, host.carry_buf[name], host.carry_rows(name, not reverse), width,
                                        Size.of(0), False))
@@ -648,16 +649,16 @@ def _emit_linear_scan(w: Writer, kernels_out: Writer, host: Host, carry_init: li
     w.comment("state's sequence is one parallel scan over time, with no loop over steps here.")
     if names.wrapped:
         w.line("wrap = T + 1  # the scan writes every step's state")
-    kept, names.seq = names.seq, {}  # the kept loop values are made after the scan, not written by it
-    emit_buffers(w, host, carry_init, guard, set())
-    names.seq = kept
+    emit_buffers(w, host, carry_init, guard, set(), kept=False)
+    kept = names.seq
     spell = TermSpeller(w, host.ref, host.names.namer, lambda i: g.nodes[i].type.batched,
                         lambda i: g.nodes[i].op in VIEWS, "torch.full((rows, {size}), {value}, device=dev, dtype=dtype)",
                         "{code}.expand(rows, {size}).contiguous()", "{code}.contiguous()")
     w.comment("Blocks no larger than the sequence and the state: lanes past them would be scanned for nothing.")
     w.line("scan_t = min(SCAN_BLOCKS[0], triton.next_power_of_2(T))")
+    filled = filled_outside(s)
     for name, leaf, nxt in g.carries:
-        if name in filled_outside(s):
+        if name in filled:
             continue  # filled by the host, before the scan or after it
         size = g.nodes[leaf].type.shape[0]
         a = spell.rows(forms[nxt].a, size, f"a_of_{name}")
@@ -672,12 +673,10 @@ def _emit_linear_scan(w: Writer, kernels_out: Writer, host: Host, carry_init: li
     # Values only backward reads (made when training) last: a part they share with another is then
     # made outside `if train:` first.
     for i, buf in sorted(kept.items(), key=lambda item: item[0] in guard):
-        f = forms[i]
-        value = combine("add", combine("mul", f.a, f.state) if f.state is not None else 0.0, f.b)
         if i in guard:
             w.line(f"{buf} = None")
         with w.block("if train:") if i in guard else contextlib.nullcontext():
-            code = spell.rows(value, g.nodes[i].type.shape[0], buf, exact=True)
+            code = spell.rows(forms[i].term(), g.nodes[i].type.shape[0], buf, exact=True)
             if code != buf:
                 w.line(f"{buf} = {code}")
     emit_after(w, host)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import builtins
-import math
 import keyword
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -151,7 +151,7 @@ class TermSpeller:
     def code(self, t, name=None) -> str:
         """t's code; an operation is written as a line of its own, named name() when given."""
         if isinstance(t, float):
-            return _number(t)
+            return number_code(t)
         if isinstance(t, int):
             return self.ref(t)
         key = _typed(t)  # node 1 and the number 1.0 are equal keys of a dict
@@ -171,7 +171,7 @@ class TermSpeller:
 
         made = None
         if isinstance(t, float):
-            made = self.full.format(size=size, value=_number(t))
+            made = self.full.format(size=size, value=number_code(t))
         elif not self._batched(t):  # made of parameters alone: the same for every row
             made = self.expand.format(code=self.code(t), size=size)
         elif isinstance(t, int) and self.is_view(t):
@@ -188,8 +188,9 @@ class TermSpeller:
         return isinstance(t, int) and self.batched(t)
 
 
-def _number(v: float) -> str:
-    """A number as Python code: inf and nan by float() (a division by the number 0 in a spec)."""
+def number_code(v: float) -> str:
+    """A number as Python code, safe beside an operator: (-0.5); inf and nan by float() (a division
+    by the number 0 in a spec)."""
     if math.isfinite(v):
         return repr(v) if v >= 0 else f"({v!r})"
     return f"float('{v}')"
