@@ -33,16 +33,21 @@ def normal(t, a, b=None):
     t.normal_(float(mean), float(std))
 
 
+# A parameter of three axes is a stack of matrices (R[N, D, D] @ h multiplies by each block, one a
+# head): orthogonal and identity make each matrix so, not the stack flattened into one.
+
 @torch.no_grad()
 def orthogonal(t, gain=1.0):
-    if t.dim() < 2:
-        raise ValueError("orthogonal needs a parameter with at least two axes")
-    torch.nn.init.orthogonal_(t, gain=float(gain))
+    if t.dim() not in (2, 3):
+        raise ValueError("orthogonal needs a matrix parameter, or a stack of them (three axes)")
+    for block in (t,) if t.dim() == 2 else t.unbind(0):
+        torch.nn.init.orthogonal_(block, gain=float(gain))
 
 
 @torch.no_grad()
 def identity(t, scale=1.0):
-    if t.dim() != 2:
-        raise ValueError("identity needs a matrix parameter")
-    torch.nn.init.eye_(t)
+    if t.dim() not in (2, 3):
+        raise ValueError("identity needs a matrix parameter, or a stack of them (three axes)")
+    for block in (t,) if t.dim() == 2 else t.unbind(0):
+        torch.nn.init.eye_(block)
     t.mul_(float(scale))

@@ -170,6 +170,8 @@ def _expr(b: Builder, e: ast.Expr, env, line: int) -> int:
     if isinstance(e, ast.BinOp):
         left, right = _expr(b, e.left, env, line), _expr(b, e.right, env, line)
         if e.op == "@":
+            if len(b.type(left).shape) == 3:  # W[N, R, C] @ v: one block of W a head
+                left = b.add("blockdiag", (left,), line=line)
             return b.add("matvec", (left, right), line=line)
         return _binary(b, _BINOPS[e.op], left, right, line)
     if isinstance(e, ast.Concat):

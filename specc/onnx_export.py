@@ -152,6 +152,11 @@ def _emit(n: _Nodes, g: Graph, i: int, names: dict[int, str], dims: dict, rows: 
             raise NotImplementedError("ONNX export: a per-example reshape")
         shape = [size_of(s, dims) for s in node.attrs[0]]
         return n.op("Reshape", [a[0], n.const(shape, np.int64)], hint)
+    if node.op == "blockdiag":  # W[N, R, C] -> (N*R, N*C): W[:, :, None, :] * eye(N)[:, None, :, None]
+        N, R, C = (size_of(s, dims) for s in g.nodes[node.args[0]].type.shape)
+        w = n.op("Reshape", [a[0], n.const([N, R, 1, C], np.int64)])
+        spread = n.op("Mul", [w, n.const(np.eye(N).reshape(N, 1, N, 1))])
+        return n.op("Reshape", [spread, n.const([N * R, N * C], np.int64)], hint)
     if node.op == "outer":  # a[:, :, None] * b[:, None, :], flattened
         (x, y), (tx, ty) = a, (g.nodes[k].type for k in node.args)
         A, B = size_of(tx.shape[0], dims), size_of(ty.shape[0], dims)

@@ -244,11 +244,24 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
         return Type((Size.of(1),), args[0].batched)
     if op == "expand":
         return Type((attrs[0],), args[0].batched)
+    if op == "blockdiag":
+        (w,) = args
+        if len(w.shape) != 3 or w.batched:
+            raise ShapeError(f"a block-diagonal matrix is made of a parameter [heads, rows, columns], got {w}")
+        n, r, c = w.shape
+        return Type((n * r, n * c), False)
+    if op == "diagblocks":
+        return Type(tuple(attrs), False)
     if op == "matvec":
         w, v = args
+        if len(w.shape) == 3 and not w.batched:  # W[N, R, C] @ v[N*C]: the block-diagonal product
+            n, r, c = w.shape
+            if len(v.shape) != 1 or v.shape[0] != n * c:
+                raise ShapeError(f"per-head product {shape_str(w.shape)} @ {shape_str(v.shape)}: the vector needs "
+                                 f"{n} heads of {c} entries ({n * c}), got {v.shape[0] if v.shape else 'a number'}")
+            return Type((n * r,), v.batched)
         if len(w.shape) != 2 or w.batched:
-            raise ShapeError(f"the left side of @ must be a matrix, got {shape_str(w.shape)}"
-                             + ("; use contract(W, a, b) for a three-index weight" if len(w.shape) == 3 else ""))
+            raise ShapeError(f"the left side of @ must be a matrix, got {shape_str(w.shape)}")
         if len(v.shape) != 1:
             raise ShapeError(f"the right side of @ must be a vector, got {shape_str(v.shape)}")
         if w.shape[1] != v.shape[0]:
@@ -376,6 +389,10 @@ def _matvec_vjp(b: Builder, node, args, n: int, g: int):
     return b.add("outer_sum", (g, v)), b.add("matvec_t", (w, g))
 
 
+def _blockdiag_vjp(b: Builder, node, args, n: int, g: int):
+    return (b.add("diagblocks", (g,), b.type(args[0]).shape),)
+
+
 def _concat_vjp(b: Builder, node, args, n: int, g: int):
     start, grads = Size.of(0), []
     for a in args:
@@ -434,6 +451,7 @@ VJP: dict[str, Callable] = {
     **{op: _activation_vjp for op in ACTIVATIONS},
     "neg": lambda b, node, args, n, g: (b.add("neg", (g,)),),
     "matvec": _matvec_vjp,
+    "blockdiag": _blockdiag_vjp,
     "concat": _concat_vjp,
     "outer": _outer_vjp,
     "reshape": _reshape_vjp,
@@ -555,6 +573,15 @@ SPELLINGS: dict[str, Spelling] = {
     "matvec_t": Spelling(
         lambda n, a, t, rows: f"matmul({a[1]}, {a[0]})" if n.type.batched else f"{a[0]}.T @ {a[1]}",
         lambda n, a, t, rows: f"{a[1]} @ {a[0]}" if n.type.batched else f"{a[0]}.T @ {a[1]}", _MATMUL_INTO),
+    # W[N, R, C] as the (N*R, N*C) matrix with W[n] as its n-th diagonal block, and back: the
+    # blocks are multiplied as one dense product (see the language's per-head @).
+    "blockdiag": Spelling(
+        lambda n, a, t, rows: f"rt.block_diagonal({a[0]})",
+        lambda n, a, t, rows: f"torch.block_diag(*{a[0]}.unbind(0))"),
+    "diagblocks": Spelling(
+        lambda n, a, t, rows: f"rt.diagonal_blocks({a[0]}, {n.attrs[0]})",
+        lambda n, a, t, rows: (f"{a[0]}.reshape({n.attrs[0]}, {n.attrs[1]}, {n.attrs[0]}, {n.attrs[2]})"
+                               ".diagonal(dim1=0, dim2=2).permute(2, 0, 1)")),
     "outer_sum": Spelling(
         lambda n, a, t, rows: f"matmul({a[0]}.T, {a[1]})" if t[0].batched else f"np.outer({a[0]}, {a[1]})",
         lambda n, a, t, rows: f"{a[0]}.T @ {a[1]}" if t[0].batched else f"torch.outer({a[0]}, {a[1]})"),

@@ -107,7 +107,7 @@ def reassociate_sums(g: Graph) -> Graph:
 def fuse_products(g: Graph) -> Graph:
     groups: dict[int, list[int]] = defaultdict(list)
     for i, node in enumerate(g.nodes):
-        if node.op == "matvec" and g.nodes[node.args[0]].op == "param":
+        if node.op == "matvec" and g.nodes[node.args[0]].op in ("param", "blockdiag"):
             groups[node.args[1]].append(i)
     fused = {}
     for v, members in groups.items():
@@ -125,7 +125,12 @@ def fuse_products(g: Graph) -> Graph:
         weights = fused[i]
         key = (node.args[1], tuple(weights))
         if key not in made:
-            stacked = b.add("concat", tuple(new[w] for w in weights), line=node.line)
+            # A block-diagonal weight may come after this product in the graph: made here from its
+            # parameter (the builder makes it once; rebuild finds it made when it gets there).
+            made_weights = tuple(new[w] if w in new else b.add(g.nodes[w].op, tuple(new[a] for a in g.nodes[w].args),
+                                                               g.nodes[w].attrs, line=g.nodes[w].line)
+                                 for w in weights)
+            stacked = b.add("concat", made_weights, line=node.line)
             product = b.add("matvec", (stacked, new[node.args[1]]), line=node.line)
             offsets, at = {}, Size.of(0)
             for w in weights:

@@ -125,7 +125,7 @@ def _describe(g: Graph, i: int) -> str:
 
 def _name(g: Graph, i: int) -> str:
     node = g.nodes[i]
-    if node.op == "reshape":  # contract(W, a, b)'s W, flattened
+    if node.op in ("reshape", "blockdiag"):  # contract(W, a, b)'s W, flattened; a per-head W's blocks
         return _name(g, node.args[0])
     if node.op == "outer":
         return f"outer({_name(g, node.args[0])}, {_name(g, node.args[1])})"

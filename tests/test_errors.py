@@ -112,6 +112,12 @@ CASES: dict[str, tuple[str, list[Want]]] = {
     "shape mismatch in @": (
         cell("h' = tanh(W @ h + b)", "output h'"),
         [want(7, 17, "matrix [H, I] @ vector [H]", "I columns but H entries")]),
+    "per-head product of a vector that is not heads of its columns": (
+        cell("param R[2, H, I]", "h' = tanh(R @ h)", "output h'"),
+        [want(8, 17, "per-head product [2, H, I] @ [H]", "2 heads of I entries (2*I)", "got H")]),
+    "a vector on the left of @": (
+        cell("h' = tanh(x @ h)", "output h'"),
+        [want(7, 17, "left side of @ must be a matrix")]),
     "shape mismatch in +": (
         cell("h' = tanh(W @ x + x)", "output h'"),
         [want(7, 21, "shape mismatch in '+'", "[H]", "[I]")]),

@@ -1,10 +1,10 @@
-"""Cells nobody has named: the language's less common parts, end to end, on both backends.
+"""Cells nobody has named: the language's less common parts, end to end, on every backend.
 
-A learned scalar, a concatenation feeding a product inside the recurrence, a softmax output, two
-inputs, a state starting at ones, every elementwise function, division and negation. Each
-cell is checked against a hand-written torch loop (outputs, final states, every gradient) on the
-NumPy backend in float64, on the Triton backend (interpreted) and the C loops in float32, and by
-gradcheck.
+Per-head (block-diagonal) products, a learned scalar, a concatenation feeding a product inside the
+recurrence, a softmax output, two inputs, a state starting at ones, every elementwise function,
+division and negation. Each cell is checked against a hand-written torch loop (outputs, final
+states, every gradient) on the NumPy backend in float64, on the Triton backend (interpreted) and
+the C loops in float32, and by gradcheck.
 """
 from __future__ import annotations
 
@@ -76,6 +76,21 @@ cell feedforward(I, H) {
     param W[H, I]
     h' = tanh(W @ x)
     output y = h' * 2
+}
+
+cell heads(I, N, D) {
+    """Per-head products: square and not, of a state and of a value made in the step, with the
+    heads a dimension (N) and a number (2)."""
+    input x[I]
+    state h[N*D] = zeros
+    param W[N*D, I]
+    param R[N, D, D]
+    param P[N, 2*D, D]
+    param Q[N, D, 2*D]
+    param S[2, D, N*D]
+    u = tanh(P @ h)
+    h' = tanh(W @ x + R @ h + Q @ (u * u)) * mean(S @ u)
+    output h'
 }
 
 cell odd_ops(I, H) {
@@ -268,7 +283,24 @@ def feedforward_ref(xs, h, p):
     return torch.stack(outs), h
 
 
+def per_head(R, v):
+    """R[n] times the n-th of R.shape[0] equal blocks of v's features, the products side by side."""
+    blocks = v.chunk(R.shape[0], dim=1)
+    return torch.cat([blocks[n] @ R[n].T for n in range(R.shape[0])], dim=1)
+
+
+def heads_ref(xs, h, p):
+    outs = []
+    for x in xs[0]:
+        u = torch.tanh(per_head(p["P"], h))
+        h = (torch.tanh(x @ p["W"].T + per_head(p["R"], h) + per_head(p["Q"], u * u))
+             * per_head(p["S"], u).mean(1, keepdim=True))
+        outs.append(h)
+    return torch.stack(outs), h
+
+
 CASES = {
+    "heads": (heads_ref, dict(I=3, N=3, D=2)),
     "delay": (delay_ref, dict(I=4)),
     "swap": (swap_ref, dict(I=3, H=5)),
     "names": (names_ref, dict(I=3, H=5)),

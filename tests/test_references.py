@@ -6,6 +6,8 @@ it. specc must agree on the outputs, the final states and every gradient to 1e-1
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -161,6 +163,24 @@ def selective_ssm_ref(x, hs, p):
     return torch.stack(outs), (h,)
 
 
+def multihead_lstm_ref(x, hc, p):
+    """An LSTM whose recurrent matrices are block-diagonal: head n's gates read h[n*D:(n+1)*D]
+    through R_*[n] alone. Each head is multiplied on its own (no block-diagonal matrix is built)."""
+    (h, c), outs = hc, []
+    N, D = p["R_i"].shape[0], p["R_i"].shape[1]
+
+    def per_head(R, h):
+        return torch.cat([h[:, n * D:(n + 1) * D] @ R[n].T for n in range(N)], dim=1)
+
+    for t in range(x.shape[0]):
+        i, f, g, o = (x[t] @ p["W"].T + p["b"]).chunk(4, dim=1)
+        c = (torch.sigmoid(f + per_head(p["R_f"], h)) * c
+             + torch.sigmoid(i + per_head(p["R_i"], h)) * torch.tanh(g + per_head(p["R_g"], h)))
+        h = torch.sigmoid(o + per_head(p["R_o"], h)) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
 # name -> (reference, {dimension: size}, parameter shapes as the spec files declare them)
 CASES = {
     "jordan": (jordan_ref, dict(I=4, H=6, O=3),
@@ -184,17 +204,22 @@ CASES = {
     "sru": (sru_ref, dict(H=6), dict(W=("H", "H"), W_f=("H", "H"), b_f=("H",), W_r=("H", "H"), b_r=("H",))),
     "selective_ssm": (selective_ssm_ref, dict(I=4, H=6, O=3),
                       dict(W_dt=("H", "I"), b_dt=("H",), A_log=("H",), W_B=("H", "I"), W_C=("O", "H"), D=("O", "I"))),
+    "multihead_lstm": (multihead_lstm_ref, dict(I=4, N=3, D=2),
+                       dict(W=("4*N*D", "I"), R_i=("N", "D", "D"), R_f=("N", "D", "D"), R_g=("N", "D", "D"),
+                            R_o=("N", "D", "D"), b=("4*N*D",))),
 }
 # each cell's states, by size, in the spec's order
 STATES = {"jordan": ("O",), "shortcut": ("H",), "second_order": ("H",), "gru_cho": ("H",),
           "layernorm_lstm": ("H", "H"), "peephole_lstm": ("H", "H"), "indrnn": ("H",), "mingru": ("H",),
-          "minlstm": ("H",), "qrnn": ("I", "H"), "sru": ("H",), "selective_ssm": ("H",)}
+          "minlstm": ("H",), "qrnn": ("I", "H"), "sru": ("H",), "selective_ssm": ("H",),
+          "multihead_lstm": ("N*D", "N*D")}
 # each cell's input size, where it is not I
 INPUT = {"sru": "H"}
 
 
 def _size(d: str, dims: dict) -> int:
-    return int(d[0]) * dims[d[2:]] if d[1:2] == "*" else dims[d]
+    """A size as the spec writes it: a product of numbers and dimensions (4*H, N*D)."""
+    return math.prod(int(f) if f.isdigit() else dims[f] for f in d.split("*"))
 
 
 def _one_or_tuple(items):
@@ -218,7 +243,7 @@ def compare_with_reference(name, dims, T, B, dtype, close, tol=None, scale=0.6, 
             getattr(sp, n).copy_(v)
 
     x = torch.randn(T, B, dims[INPUT.get(name, "I")], dtype=dtype)
-    s0 = [torch.randn(B, dims[d], dtype=dtype) for d in STATES[name]]
+    s0 = [torch.randn(B, _size(d, dims), dtype=dtype) for d in STATES[name]]
 
     sp.to(device)
     xs, ss = x.to(device).requires_grad_(), [s.to(device).requires_grad_() for s in s0]
@@ -259,7 +284,7 @@ def test_default_state_and_init_match_reference(name, close):
     x = torch.randn(5, 2, dims[INPUT.get(name, "I")], dtype=F64)
     out, final = sp(x)
     params = {n: getattr(sp, n).detach().clone() for n in shapes}
-    ref_out, ref_final = ref(x, [torch.zeros(2, dims[d], dtype=F64) for d in STATES[name]], params)
+    ref_out, ref_final = ref(x, [torch.zeros(2, _size(d, dims), dtype=F64) for d in STATES[name]], params)
     close(out, ref_out, F64, "outputs")
     for f, rf in zip(final if isinstance(final, tuple) else (final,), ref_final, strict=True):
         close(f, rf, F64, "final state")

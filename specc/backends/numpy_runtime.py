@@ -118,6 +118,19 @@ def outer_vjp_b(g, a, n, k, out=None):
 CHUNK_ROWS = 512
 
 
+def block_diagonal(w):
+    """W[N, R, C] as the (N*R, N*C) matrix whose n-th diagonal block is W[n] (scipy.linalg.block_diag
+    of the blocks; one broadcast here, so NumPy alone)."""
+    n, r, c = w.shape
+    return (w[:, :, None, :] * np.eye(n, dtype=w.dtype)[:, None, :, None]).reshape(n * r, n * c)
+
+
+def diagonal_blocks(g, n):
+    """The n diagonal blocks of a (N*R, N*C) matrix, as [N, R, C] (block_diagonal's gradient)."""
+    r, c = g.shape[0] // n, g.shape[1] // n
+    return np.ascontiguousarray(np.diagonal(g.reshape(n, r, n, c), axis1=0, axis2=2).transpose(2, 0, 1))
+
+
 def chunk_steps(T, B):
     """Steps per chunk of input-only values (see CHUNK_ROWS)."""
     return max(1, min(T, CHUNK_ROWS // B))

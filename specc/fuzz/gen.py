@@ -4,8 +4,8 @@
 every construct the language has — several inputs of different sizes, several states (some only
 the loop reads), parameters of one, two and three axes, non-square products, several products of
 one operand in one expression, products of values made inside the step, split, concatenation,
-contract, softmax, every activation, numbers of every sign and size, outputs of states, of
-intermediates and of expressions, dimensions of 1 and sizes that are not powers of two — and names
+per-head (block-diagonal) products, contract, softmax, every activation, numbers of every sign and
+size, outputs of states, of intermediates and of expressions, dimensions of 1 and sizes that are not powers of two — and names
 that collide with C macros, Python builtins and the generated code's own habits.
 
 A new construct in the language gets a branch in `_Writer.expr` (or an equation form in `_cell`),
@@ -202,6 +202,10 @@ class _Writer:
                                          f"rsqrt(softplus({sub()}) + 0.5)")))
         if kind == 10:
             return f"-({sub()})"
+        if kind == 11 and draw(st.booleans()):
+            product = self.per_head_product(sz, depth)
+            if product is not None:
+                return product
         if kind == 11 and self.pool:
             a, b = draw(st.sampled_from(self.pool)), draw(st.sampled_from(self.pool))
             if a.sz.value * b.sz.value <= 36:
@@ -217,24 +221,7 @@ class _Writer:
         if kind == 13:
             return f"{sub()} / {draw(st.sampled_from((2.0, -4.0, 0.5, 3.0)))!r}"
         if kind == 15:  # the functions of several arguments, numbers where they take numbers
-            which = draw(st.integers(0, 7))
-            if which == 0:
-                return f"maximum({sub()}, {sub()})"
-            if which == 1:
-                return f"minimum({sub()}, {draw(st.sampled_from(NUMBERS))!r})"
-            if which == 2:
-                return f"leaky_relu({sub()}, {draw(st.sampled_from((0.01, 0.2, -0.5, 2.0)))!r})"
-            if which == 3:
-                lo, hi = draw(st.sampled_from(((-1.0, 1.0), (0.0, 6.0), (-0.25, 0.5), (2.0, 2.0))))
-                return f"clamp({sub()}, {lo!r}, {hi!r})"
-            if which == 4:
-                return f"pow({sub()}, {draw(st.sampled_from((2, 3, 4)))})"
-            if which == 6:  # run in eval: the identity, through a mask input of ones
-                return f"dropout({sub()}, {draw(st.sampled_from((0.0, 0.25, 0.5)))!r})"
-            if which == 7:  # run in eval: p v + (1 - p) v_next
-                return f"zoneout({sub()}, {sub()}, {draw(st.sampled_from((0.0, 0.1, 0.5, 1.0)))!r})"
-            # negative and fractional powers of a positive number away from 0
-            return f"pow(1.5 + tanh({sub()}), {draw(st.sampled_from((0.5, -0.5, 2.5, -1.5, 1.25, -1, -2)))!r})"
+            return self.several(sub)
         if kind == 16:  # a learned scalar, written with no axes or one of one entry
             a = self.param("a", draw(st.sampled_from(((), (_Sz(Size.of(1), 1),)))))
             return f"{a} {draw(st.sampled_from('+-*'))} ({sub()})"
@@ -245,6 +232,39 @@ class _Writer:
                 return f"({sub()}) {draw(st.sampled_from('+-*'))} {reduced}"
             return f"{reduced} * ({sub()})"
         return sub()
+
+    def several(self, sub) -> str:
+        """One of the functions of several arguments; `sub()` draws an argument."""
+        draw = self.draw
+        which = draw(st.integers(0, 7))
+        if which == 0:
+            return f"maximum({sub()}, {sub()})"
+        if which == 1:
+            return f"minimum({sub()}, {draw(st.sampled_from(NUMBERS))!r})"
+        if which == 2:
+            return f"leaky_relu({sub()}, {draw(st.sampled_from((0.01, 0.2, -0.5, 2.0)))!r})"
+        if which == 3:
+            lo, hi = draw(st.sampled_from(((-1.0, 1.0), (0.0, 6.0), (-0.25, 0.5), (2.0, 2.0))))
+            return f"clamp({sub()}, {lo!r}, {hi!r})"
+        if which == 4:
+            return f"pow({sub()}, {draw(st.sampled_from((2, 3, 4)))})"
+        if which == 6:  # run in eval: the identity, through a mask input of ones
+            return f"dropout({sub()}, {draw(st.sampled_from((0.0, 0.25, 0.5)))!r})"
+        if which == 7:  # run in eval: p v + (1 - p) v_next
+            return f"zoneout({sub()}, {sub()}, {draw(st.sampled_from((0.0, 0.1, 0.5, 1.0)))!r})"
+        # negative and fractional powers of a positive number away from 0
+        return f"pow(1.5 + tanh({sub()}), {draw(st.sampled_from((0.5, -0.5, 2.5, -1.5, 1.25, -1, -2)))!r})"
+
+    def per_head_product(self, sz: _Sz, depth: int) -> str | None:
+        """R @ v, R of three axes: a block-diagonal product, heads a dimension or a number that
+        divides both sizes; None where none does."""
+        arg, asz = self.operand(depth - 1)
+        heads = [h for h in (*self.dims, 2, 3) if _per_head(sz, h, self.dims) and _per_head(asz, h, self.dims)]
+        if not heads:
+            return None
+        h = self.draw(st.sampled_from(heads))
+        n = _Sz(Size.of(h), self.dims[h] if isinstance(h, str) else h)
+        return f"{self.param('R', (n, _per_head(sz, h, self.dims), _per_head(asz, h, self.dims)))} @ {arg}"
 
     def concat_parts(self, sz: _Sz) -> tuple[_Sz, ...] | None:
         """Two sizes in the pool that add up to `sz`, if any."""
@@ -261,6 +281,26 @@ class _Writer:
             return text
         x = self.draw(st.sampled_from([v for v in self.pool if v.batched]))
         return f"{text} + {self.param('W', (sz, x.sz))} @ {x.name}"
+
+
+def _per_head(sz: _Sz, heads: str | int, dims: dict) -> _Sz | None:
+    """sz as `heads` blocks: the size of one, if sz is a whole multiple of heads (a number, or a
+    dimension every term of sz has)."""
+    count = dims[heads] if isinstance(heads, str) else heads
+    if isinstance(heads, int):
+        part = sz.size / heads
+        if not part.terms or any(c.denominator != 1 for _, c in part.terms):
+            return None
+    else:
+        terms = {}
+        for m, c in sz.size.terms:
+            if heads not in m:
+                return None
+            rest = list(m)
+            rest.remove(heads)
+            terms[tuple(rest)] = c
+        part = Size._make(terms)
+    return _Sz(part, sz.value // count)
 
 
 def _refs_batched(text: str, pool: list[_Val]) -> bool:

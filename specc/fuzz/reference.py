@@ -92,6 +92,9 @@ def _eval(e: ast.Expr, env: dict):
         a, b = _eval(e.left, env), _eval(e.right, env)
         if e.op == "@":
             # W (m, n) @ v: v is (B, n) for a per-example value, (n,) for one made of parameters.
+            if a.dim() == 3:  # W (heads, m, n) @ v: v's n-entry blocks, each by its own W[head]
+                heads = b.reshape(*b.shape[:-1], a.shape[0], a.shape[2])
+                return torch.einsum("hmn,...hn->...hm", a, heads).flatten(-2)
             return torch.matmul(b, a.transpose(0, 1))
         return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()
     if isinstance(e, ast.Concat):
