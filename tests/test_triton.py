@@ -7,6 +7,7 @@ final states and every gradient, in float32 to 1e-5, on sizes that are not power
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 
 import pytest
@@ -37,6 +38,34 @@ def interpret(monkeypatch):
 
 def test_every_spec_matches_the_numpy_backend(spec_cell):
     assert_spec_matches_numpy(spec_cell, "triton", B=3)
+
+
+def test_every_spec_matches_the_numpy_backend_with_the_time_loop_in_one_kernel(spec_cell, monkeypatch):
+    """PERSISTENT: each pass launches one kernel that loops over the steps itself (every stage of a
+    step in turn, a program owning its examples' every feature), and no kernel of one step."""
+    from helpers import odd_dims
+
+    prog = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **odd_dims(spec_cell.dims)).program
+    monkeypatch.setattr(prog, "PERSISTENT", True)
+    launched: list[str] = []
+    for name in dir(prog):
+        if re.search(r"_(forward|backward)_steps?\d*$|^linear_scan$", name):
+            monkeypatch.setattr(prog, name, _Counted(name, getattr(prog, name), launched))
+    assert_spec_matches_numpy(spec_cell, "triton", B=3)
+    assert launched and all(n.endswith("_steps") or n == "linear_scan" for n in launched), launched
+    # forward and backward once each, and inference (two lengths), with no gradient
+    assert len([n for n in launched if n.endswith("_forward_steps")]) in (0, 3), launched
+
+
+class _Counted:
+    """A kernel whose launches are recorded by name."""
+
+    def __init__(self, name, kernel, launched):
+        self.name, self.kernel, self.launched = name, kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 
@@ -215,7 +244,7 @@ def test_auto_uses_numpy_for_cpu_tensors(monkeypatch):
 
 def test_compiled_module_holds_readable_kernels():
     source = specc.compile_spec("lstm").source
-    kernel = source[source.index("def lstm_forward_step0"):source.index("def lstm_backward_step0")]
+    kernel = source[source.index("def lstm_forward_step0"):source.index("def lstm_forward_steps")]
     # The spec's own lines, one fused loop over h for the four gate products, and a masked store of h'.
     assert "specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g)" in kernel
     assert kernel.count("for k0 in range(0, H, BLOCK_K):") == 1

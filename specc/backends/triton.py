@@ -51,7 +51,7 @@ KERNEL_NAMES = frozenset({
     "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0", "TRAIN",
     "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
     "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
-    "scan_t", "scan_n", "scan"})
+    "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES"})
 
 
 def _p(code: str) -> str:
@@ -732,6 +732,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
 
     launches = []
     every_tensor: dict[str, None] = {}
+    made: list[tuple[int, Size, KernelWriter]] = []  # every kernel's (stage, tile, body), for the persistent one
     for stage in range(plan.n_stages):
         tasks = _store_tasks(s, plan, names, host.reverse, stage, guard)
         by_tile: dict[str, list[StoreTask]] = {}
@@ -772,6 +773,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
                 ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({tile}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
+            made.append((stage, tile, kw))
     w.line("precision = dot_precision(dev)")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
     if every_tensor:
@@ -779,19 +781,81 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
     else:
         w.line("wide = False")
     if launches:  # none where the host fills every state's buffer (schedule.hoist_delays)
-        w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
-                  "The time loop, from the last step to the first: one launch of each fused kernel per step.")
-        with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
-            for launch in launches:
-                w.line(launch)
+        launch = _emit_persistent(kernels_out, made, f"{fn}_steps", host.reverse, dims, names.wrapped)
+        tiles_ = list(dict.fromkeys(str(tile) for _, tile, _ in made))
+        w.line(f"widest = {tiles_[0] if len(tiles_) == 1 else f'max({chr(44).join(tiles_)})'}")
+        with w.block("if persistent(B, widest):"):
+            w.comment("The whole time loop in one launch: a program keeps its examples' every feature, step after step.")
+            w.line("BLOCK_F = max(16, triton.next_power_of_2(widest))")
+            w.line(launch)
+        with w.block("else:"):
+            w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
+                      "The time loop, from the last step to the first: one launch of each fused kernel per step.")
+            with w.block(f"for t in {'reversed(range(T))' if host.reverse else 'range(T)'}:"):
+                for launch in launches:
+                    w.line(launch)
     emit_after(w, host)
+
+
+def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWriter]], kname: str, reverse: bool,
+                     dims: tuple[str, ...], wrapped: bool) -> str:
+    """The step kernels as one kernel that loops over the steps itself, each program owning BLOCK_B
+    examples and every feature (BLOCK_F covers the widest stored value): what a step's later stage,
+    or the next step, reads from memory this program wrote, so a barrier among its own threads is
+    all that orders them, and the kernel runs under Triton's interpreter, which runs programs one
+    after another. No launch per step; each step still reads the weights (from cache). Returns the
+    launch's code. Issue #17's grid-wide form (programs owning slices of the features, a barrier
+    across them) needs a GPU to be tested."""
+    tensors: dict[str, None] = {}
+    for _, _, kw in made:
+        tensors.update(dict.fromkeys(kw.args))
+    params = list(tensors) + ["T", "B", *dims] + (["wrap"] if wrapped else [])
+    train = any(kw.uses_train for _, _, kw in made)
+    dots = any("tl.dot(" in line for _, _, kw in made for line in kw.body.lines)
+    consts = ((["TRAIN: tl.constexpr"] if train else []) + (["PRECISION: tl.constexpr"] if dots else [])
+              + ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"])
+    k = kernels_out
+    k.line("")
+    k.line("")
+    k.line("@triton.jit")
+    k.line(f"def {kname}({', '.join(params + consts)}):")
+    k.line(f'    """Every step{" from the last to the first" if reverse else ""}, each stage of it as its kernel '
+           'of one step computes it, for BLOCK_B examples and all their features."""')
+    k.line("    pid_b = tl.program_id(0)")
+    k.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")
+    k.line("    offs_f = tl.arange(0, BLOCK_F)")
+    k.line("    mask_b = offs_b < B")
+    k.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
+    k.line("        offs_b = offs_b.to(tl.int64)")
+    k.line("        offs_f = offs_f.to(tl.int64)")
+    k.line("    for step in range(0, T):")
+    k.line(f"        t = {'T - 1 - step' if reverse else 'step'}")
+    for n, (stage, tile, kw) in enumerate(made):
+        k.line(f"        # stage {stage}: {tile} features a row")
+        k.line(f"        mask_f = offs_f < {tile}")
+        k.lines.extend("    " + line if line.strip() else line for line in kw.body.lines)
+        # The next stage, or the next step, reads what this one stored, from other threads.
+        if n + 1 == len(made) or made[n + 1][0] != stage:
+            k.line("        tl.debug_barrier()")
+    extra = (["TRAIN=train"] if train else []) + (["PRECISION=precision"] if dots else []) + \
+        ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
+    return f"{kname}[(triton.cdiv(B, BLOCK_B),)]({', '.join(params + extra)})"
 
 
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
     w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
+    w.line("PERSISTENT_FEATURES = 1024  # the widest stored value a persistent program keeps whole")
     w.line("SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)")
     w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
+    w.line("PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)")
+    w.line("")
+    w.line("")
+    with w.block("def persistent(B, widest):"):
+        w.line('"""Whether a pass runs its time loop as one kernel (each program its examples\' every feature,')
+        w.line("step after step) rather than kernels launched once a step: where asked for (PERSISTENT) and")
+        w.line('a row of the widest stored value fits a program (PERSISTENT_FEATURES)."""')
+        w.line("return bool(PERSISTENT) and widest <= PERSISTENT_FEATURES")
     w.line("")
     w.line("")
     with w.block("def tiles(B, precision):"):

@@ -174,6 +174,20 @@ class _Small:
         self.prog.CHUNK_ROWS, self.prog.CHUNK_STEPS, numpy_runtime.CHUNK_ROWS = self.saved
 
 
+class _Persistent:
+    """Triton's time loop as one kernel a pass (the generated module's PERSISTENT), not a launch a step."""
+
+    def __init__(self, prog):
+        self.prog = prog
+
+    def __enter__(self):
+        self.saved = self.prog.PERSISTENT
+        self.prog.PERSISTENT = True
+
+    def __exit__(self, *exc):
+        self.prog.PERSISTENT = self.saved
+
+
 def _module(prog, dims, backend, dtype, data: Data):
     from ..runtime import CellModule
 
@@ -214,7 +228,7 @@ def _finite(*dicts) -> bool:
 
 def differences(text: str, dims: dict, backends=BACKENDS, seed: int = 0, modes=None) -> list[Finding]:
     """Everything on which a backend disagrees with the reference, for one cell."""
-    modes = set(modes or ("train", "no_grad", "chunked", "lengths", "float64"))
+    modes = set(modes or ("train", "no_grad", "chunked", "lengths", "float64", "persistent"))
     findings: list[Finding] = []
     try:
         cells = check(parse(text, "<fuzz>"))
@@ -245,15 +259,16 @@ def differences(text: str, dims: dict, backends=BACKENDS, seed: int = 0, modes=N
         except Exception as e:  # noqa: BLE001
             findings.append(Finding(backend, "load", f"{type(e).__name__}: {e}"))
             continue
-        for mode in ("train", "no_grad"):
-            if mode not in modes:
+        for mode in ("train", "no_grad", "persistent"):
+            if mode not in modes or mode == "persistent" and backend != "triton":
                 continue
             try:
-                got = _run_module(m, prog, data, dtype, grads=mode == "train")
+                with _Persistent(prog) if mode == "persistent" else contextlib.nullcontext():
+                    got = _run_module(m, prog, data, dtype, grads=mode != "no_grad")
             except Exception as e:  # noqa: BLE001
                 findings.append(Finding(backend, mode, f"{type(e).__name__}: {e}"))
                 continue
-            want = {**ref64[0], **ref64[1]} if mode == "train" else ref64[0]
+            want = ref64[0] if mode == "no_grad" else {**ref64[0], **ref64[1]}
             _compare(findings, backend, mode, got, want, want32, dtype)
         if "float64" in modes and backend == "numpy":
             _float64_after_to(findings, prog, dims, data, ref64)
