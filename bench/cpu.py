@@ -12,8 +12,9 @@
 
 Cells and their peers:
   elman (cell rnn_tanh of specs/elman.rnn), lstm, gru: torch.nn.RNN / nn.LSTM / nn.GRU
-  second_order, gru_cho, jordan (O = H): the same cell written by hand as a torch loop
-      (bench/torch_cells.py), run eagerly and with its step under torch.compile
+  second_order, gru_cho, jordan (O = H), multihead_lstm (H / 32 heads of 32): the same cell written
+      by hand as a torch loop (bench/torch_cells.py), run eagerly and with its step under
+      torch.compile
 
 What is measured, per cell, size (T, B, I, H), pass and implementation:
   fwd   forward only, under torch.no_grad()
@@ -65,13 +66,18 @@ CELLS = {
     "second_order": ("second_order", None, ["eager", "compiled"]),
     "gru_cho": ("gru_cho", None, ["eager", "compiled"]),
     "jordan": ("jordan", None, ["eager", "compiled"]),
+    "multihead_lstm": ("multihead_lstm", None, ["eager", "compiled"]),
 }
+MULTIHEAD_D = 32  # features a head of multihead_lstm: H = N * 32
 PEER_NAMES = {"torch": "torch.nn.{}", "eager": "torch eager loop", "compiled": "torch.compile step"}
 TORCH_CLASS = {"elman": "RNN", "lstm": "LSTM", "gru": "GRU"}
 PASSES = ("fwd", "fb")
 
 
 def dims_of(cell: str, T: int, B: int, I: int, H: int) -> dict:
+    if cell == "multihead_lstm":  # heads of 32; heads of 2 where H is not a multiple of 32 (the peer check)
+        D = MULTIHEAD_D if H % MULTIHEAD_D == 0 else 2
+        return dict(I=I, N=H // D, D=D)
     return dict(I=I, H=H, O=H) if cell == "jordan" else dict(I=I, H=H)
 
 

@@ -106,10 +106,11 @@ class Variant:
     tf32: bool = False
     warps: int | None = None
     graphed: bool = False
+    persistent: bool = False  # the whole time loop as one kernel a pass (the generated module's PERSISTENT)
 
     def label(self) -> str:
         parts = [self.tile, "tf32" if self.tf32 else None, f"{self.warps} warps" if self.warps else None,
-                 "graphed" if self.graphed else None]
+                 "graphed" if self.graphed else None, "persistent" if self.persistent else None]
         return " ".join(["specc-triton", *(p for p in parts if p)])
 
 
@@ -121,14 +122,15 @@ def launched_on(module, variant: Variant | None):
         yield
         return
     prog, precision = module.program, torch.get_float32_matmul_precision()
-    before = prog.TILES, prog.NUM_WARPS
+    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT
     prog.TILES = tuple(int(n) for n in variant.tile.split("x")) if variant.tile else None
     prog.NUM_WARPS = variant.warps or prog.NUM_WARPS
+    prog.PERSISTENT = variant.persistent
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
     try:
         yield
     finally:
-        prog.TILES, prog.NUM_WARPS = before
+        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT = before
         torch.set_float32_matmul_precision(precision)
 
 
@@ -188,7 +190,8 @@ def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[Variant]):
                   ("eager", lambda: eager_cls(ref), True, None),
                   ("torch.compile", lambda: eager_cls(ref, compiled=True), True, None)]
     else:
-        ours = specc.load(cell, I=I, H=H, backend="triton").to(dev)
+        dims = dict(I=I, N=H // MULTIHEAD_D, D=MULTIHEAD_D) if cell == "multihead_lstm" else dict(I=I, H=H)
+        ours = specc.load(cell, **dims, backend="triton").to(dev)
         others = [("eager", lambda: torch_cells.like(ours).to(dev), True, None),
                   ("torch.compile", lambda: torch_cells.like(ours, compiled=True).to(dev), True, None)]
     mine = [(v.label(), lambda: ours, True, v) for v in variants]
@@ -198,7 +201,10 @@ def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[Variant]):
 SIZES = [(100, 64, 512, 512), (100, 64, 256, 256), (100, 64, 1024, 1024), (100, 1, 512, 512), (100, 16, 512, 512),
          (100, 256, 512, 512)]
 # W of the second-order cell is H x I x H: the fastrnns sizes would need gigabytes of it.
-CUSTOM_SIZES = {"second_order": [(100, 64, 64, 64), (100, 64, 128, 128)], "gru_cho": SIZES}
+CUSTOM_SIZES = {"second_order": [(100, 64, 64, 64), (100, 64, 128, 128)], "gru_cho": SIZES,
+                # FlashRNN's size (T = 1024, B = 16, H = 768), and the fastrnns one
+                "multihead_lstm": [(1024, 16, 768, 768), (100, 64, 512, 512)]}
+MULTIHEAD_D = 32  # features a head; FlashRNN's Triton kernel: 3.47 / 4.1 ms fwd+bwd at 16 / 32 (H = 768, bf16)
 
 
 def measure(cell, T, B, I, H, variants, skip, reps) -> list[list]:
@@ -249,19 +255,22 @@ def write(path, header, rows, argv) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default="lstm,gru,gru_cho,second_order")
+    ap.add_argument("--cells", default="lstm,gru,gru_cho,second_order,multihead_lstm")
     ap.add_argument("--quick", action="store_true", help="only the first size of each cell")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tiles", default="", help="comma-separated BLOCK_BxBLOCK_FxBLOCK_K tiles to time specc with too")
     ap.add_argument("--tf32", action="store_true", help="also time specc with TF32 products (its tiles and --tiles)")
     ap.add_argument("--graphed", action="store_true", help="also time specc replayed as a CUDA graph")
     ap.add_argument("--warps", default="", help="comma-separated numbers of warps a program to time specc with too")
+    ap.add_argument("--persistent", action="store_true",
+                    help="also time specc with the whole time loop as one kernel a pass (PERSISTENT)")
     ap.add_argument("--skip", default="", help="comma-separated peers not to run (e.g. torch.compile)")
     ap.add_argument("--out", help="also write the table as markdown here (after every size)")
     args = ap.parse_args(argv)
     tiles = [t for t in args.tiles.split(",") if t]
     variants = [Variant(tile=t) for t in tiles] + [Variant(graphed=True)] * args.graphed
     variants += [Variant(warps=int(n)) for n in args.warps.split(",") if n]
+    variants += [Variant(persistent=True), Variant(persistent=True, tf32=True)] if args.persistent else []
     variants += [Variant(tile=t, tf32=True) for t in [None, *tiles]] if args.tf32 else []
     skip = set(args.skip.split(","))
     if not torch.cuda.is_available():

@@ -99,7 +99,40 @@ class Jordan(_Loop):
         return self._run(xp, y, self.W_yh, self.W_hy, self.b_y)
 
 
-CELLS = {"second_order": SecondOrder, "gru_cho": GruCho, "jordan": Jordan}
+class MultiheadLSTM(nn.Module):
+    """An LSTM of N heads of D features: gate g of head n reads head n of h through R_g[n] alone.
+    The four gates' blocks are one (N, D, 4D) batch of matrices, multiplied per head with bmm."""
+
+    def __init__(self, I: int, N: int, D: int, compiled: bool = False):
+        super().__init__()
+        self.N, self.D = N, D
+        _params(self, {"W": (4 * N * D, I), "R_i": (N, D, D), "R_f": (N, D, D), "R_g": (N, D, D),
+                       "R_o": (N, D, D), "b": (4 * N * D,)})
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compiled else self._step
+
+    @staticmethod
+    def _step(xp_t, h, c, R):
+        B, (N, D, _) = h.shape[0], R.shape
+        # (N, B, D) @ (N, D, 4D) -> (N, B, 4, D), laid out as the spec's gates: gate, head, feature
+        hh = torch.bmm(h.view(B, N, D).transpose(0, 1), R).view(N, B, 4, D).permute(1, 2, 0, 3).reshape(B, 4 * N * D)
+        i, f, g, o = (xp_t + hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def forward(self, x, state=None):
+        T, B, I = x.shape
+        h, c = (x.new_zeros(B, self.N * self.D),) * 2 if state is None else state
+        xp = torch.addmm(self.b, x.reshape(T * B, I), self.W.t()).view(T, B, -1)
+        # R[n] = [R_i[n]^T | R_f[n]^T | R_g[n]^T | R_o[n]^T]: h_n @ R[n] is the four gates' products
+        R = torch.cat([self.R_i, self.R_f, self.R_g, self.R_o], dim=1).transpose(1, 2)
+        outs = []
+        for t in range(T):
+            h, c = self.step(xp[t], h, c, R)
+            outs.append(h)
+        return torch.stack(outs), (h, c)
+
+
+CELLS = {"second_order": SecondOrder, "gru_cho": GruCho, "jordan": Jordan, "multihead_lstm": MultiheadLSTM}
 
 
 def like(specc_module: nn.Module, compiled: bool = False) -> nn.Module:

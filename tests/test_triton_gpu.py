@@ -34,6 +34,16 @@ def test_every_spec_matches_the_numpy_backend(spec_cell):
     assert_spec_matches_numpy(spec_cell, "triton", B=19, device="cuda", T=6, tol=5e-5)
 
 
+def test_every_spec_with_the_time_loop_in_one_kernel(spec_cell, monkeypatch):
+    """PERSISTENT: one kernel a pass, each program looping over the steps, ordered by
+    tl.debug_barrier among its threads (the interpreter cannot test that barrier)."""
+    from helpers import odd_dims
+
+    prog = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **odd_dims(spec_cell.dims)).program
+    monkeypatch.setattr(prog, "PERSISTENT", True)
+    assert_spec_matches_numpy(spec_cell, "triton", B=19, device="cuda", T=6, tol=5e-5)
+
+
 @pytest.mark.parametrize("name", list(TORCH_LAYERS))
 @pytest.mark.parametrize("I, H, B", [(37, 100, 70), (300, 67, 5)])
 def test_matches_torch_nn_on_the_cpu(name, I, H, B):
