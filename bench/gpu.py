@@ -122,15 +122,16 @@ def launched_on(module, variant: Variant | None):
         yield
         return
     prog, precision = module.program, torch.get_float32_matmul_precision()
-    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT
+    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.PERSISTENT_FEATURES
     prog.TILES = tuple(int(n) for n in variant.tile.split("x")) if variant.tile else None
     prog.NUM_WARPS = variant.warps or prog.NUM_WARPS
-    prog.PERSISTENT = variant.persistent
+    # at any width, so that a row labelled persistent ran so (or failed, and says why)
+    prog.PERSISTENT, prog.PERSISTENT_FEATURES = variant.persistent, 1 << 30
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
     try:
         yield
     finally:
-        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT = before
+        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.PERSISTENT_FEATURES = before
         torch.set_float32_matmul_precision(precision)
 
 
