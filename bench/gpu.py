@@ -122,16 +122,23 @@ def launched_on(module, variant: Variant | None):
         yield
         return
     prog, precision = module.program, torch.get_float32_matmul_precision()
-    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.PERSISTENT_FEATURES
+    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.persistent
     prog.TILES = tuple(int(n) for n in variant.tile.split("x")) if variant.tile else None
     prog.NUM_WARPS = variant.warps or prog.NUM_WARPS
-    # at any width, so that a row labelled persistent ran so (or failed, and says why)
-    prog.PERSISTENT, prog.PERSISTENT_FEATURES = variant.persistent, 1 << 30
+    prog.PERSISTENT = variant.persistent
+    chose = before[3]
+
+    def persistent(B, widest):  # a row labelled persistent must have run so: wider ones fail
+        if variant.persistent and not chose(B, widest):
+            raise ValueError(f"not run: {widest} features, over PERSISTENT_FEATURES")
+        return chose(B, widest)
+
+    prog.persistent = persistent
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
     try:
         yield
     finally:
-        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.PERSISTENT_FEATURES = before
+        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.persistent = before
         torch.set_float32_matmul_precision(precision)
 
 
@@ -263,6 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tf32", action="store_true", help="also time specc with TF32 products (its tiles and --tiles)")
     ap.add_argument("--graphed", action="store_true", help="also time specc replayed as a CUDA graph")
     ap.add_argument("--warps", default="", help="comma-separated numbers of warps a program to time specc with too")
+    ap.add_argument("--sizes", default="", help="comma-separated TxBxIxH, instead of each cell's sizes")
     ap.add_argument("--persistent", action="store_true",
                     help="also time specc with the whole time loop as one kernel a pass (PERSISTENT)")
     ap.add_argument("--skip", default="", help="comma-separated peers not to run (e.g. torch.compile)")
@@ -281,7 +289,8 @@ def main(argv=None) -> int:
               "tokens/s (fwd+bwd)", "peak MiB (fwd+bwd)"]
     rows = []
     cells = args.cells.split(",")
-    todo = {cell: CUSTOM_SIZES.get(cell, SIZES)[:1 if args.quick else None] for cell in cells}
+    given = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",") if size]
+    todo = {cell: (given or CUSTOM_SIZES.get(cell, SIZES))[:1 if args.quick else None] for cell in cells}
     for k in range(max(len(sizes) for sizes in todo.values())):
         for cell in cells:
             if k >= len(todo[cell]):

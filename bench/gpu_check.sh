@@ -35,6 +35,9 @@ timeout 200 python3 -m pytest -q $par -p no:cacheprovider tests/test_triton_gpu.
 # >= 10x at T = 4096).
 timeout 150 python3 bench/scan.py --device cuda --sizes 1024x8x256,4096x8x256,4096x64x1024 --passes fwd,fb \
     --min-time 0.3 --markdown "$out/scan.md" 2>&1 | tee "$out/scan.log"
-timeout "$bench_s" python3 bench/gpu.py --tf32 --persistent --warps 2,8 --skip torch.compile --out "$out/gpu.md" 2>&1 \
+# The time loop as one kernel a pass (PERSISTENT), where it fits: up to 128 features (issue 17).
+timeout 150 python3 bench/gpu.py --cells lstm,gru,multihead_lstm --sizes 100x64x128x128,200x8x64x64,1024x16x128x128 \
+    --persistent --skip torch.compile --out "$out/persistent.md" 2>&1 | tee "$out/persistent.log"
+timeout "$bench_s" python3 bench/gpu.py --tf32 --warps 2,8 --skip torch.compile --out "$out/gpu.md" 2>&1 \
     | tee "$out/bench.log"
 exit 0

@@ -258,7 +258,8 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
             n, r, c = w.shape
             if len(v.shape) != 1 or v.shape[0] != n * c:
                 raise ShapeError(f"per-head product {shape_str(w.shape)} @ {shape_str(v.shape)}: the vector needs "
-                                 f"{n} heads of {c} entries ({n * c}), got {v.shape[0] if v.shape else 'a number'}")
+                                 f"{n} heads of {c} entries ({n * c}), got {v.shape[0] if v.shape else 'a number'}"
+                                 "; contract(W, a, b) is the sum over j, k of W[i, j, k] a[j] b[k]")
             return Type((n * r,), v.batched)
         if len(w.shape) != 2 or w.batched:
             raise ShapeError(f"the left side of @ must be a matrix, got {shape_str(w.shape)}")

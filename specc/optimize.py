@@ -107,7 +107,12 @@ def reassociate_sums(g: Graph) -> Graph:
 def fuse_products(g: Graph) -> Graph:
     groups: dict[int, list[int]] = defaultdict(list)
     for i, node in enumerate(g.nodes):
-        if node.op == "matvec" and g.nodes[node.args[0]].op in ("param", "blockdiag"):
+        if node.op != "matvec":
+            continue
+        w = g.nodes[node.args[0]]
+        # a per-head weight stacks when it is a parameter's blocks (blockdiag of an expression of
+        # parameters, (R * 2) @ h, is made where it is written, maybe after this product)
+        if w.op == "param" or w.op == "blockdiag" and g.nodes[w.args[0]].op == "param":
             groups[node.args[1]].append(i)
     fused = {}
     for v, members in groups.items():
@@ -125,7 +130,7 @@ def fuse_products(g: Graph) -> Graph:
         weights = fused[i]
         key = (node.args[1], tuple(weights))
         if key not in made:
-            # A block-diagonal weight may come after this product in the graph: made here from its
+            # A parameter's blocks may come after this product in the graph: made here from the
             # parameter (the builder makes it once; rebuild finds it made when it gets there).
             made_weights = tuple(new[w] if w in new else b.add(g.nodes[w].op, tuple(new[a] for a in g.nodes[w].args),
                                                                g.nodes[w].attrs, line=g.nodes[w].line)

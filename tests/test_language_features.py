@@ -79,8 +79,8 @@ cell feedforward(I, H) {
 }
 
 cell heads(I, N, D) {
-    """Per-head products: square and not, of a state and of a value made in the step, with the
-    heads a dimension (N) and a number (2)."""
+    """Per-head products: square and not, of a state and of a value made in the step, of a
+    parameter and of an expression of one, with the heads a dimension (N) and a number (2)."""
     input x[I]
     state h[N*D] = zeros
     param W[N*D, I]
@@ -89,7 +89,7 @@ cell heads(I, N, D) {
     param Q[N, D, 2*D]
     param S[2, D, N*D]
     u = tanh(P @ h)
-    h' = tanh(W @ x + R @ h + Q @ (u * u)) * mean(S @ u)
+    h' = tanh(W @ x + R @ h + (R * 0.5) @ h + Q @ (u * u)) * mean(S @ u)
     output h'
 }
 
@@ -293,7 +293,7 @@ def heads_ref(xs, h, p):
     outs = []
     for x in xs[0]:
         u = torch.tanh(per_head(p["P"], h))
-        h = (torch.tanh(x @ p["W"].T + per_head(p["R"], h) + per_head(p["Q"], u * u))
+        h = (torch.tanh(x @ p["W"].T + per_head(p["R"], h) + per_head(p["R"] * 0.5, h) + per_head(p["Q"], u * u))
              * per_head(p["S"], u).mean(1, keepdim=True))
         outs.append(h)
     return torch.stack(outs), h

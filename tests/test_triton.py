@@ -47,6 +47,7 @@ def test_every_spec_matches_the_numpy_backend_with_the_time_loop_in_one_kernel(s
 
     prog = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **odd_dims(spec_cell.dims)).program
     monkeypatch.setattr(prog, "PERSISTENT", True)
+    monkeypatch.setattr(prog, "PERSISTENT_FEATURES", 1 << 30)  # the interpreter has no shared memory to fill
     launched: list[str] = []
     for name in dir(prog):
         if re.search(r"_(forward|backward)_steps?\d*$|^linear_scan$", name):
@@ -55,6 +56,26 @@ def test_every_spec_matches_the_numpy_backend_with_the_time_loop_in_one_kernel(s
     assert launched and all(n.endswith("_steps") or n == "linear_scan" for n in launched), launched
     # forward and backward once each, and inference (two lengths), with no gradient
     assert len([n for n in launched if n.endswith("_forward_steps")]) in (0, 3), launched
+
+
+@pytest.mark.parametrize("suffix, cells", [
+    ("", []), ("_steps", []), ("_steps", ["lstm:I=64,H=128", "gru:I=64,H=128", "multihead_lstm:I=64,N=4,D=32"])],
+    ids=["every-kernel", "persistent", "persistent-at-its-widest"])
+def test_kernels_compile_for_a_gpu(suffix, cells):
+    """Every library cell's kernels, compiled (not run) for an H100 by Triton's own compiler, within
+    its shared memory: the interpreter runs kernels as Python, so a value whose shape changes in a
+    loop, which the compiler refuses, passes there (tests/compile_for_gpu.py). The persistent loop
+    also at PERSISTENT_FEATURES (128) features."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "tests" / "compile_for_gpu.py"), suffix, *cells], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("ok ") >= (6 if cells else 30), done.stdout
 
 
 class _Counted:

@@ -36,7 +36,8 @@ def test_every_spec_matches_the_numpy_backend(spec_cell):
 
 def test_every_spec_with_the_time_loop_in_one_kernel(spec_cell, monkeypatch):
     """PERSISTENT: one kernel a pass, each program looping over the steps, ordered by
-    tl.debug_barrier among its threads (the interpreter cannot test that barrier)."""
+    tl.debug_barrier among its threads (the interpreter cannot test that barrier). A cell wider
+    than PERSISTENT_FEATURES (second_order's H * I) runs its step kernels."""
     from helpers import odd_dims
 
     prog = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **odd_dims(spec_cell.dims)).program

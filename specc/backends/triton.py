@@ -216,13 +216,13 @@ class KernelWriter:
     """Writes one kernel: a tile of the values of one stage that share a feature size."""
 
     def __init__(self, s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, tile: Size, stage: int,
-                 source: tuple[list[str], str], taken: set[str]):
+                 source: tuple[list[str], str], namer: Namer):
         self.s, self.g, self.plan, self.host, self.reverse = s, s.graph, plan, host, reverse
         self.tile, self.stage = tile, stage
         self.lines, self.file = source
         self.body = Writer()
         self.body._depth = 1
-        self.namer = Namer(taken | HOST_NAMES | KERNEL_NAMES)
+        self.namer = namer
         self.suggested = suggested_names(self.g)
         self.memo: dict[tuple[int, str], str] = {}
         self.args: dict[str, None] = {}  # tensors the kernel reads or writes, in first-use order
@@ -733,6 +733,10 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
     launches = []
     every_tensor: dict[str, None] = {}
     made: list[tuple[int, Size, KernelWriter]] = []  # every kernel's (stage, tile, body), for the persistent one
+    # One namer for all the pass's kernels: the persistent kernel runs their bodies in one loop, where
+    # a name two bodies gave values of different shapes would be one variable (Triton refuses a
+    # loop-carried value whose shape changes).
+    namer = Namer(taken | HOST_NAMES | KERNEL_NAMES)
     for stage in range(plan.n_stages):
         tasks = _store_tasks(s, plan, names, host.reverse, stage, guard)
         by_tile: dict[str, list[StoreTask]] = {}
@@ -741,7 +745,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
         for tile_key, group in by_tile.items():
             tile = g.nodes[group[0].node].type.shape[0]
             kname = f"{fn}_step{stage}" + (f"_{len(launches)}" if len(by_tile) > 1 else "")
-            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, taken)
+            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, namer)
             kw.products(kw.demanded_products([task.node for task in group]))
             for task in group:
                 kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
@@ -817,7 +821,7 @@ def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWrit
     k = kernels_out
     k.line("")
     k.line("")
-    k.line("@triton.jit")
+    k.line('@triton.jit(do_not_specialize=["T"])')
     k.line(f"def {kname}({', '.join(params + consts)}):")
     k.line(f'    """Every step{" from the last to the first" if reverse else ""}, each stage of it as its kernel '
            'of one step computes it, for BLOCK_B examples and all their features."""')
@@ -845,7 +849,8 @@ def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWrit
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
     w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
-    w.line("PERSISTENT_FEATURES = 1024  # the widest stored value a persistent program keeps whole")
+    w.line("PERSISTENT_FEATURES = 128  # the widest stored value a persistent program keeps whole (an LSTM's H = 256")
+    w.line("# needs 268 KB of shared memory compiled for an H100, over its 227 KB)")
     w.line("SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)")
     w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
     w.line("PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)")

@@ -181,11 +181,11 @@ class _Persistent:
         self.prog = prog
 
     def __enter__(self):
-        self.saved = self.prog.PERSISTENT
-        self.prog.PERSISTENT = True
+        self.saved = self.prog.PERSISTENT, self.prog.PERSISTENT_FEATURES
+        self.prog.PERSISTENT, self.prog.PERSISTENT_FEATURES = True, 1 << 30  # the interpreter's, at any width
 
     def __exit__(self, *exc):
-        self.prog.PERSISTENT = self.saved
+        self.prog.PERSISTENT, self.prog.PERSISTENT_FEATURES = self.saved
 
 
 def _module(prog, dims, backend, dtype, data: Data):
