@@ -128,7 +128,7 @@ def block_diagonal(w):
 def diagonal_blocks(g, n):
     """The n diagonal blocks of a (N*R, N*C) matrix, as [N, R, C] (block_diagonal's gradient)."""
     r, c = g.shape[0] // n, g.shape[1] // n
-    return np.ascontiguousarray(np.diagonal(g.reshape(n, r, n, c), axis1=0, axis2=2).transpose(2, 0, 1))
+    return np.diagonal(g.reshape(n, r, n, c), axis1=0, axis2=2).transpose(2, 0, 1).copy()  # a view would be read-only
 
 
 def chunk_steps(T, B):
