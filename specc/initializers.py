@@ -33,21 +33,23 @@ def normal(t, a, b=None):
     t.normal_(float(mean), float(std))
 
 
-# A parameter of three axes is a stack of matrices (R[N, D, D] @ h multiplies by each block, one a
-# head): orthogonal and identity make each matrix so, not the stack flattened into one.
+def _matrices(t, what: str):
+    """The matrices of a parameter: itself, or each of a stack of them (three axes: R[N, D, D] @ h
+    multiplies by each block, one a head, so each is made orthogonal or the identity, not the stack
+    flattened into one)."""
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{what} needs a matrix parameter, or a stack of them (three axes)")
+    return (t,) if t.dim() == 2 else t.unbind(0)
+
 
 @torch.no_grad()
 def orthogonal(t, gain=1.0):
-    if t.dim() not in (2, 3):
-        raise ValueError("orthogonal needs a matrix parameter, or a stack of them (three axes)")
-    for block in (t,) if t.dim() == 2 else t.unbind(0):
+    for block in _matrices(t, "orthogonal"):
         torch.nn.init.orthogonal_(block, gain=float(gain))
 
 
 @torch.no_grad()
 def identity(t, scale=1.0):
-    if t.dim() not in (2, 3):
-        raise ValueError("identity needs a matrix parameter, or a stack of them (three axes)")
-    for block in (t,) if t.dim() == 2 else t.unbind(0):
+    for block in _matrices(t, "identity"):
         torch.nn.init.eye_(block)
     t.mul_(float(scale))

@@ -41,6 +41,13 @@ def assert_same(got, want, tol=1e-5):
         torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol, msg=lambda m: f"{k}: {m}")
 
 
+def per_head(R, v):
+    """R[n] times the n-th of R.shape[0] equal blocks of v's features, the products side by side:
+    the language's R @ v for R of three axes, written without a block-diagonal matrix."""
+    blocks = v.chunk(R.shape[0], dim=1)
+    return torch.cat([blocks[n] @ R[n].T for n in range(R.shape[0])], dim=1)
+
+
 def odd_dims(dims):
     sizes = [37, 13, 5, 7, 11]
     return {d: sizes[k % len(sizes)] for k, d in enumerate(dims)}

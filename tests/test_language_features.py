@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import specc
+from helpers import per_head
 
 SPEC = '''
 cell leaky(I, H) {
@@ -281,12 +282,6 @@ def feedforward_ref(xs, h, p):
         h = torch.tanh(x @ p["W"].T)
         outs.append(h * 2)
     return torch.stack(outs), h
-
-
-def per_head(R, v):
-    """R[n] times the n-th of R.shape[0] equal blocks of v's features, the products side by side."""
-    blocks = v.chunk(R.shape[0], dim=1)
-    return torch.cat([blocks[n] @ R[n].T for n in range(R.shape[0])], dim=1)
 
 
 def heads_ref(xs, h, p):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import specc
+from helpers import per_head
 
 F64 = torch.float64
 
@@ -167,11 +168,6 @@ def multihead_lstm_ref(x, hc, p):
     """An LSTM whose recurrent matrices are block-diagonal: head n's gates read h[n*D:(n+1)*D]
     through R_*[n] alone. Each head is multiplied on its own (no block-diagonal matrix is built)."""
     (h, c), outs = hc, []
-    N, D = p["R_i"].shape[0], p["R_i"].shape[1]
-
-    def per_head(R, h):
-        return torch.cat([h[:, n * D:(n + 1) * D] @ R[n].T for n in range(N)], dim=1)
-
     for t in range(x.shape[0]):
         i, f, g, o = (x[t] @ p["W"].T + p["b"]).chunk(4, dim=1)
         c = (torch.sigmoid(f + per_head(p["R_f"], h)) * c

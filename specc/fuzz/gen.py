@@ -5,8 +5,9 @@ every construct the language has — several inputs of different sizes, several 
 the loop reads), parameters of one, two and three axes, non-square products, several products of
 one operand in one expression, products of values made inside the step, split, concatenation,
 per-head (block-diagonal) products, contract, softmax, every activation, numbers of every sign and
-size, outputs of states, of intermediates and of expressions, dimensions of 1 and sizes that are not powers of two — and names
-that collide with C macros, Python builtins and the generated code's own habits.
+size, outputs of states, of intermediates and of expressions, dimensions of 1 and sizes that are
+not powers of two — and names that collide with C macros, Python builtins and the generated code's
+own habits.
 
 A new construct in the language gets a branch in `_Writer.expr` (or an equation form in `_cell`),
 so that every backend is tested on it from the day it lands.
@@ -259,12 +260,13 @@ class _Writer:
         """R @ v, R of three axes: a block-diagonal product, heads a dimension or a number that
         divides both sizes; None where none does."""
         arg, asz = self.operand(depth - 1)
-        heads = [h for h in (*self.dims, 2, 3) if _per_head(sz, h, self.dims) and _per_head(asz, h, self.dims)]
-        if not heads:
+        blocks = {h: (rows, cols) for h in (*self.dims, 2, 3)
+                  if (rows := _per_head(sz, h, self.dims)) and (cols := _per_head(asz, h, self.dims))}
+        if not blocks:
             return None
-        h = self.draw(st.sampled_from(heads))
+        h = self.draw(st.sampled_from(list(blocks)))
         n = _Sz(Size.of(h), self.dims[h] if isinstance(h, str) else h)
-        return f"{self.param('R', (n, _per_head(sz, h, self.dims), _per_head(asz, h, self.dims)))} @ {arg}"
+        return f"{self.param('R', (n, *blocks[h]))} @ {arg}"
 
     def concat_parts(self, sz: _Sz) -> tuple[_Sz, ...] | None:
         """Two sizes in the pool that add up to `sz`, if any."""

@@ -155,37 +155,31 @@ def _compare(findings, backend, mode, got: dict, want64: dict, want32: dict | No
             findings.append(Finding(backend, mode, key, diff / _scale(want)))
 
 
-class _Small:
+@contextlib.contextmanager
+def _setting(*changes):
+    """Attributes set to values for the block, and put back after: (object, name, value) each."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
+    for obj, name, value in changes:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def _small(prog):
     """Long-sequence inference split into chunks of two steps, so that a short sequence takes the
     chunked path (the generated module's CHUNK_ROWS and CHUNK_STEPS, and NumPy's CHUNK_ROWS)."""
+    from ..backends import numpy_runtime
 
-    def __init__(self, prog):
-        self.prog = prog
-
-    def __enter__(self):
-        from ..backends import numpy_runtime
-
-        self.saved = (self.prog.CHUNK_ROWS, self.prog.CHUNK_STEPS, numpy_runtime.CHUNK_ROWS)
-        self.prog.CHUNK_ROWS, self.prog.CHUNK_STEPS, numpy_runtime.CHUNK_ROWS = 1, 2, 1
-
-    def __exit__(self, *exc):
-        from ..backends import numpy_runtime
-
-        self.prog.CHUNK_ROWS, self.prog.CHUNK_STEPS, numpy_runtime.CHUNK_ROWS = self.saved
+    return _setting((prog, "CHUNK_ROWS", 1), (prog, "CHUNK_STEPS", 2), (numpy_runtime, "CHUNK_ROWS", 1))
 
 
-class _Persistent:
-    """Triton's time loop as one kernel a pass (the generated module's PERSISTENT), not a launch a step."""
-
-    def __init__(self, prog):
-        self.prog = prog
-
-    def __enter__(self):
-        self.saved = self.prog.PERSISTENT, self.prog.PERSISTENT_FEATURES
-        self.prog.PERSISTENT, self.prog.PERSISTENT_FEATURES = True, 1 << 30  # the interpreter's, at any width
-
-    def __exit__(self, *exc):
-        self.prog.PERSISTENT, self.prog.PERSISTENT_FEATURES = self.saved
+def _persistent(prog):
+    """Triton's time loop as one kernel a pass (the generated module's PERSISTENT), not a launch a
+    step, at any width (the interpreter has no shared memory to fill)."""
+    return _setting((prog, "PERSISTENT", True), (prog, "PERSISTENT_FEATURES", 1 << 30))
 
 
 def _module(prog, dims, backend, dtype, data: Data):
@@ -263,7 +257,7 @@ def differences(text: str, dims: dict, backends=BACKENDS, seed: int = 0, modes=N
             if mode not in modes or mode == "persistent" and backend != "triton":
                 continue
             try:
-                with _Persistent(prog) if mode == "persistent" else contextlib.nullcontext():
+                with _persistent(prog) if mode == "persistent" else contextlib.nullcontext():
                     got = _run_module(m, prog, data, dtype, grads=mode != "no_grad")
             except Exception as e:  # noqa: BLE001
                 findings.append(Finding(backend, mode, f"{type(e).__name__}: {e}"))
@@ -301,7 +295,7 @@ def _chunked(findings, cell, prog, dims, backend, dtype, gen) -> None:
     want32 = _reference(cell, data, F32, grads=False)[0] if dtype == F32 else None
     try:
         m = _module(prog, dims, backend, dtype, data)
-        with _Small(prog):
+        with _small(prog):
             got = _run_module(m, prog, data, dtype, grads=False)
     except Exception as e:  # noqa: BLE001
         findings.append(Finding(backend, "chunked", f"{type(e).__name__}: {e}"))
