@@ -186,7 +186,7 @@ def _run(fn, backward: bool | None):
             fn()
 
 
-def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[Variant]):
+def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[Variant], head: int = 32):
     """[(name, make module, TF32 allowed in cuDNN, specc variant)] for one cell: specc-Triton
     first (as it runs by default, then each of `variants`), then its peers, all with the same weights."""
     dev = "cuda"
@@ -198,7 +198,7 @@ def peers(cell: str, T: int, B: int, I: int, H: int, variants: list[Variant]):
                   ("eager", lambda: eager_cls(ref), True, None),
                   ("torch.compile", lambda: eager_cls(ref, compiled=True), True, None)]
     else:
-        dims = dict(I=I, N=H // MULTIHEAD_D, D=MULTIHEAD_D) if cell == "multihead_lstm" else dict(I=I, H=H)
+        dims = dict(I=I, N=H // head, D=head) if cell == "multihead_lstm" else dict(I=I, H=H)
         ours = specc.load(cell, **dims, backend="triton").to(dev)
         others = [("eager", lambda: torch_cells.like(ours).to(dev), True, None),
                   ("torch.compile", lambda: torch_cells.like(ours, compiled=True).to(dev), True, None)]
@@ -212,14 +212,13 @@ SIZES = [(100, 64, 512, 512), (100, 64, 256, 256), (100, 64, 1024, 1024), (100, 
 CUSTOM_SIZES = {"second_order": [(100, 64, 64, 64), (100, 64, 128, 128)], "gru_cho": SIZES,
                 # FlashRNN's size (T = 1024, B = 16, H = 768), and the fastrnns one
                 "multihead_lstm": [(1024, 16, 768, 768), (100, 64, 512, 512)]}
-MULTIHEAD_D = 32  # features a head; FlashRNN's Triton kernel: 3.47 / 4.1 ms fwd+bwd at 16 / 32 (H = 768, bf16)
 
 
-def measure(cell, T, B, I, H, variants, skip, reps) -> list[list]:
+def measure(cell, T, B, I, H, variants, skip, reps, head=32) -> list[list]:
     torch._dynamo.reset()  # torch.compile's step would hit its recompile limit after eight sizes
     x = torch.randn(T, B, I, device="cuda")
     results = []
-    for name, make, allow_tf32, variant in peers(cell, T, B, I, H, variants):
+    for name, make, allow_tf32, variant in peers(cell, T, B, I, H, variants, head):
         if name in skip:
             continue
         try:
@@ -273,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="", help="comma-separated TxBxIxH, instead of each cell's sizes")
     ap.add_argument("--persistent", action="store_true",
                     help="also time specc with the whole time loop as one kernel a pass (PERSISTENT)")
+    ap.add_argument("--head", type=int, default=32,
+                    help="features a head of multihead_lstm (FlashRNN's Triton kernel: 3.47 / 4.1 ms forward + "
+                         "backward at heads of 16 / 32, H = 768, T = 1024, B = 16, bf16, H100)")
     ap.add_argument("--skip", default="", help="comma-separated peers not to run (e.g. torch.compile)")
     ap.add_argument("--out", help="also write the table as markdown here (after every size)")
     args = ap.parse_args(argv)
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
             if k >= len(todo[cell]):
                 continue
             T, B, I, H = todo[cell][k]
-            rows += measure(cell, T, B, I, H, variants, skip, args.reps)
+            rows += measure(cell, T, B, I, H, variants, skip, args.reps, args.head)
             if args.out:
                 write(args.out, header, sorted(rows, key=lambda r: cells.index(r[0])), argv)
     print(markdown(header, sorted(rows, key=lambda r: cells.index(r[0]))))

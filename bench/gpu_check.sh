@@ -38,6 +38,12 @@ timeout 150 python3 bench/scan.py --device cuda --sizes 1024x8x256,4096x8x256,40
 # The time loop as one kernel a pass (PERSISTENT), where it fits: up to 128 features (issue 17).
 timeout 150 python3 bench/gpu.py --cells lstm,gru,multihead_lstm --sizes 100x64x128x128,200x8x64x64,1024x16x128x128 \
     --persistent --skip torch.compile --out "$out/persistent.md" 2>&1 | tee "$out/persistent.log"
+# Multi-head LSTM at FlashRNN's size, heads of 16, 32 and 64 features: a persistent program a head
+# and batch tile (the heads are independent), against FlashRNN's Triton figures (issue 17).
+for d in 16 32 64; do
+    timeout 75 python3 bench/gpu.py --cells multihead_lstm --sizes 1024x16x768x768 --head "$d" --persistent \
+        --skip torch.compile --reps 5 --out "$out/heads-$d.md" 2>&1 | tee "$out/heads-$d.log"
+done
 timeout "$bench_s" python3 bench/gpu.py --tf32 --warps 2,8 --skip torch.compile --out "$out/gpu.md" 2>&1 \
     | tee "$out/bench.log"
 exit 0

@@ -263,6 +263,105 @@ def test_auto_uses_numpy_for_cpu_tensors(monkeypatch):
     assert y.shape == (2, 1, 4)
 
 
+class _NanBetweenBlocks:
+    """torch, except that a block-diagonal matrix has NaN where its zeros between blocks would be."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def block_diag(*blocks):
+        inside = torch.block_diag(*(torch.ones_like(b, dtype=torch.bool) for b in blocks))
+        return torch.block_diag(*blocks).masked_fill(~inside, float("nan"))
+
+
+@pytest.mark.parametrize("D, tiles", [(16, (16, 16, 16)), (32, (16, 16, 16)), (32, (16, 32, 16))])
+def test_per_head_products_read_only_their_blocks(D, tiles, monkeypatch):
+    """Issue #17: a tile of one head's features multiplies only that head's block of each per-head
+    weight, forward (W @ h, the four gates stacked) and backward (W^T @ g, a block from each gate).
+    The zeros between the blocks are NaN here: read, they would reach the results through tl.dot
+    (0 * NaN), as they did when every product ran over the whole dense matrix."""
+    dims = dict(I=8, N=3, D=D)
+    ref = specc.load("multihead_lstm", backend="numpy", **dims)
+    ours = specc.load("multihead_lstm", backend="triton", **dims)
+    ours.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(ours.program, "TILES", tiles)
+    monkeypatch.setattr(ours.program, "torch", _NanBetweenBlocks())
+    x, state = torch.randn(3, 5, 8), [torch.randn(5, 3 * D) for _ in range(2)]
+    assert_same(run(ours, x, state), run(ref, x, state))
+
+
+class _Grids:
+    """A kernel whose launches' grids are recorded."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+HEADS_GRU = """
+cell heads_gru(I, N, D) {
+    input x[I]
+    state h[N*D] = zeros
+    param W[3*N*D, I]
+    param R_z[N, D, D]
+    param R_r[N, D, D]
+    param R_n[N, D, D]
+    z_in, r_in, n_in = split(W @ x, 3)
+    z = sigmoid(z_in + R_z @ h)
+    r = sigmoid(r_in + R_r @ h)
+    h' = (1 - z) * tanh(n_in + R_n @ (r * h)) + z * h
+    output h'
+}
+"""
+
+
+@pytest.mark.parametrize("cell, D", [("multihead_lstm", 5), ("multihead_lstm", 16), (HEADS_GRU, 6)])
+def test_independent_heads_run_as_a_program_each(cell, D, monkeypatch):
+    """Issue #17: where a loop's heads never read each other's features, the persistent kernel runs
+    a program per (batch tile, head) that owns only that head's features, with no barrier across
+    programs. The interpreter runs programs one after another, each through every step: a program
+    that read another head's features would read them before that head's program wrote them. At
+    D = 16 the zeros between blocks are NaN (_NanBetweenBlocks): each program reads only its block."""
+    dims = dict(I=7, N=3, D=D)
+    ref = specc.load(cell, backend="numpy", **dims)
+    ours = specc.load(cell, backend="triton", **dims)
+    ours.load_state_dict(ref.state_dict())
+    prog = ours.program
+    monkeypatch.setattr(prog, "PERSISTENT", True)
+    if D == 16:
+        monkeypatch.setattr(prog, "torch", _NanBetweenBlocks())
+    grids = []
+    for name in dir(prog):
+        if name.endswith(("_forward_steps", "_backward_steps")):
+            monkeypatch.setattr(prog, name, _Grids(getattr(prog, name), grids))
+    x, state = torch.randn(3, 5, 7), [torch.randn(5, 3 * D) for _ in prog.STATES]
+    assert_same(run(ours, x, state), run(ref, x, state))
+    assert len(grids) == 2 and all(grid == (1, 3) for grid in grids), grids
+
+
+@pytest.mark.parametrize("extra", ["+ U @ h", "* mean(h)"])
+def test_heads_that_read_each_other_share_a_program(extra):
+    """A dense product or a mean over features mixes the heads: the
+    persistent kernel keeps every feature in one program (heads = 1), and the numbers still match."""
+    spec = f"""
+    cell mixed(I, N, D) {{
+        input x[I]
+        state h[N*D] = zeros
+        param W[N*D, I]
+        param R[N, D, D]
+        param U[N*D, N*D]
+        h' = tanh(W @ x + R @ h {extra})
+        output h'
+    }}
+    """
+    ours = assert_text_spec_matches_numpy(spec, "triton", N=3, D=4, I=5)
+    assert "heads = 1\n" in inspect.getsource(ours.program) and "heads = N" not in inspect.getsource(ours.program)
+
+
 def test_compiled_module_holds_readable_kernels():
     source = specc.compile_spec("lstm").source
     kernel = source[source.index("def lstm_forward_step0"):source.index("def lstm_forward_steps")]

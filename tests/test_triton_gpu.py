@@ -45,6 +45,21 @@ def test_every_spec_with_the_time_loop_in_one_kernel(spec_cell, monkeypatch):
     assert_spec_matches_numpy(spec_cell, "triton", B=19, device="cuda", T=6, tol=5e-5)
 
 
+@pytest.mark.parametrize("D", [16, 48])
+def test_independent_heads_each_a_program(D, monkeypatch):
+    """Issue #17: the persistent kernel of a multi-head LSTM runs a program per (batch tile, head),
+    concurrently and with no barrier across them; the heads never read each other's features, so
+    the numbers match (a wrong choice races, which the interpreter's one-program-at-a-time cannot)."""
+    dims = dict(I=40, N=12, D=D)
+    ref = specc.load("multihead_lstm", backend="numpy", **dims)
+    ours = specc.load("multihead_lstm", backend="triton", **dims)
+    ours.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(ours.program, "PERSISTENT", True)
+    ours.cuda()
+    x, state = torch.randn(20, 19, 40), [torch.randn(19, 12 * D) * 0.5 for _ in range(2)]
+    assert_same(run(ours, x, state, device="cuda"), run(ref, x, state), tol=5e-5)
+
+
 @pytest.mark.parametrize("name", list(TORCH_LAYERS))
 @pytest.mark.parametrize("I, H, B", [(37, 100, 70), (300, 67, 5)])
 def test_matches_torch_nn_on_the_cpu(name, I, H, B):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from ..ir import Graph, Node, suggested_names
+from ..ir import Forward, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS, helper_name, helper_names
 from ..scan import Affine, affine_loop
 from ..schedule import Schedule, filled_outside
@@ -51,7 +51,8 @@ KERNEL_NAMES = frozenset({
     "offs_b", "offs_f", "offs_k", "mask_b", "mask_f", "mask_k", "mask", "pid_b", "pid_f", "k0", "n0", "TRAIN",
     "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
     "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
-    "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES"})
+    "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES", "f0", "f_last",
+    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads"})
 
 
 def _p(code: str) -> str:
@@ -212,12 +213,28 @@ def _parts(g: Graph, i: int, column: Size):
         yield i, column
 
 
+def _blocks(g: Graph, w: int, forward: Graph | None) -> tuple[tuple[Size, Size, Size], int] | None:
+    """((N, D, E), parts) where weight w is `parts` per-head weights stacked, each N blocks of D rows
+    that read E columns: a parameter's blocks, or several (fuse_products); None for any other
+    weight. A backward pass's weight is a forward value: looked up in the forward step."""
+    for key, leaf in g.params if forward is not None else ():
+        if leaf == w and isinstance(key, Forward):
+            return _blocks(forward, key.node, None)
+    node = g.nodes[w]
+    parts = node.args if node.op == "concat" else (w,)
+    shapes = {g.nodes[g.nodes[p].args[0]].type.shape if g.nodes[p].op == "blockdiag" else None for p in parts}
+    if len(shapes) != 1 or None in shapes:
+        return None
+    return shapes.pop(), len(parts)
+
+
 class KernelWriter:
     """Writes one kernel: a tile of the values of one stage that share a feature size."""
 
     def __init__(self, s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, tile: Size, stage: int,
-                 source: tuple[list[str], str], namer: Namer):
+                 source: tuple[list[str], str], namer: Namer, forward: Graph | None = None):
         self.s, self.g, self.plan, self.host, self.reverse = s, s.graph, plan, host, reverse
+        self.forward = forward  # a backward pass's forward step, where its saved weights were made
         self.tile, self.stage = tile, stage
         self.lines, self.file = source
         self.body = Writer()
@@ -384,9 +401,16 @@ class KernelWriter:
                 acc = self.namer(self._wanted(i, offset))
                 b.line(f"{acc} = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)")
                 accs.append(acc)
-            with b.block(f"for k0 in range(0, {extent}, BLOCK_K):"):
+            spans = {self._span(i, offset) for i, offset in members}
+            span = spans.pop() if len(spans) == 1 else None
+            with contextlib.ExitStack() as loops:
+                if span is None:
+                    loops.enter_context(b.block(f"for k0 in range(0, {extent}, BLOCK_K):"))
+                    end = extent
+                else:
+                    end = self._enter_span(span, loops)
                 b.line("offs_k = k0 + tl.arange(0, BLOCK_K)")
-                b.line(f"mask_k = offs_k < {extent}")
+                b.line(f"mask_k = offs_k < {end}")
                 saved_memo, self.memo = self.memo, {}
                 operand = self.gather(v, "offs_k", "mask_k")
                 self.memo = saved_memo
@@ -405,6 +429,45 @@ class KernelWriter:
                     b.line(f"{acc} += tl.dot(operand, weight, input_precision=PRECISION)")
             for (i, offset), acc in zip(members, accs):
                 self.memo[(i, str(offset))] = acc
+
+    def _span(self, i: int, offset: Size) -> tuple | None:
+        """Where product i's weight is per-head (N blocks of D rows each reading E columns, or
+        several such stacked), the columns its tile's rows read: ("rows", D, E) for W @ v, whose
+        tile's rows read the columns of their own blocks; ("columns", D, E, P, parts) for W^T @ v,
+        whose tile's columns are read from their blocks' rows in each of the `parts` stacked weights
+        of P rows. None: every column (a dense weight, or a tile not aligned with the blocks)."""
+        node = self.g.nodes[i]
+        blocks = _blocks(self.g, node.args[0], self.forward)
+        if blocks is None:
+            return None
+        (n, d, e), parts = blocks
+        if node.op == "matvec":
+            aligned = any(offset == n * d * k for k in range(parts)) and self.tile == n * d
+            return ("rows", str(d), str(e)) if aligned else None
+        aligned = offset == Size.of(0) and self.tile == n * e
+        return ("columns", str(e), str(d), str(n * d), parts) if aligned else None
+
+    def _enter_span(self, span: tuple, loops: contextlib.ExitStack) -> str:
+        """Opens the loops over k0 for a per-head weight, over only the blocks that the tile's
+        features (f0 to f_last) meet; returns the end of the last block, for mask_k."""
+        b = self.body
+        kind, d, e = span[:3]
+        b.comment(f"a per-head weight: features f0 to f_last lie in blocks f0 // {d} to f_last // {d}, "
+                  f"each of which reads {e} of the operand's features")
+        b.line(f"f_last = tl.minimum(f_end, {self.tile}) - 1")
+        b.line(f"k_lo = (f0 // {_atom(d)}) * {_p(e)}")
+        b.line(f"k_hi = (f_last // {_atom(d)} + 1) * {_p(e)}")
+        if kind == "rows":
+            loops.enter_context(b.block("for k0 in range(k_lo, k_hi, BLOCK_K):"))
+            return "k_hi"
+        rows, parts = span[3], span[4]
+        if parts > 1:  # stacked weights: the same blocks' rows in each
+            loops.enter_context(b.block(f"for part in range({parts}):"))
+            b.line(f"k_base = part * {_p(rows)}")
+        else:
+            b.line("k_base = 0")
+        loops.enter_context(b.block("for k0 in range(k_base + k_lo, k_base + k_hi, BLOCK_K):"))
+        return "k_base + k_hi"
 
     def demanded_products(self, roots: list[int]) -> list[tuple[int, Size]]:
         """The products that computing `roots` (at offset 0) needs, found without writing code."""
@@ -745,15 +808,14 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
         for tile_key, group in by_tile.items():
             tile = g.nodes[group[0].node].type.shape[0]
             kname = f"{fn}_step{stage}" + (f"_{len(launches)}" if len(by_tile) > 1 else "")
-            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, namer)
+            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, namer,
+                              host.forward.graph if host.forward else None)
             kw.products(kw.demanded_products([task.node for task in group]))
             for task in group:
                 kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
             tensors = list(kw.args)
             params = tensors + ["t", "B", *dims] + (["wrap"] if names.wrapped else [])
-            dots = any("tl.dot(" in line for line in kw.body.lines)
-            consts = ((["TRAIN: tl.constexpr"] if kw.uses_train else []) + (["PRECISION: tl.constexpr"] if dots else [])
-                      + ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"])
+            consts, extra = _constants([kw])
             every_tensor.update(dict.fromkeys(t for t in tensors if t not in kw.scalars))
             kernels_out.line("")
             kernels_out.line("")
@@ -763,18 +825,9 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
             # Named as the body names them: the buffers it stores into.
             kernels_out.line(f'    """Stage {stage} of a step: {tile} features a row, stored into '
                              + ", ".join(dict.fromkeys(t.buf for t in group)) + '."""')
-            kernels_out.line("    pid_b = tl.program_id(0)")
-            kernels_out.line("    pid_f = tl.program_id(1)")
-            kernels_out.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")
-            kernels_out.line("    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)")
-            kernels_out.line("    mask_b = offs_b < B")
-            kernels_out.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
-            kernels_out.line("        offs_b = offs_b.to(tl.int64)")
-            kernels_out.line("        offs_f = offs_f.to(tl.int64)")
+            _program_offsets(kernels_out, persistent=False)
             kernels_out.line(f"    mask_f = offs_f < {tile}")
             kernels_out.lines.extend(kw.body.lines)
-            extra = (["TRAIN=train"] if kw.uses_train else []) + (["PRECISION=precision"] if dots else []) + \
-                ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({tile}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
             made.append((stage, tile, kw))
@@ -788,9 +841,16 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
         launch = _emit_persistent(kernels_out, made, f"{fn}_steps", host.reverse, dims, names.wrapped)
         tiles_ = list(dict.fromkeys(str(tile) for _, tile, _ in made))
         w.line(f"widest = {tiles_[0] if len(tiles_) == 1 else f'max({chr(44).join(tiles_)})'}")
-        with w.block("if persistent(B, widest):"):
-            w.comment("The whole time loop in one launch: a program keeps its examples' every feature, step after step.")
-            w.line("BLOCK_F = max(16, triton.next_power_of_2(widest))")
+        heads = _heads(s, plan, [tile for _, tile, _ in made], host.forward.graph if host.forward else None)
+        if heads is None:
+            w.line("heads = 1")
+        else:
+            w.line(f"heads = {heads}  # independent heads: each reads only its own features, step after step")
+        with w.block("if persistent(B, widest // heads):"):
+            w.comment("The whole time loop in one launch: a program keeps its examples' features (every one, or "
+                      "one head's), step after step.")
+            w.line("n_features = widest // heads")
+            w.line("BLOCK_F = max(16, triton.next_power_of_2(n_features))")
             w.line(launch)
         with w.block("else:"):
             w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
@@ -801,66 +861,126 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
     emit_after(w, host)
 
 
+def _constants(bodies: list[KernelWriter]) -> tuple[list[str], list[str]]:
+    """The constexpr parameters of a kernel made of these bodies, and what its launch passes for them."""
+    names = (["TRAIN"] if any(kw.uses_train for kw in bodies) else []) \
+        + (["PRECISION"] if any("tl.dot(" in line for kw in bodies for line in kw.body.lines) else []) \
+        + ["WIDE", "BLOCK_B", "BLOCK_F", "BLOCK_K"]
+    host = {"TRAIN": "train", "PRECISION": "precision", "WIDE": "wide"}
+    return [f"{n}: tl.constexpr" for n in names], [f"{n}={host.get(n, n)}" for n in names] + ["num_warps=NUM_WARPS"]
+
+
+def _program_offsets(k: Writer, persistent: bool) -> None:
+    """A kernel's first lines: the examples and features its program owns, features f0 to f_end
+    (exclusive): a tile of BLOCK_F by the grid's second axis, or, in the persistent kernel,
+    n_features of them (all of them, or one head's)."""
+    width = "n_features" if persistent else "BLOCK_F"
+    k.line("    pid_b = tl.program_id(0)")
+    k.line("    pid_f = tl.program_id(1)")
+    k.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")
+    k.line(f"    f0 = pid_f * {width}")
+    k.line(f"    f_end = f0 + {width}")
+    k.line("    offs_f = f0 + tl.arange(0, BLOCK_F)")
+    k.line("    mask_b = offs_b < B")
+    k.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
+    k.line("        offs_b = offs_b.to(tl.int64)")
+    k.line("        offs_f = offs_f.to(tl.int64)")
+
+
 def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWriter]], kname: str, reverse: bool,
                      dims: tuple[str, ...], wrapped: bool) -> str:
     """The step kernels as one kernel that loops over the steps itself, each program owning BLOCK_B
-    examples and every feature (BLOCK_F covers the widest stored value): what a step's later stage,
-    or the next step, reads from memory this program wrote, so a barrier among its own threads is
-    all that orders them, and the kernel runs under Triton's interpreter, which runs programs one
-    after another. No launch per step; each step still reads the weights (from cache). Returns the
-    launch's code. Issue #17's grid-wide form (programs owning slices of the features, a barrier
-    across them) needs a GPU to be tested."""
+    examples and n_features features: every feature (one program a batch tile), or, where the loop's
+    heads are independent (_heads), one head's (a program per head and batch tile). Either way what
+    a step's later stage, or the next step, reads from memory this program wrote, so a barrier
+    among its own threads is all that orders them, and the kernel runs under Triton's interpreter,
+    which runs programs one after another. No launch per step; each step still reads the weights
+    (from cache). Returns the launch's code. Issue #17's grid-wide form (programs owning slices of
+    the features, a barrier across them) needs a GPU to be tested."""
     tensors: dict[str, None] = {}
     for _, _, kw in made:
         tensors.update(dict.fromkeys(kw.args))
-    params = list(tensors) + ["T", "B", *dims] + (["wrap"] if wrapped else [])
-    train = any(kw.uses_train for _, _, kw in made)
-    dots = any("tl.dot(" in line for _, _, kw in made for line in kw.body.lines)
-    consts = ((["TRAIN: tl.constexpr"] if train else []) + (["PRECISION: tl.constexpr"] if dots else [])
-              + ["WIDE: tl.constexpr", "BLOCK_B: tl.constexpr", "BLOCK_F: tl.constexpr", "BLOCK_K: tl.constexpr"])
+    params = list(tensors) + ["T", "B", *dims] + (["wrap"] if wrapped else []) + ["n_features"]
+    consts, extra = _constants([kw for _, _, kw in made])
     k = kernels_out
     k.line("")
     k.line("")
     k.line('@triton.jit(do_not_specialize=["T"])')
     k.line(f"def {kname}({', '.join(params + consts)}):")
     k.line(f'    """Every step{" from the last to the first" if reverse else ""}, each stage of it as its kernel '
-           'of one step computes it, for BLOCK_B examples and all their features."""')
-    k.line("    pid_b = tl.program_id(0)")
-    k.line("    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)")
-    k.line("    offs_f = tl.arange(0, BLOCK_F)")
-    k.line("    mask_b = offs_b < B")
-    k.line("    if WIDE:  # a tensor of 2**31 elements or more: int32 offsets would wrap around")
-    k.line("        offs_b = offs_b.to(tl.int64)")
-    k.line("        offs_f = offs_f.to(tl.int64)")
+           'of one step computes it, for BLOCK_B examples and n_features of their features."""')
+    _program_offsets(k, persistent=True)
     k.line("    for step in range(0, T):")
     k.line(f"        t = {'T - 1 - step' if reverse else 'step'}")
     for n, (stage, tile, kw) in enumerate(made):
         k.line(f"        # stage {stage}: {tile} features a row")
-        k.line(f"        mask_f = offs_f < {tile}")
+        k.line(f"        mask_f = (offs_f < {tile}) & (offs_f < f_end)")
         k.lines.extend("    " + line if line.strip() else line for line in kw.body.lines)
         # The next stage, or the next step, reads what this one stored, from other threads.
         if n + 1 == len(made) or made[n + 1][0] != stage:
             k.line("        tl.debug_barrier()")
-    extra = (["TRAIN=train"] if train else []) + (["PRECISION=precision"] if dots else []) + \
-        ["WIDE=wide", "BLOCK_B=BLOCK_B", "BLOCK_F=BLOCK_F", "BLOCK_K=BLOCK_K", "num_warps=NUM_WARPS"]
-    return f"{kname}[(triton.cdiv(B, BLOCK_B),)]({', '.join(params + extra)})"
+    return f"{kname}[(triton.cdiv(B, BLOCK_B), heads)]({', '.join(params + extra)})"
+
+
+# Ops inside the loop whose feature j reads other features than the matching one of its arguments.
+_ACROSS_FEATURES = ("softmax", "softmax_vjp", "outer", "outer_vjp_a", "outer_vjp_b", "expand", "reshape",
+                    *ROW_REDUCTIONS)
+
+
+def _heads(s: Schedule, plan: LoopPlan, tiles: list[Size], forward: Graph | None) -> Size | None:
+    """N where the loop is N independent heads: each head's features, step after step, read only
+    that head's features (so a persistent program may own one head, with no barrier across them).
+    Sufficient, and checked on sizes alone: every kernel tiles P = N * D features; every product in
+    the loop has a per-head weight of N blocks of D by D (W @ v: rows k*P + n*D + i read v's n-th
+    block; W^T @ g, its transpose); and every loop value, concatenation part and slice start is a
+    multiple of P, so feature j of any value read at any offset is in head (j mod P) // D. None if
+    any of that fails, or the loop has no per-head product."""
+    g = s.graph
+    if len({str(t) for t in tiles}) != 1:
+        return None
+    whole = tiles[0]
+
+    def multiple(size: Size) -> bool:
+        return any(size == whole * k for k in range(64))
+
+    heads = None
+    for i in plan.stage:
+        node = g.nodes[i]
+        if node.op in _ACROSS_FEATURES:
+            return None
+        if node.type.batched and node.type.shape and not multiple(node.type.shape[0]):
+            return None
+        if node.op == "slice" and not multiple(node.attrs[0]):
+            return None
+        if node.op == "concat" and not all(multiple(g.nodes[a].type.shape[0]) for a in node.args):
+            return None
+        if node.op in ("matvec", "matvec_t"):
+            blocks = _blocks(g, node.args[0], forward)
+            if blocks is None:
+                return None
+            (n, d, e), _ = blocks
+            if not (n * d == whole and n * e == whole) or heads is not None and heads != n:
+                return None
+            heads = n
+    return heads
 
 
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
     w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
-    w.line("PERSISTENT_FEATURES = 128  # the widest stored value a persistent program keeps whole (an LSTM's H = 256")
+    w.line("PERSISTENT_FEATURES = 128  # the most features a persistent program keeps (an LSTM's H = 256")
     w.line("# needs 268 KB of shared memory compiled for an H100, over its 227 KB)")
     w.line("SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)")
     w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
     w.line("PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)")
     w.line("")
     w.line("")
-    with w.block("def persistent(B, widest):"):
-        w.line('"""Whether a pass runs its time loop as one kernel (each program its examples\' every feature,')
-        w.line("step after step) rather than kernels launched once a step: where asked for (PERSISTENT) and")
-        w.line('a row of the widest stored value fits a program (PERSISTENT_FEATURES)."""')
-        w.line("return bool(PERSISTENT) and widest <= PERSISTENT_FEATURES")
+    with w.block("def persistent(B, features):"):
+        w.line('"""Whether a pass runs its time loop as one kernel (each program its examples\' features, step')
+        w.line("after step) rather than kernels launched once a step: where asked for (PERSISTENT) and the")
+        w.line("features a program keeps (a row of the widest stored value, or one head's) fit it")
+        w.line('(PERSISTENT_FEATURES)."""')
+        w.line("return bool(PERSISTENT) and features <= PERSISTENT_FEATURES")
     w.line("")
     w.line("")
     with w.block("def tiles(B, precision):"):
