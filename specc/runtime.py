@@ -224,6 +224,18 @@ def _check_memory(what: str, shapes: dict, dtype: torch.dtype) -> None:
                          f"this machine's memory ({total / 2**30:,.1f} GiB)")
 
 
+def _half_products(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The half precision the Triton kernels' step products take, or None for float32: autocast's
+    dtype where it is on for the device, else the module's own (bfloat16 or float16 parameters).
+    States, sums and every other operation stay float32. Triton's interpreter multiplies bfloat16
+    wrongly (its NumPy has no such type), so on CPU tensors only float16 is taken."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    if dtype not in _HALF or dtype == torch.bfloat16 and device.type != "cuda":
+        return None
+    return dtype
+
+
 class _Scan(torch.autograd.Function):
     """The whole sequence as one autograd node: forward and backward are the generated code."""
 
@@ -508,7 +520,8 @@ class CellModule(nn.Module):
         use_triton = self.backend == "triton" or (self.backend == "auto" and on_cuda)
         full = {t.dtype for t in tensors if t.dtype not in _HALF}
         if use_triton:
-            runner = BACKENDS["triton"].run(scan=self.scan)
+            products = _half_products(tensors[0].device, dtype)
+            runner = BACKENDS["triton"].run(scan=self.scan, products=products)
             problem = runner.problem(self.program, on_cuda)
             if problem:
                 raise RuntimeError(problem)
@@ -516,7 +529,8 @@ class CellModule(nn.Module):
                 raise TypeError(f"the Triton backend computes in float32 (float16 and bfloat16 are widened), not "
                                 f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' on the CPU "
                                 f"for float64")
-            return runner, torch.float32, ("asked for" if self.backend == "triton" else "CUDA tensors")
+            why = "asked for" if self.backend == "triton" else "CUDA tensors"
+            return runner, torch.float32, why + (f", {str(products).removeprefix('torch.')} products" if products else "")
         if on_cuda or tensors[0].device.type != "cpu":
             raise RuntimeError(f"the {self.backend if self.backend == 'c' else 'numpy'} backend runs on the CPU, "
                                f"but got tensors on {tensors[0].device}; "

@@ -7,7 +7,8 @@ whose name ends with SUFFIX is compiled for sm_90 (H100/H200) with the arguments
 and not run; the pass's host code goes on with unfilled buffers. Prints one line a kernel,
 "ok NAME shared=BYTES" or "FAIL NAME: why", and exits 1 if any failed.
 
-    python tests/compile_for_gpu.py SUFFIX [CELL or CELL:D=V,D=V ...]   (default: every library cell)
+    python tests/compile_for_gpu.py SUFFIX [--products=bfloat16|float16] [CELL or CELL:D=V,D=V ...]
+    (default: every library cell; --products: the step's products in that half precision)
 """
 from __future__ import annotations
 
@@ -78,9 +79,14 @@ def main(argv: list[str]) -> int:
     from specc.runtime import own_inputs
 
     suffix = argv[0]
+    half = [a.split("=")[1] for a in argv[1:] if a.startswith("--products=")]
+    if half:  # the step's products in bfloat16 or float16, as autocast or a half-precision module asks
+        from specc import runtime
+
+        runtime._half_products = lambda device, dtype: getattr(torch, half[0])
     # CELL or CELL:D=V,D=V (those sizes instead of small ones)
     wanted = {a.split(":")[0]: dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in a.split(":")[1].split(","))
-              if ":" in a else None for a in argv[1:]}
+              if ":" in a else None for a in argv[1:] if not a.startswith("--")}
     JITFunction.run = _compile_only(suffix)
     runners.TritonRunner.problem = lambda self, prog, on_cuda: None  # CPU tensors, no interpreter
     for spec in spec_names():

@@ -41,6 +41,23 @@ def test_random_cells_match_the_reference(backend):
     one()
 
 
+def test_random_multi_head_cells_match_the_reference():
+    """Cells of independent heads (gen.heads_cells): their per-head products on the C loops and on
+    Triton, whose products multiply only the blocks a tile meets and whose persistent loop runs a
+    program a head (issue #17). The library has one such cell; these are drawn."""
+    from specc.fuzz.gen import heads_cells
+
+    @settings(max_examples=15, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(heads_cells())
+    def one(cell):
+        found = differences(cell.text, cell.dims, ("c", "triton"), seed=_seed(cell),
+                            modes=("train", "no_grad", "persistent"))
+        assert not found, "\n".join(map(str, found))
+
+    one()
+
+
 @pytest.mark.parametrize("split", ["rows", "cols"])
 def test_random_cells_with_the_batch_split_among_the_c_loops_threads(monkeypatch, split):
     """The C loops split the batch among threads, each running every step on its own rows: no op

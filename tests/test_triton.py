@@ -59,13 +59,15 @@ def test_every_spec_matches_the_numpy_backend_with_the_time_loop_in_one_kernel(s
 
 
 @pytest.mark.parametrize("suffix, cells", [
-    ("", []), ("_steps", []), ("_steps", ["lstm:I=64,H=128", "gru:I=64,H=128", "multihead_lstm:I=64,N=4,D=32"])],
-    ids=["every-kernel", "persistent", "persistent-at-its-widest"])
+    ("", []), ("_steps", []), ("_steps", ["lstm:I=64,H=128", "gru:I=64,H=128", "multihead_lstm:I=64,N=4,D=32"]),
+    ("", ["--products=bfloat16", "lstm", "gru", "multihead_lstm:I=64,N=4,D=32"])],
+    ids=["every-kernel", "persistent", "persistent-at-its-widest", "bfloat16-products"])
 def test_kernels_compile_for_a_gpu(suffix, cells):
     """Every library cell's kernels, compiled (not run) for an H100 by Triton's own compiler, within
     its shared memory: the interpreter runs kernels as Python, so a value whose shape changes in a
     loop, which the compiler refuses, passes there (tests/compile_for_gpu.py). The persistent loop
-    also at PERSISTENT_FEATURES (128) features."""
+    also at PERSISTENT_FEATURES (128) features; and products in bfloat16, which the interpreter
+    cannot multiply."""
     import os
     import subprocess
     from pathlib import Path
@@ -225,6 +227,42 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     assert module.W_hh.grad.dtype == F32 and torch.isfinite(module.W_hh.grad).all()
 
 
+def _lstm_loop(x, h, c, p, rounded):
+    """torch.nn.LSTM's step written out, the recurrent product's factors passed through `rounded`."""
+    ys = []
+    for xt in x:
+        gates = xt @ p["W_ih"].T + p["b_ih"] + rounded(h) @ rounded(p["W_hh"]).T + p["b_hh"]
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
+def test_a_float16_module_multiplies_in_float16_and_sums_in_float32():
+    """Issue #17: a float16 module's step products take float16 factors (tensor cores on a GPU) and
+    float32 sums; states and everything else stay float32. Forward: as a loop whose recurrent
+    product rounds h and W_hh to float16 and nothing else, to float32's rounding, and measurably
+    unlike the all-float32 loop. Gradients: near float32's. (bfloat16 the same on a GPU, where
+    test_triton_gpu checks it: Triton's interpreter multiplies bfloat16 wrongly.)"""
+    module = specc.load("lstm", I=20, H=40, backend="triton").half()
+    p = {n: t.detach().float().requires_grad_() for n, t in module.named_parameters()}
+    x, h0, c0 = torch.randn(6, 3, 20).half().float(), torch.randn(3, 40), torch.randn(3, 40)
+    y, (h, c) = module(x, (h0, c0))
+    assert module.backend_choice == "triton: asked for, float16 products"
+    want_y, want_h, want_c = _lstm_loop(x, h0, c0, p, lambda t: t.half().float())
+    plain_y, _, _ = _lstm_loop(x, h0, c0, p, lambda t: t)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    # the rounding to float16 shows: the all-float32 loop is ten times as far
+    assert (y - plain_y).abs().max() > 10 * (y - want_y).abs().max()
+    (y.sum() + c.sum()).backward()
+    (plain_y.sum() + _lstm_loop(x, h0, c0, p, lambda t: t)[2].sum()).backward()
+    for name, param in module.named_parameters():
+        assert param.grad.dtype == torch.float16
+        torch.testing.assert_close(param.grad.float(), p[name].grad, rtol=2e-2, atol=2e-2)
+
+
 def test_runs_under_autocast():
     module = specc.load("gru", I=12, H=10, backend="triton")
     head = torch.nn.Linear(10, 3)
@@ -368,7 +406,7 @@ def test_compiled_module_holds_readable_kernels():
     # The spec's own lines, one fused loop over h for the four gate products, and a masked store of h'.
     assert "specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g)" in kernel
     assert kernel.count("for k0 in range(0, H, BLOCK_K):") == 1
-    assert kernel.count("tl.dot(") == 4
+    assert kernel.count(" dot(operand, weight, PRECISION)") == 4
     assert "tl.store(h_seq + ((t + 1) * B + offs_b)" in kernel
 
 

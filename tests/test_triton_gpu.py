@@ -112,6 +112,32 @@ def test_runs_under_autocast():
     assert module.W_ih.grad is not None and torch.isfinite(module.W_ih.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("how", ["autocast", "module"])
+def test_half_precision_products(dtype, how):
+    """Issue #17: under autocast, or for a module in half precision, the step's products take
+    half-precision factors and float32 sums; states stay float32. Against the LSTM loop whose
+    recurrent product rounds h and W_hh so (test_triton's _lstm_loop), on the CPU; the bfloat16
+    path only here (Triton's interpreter multiplies bfloat16 wrongly)."""
+    from test_triton import _lstm_loop
+
+    module = specc.load("lstm", I=40, H=72, backend="triton").cuda()
+    if how == "module":
+        module = module.to(dtype)
+    p = {n: t.detach().float().cpu() for n, t in module.named_parameters()}
+    x, h0, c0 = torch.randn(8, 5, 40).to(dtype).float(), torch.randn(5, 72), torch.randn(5, 72)
+    with torch.autocast("cuda", dtype=dtype, enabled=how == "autocast"):
+        y, (h, c) = module(x.cuda(), (h0.cuda(), c0.cuda()))
+    assert module.backend_choice.endswith(f"{str(dtype).removeprefix('torch.')} products")
+    want, _, _ = _lstm_loop(x, h0, c0, p, lambda t: t.to(dtype).float())
+    # Under autocast torch's own products around the loop (W_ih @ x) round their results to `dtype`
+    # too, as they do for torch.nn.LSTM: only near the loop's numbers.
+    tol = 3e-2 if how == "autocast" else 1e-4
+    torch.testing.assert_close(y.float().cpu(), want, rtol=tol, atol=tol)
+    y.float().sum().backward()
+    assert torch.isfinite(module.W_hh.grad).all()
+
+
 def test_a_long_sequence_of_a_large_batch():
     """Offsets past one tile in every direction, and many launches: T * B * H = 1.3M values."""
     ref = torch.nn.LSTM(128, 160)

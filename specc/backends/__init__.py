@@ -28,12 +28,13 @@ class Backend:
     generated_names: frozenset[str]  # names its generated code uses for itself
     runner: str  # the class in backends/runners.py that runs a loaded module's code
 
-    def run(self, scan: bool = True):
+    def run(self, scan: bool = True, **options):
         """A runner for this backend (imports torch, which generating code never needs). scan=False:
-        linear recurrences run as a sequential loop, as every other cell (see specc/scan.py)."""
+        linear recurrences run as a sequential loop, as every other cell (see specc/scan.py);
+        options: the backend's own (Triton's products)."""
         from . import runners
 
-        return getattr(runners, self.runner)(scan)
+        return getattr(runners, self.runner)(scan, **options)
 
 
 BACKENDS: dict[str, Backend] = {

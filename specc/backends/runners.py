@@ -113,8 +113,14 @@ class TritonRunner(TorchHostRunner):
                     "interpreter, slow) or use backend='numpy'")
         return None
 
+    def __init__(self, scan: bool = True, products=None):
+        super().__init__(scan)
+        # bfloat16 / float16: the step's products multiply in it (autocast's dtype, or a half-precision
+        # module's); None: in float32 (or TF32). The same for a forward pass and its backward.
+        self.products = products
+
     def _extra(self, prog, dims) -> dict:
-        return self._options()
+        return self._options() | ({"products": self.products} if self.products is not None else {})
 
 
 class CRunner(TorchHostRunner):

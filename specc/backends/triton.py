@@ -43,7 +43,9 @@ from .writer import Namer, TermSpeller, Writer
 # (BLOCK_B, BLOCK_F, BLOCK_K) for batches up to SMALL_BATCH and above, by product precision: the
 # best of those measured at the fastrnns sizes on an H200 (bench/results/gpu-2026-11-26.md). TF32
 # tiles may be wider, as tensor cores make each product cheap. tl.dot needs sides >= 16.
-TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": ((16, 32, 32), (32, 64, 32))}
+TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": ((16, 32, 32), (32, 64, 32)),
+                      # not yet measured: tf32's, as these also run on tensor cores
+                      "bf16": ((16, 32, 32), (32, 64, 32)), "fp16": ((16, 32, 32), (32, 64, 32))}
 SMALL_BATCH = 64
 
 # Names the kernels, and the Triton host code around them, use for themselves.
@@ -52,7 +54,7 @@ KERNEL_NAMES = frozenset({
     "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
     "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
     "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES", "f0", "f_last",
-    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads"})
+    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads", "dot", "products"})
 
 
 def _p(code: str) -> str:
@@ -426,7 +428,7 @@ class KernelWriter:
                     else:  # W^T: rows k of W, columns offset + j
                         addr = f"{wptr} + offs_k[:, None] * {_p(cols_w)} + {rows}[None, :]"
                     b.line(f"weight = tl.load({addr}, mask=mask_k[:, None] & mask_f[None, :], other=0.0)")
-                    b.line(f"{acc} += tl.dot(operand, weight, input_precision=PRECISION)")
+                    b.line(f"{acc} += dot(operand, weight, PRECISION)")
             for (i, offset), acc in zip(members, accs):
                 self.memo[(i, str(offset))] = acc
 
@@ -831,7 +833,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
             grid = f"(triton.cdiv(B, BLOCK_B), triton.cdiv({tile}, BLOCK_F))"
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
             made.append((stage, tile, kw))
-    w.line("precision = dot_precision(dev)")
+    w.line("precision = dot_precision(dev, products)")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
     if every_tensor:
         w.line(f"wide = max(a.numel() for a in ({', '.join(every_tensor)},) if a is not None) >= WIDE_ELEMENTS")
@@ -864,7 +866,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
 def _constants(bodies: list[KernelWriter]) -> tuple[list[str], list[str]]:
     """The constexpr parameters of a kernel made of these bodies, and what its launch passes for them."""
     names = (["TRAIN"] if any(kw.uses_train for kw in bodies) else []) \
-        + (["PRECISION"] if any("tl.dot(" in line for kw in bodies for line in kw.body.lines) else []) \
+        + (["PRECISION"] if any(" dot(" in line for kw in bodies for line in kw.body.lines) else []) \
         + ["WIDE", "BLOCK_B", "BLOCK_F", "BLOCK_K"]
     host = {"TRAIN": "train", "PRECISION": "precision", "WIDE": "wide"}
     return [f"{n}: tl.constexpr" for n in names], [f"{n}={host.get(n, n)}" for n in names] + ["num_warps=NUM_WARPS"]
@@ -995,9 +997,13 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
         w.line('raise ValueError(f"no tiles for products in {precision}")')
     w.line("")
     w.line("")
-    with w.block("def dot_precision(dev):"):
-        w.line('"""Products in float32, or in TF32 on tensor cores where torch allows that for its own float32')
-        w.line('matmuls (torch.set_float32_matmul_precision("high" or "medium")) and the GPU has them (Ampere on)."""')
+    with w.block("def dot_precision(dev, products=None):"):
+        w.line('"""How the step\'s products multiply: in bfloat16 or float16 where asked (products: autocast\'s')
+        w.line("dtype, or a half-precision module's; float32 sums either way); else in float32, or in TF32 on")
+        w.line('tensor cores where torch allows that for its own float32 matmuls (torch.set_float32_matmul_precision(')
+        w.line('"high" or "medium")) and the GPU has them (Ampere on)."""')
+        with w.block("if products is not None:"):
+            w.line('return {torch.bfloat16: "bf16", torch.float16: "fp16"}[products]')
         with w.block('if torch.get_float32_matmul_precision() == "highest":'):
             w.line('return "ieee"')
         w.line('return "tf32" if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 8 else "ieee"')
@@ -1020,6 +1026,19 @@ def _helpers_used(code: str) -> list[str]:
         used |= more
 
 
+DOT = '''@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """a @ b, summed in float32: the factors rounded to bfloat16 or float16 first where PRECISION says
+    so (tensor cores at half the bits), else multiplied in float32 ("ieee") or TF32 ("tf32")."""
+    if PRECISION == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "fp16":
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out'''
+
+
 def _preamble(w: Writer, code: str) -> None:
     w.line("try:")
     w.line("    import torch")
@@ -1029,6 +1048,10 @@ def _preamble(w: Writer, code: str) -> None:
     w.line("    from specc.backends.triton_missing import triton, tl")
     w.line("")
     w.line("")
+    if " dot(" in code:
+        w.lines.extend(DOT.split("\n"))
+        w.line("")
+        w.line("")
     for helper in _helpers_used(code):
         w.line("@triton.jit")
         w.lines.extend(helper.rstrip("\n").split("\n"))
@@ -1040,7 +1063,7 @@ TARGET = LoopTarget(
     "triton", _emit_scan, _finish, torch_spell,
     ("forward, with the time loop as fused Triton kernels; tensors are float32 on one device.",
      "backward, with the time loop as fused Triton kernels."),
-    reserved=KERNEL_NAMES, copy_saved_views=True, extra_args=("scan=True",),
+    reserved=KERNEL_NAMES, copy_saved_views=True, extra_args=("scan=True", "products=None"),
     title="--- Triton backend: the time loop as fused GPU kernels, the rest in torch ---", preamble=_preamble)
 # Every name the Triton part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = HOST_NAMES | KERNEL_NAMES | helper_names("triton_helper") | {"forward_triton", "backward_triton",

@@ -317,7 +317,54 @@ def _refs_batched(text: str, pool: list[_Val]) -> bool:
 
 
 @st.composite
+def heads_cells(draw) -> GenCell:
+    """A cell whose loop is independent heads (issue #17's multi-head recurrences): every state has
+    heads * D features, every product through a state is per-head with square blocks (R[heads, D,
+    D] @ v), everything else in the loop elementwise; the inputs' products are dense. The Triton
+    backend runs such a loop persistent with a program a head, which no other cell exercises."""
+    w = _Writer(draw)
+    heads = draw(st.sampled_from(("N", 2, 3)))
+    for d in (["N"] if heads == "N" else []) + ["D"]:
+        w.taken.add(d)
+        w.dims[d] = draw(st.sampled_from((1, 2, 3, 5)))
+    n = _Sz(Size.of(heads), w.dims.get("N", heads) if heads == "N" else heads)
+    block = _Sz(Size.of("D"), w.dims["D"])
+    sz = _Sz(n.size * block.size, n.value * block.value)
+    x = w.name("x", "input")
+    decls = [f"    input {x}[{(isz := w.size())}]"]
+    states = [w.name("h", "state") for _ in range(draw(st.integers(1, 2)))]
+    decls += [f"    state {h}[{sz}]" + draw(st.sampled_from(("", " = learned", " = constant(0.5)"))) for h in states]
+
+    def operand(names: list[str]) -> str:
+        v = draw(st.sampled_from(names))
+        return draw(st.sampled_from((v, f"tanh({v})", f"{v} * {draw(st.sampled_from(names))}",
+                                     f"sigmoid({v}) - 0.5")))
+
+    def terms(names: list[str]) -> str:
+        parts = [f"{w.param('R', (n, block, block))} @ ({operand(names)})"
+                 for _ in range(draw(st.integers(1, 2)))]
+        parts.append(f"{w.param('W', (sz, isz))} @ {x}")
+        if draw(st.booleans()):
+            parts.append(w.param("b", (sz,)))
+        return " + ".join(draw(st.permutations(parts)))
+
+    equations, seen = [], list(states)
+    for h in states:
+        if draw(st.booleans()):  # gated, as a GRU's
+            text = f"sigmoid({terms(seen)}) * {h} + (1 - sigmoid({terms(seen)})) * tanh({terms(seen)})"
+        else:
+            text = f"{draw(st.sampled_from(('tanh', 'sigmoid', 'softsign')))}({terms(seen)})"
+        equations.append(f"    {h}' = {text}")
+        seen.append(f"{h}'")  # a later state may read this one's next value (the LSTM's h' reads c')
+    outputs = [f"    output {draw(st.sampled_from(seen[len(states):]))}"]
+    lines = [f"cell heads({', '.join(w.dims)}) {{", *decls, *w.params, *equations, *outputs, "}"]
+    return GenCell("\n".join(lines) + "\n", "heads", dict(w.dims))
+
+
+@st.composite
 def cells(draw, max_values: int = 5, max_depth: int = 3) -> GenCell:
+    if draw(st.integers(0, 15)) == 0:
+        return draw(heads_cells())
     w = _Writer(draw)
     n_dims = draw(st.integers(1, 3))
     for _ in range(n_dims):
