@@ -54,7 +54,7 @@ KERNEL_NAMES = frozenset({
     "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
     "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
     "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES", "f0", "f_last",
-    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads", "dot", "products"})
+    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads", "dot", "products", "dot_weight"})
 
 
 def _p(code: str) -> str:
@@ -234,8 +234,12 @@ class KernelWriter:
     """Writes one kernel: a tile of the values of one stage that share a feature size."""
 
     def __init__(self, s: Schedule, plan: LoopPlan, host: HostNames, reverse: bool, tile: Size, stage: int,
-                 source: tuple[list[str], str], namer: Namer, forward: Graph | None = None):
+                 source: tuple[list[str], str], namer: Namer, forward: Graph | None = None,
+                 weights: dict[str, str] | None = None):
         self.s, self.g, self.plan, self.host, self.reverse = s, s.graph, plan, host, reverse
+        # each product weight's host name -> its copy as the products read it (dot_weight), shared
+        # by the pass's kernels
+        self.weights = {} if weights is None else weights
         self.forward = forward  # a backward pass's forward step, where its saved weights were made
         self.tile, self.stage = tile, stage
         self.lines, self.file = source
@@ -421,7 +425,10 @@ class KernelWriter:
                     node = self.g.nodes[i]
                     w = node.args[0]
                     cols_w = str(self.g.nodes[w].type.shape[1])
-                    wptr = self._arg(self.host.names[w])
+                    whole = self.host.names[w]
+                    if whole not in self.weights:
+                        self.weights[whole] = self.namer(f"{whole}_dot")
+                    wptr = self._arg(self.weights[whole])
                     rows = _off("offs_f", offset)
                     if node.op == "matvec":  # rows offset + j of W, columns k
                         addr = f"{wptr} + {rows}[None, :] * {_p(cols_w)} + offs_k[:, None]"
@@ -802,6 +809,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
     # a name two bodies gave values of different shapes would be one variable (Triton refuses a
     # loop-carried value whose shape changes).
     namer = Namer(taken | HOST_NAMES | KERNEL_NAMES)
+    weights: dict[str, str] = {}
     for stage in range(plan.n_stages):
         tasks = _store_tasks(s, plan, names, host.reverse, stage, guard)
         by_tile: dict[str, list[StoreTask]] = {}
@@ -811,7 +819,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
             tile = g.nodes[group[0].node].type.shape[0]
             kname = f"{fn}_step{stage}" + (f"_{len(launches)}" if len(by_tile) > 1 else "")
             kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, namer,
-                              host.forward.graph if host.forward else None)
+                              host.forward.graph if host.forward else None, weights)
             kw.products(kw.demanded_products([task.node for task in group]))
             for task in group:
                 kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
@@ -834,6 +842,8 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
             launches.append(f"{kname}[{grid}]({', '.join(params + extra)})")
             made.append((stage, tile, kw))
     w.line("precision = dot_precision(dev, products)")
+    for whole, copy in weights.items():
+        w.line(f"{copy} = dot_weight({whole}, precision)")
     w.line("BLOCK_B, BLOCK_F, BLOCK_K = tiles(B, precision)")
     if every_tensor:
         w.line(f"wide = max(a.numel() for a in ({', '.join(every_tensor)},) if a is not None) >= WIDE_ELEMENTS")
@@ -1007,6 +1017,12 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
         with w.block('if torch.get_float32_matmul_precision() == "highest":'):
             w.line('return "ieee"')
         w.line('return "tf32" if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 8 else "ieee"')
+    w.line("")
+    w.line("")
+    with w.block("def dot_weight(weight, precision):"):
+        w.line('"""A weight as the step\'s products read it: rounded to bfloat16 or float16 once a pass where they')
+        w.line('multiply so (each step then reads half the bytes), else the weight itself."""')
+        w.line('return weight.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, weight.dtype))')
     w.lines.extend(kernels.lines)
     w.line("")
     w.line("")
