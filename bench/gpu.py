@@ -122,23 +122,24 @@ def launched_on(module, variant: Variant | None):
         yield
         return
     prog, precision = module.program, torch.get_float32_matmul_precision()
-    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.persistent
+    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.grid_slices
     prog.TILES = tuple(int(n) for n in variant.tile.split("x")) if variant.tile else None
     prog.NUM_WARPS = variant.warps or prog.NUM_WARPS
     prog.PERSISTENT = variant.persistent
     chose = before[3]
 
-    def persistent(B, widest):  # a row labelled persistent must have run so: wider ones fail
-        if variant.persistent and not chose(B, widest):
-            raise ValueError(f"not run: {widest} features, over PERSISTENT_FEATURES")
-        return chose(B, widest)
+    def grid_slices(B, features, BLOCK_B, dev):  # a row labelled persistent must have run so
+        slices = chose(B, features, BLOCK_B, dev)
+        if variant.persistent and not slices:
+            raise ValueError(f"not run: {features} features in slices need more programs than the GPU holds")
+        return slices
 
-    prog.persistent = persistent
+    prog.grid_slices = grid_slices
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
     try:
         yield
     finally:
-        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.persistent = before
+        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.grid_slices = before
         torch.set_float32_matmul_precision(precision)
 
 

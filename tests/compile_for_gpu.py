@@ -7,8 +7,9 @@ whose name ends with SUFFIX is compiled for sm_90 (H100/H200) with the arguments
 and not run; the pass's host code goes on with unfilled buffers. Prints one line a kernel,
 "ok NAME shared=BYTES" or "FAIL NAME: why", and exits 1 if any failed.
 
-    python tests/compile_for_gpu.py SUFFIX [--products=bfloat16|float16] [CELL or CELL:D=V,D=V ...]
-    (default: every library cell; --products: the step's products in that half precision)
+    python tests/compile_for_gpu.py SUFFIX [--products=bfloat16|float16] [--grid] [CELL or CELL:D=V,D=V ...]
+    (default: every library cell; --products: the step's products in that half precision; --grid:
+    the persistent loop in slices of 128 features with a barrier across the grid)
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def main(argv: list[str]) -> int:
             dims = wanted.get(cell.name) or {d: 5 + 2 * k for k, d in enumerate(cell.dims)}  # small, odd, different
             m = specc.load(spec, cell.name, backend="triton", **dims)
             m.program.PERSISTENT = suffix == "_steps"
+            if "--grid" in argv:  # rows in slices of PERSISTENT_FEATURES, a barrier across the grid
+                m.program.persistent = lambda B, features: False
+                m.program.grid_slices = lambda B, features, BLOCK_B, dev: triton.cdiv(features, 128)
             xs = tuple(torch.randn(3, 2, m.sizes["inputs"][n][0], requires_grad=True) for n in own_inputs(m.program))
             out = m(xs[0] if len(xs) == 1 else xs) if xs else m(steps=3, batch=2)
             sum(t.sum() for t in torch.utils._pytree.tree_leaves(out) if t.requires_grad).backward()

@@ -60,14 +60,15 @@ def test_every_spec_matches_the_numpy_backend_with_the_time_loop_in_one_kernel(s
 
 @pytest.mark.parametrize("suffix, cells", [
     ("", []), ("_steps", []), ("_steps", ["lstm:I=64,H=128", "gru:I=64,H=128", "multihead_lstm:I=64,N=4,D=32"]),
-    ("", ["--products=bfloat16", "lstm", "gru", "multihead_lstm:I=64,N=4,D=32"])],
-    ids=["every-kernel", "persistent", "persistent-at-its-widest", "bfloat16-products"])
+    ("", ["--products=bfloat16", "lstm", "gru", "multihead_lstm:I=64,N=4,D=32"]),
+    ("_steps", ["--grid", "lstm:I=64,H=512", "gru:I=64,H=512", "gru_cho:I=64,H=300"])],
+    ids=["every-kernel", "persistent", "persistent-at-its-widest", "bfloat16-products", "persistent-in-slices"])
 def test_kernels_compile_for_a_gpu(suffix, cells):
     """Every library cell's kernels, compiled (not run) for an H100 by Triton's own compiler, within
     its shared memory: the interpreter runs kernels as Python, so a value whose shape changes in a
     loop, which the compiler refuses, passes there (tests/compile_for_gpu.py). The persistent loop
-    also at PERSISTENT_FEATURES (128) features; and products in bfloat16, which the interpreter
-    cannot multiply."""
+    also at PERSISTENT_FEATURES (128) features, and in slices of it with the barrier across the grid;
+    and products in bfloat16, which the interpreter cannot multiply."""
     import os
     import subprocess
     from pathlib import Path
@@ -299,6 +300,33 @@ def test_auto_uses_numpy_for_cpu_tensors(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # no triton needed on the CPU
     y, _ = module(torch.randn(2, 1, 3))
     assert y.shape == (2, 1, 4)
+
+
+@pytest.mark.parametrize("cell, dims", [("lstm", dict(I=7, H=37)), ("gru_cho", dict(I=5, H=11)),
+                                         ("second_order", dict(I=3, H=5))])
+def test_rows_in_slices_with_a_barrier_across_the_grid(cell, dims, monkeypatch):
+    """Issue #17's grid-wide loop: programs own slices of a row too wide for one, with a barrier
+    across the grid after each stage (GRID_SYNC). Under the interpreter, which runs programs one
+    after another, only a grid of one program passes that barrier, and only such a grid is launched
+    (grid_slices(); more examples fall back to a launch a step): here it runs the barrier's code
+    and the loop's arithmetic, against NumPy. tests/test_triton_gpu.py runs many programs."""
+    ref = specc.load(cell, backend="numpy", **dims)
+    ours = specc.load(cell, backend="triton", **dims)
+    ours.load_state_dict(ref.state_dict())
+    prog = ours.program
+    monkeypatch.setattr(prog, "PERSISTENT", True)
+    monkeypatch.setattr(prog, "persistent", lambda B, features: False)  # as if a row were too wide
+    monkeypatch.setattr(prog, "PERSISTENT_FEATURES", 1 << 30)  # one slice
+    for B, grid in ((3, [(1, 1), (1, 1)]), (40, [])):  # 40 examples: three programs, not resident here
+        grids = []
+        for name in dir(prog):
+            if name.endswith(("_forward_steps", "_backward_steps")):
+                monkeypatch.setattr(prog, name, _Grids(getattr(prog.__dict__[name], "kernel", prog.__dict__[name]),
+                                                       grids))
+        x = torch.randn(3, B, dims["I"])
+        state = [torch.randn(B, ref.sizes["states"][n][0]) for n in prog.STATES]
+        assert_same(run(ours, x, state), run(ref, x, state))
+        assert grids == grid
 
 
 class _NanBetweenBlocks:

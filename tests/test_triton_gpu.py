@@ -45,6 +45,22 @@ def test_every_spec_with_the_time_loop_in_one_kernel(spec_cell, monkeypatch):
     assert_spec_matches_numpy(spec_cell, "triton", B=19, device="cuda", T=6, tol=5e-5)
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_rows_in_slices_with_a_barrier_across_the_grid(name, monkeypatch):
+    """Issue #17: a row wider than PERSISTENT_FEATURES (32 here) in slices, a program each (four
+    slices of 100 features, two batch tiles: eight programs, resident at once), with a barrier
+    across the grid after each stage of a step; against torch.nn on the CPU."""
+    make, _ = TORCH_LAYERS[name]
+    ref = make(37, 100)
+    ours = specc.from_torch(ref, backend="triton").cuda()
+    prog = ours.program
+    monkeypatch.setattr(prog, "PERSISTENT", True)
+    monkeypatch.setattr(prog, "PERSISTENT_FEATURES", 32)
+    x = torch.randn(30, 19, 37)
+    state = [torch.randn(19, 100) * 0.5 for _ in prog.STATES]
+    assert_same(run(ours, x, state, device="cuda"), run(TorchLayer(ref), x, state), tol=5e-5)
+
+
 @pytest.mark.parametrize("D", [16, 48])
 def test_independent_heads_each_a_program(D, monkeypatch):
     """Issue #17: the persistent kernel of a multi-head LSTM runs a program per (batch tile, head),

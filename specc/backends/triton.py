@@ -54,7 +54,8 @@ KERNEL_NAMES = frozenset({
     "BLOCK_B", "BLOCK_F", "BLOCK_K", "grid", "acc", "operand", "weight", "PRECISION", "precision", "TILES", "tiles",
     "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
     "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES", "f0", "f_last",
-    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads", "dot", "products", "dot_weight"})
+    "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads", "dot", "products", "dot_weight",
+    "GRID_SYNC", "grid_slices", "slices", "counter", "programs", "arrived", "room", "grid_sync"})
 
 
 def _p(code: str) -> str:
@@ -859,10 +860,15 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
         else:
             w.line(f"heads = {heads}  # independent heads: each reads only its own features, step after step")
         with w.block("if persistent(B, widest // heads):"):
-            w.comment("The whole time loop in one launch: a program keeps its examples' features (every one, or "
-                      "one head's), step after step.")
-            w.line("n_features = widest // heads")
+            w.line("slices, grid_sync = heads, False")
+        with w.block("else:"):
+            w.line("slices, grid_sync = grid_slices(B, widest, BLOCK_B, dev), True")
+        with w.block("if slices:"):
+            w.comment("The whole time loop in one launch: a program keeps its examples' features (every one, one "
+                      "head's, or a slice of them, with a barrier across the grid), step after step.")
+            w.line("n_features = triton.cdiv(widest, slices)")
             w.line("BLOCK_F = max(16, triton.next_power_of_2(n_features))")
+            w.line("counter, programs = torch.zeros(1, dtype=torch.int32, device=dev), triton.cdiv(B, BLOCK_B) * slices")
             w.line(launch)
         with w.block("else:"):
             w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
@@ -902,18 +908,21 @@ def _program_offsets(k: Writer, persistent: bool) -> None:
 def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWriter]], kname: str, reverse: bool,
                      dims: tuple[str, ...], wrapped: bool) -> str:
     """The step kernels as one kernel that loops over the steps itself, each program owning BLOCK_B
-    examples and n_features features: every feature (one program a batch tile), or, where the loop's
-    heads are independent (_heads), one head's (a program per head and batch tile). Either way what
-    a step's later stage, or the next step, reads from memory this program wrote, so a barrier
-    among its own threads is all that orders them, and the kernel runs under Triton's interpreter,
-    which runs programs one after another. No launch per step; each step still reads the weights
-    (from cache). Returns the launch's code. Issue #17's grid-wide form (programs owning slices of
-    the features, a barrier across them) needs a GPU to be tested."""
+    examples and n_features features: every feature (one program a batch tile), one head's where
+    the loop's heads are independent (_heads), or a slice of a row too wide for one program. In the
+    first two, what a step's later stage, or the next step, reads from memory this program wrote,
+    so a barrier among its own threads orders them, and the kernel runs under Triton's interpreter,
+    which runs programs one after another. Slices read each other's features: GRID_SYNC adds a
+    barrier across the grid after each stage (a counter every program adds to and waits on), which
+    only a grid whose programs are all resident at once can pass (grid_slices()); under the
+    interpreter, a grid of one. No launch per step; each step still reads the weights (from cache).
+    Returns the launch's code."""
     tensors: dict[str, None] = {}
     for _, _, kw in made:
         tensors.update(dict.fromkeys(kw.args))
-    params = list(tensors) + ["T", "B", *dims] + (["wrap"] if wrapped else []) + ["n_features"]
+    params = list(tensors) + ["T", "B", *dims] + (["wrap"] if wrapped else []) + ["n_features", "counter", "programs"]
     consts, extra = _constants([kw for _, _, kw in made])
+    consts, extra = consts + ["GRID_SYNC: tl.constexpr"], extra + ["GRID_SYNC=grid_sync"]
     k = kernels_out
     k.line("")
     k.line("")
@@ -922,6 +931,7 @@ def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWrit
     k.line(f'    """Every step{" from the last to the first" if reverse else ""}, each stage of it as its kernel '
            'of one step computes it, for BLOCK_B examples and n_features of their features."""')
     _program_offsets(k, persistent=True)
+    k.line("    arrived = 0  # programs * stages passed, for GRID_SYNC's barrier")
     k.line("    for step in range(0, T):")
     k.line(f"        t = {'T - 1 - step' if reverse else 'step'}")
     for n, (stage, tile, kw) in enumerate(made):
@@ -931,7 +941,13 @@ def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWrit
         # The next stage, or the next step, reads what this one stored, from other threads.
         if n + 1 == len(made) or made[n + 1][0] != stage:
             k.line("        tl.debug_barrier()")
-    return f"{kname}[(triton.cdiv(B, BLOCK_B), heads)]({', '.join(params + extra)})"
+            k.line("        if GRID_SYNC:  # and from other programs: a barrier across the grid, all of it resident")
+            k.line("            arrived += programs")
+            k.line('            tl.atomic_add(counter, 1, sem="release")')
+            k.line('            while tl.atomic_add(counter, 0, sem="acquire") < arrived:')
+            k.line("                pass")
+            k.line("            tl.debug_barrier()")
+    return f"{kname}[(triton.cdiv(B, BLOCK_B), slices)]({', '.join(params + extra)})"
 
 
 # Ops inside the loop whose feature j reads other features than the matching one of its arguments.
@@ -985,6 +1001,7 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
     w.line("SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)")
     w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
     w.line("PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)")
+    w.line("GRID_SYNC = True  # with PERSISTENT, rows wider than PERSISTENT_FEATURES in slices (grid_slices())")
     w.line("")
     w.line("")
     with w.block("def persistent(B, features):"):
@@ -993,6 +1010,19 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
         w.line("features a program keeps (a row of the widest stored value, or one head's) fit it")
         w.line('(PERSISTENT_FEATURES)."""')
         w.line("return bool(PERSISTENT) and features <= PERSISTENT_FEATURES")
+    w.line("")
+    w.line("")
+    with w.block("def grid_slices(B, features, BLOCK_B, dev):"):
+        w.line('"""Where a row is wider than a persistent program keeps (PERSISTENT_FEATURES): the slices of it that')
+        w.line("programs of one persistent loop own, with a barrier across the grid after each stage of a step,")
+        w.line("or 0 for a launch a step. Only where every program is resident at once, or the barrier would")
+        w.line("wait forever: one a multiprocessor of the GPU (not yet timed), and one in all under Triton's")
+        w.line('interpreter, which runs programs one after another."""')
+        with w.block("if not PERSISTENT or not GRID_SYNC:"):
+            w.line("return 0")
+        w.line("slices = triton.cdiv(features, PERSISTENT_FEATURES)")
+        w.line('room = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1')
+        w.line("return slices if triton.cdiv(B, BLOCK_B) * slices <= room else 0")
     w.line("")
     w.line("")
     with w.block("def tiles(B, precision):"):
