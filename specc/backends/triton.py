@@ -993,36 +993,61 @@ def _heads(s: Schedule, plan: LoopPlan, tiles: list[Size], forward: Graph | None
     return heads
 
 
+# The generated module's settings, which a user (or bench/gpu.py) may change after loading it.
+SETTINGS = '''TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice
+WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels
+PERSISTENT_FEATURES = 128  # the most features a persistent program keeps (an LSTM's H = 256
+# needs 268 KB of shared memory compiled for an H100, over its 227 KB)
+SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)
+NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)
+PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)
+GRID_SYNC = True  # with PERSISTENT, rows wider than PERSISTENT_FEATURES in slices (grid_slices())'''
+
+# How a pass launches its loop: persistent, in slices across the grid, or a launch a step.
+LAUNCH_HELPERS = '''def persistent(B, features):
+    """Whether a pass runs its time loop as one kernel (each program its examples' features, step
+    after step) rather than kernels launched once a step: where asked for (PERSISTENT) and the
+    features a program keeps (a row of the widest stored value, or one head's) fit it
+    (PERSISTENT_FEATURES)."""
+    return bool(PERSISTENT) and features <= PERSISTENT_FEATURES
+
+
+def grid_slices(B, features, BLOCK_B, dev):
+    """Where a row is wider than a persistent program keeps (PERSISTENT_FEATURES): the slices of it that
+    programs of one persistent loop own, with a barrier across the grid after each stage of a step,
+    or 0 for a launch a step. Only where every program is resident at once, or the barrier would
+    wait forever: one a multiprocessor of the GPU (not yet timed), and one in all under Triton's
+    interpreter, which runs programs one after another."""
+    if not PERSISTENT or not GRID_SYNC:
+        return 0
+    slices = triton.cdiv(features, PERSISTENT_FEATURES)
+    room = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    return slices if triton.cdiv(B, BLOCK_B) * slices <= room else 0'''
+
+# How the step's products multiply, and the weights as they read them.
+PRECISION_HELPERS = '''def dot_precision(dev, products=None):
+    """How the step's products multiply: in bfloat16 or float16 where asked (products: autocast's
+    dtype, or a half-precision module's; float32 sums either way); else in float32, or in TF32 on
+    tensor cores where torch allows that for its own float32 matmuls (torch.set_float32_matmul_precision(
+    "high" or "medium")) and the GPU has them (Ampere on)."""
+    if products is not None:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[products]
+    if torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32" if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 8 else "ieee"
+
+
+def dot_weight(weight, precision):
+    """A weight as the step's products read it: rounded to bfloat16 or float16 once a pass where they
+    multiply so (each step then reads half the bytes), else the weight itself."""
+    return weight.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, weight.dtype))'''
+
+
 def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
-    w.line("TILES = None  # (BLOCK_B, BLOCK_F, BLOCK_K) for every batch, instead of tiles()'s choice")
-    w.line("WIDE_ELEMENTS = 2 ** 31  # tensors this large take int64 offsets in the kernels")
-    w.line("PERSISTENT_FEATURES = 128  # the most features a persistent program keeps (an LSTM's H = 256")
-    w.line("# needs 268 KB of shared memory compiled for an H100, over its 227 KB)")
-    w.line("SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)")
-    w.line("NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)")
-    w.line("PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)")
-    w.line("GRID_SYNC = True  # with PERSISTENT, rows wider than PERSISTENT_FEATURES in slices (grid_slices())")
+    w.lines.extend(SETTINGS.split("\n"))
     w.line("")
     w.line("")
-    with w.block("def persistent(B, features):"):
-        w.line('"""Whether a pass runs its time loop as one kernel (each program its examples\' features, step')
-        w.line("after step) rather than kernels launched once a step: where asked for (PERSISTENT) and the")
-        w.line("features a program keeps (a row of the widest stored value, or one head's) fit it")
-        w.line('(PERSISTENT_FEATURES)."""')
-        w.line("return bool(PERSISTENT) and features <= PERSISTENT_FEATURES")
-    w.line("")
-    w.line("")
-    with w.block("def grid_slices(B, features, BLOCK_B, dev):"):
-        w.line('"""Where a row is wider than a persistent program keeps (PERSISTENT_FEATURES): the slices of it that')
-        w.line("programs of one persistent loop own, with a barrier across the grid after each stage of a step,")
-        w.line("or 0 for a launch a step. Only where every program is resident at once, or the barrier would")
-        w.line("wait forever: one a multiprocessor of the GPU (not yet timed), and one in all under Triton's")
-        w.line('interpreter, which runs programs one after another."""')
-        with w.block("if not PERSISTENT or not GRID_SYNC:"):
-            w.line("return 0")
-        w.line("slices = triton.cdiv(features, PERSISTENT_FEATURES)")
-        w.line('room = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1')
-        w.line("return slices if triton.cdiv(B, BLOCK_B) * slices <= room else 0")
+    w.lines.extend(LAUNCH_HELPERS.split("\n"))
     w.line("")
     w.line("")
     with w.block("def tiles(B, precision):"):
@@ -1037,22 +1062,7 @@ def _finish(w: Writer, kernels: Writer, body: Writer) -> None:
         w.line('raise ValueError(f"no tiles for products in {precision}")')
     w.line("")
     w.line("")
-    with w.block("def dot_precision(dev, products=None):"):
-        w.line('"""How the step\'s products multiply: in bfloat16 or float16 where asked (products: autocast\'s')
-        w.line("dtype, or a half-precision module's; float32 sums either way); else in float32, or in TF32 on")
-        w.line('tensor cores where torch allows that for its own float32 matmuls (torch.set_float32_matmul_precision(')
-        w.line('"high" or "medium")) and the GPU has them (Ampere on)."""')
-        with w.block("if products is not None:"):
-            w.line('return {torch.bfloat16: "bf16", torch.float16: "fp16"}[products]')
-        with w.block('if torch.get_float32_matmul_precision() == "highest":'):
-            w.line('return "ieee"')
-        w.line('return "tf32" if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 8 else "ieee"')
-    w.line("")
-    w.line("")
-    with w.block("def dot_weight(weight, precision):"):
-        w.line('"""A weight as the step\'s products read it: rounded to bfloat16 or float16 once a pass where they')
-        w.line('multiply so (each step then reads half the bytes), else the weight itself."""')
-        w.line('return weight.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, weight.dtype))')
+    w.lines.extend(PRECISION_HELPERS.split("\n"))
     w.lines.extend(kernels.lines)
     w.line("")
     w.line("")
