@@ -255,6 +255,7 @@ def test_a_float16_module_multiplies_in_float16_and_sums_in_float32():
     plain_y, _, _ = _lstm_loop(x, h0, c0, p, lambda t: t)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, want_c, rtol=1e-5, atol=1e-5)
     # the rounding to float16 shows: the all-float32 loop is ten times as far
     assert (y - plain_y).abs().max() > 10 * (y - want_y).abs().max()
     (y.sum() + c.sum()).backward()
