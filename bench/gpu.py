@@ -107,10 +107,12 @@ class Variant:
     warps: int | None = None
     graphed: bool = False
     persistent: bool = False  # the whole time loop as one kernel a pass (the generated module's PERSISTENT)
+    tuned: bool = False  # the launch plan timed on first use (TUNE; specc/backends/tuning.py), not in the time
 
     def label(self) -> str:
         parts = [self.tile, "tf32" if self.tf32 else None, f"{self.warps} warps" if self.warps else None,
-                 "graphed" if self.graphed else None, "persistent" if self.persistent else None]
+                 "graphed" if self.graphed else None, "persistent" if self.persistent else None,
+                 "tuned" if self.tuned else None]
         return " ".join(["specc-triton", *(p for p in parts if p)])
 
 
@@ -122,7 +124,8 @@ def launched_on(module, variant: Variant | None):
         yield
         return
     prog, precision = module.program, torch.get_float32_matmul_precision()
-    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.grid_slices
+    before = prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.grid_slices, prog.TUNE
+    prog.TUNE = variant.tuned
     prog.TILES = tuple(int(n) for n in variant.tile.split("x")) if variant.tile else None
     prog.NUM_WARPS = variant.warps or prog.NUM_WARPS
     prog.PERSISTENT = variant.persistent
@@ -139,7 +142,7 @@ def launched_on(module, variant: Variant | None):
     try:
         yield
     finally:
-        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.grid_slices = before
+        prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.grid_slices, prog.TUNE = before
         torch.set_float32_matmul_precision(precision)
 
 
@@ -273,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="", help="comma-separated TxBxIxH, instead of each cell's sizes")
     ap.add_argument("--persistent", action="store_true",
                     help="also time specc with the whole time loop as one kernel a pass (PERSISTENT)")
+    ap.add_argument("--tune", action="store_true",
+                    help="also time specc with its launch plan chosen by measurement on first use (TUNE)")
     ap.add_argument("--head", type=int, default=32,
                     help="features a head of multihead_lstm (FlashRNN's Triton kernel: 3.47 / 4.1 ms forward + "
                          "backward at heads of 16 / 32, H = 768, T = 1024, B = 16, bf16, H100)")
@@ -283,6 +288,7 @@ def main(argv=None) -> int:
     variants = [Variant(tile=t) for t in tiles] + [Variant(graphed=True)] * args.graphed
     variants += [Variant(warps=int(n)) for n in args.warps.split(",") if n]
     variants += [Variant(persistent=True), Variant(persistent=True, tf32=True)] if args.persistent else []
+    variants += [Variant(tuned=True), Variant(tuned=True, tf32=True)] if args.tune else []
     variants += [Variant(tile=t, tf32=True) for t in [None, *tiles]] if args.tf32 else []
     skip = set(args.skip.split(","))
     if not torch.cuda.is_available():

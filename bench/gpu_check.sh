@@ -46,6 +46,6 @@ for d in 16 32 64; do
     timeout 75 python3 bench/gpu.py --cells multihead_lstm --sizes 1024x16x768x768 --head "$d" --persistent \
         --skip torch.compile --reps 5 --out "$out/heads-$d.md" 2>&1 | tee "$out/heads-$d.log"
 done
-timeout "$bench_s" python3 bench/gpu.py --tf32 --warps 2,8 --skip torch.compile --out "$out/gpu.md" 2>&1 \
+timeout "$bench_s" python3 bench/gpu.py --tf32 --warps 2,8 --tune --skip torch.compile --out "$out/gpu.md" 2>&1 \
     | tee "$out/bench.log"
 exit 0

@@ -529,8 +529,15 @@ class CellModule(nn.Module):
                 raise TypeError(f"the Triton backend computes in float32 (float16 and bfloat16 are widened), not "
                                 f"{sorted(map(str, full - {torch.float32}))[0]}; use backend='numpy' on the CPU "
                                 f"for float64")
-            why = "asked for" if self.backend == "triton" else "CUDA tensors"
-            return runner, torch.float32, why + (f", {str(products).removeprefix('torch.')} products" if products else "")
+            why = ("asked for" if self.backend == "triton" else "CUDA tensors") + \
+                (f", {str(products).removeprefix('torch.')} products" if products else "")
+            if getattr(self.program, "TUNE", False):  # the launch plan too, by measurement
+                from .backends import tuning
+
+                runner.plan, tuned = tuning.choose(self, runner, tensors, *self._call_sizes(tensors, n_inputs, steps,
+                                                                                            batch))
+                why += f"; {tuned}"
+            return runner, torch.float32, why
         if on_cuda or tensors[0].device.type != "cpu":
             raise RuntimeError(f"the {self.backend if self.backend == 'c' else 'numpy'} backend runs on the CPU, "
                                f"but got tensors on {tensors[0].device}; "
@@ -556,13 +563,17 @@ class CellModule(nn.Module):
         unusable = _c_unusable(self.program, self._dim_args)
         if unusable is not None:
             return BACKENDS["numpy"].run(scan=self.scan), work, unusable
+        name, why = _auto_choice(self, tensors, *self._call_sizes(tensors, n_inputs, steps, batch))
+        return BACKENDS[name].run(scan=self.scan), work, why
+
+    def _call_sizes(self, tensors, n_inputs, steps, batch) -> tuple[int, int, int, int]:
+        """(inputs, states, T, B) of a call, from the tensors where not given."""
         n_states = len(self.program.STATES)
         if n_inputs is None:
             n_inputs = len(self.program.INPUTS)
         if batch is None or steps is None:
             steps, batch = self._steps_and_batch(tensors[:n_inputs], tensors[n_inputs:n_inputs + n_states])
-        name, why = _auto_choice(self, tensors, n_inputs, n_states, steps, batch)
-        return BACKENDS[name].run(scan=self.scan), work, why
+        return n_inputs, n_states, steps, batch
 
     def _check_state(self, state, batch, unbatched, device):
         prog = self.program

@@ -330,6 +330,41 @@ def test_rows_in_slices_with_a_barrier_across_the_grid(cell, dims, monkeypatch):
         assert grids == grid
 
 
+def test_launch_plans_chosen_by_measurement(monkeypatch):
+    """Issue #17: with TUNE, the first call of a batch times each launch plan (tiles, warps, the
+    persistent loop) on a short forward + backward and keeps the fastest for the process; the
+    module's settings are its own again after each call. The times here are given (a clock under
+    which the 32x32x32 tile is ten times as fast): the interpreter's would say nothing of a GPU."""
+    from specc.backends import tuning
+
+    ref = specc.load("gru", I=9, H=20, backend="numpy")
+    ours = specc.load("gru", I=9, H=20, backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    prog = ours.program
+    monkeypatch.setattr(prog, "TUNE", True)
+    monkeypatch.setattr(tuning, "_CHOSEN", {})
+    seen = []
+
+    def clock():  # a timed call's end minus its start is the cost of the plan it ran under
+        seen.append((prog.TILES, prog.NUM_WARPS, prog.PERSISTENT))
+        return len(seen) * (0.1 if prog.TILES == (32, 32, 32) else 1.0)
+
+    monkeypatch.setattr(tuning, "CLOCK", clock)
+    launched = []
+    monkeypatch.setattr(prog, "tiles", lambda B, precision, tiles=prog.tiles: launched.append(prog.TILES) or
+                        tiles(B, precision))
+    x, h = torch.randn(5, 3, 9), [torch.randn(3, 20)]
+    assert_same(run(ours, x, h), run(ref, x, h))
+    assert ours.backend_choice.startswith("triton: asked for; 32x32x32, default warps, a launch a step: the fastest "
+                                          "of 6 launch plans timed on first use with batch 3"), ours.backend_choice
+    assert {s for s in seen} == {(p.tiles, p.warps or 4, p.persistent) for p in tuning.PLANS}
+    assert launched[-2:] == [(32, 32, 32)] * 2  # the real forward and backward ran under the choice
+    assert (prog.TILES, prog.NUM_WARPS, prog.PERSISTENT) == (None, 4, False)
+    timed = len(seen)
+    run(ours, x, h)
+    assert len(seen) == timed  # chosen once for this batch
+
+
 class _NanBetweenBlocks:
     """torch, except that a block-diagonal matrix has NaN where its zeros between blocks would be."""
 

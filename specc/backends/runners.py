@@ -118,9 +118,22 @@ class TritonRunner(TorchHostRunner):
         # bfloat16 / float16: the step's products multiply in it (autocast's dtype, or a half-precision
         # module's); None: in float32 (or TF32). The same for a forward pass and its backward.
         self.products = products
+        self.plan = None  # a launch plan chosen by measurement (tuning.py), else the module's settings
 
     def _extra(self, prog, dims) -> dict:
         return self._options() | ({"products": self.products} if self.products is not None else {})
+
+    def forward(self, prog, tensors, T, B, dims, train):
+        from .tuning import applied
+
+        with applied(prog, self.plan):
+            return super().forward(prog, tensors, T, B, dims, train)
+
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+        from .tuning import applied
+
+        with applied(prog, self.plan):
+            return super().backward(prog, saved, d_outs, d_finals, params, T, B, dims)
 
 
 class CRunner(TorchHostRunner):

@@ -55,7 +55,7 @@ KERNEL_NAMES = frozenset({
     "dot_precision", "WIDE", "wide", "WIDE_ELEMENTS", "NUM_WARPS", "linear_scan", "affine_then", "SCAN_BLOCKS",
     "scan_t", "scan_n", "scan", "step", "widest", "persistent", "PERSISTENT", "PERSISTENT_FEATURES", "f0", "f_last",
     "k_lo", "k_hi", "k_base", "part", "f_end", "n_features", "heads", "dot", "products", "dot_weight",
-    "GRID_SYNC", "grid_slices", "slices", "counter", "programs", "arrived", "room", "grid_sync"})
+    "GRID_SYNC", "TUNE", "grid_slices", "slices", "counter", "programs", "arrived", "room", "grid_sync"})
 
 
 def _p(code: str) -> str:
@@ -1001,7 +1001,8 @@ PERSISTENT_FEATURES = 128  # the most features a persistent program keeps (an LS
 SCAN_BLOCKS = (32, 64)  # (steps, values) a program of linear_scan takes at once (not yet measured on a GPU)
 NUM_WARPS = 4  # warps a program runs on (Triton's default; bench/gpu.py --warps measures others)
 PERSISTENT = False  # True: the whole time loop in one launch, where persistent() allows (not yet timed on a GPU)
-GRID_SYNC = True  # with PERSISTENT, rows wider than PERSISTENT_FEATURES in slices (grid_slices())'''
+GRID_SYNC = True  # with PERSISTENT, rows wider than PERSISTENT_FEATURES in slices (grid_slices())
+TUNE = False  # True: the tile, warps and persistence timed on first use of a batch (specc/backends/tuning.py)'''
 
 # How a pass launches its loop: persistent, in slices across the grid, or a launch a step.
 LAUNCH_HELPERS = '''def persistent(B, features):
