@@ -224,16 +224,30 @@ def _check_memory(what: str, shapes: dict, dtype: torch.dtype) -> None:
                          f"this machine's memory ({total / 2**30:,.1f} GiB)")
 
 
-def _half_products(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+def _half_products(device: torch.device, dtype: torch.dtype, autocast: bool = True) -> torch.dtype | None:
     """The half precision the Triton kernels' step products take, or None for float32: autocast's
-    dtype where it is on for the device, else the module's own (bfloat16 or float16 parameters).
-    States, sums and every other operation stay float32. Triton's interpreter multiplies bfloat16
-    wrongly (its NumPy has no such type), so on CPU tensors only float16 is taken."""
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
+    dtype where it is on for the device (and `autocast`), else the module's own (bfloat16 or
+    float16 parameters). States, sums and every other operation stay float32. Triton's interpreter
+    multiplies bfloat16 wrongly (its NumPy has no such type), so on CPU tensors only float16 is
+    taken."""
+    if autocast and _autocast_on(device.type):
+        dtype = _autocast_dtype(device.type)
     if dtype not in _HALF or dtype == torch.bfloat16 and device.type != "cuda":
         return None
     return dtype
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument; the GPU's autocast, and the CPU's apart
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
 class _Scan(torch.autograd.Function):
@@ -504,14 +518,16 @@ class CellModule(nn.Module):
         return dtype if dtype in _NUMPY_DTYPES else torch.float32
 
     def _backend_for(self, tensors, dtype, n_inputs: int | None = None, steps: int | None = None,
-                     batch: int | None = None):
+                     batch: int | None = None, autocast: bool = True):
         """The backend for these tensors, and the dtype it computes in; the sizes (inputs, T, B)
-        let "auto" time the C loops against NumPy, and by default are read off the tensors."""
-        backend, work, why = self._choose(tensors, dtype, n_inputs, steps, batch)
+        let "auto" time the C loops against NumPy, and by default are read off the tensors.
+        autocast: whether torch.autocast's dtype may set the Triton products' (not in a traced
+        graph, whose backward op recomputes the forward where autocast is off)."""
+        backend, work, why = self._choose(tensors, dtype, n_inputs, steps, batch, autocast)
         self.backend_choice = f"{backend.name}: {why}"
         return backend, work
 
-    def _choose(self, tensors, dtype, n_inputs, steps, batch):
+    def _choose(self, tensors, dtype, n_inputs, steps, batch, autocast=True):
         name = self.cell_name
         devices = {t.device for t in tensors}
         if len(devices) > 1:
@@ -520,7 +536,7 @@ class CellModule(nn.Module):
         use_triton = self.backend == "triton" or (self.backend == "auto" and on_cuda)
         full = {t.dtype for t in tensors if t.dtype not in _HALF}
         if use_triton:
-            products = _half_products(tensors[0].device, dtype)
+            products = _half_products(tensors[0].device, dtype, autocast)
             runner = BACKENDS["triton"].run(scan=self.scan, products=products)
             problem = runner.problem(self.program, on_cuda)
             if problem:

@@ -97,12 +97,20 @@ def result_gradients(module, grads, T: int, B: int, like: torch.Tensor) -> tuple
     return d_outs, d_finals
 
 
+def _dtype(cell, tensors) -> torch.dtype:
+    """What the cell's call computes in, as eager's: the tensors are widened before the op, but a
+    half-precision module's products still take its precision (on Triton)."""
+    own = cell._dtype()
+    return own if own in (torch.float16, torch.bfloat16) else tensors[-1].dtype
+
+
 @torch.library.custom_op("specc::scan", mutates_args=())
 def scan(key: str, n_inputs: int, n_states: int, steps: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The cell's outputs (T, B, O) and final states (B, H) for `tensors`: inputs, states, parameters."""
     cell = _cell(key)
     T, B = _sizes(tensors, n_inputs, steps)
-    backend, _ = cell._backend_for(list(tensors), tensors[-1].dtype, n_inputs=n_inputs, steps=T, batch=B)
+    backend, _ = cell._backend_for(list(tensors), _dtype(cell, tensors), n_inputs=n_inputs, steps=T, batch=B,
+                                   autocast=False)
     outs, finals, _ = backend.forward(cell.program, list(tensors), T, B, cell._dim_args, train=False)
     # An op's outputs share no memory with its inputs or with each other.
     seen = {t.untyped_storage().data_ptr() for t in tensors}
@@ -133,7 +141,8 @@ def scan_backward(key: str, n_inputs: int, n_states: int, steps: int, tensors: l
     prog = cell.program
     T, B = _sizes(tensors, n_inputs, steps)
     tensors = list(tensors)
-    backend, _ = cell._backend_for(tensors, tensors[-1].dtype, n_inputs=n_inputs, steps=T, batch=B)
+    backend, _ = cell._backend_for(tensors, _dtype(cell, tensors), n_inputs=n_inputs, steps=T, batch=B,
+                                   autocast=False)
     _, _, saved = backend.forward(prog, tensors, T, B, cell._dim_args, train=True)
     n_out = len(prog.OUTPUTS)
     params = tensors[n_inputs + n_states:]

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     if half:  # the step's products in bfloat16 or float16, as autocast or a half-precision module asks
         from specc import runtime
 
-        runtime._half_products = lambda device, dtype: getattr(torch, half[0])
+        runtime._half_products = lambda *args: getattr(torch, half[0])
     # CELL or CELL:D=V,D=V (those sizes instead of small ones)
     wanted = {a.split(":")[0]: dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in a.split(":")[1].split(","))
               if ":" in a else None for a in argv[1:] if not a.startswith("--")}

@@ -265,6 +265,25 @@ def test_a_float16_module_multiplies_in_float16_and_sums_in_float32():
         torch.testing.assert_close(param.grad.float(), p[name].grad, rtol=2e-2, atol=2e-2)
 
 
+def test_a_float16_module_multiplies_so_under_torch_compile_too():
+    """A compiled call (specc's ops in the traced graph, tensors widened before them) takes a
+    half-precision module's products as the eager call does: the same numbers, gradients too."""
+    module = specc.load("lstm", I=8, H=16, backend="triton").half()
+    x = torch.randn(5, 3, 8).half()
+
+    def once(f):
+        for p in module.parameters():
+            p.grad = None
+        y, _ = f(x)
+        y.float().sum().backward()
+        assert module.backend_choice.endswith("float16 products"), module.backend_choice
+        return y.detach().float(), module.W_hh.grad.float().clone()
+
+    (y, g), (yc, gc) = once(module), once(torch.compile(module, backend="aot_eager"))
+    torch.testing.assert_close(yc, y, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(gc, g, rtol=1e-3, atol=1e-3)
+
+
 def test_runs_under_autocast():
     module = specc.load("gru", I=12, H=10, backend="triton")
     head = torch.nn.Linear(10, 3)

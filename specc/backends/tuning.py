@@ -62,7 +62,10 @@ def choose(module, runner, tensors: list, n_inputs: int, n_states: int, T: int, 
     once a process."""
     prog, dims = module.program, module._dim_args
     device = tensors[0].device
-    key = (prog.__name__, tuple(sorted(module.dims.items())), B, runner.products,
+    # What the timing depends on: the cell, its sizes and batch, the scan option, the module's own
+    # launch settings (the default plan, and what the persistent one does), precision, device.
+    settings = (prog.TILES, prog.NUM_WARPS, prog.PERSISTENT, prog.PERSISTENT_FEATURES, prog.GRID_SYNC)
+    key = (prog.__name__, tuple(sorted(module.dims.items())), B, module.scan, settings, runner.products,
            torch.get_float32_matmul_precision(), str(device),
            torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter")
     if key in _CHOSEN:
