@@ -44,7 +44,8 @@ def _compile_only(suffix: str):
             if p.is_constexpr or v is None:
                 signature[p.name], constants[p.name] = "constexpr", v
             elif isinstance(v, torch.Tensor):
-                signature[p.name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(v.dtype, "fp32")
+                signature[p.name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16",
+                                           torch.int64: "i64"}.get(v.dtype, "fp32")
             elif isinstance(v, bool):
                 signature[p.name] = "i1"
             elif isinstance(v, int):

@@ -868,7 +868,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
                       "head's, or a slice of them, with a barrier across the grid), step after step.")
             w.line("n_features = triton.cdiv(widest, slices)")
             w.line("BLOCK_F = max(16, triton.next_power_of_2(n_features))")
-            w.line("counter, programs = torch.zeros(1, dtype=torch.int32, device=dev), triton.cdiv(B, BLOCK_B) * slices")
+            w.line("counter, programs = torch.zeros(1, dtype=torch.int64, device=dev), triton.cdiv(B, BLOCK_B) * slices")
             w.line(launch)
         with w.block("else:"):
             w.comment("The time loop: one launch of each fused kernel per step." if not host.reverse else
@@ -931,7 +931,8 @@ def _emit_persistent(kernels_out: Writer, made: list[tuple[int, Size, KernelWrit
     k.line(f'    """Every step{" from the last to the first" if reverse else ""}, each stage of it as its kernel '
            'of one step computes it, for BLOCK_B examples and n_features of their features."""')
     _program_offsets(k, persistent=True)
-    k.line("    arrived = 0  # programs * stages passed, for GRID_SYNC's barrier")
+    k.line("    arrived = tl.full((), 0, tl.int64)  # programs * stages passed, for GRID_SYNC's barrier (int32 would")
+    k.line("    # wrap after some millions of steps)")
     k.line("    for step in range(0, T):")
     k.line(f"        t = {'T - 1 - step' if reverse else 'step'}")
     for n, (stage, tile, kw) in enumerate(made):
