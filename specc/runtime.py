@@ -141,12 +141,9 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     import time
     import warnings
 
-    prog, dims = module.program, module._dim_args
-    work = [t.detach().float() for t in tensors]  # half-precision tensors are widened for the real call too
-    work[:n_inputs] = [x[:T] for x in work[:n_inputs]]
-    params = work[n_inputs + n_states:]
-    d_outs = [torch.ones((T, B, module.sizes["outputs"][n][0])) for n in prog.OUTPUTS]
-    d_finals = [torch.ones((B, module.sizes["states"][n][0])) for n in prog.STATES]
+    from .backends.tuning import probe
+
+    once = probe(module, tensors, n_inputs, n_states, T, B)
     runners = [BACKENDS["c"].run(), BACKENDS["numpy"].run(scan=module.scan)]
     seconds = {r.name: float("inf") for r in runners}
     with torch.no_grad(), warnings.catch_warnings():
@@ -156,8 +153,7 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
             calls = timed = 0
             while timed < PROBE_RUNS:
                 start = time.perf_counter()
-                _, _, saved = runner.forward(prog, work, T, B, dims, train=True)
-                runner.backward(prog, saved, d_outs, d_finals, params, T, B, dims)
+                once(runner)
                 if calls and start - row >= PROBE_SETTLE:
                     seconds[runner.name] = min(seconds[runner.name], time.perf_counter() - start)
                     timed += 1

@@ -48,11 +48,9 @@ def test_every_spec_matches_the_numpy_backend_with_the_time_loop_in_one_kernel(s
     prog = specc.load(spec_cell.path, spec_cell.cell, backend="triton", **odd_dims(spec_cell.dims)).program
     monkeypatch.setattr(prog, "PERSISTENT", True)
     monkeypatch.setattr(prog, "PERSISTENT_FEATURES", 1 << 30)  # the interpreter has no shared memory to fill
-    launched: list[str] = []
-    for name in dir(prog):
-        if re.search(r"_(forward|backward)_steps?\d*$|^linear_scan$", name):
-            monkeypatch.setattr(prog, name, _Counted(name, getattr(prog, name), launched))
+    launches = _record(monkeypatch, prog, r"_(forward|backward)_steps?\d*$|^linear_scan$")
     assert_spec_matches_numpy(spec_cell, "triton", B=3)
+    launched = [name for name, _ in launches]
     assert launched and all(n.endswith("_steps") or n == "linear_scan" for n in launched), launched
     # forward and backward once each, and inference (two lengths), with no gradient
     assert len([n for n in launched if n.endswith("_forward_steps")]) in (0, 3), launched
@@ -81,15 +79,24 @@ def test_kernels_compile_for_a_gpu(suffix, cells):
     assert done.stdout.count("ok ") >= (6 if cells else 30), done.stdout
 
 
-class _Counted:
-    """A kernel whose launches are recorded by name."""
+class _Recorded:
+    """A kernel whose launches are recorded: (its name, the grid) each."""
 
     def __init__(self, name, kernel, launched):
         self.name, self.kernel, self.launched = name, kernel, launched
 
     def __getitem__(self, grid):
-        self.launched.append(self.name)
+        self.launched.append((self.name, grid))
         return self.kernel[grid]
+
+
+def _record(monkeypatch, prog, pattern=r"_(forward|backward)_steps$") -> list[tuple[str, tuple]]:
+    """The launches of the generated module's kernels whose names match `pattern`, as they happen."""
+    launched: list[tuple[str, tuple]] = []
+    for name in dir(prog):
+        if re.search(pattern, name):
+            monkeypatch.setattr(prog, name, _Recorded(name, getattr(prog, name), launched))
+    return launched
 
 
 
@@ -337,16 +344,13 @@ def test_rows_in_slices_with_a_barrier_across_the_grid(cell, dims, monkeypatch):
     monkeypatch.setattr(prog, "PERSISTENT", True)
     monkeypatch.setattr(prog, "persistent", lambda B, features: False)  # as if a row were too wide
     monkeypatch.setattr(prog, "PERSISTENT_FEATURES", 1 << 30)  # one slice
+    launched = _record(monkeypatch, prog)
     for B, grid in ((3, [(1, 1), (1, 1)]), (40, [])):  # 40 examples: three programs, not resident here
-        grids = []
-        for name in dir(prog):
-            if name.endswith(("_forward_steps", "_backward_steps")):
-                monkeypatch.setattr(prog, name, _Grids(getattr(prog.__dict__[name], "kernel", prog.__dict__[name]),
-                                                       grids))
+        launched.clear()
         x = torch.randn(3, B, dims["I"])
         state = [torch.randn(B, ref.sizes["states"][n][0]) for n in prog.STATES]
         assert_same(run(ours, x, state), run(ref, x, state))
-        assert grids == grid
+        assert [g for _, g in launched] == grid
 
 
 def test_launch_plans_chosen_by_measurement(monkeypatch):
@@ -412,17 +416,6 @@ def test_per_head_products_read_only_their_blocks(D, tiles, monkeypatch):
     assert_same(run(ours, x, state), run(ref, x, state))
 
 
-class _Grids:
-    """A kernel whose launches' grids are recorded."""
-
-    def __init__(self, kernel, grids):
-        self.kernel, self.grids = kernel, grids
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
 HEADS_GRU = """
 cell heads_gru(I, N, D) {
     input x[I]
@@ -455,12 +448,10 @@ def test_independent_heads_run_as_a_program_each(cell, D, monkeypatch):
     monkeypatch.setattr(prog, "PERSISTENT", True)
     if D == 16:
         monkeypatch.setattr(prog, "torch", _NanBetweenBlocks())
-    grids = []
-    for name in dir(prog):
-        if name.endswith(("_forward_steps", "_backward_steps")):
-            monkeypatch.setattr(prog, name, _Grids(getattr(prog, name), grids))
+    launched = _record(monkeypatch, prog)
     x, state = torch.randn(3, 5, 7), [torch.randn(5, 3 * D) for _ in prog.STATES]
     assert_same(run(ours, x, state), run(ref, x, state))
+    grids = [g for _, g in launched]
     assert len(grids) == 2 and all(grid == (1, 3) for grid in grids), grids
 
 

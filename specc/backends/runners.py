@@ -10,6 +10,8 @@ import os
 import numpy as np
 import torch
 
+from .tuning import applied
+
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     # Shares memory with t when t is a contiguous CPU tensor: no copy on the way in.
@@ -124,14 +126,10 @@ class TritonRunner(TorchHostRunner):
         return self._options() | ({"products": self.products} if self.products is not None else {})
 
     def forward(self, prog, tensors, T, B, dims, train):
-        from .tuning import applied
-
         with applied(prog, self.plan):
             return super().forward(prog, tensors, T, B, dims, train)
 
     def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
-        from .tuning import applied
-
         with applied(prog, self.plan):
             return super().backward(prog, saved, d_outs, d_finals, params, T, B, dims)
 

@@ -43,9 +43,10 @@ from .writer import Namer, TermSpeller, Writer
 # (BLOCK_B, BLOCK_F, BLOCK_K) for batches up to SMALL_BATCH and above, by product precision: the
 # best of those measured at the fastrnns sizes on an H200 (bench/results/gpu-2026-11-26.md). TF32
 # tiles may be wider, as tensor cores make each product cheap. tl.dot needs sides >= 16.
-TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": ((16, 32, 32), (32, 64, 32)),
-                      # not yet measured: tf32's, as these also run on tensor cores
-                      "bf16": ((16, 32, 32), (32, 64, 32)), "fp16": ((16, 32, 32), (32, 64, 32))}
+_TENSOR_CORES = ((16, 32, 32), (32, 64, 32))
+# bf16 and fp16 (not yet measured) take tf32's, as they also run on tensor cores.
+TILES_BY_PRECISION = {"ieee": ((16, 16, 32), (32, 32, 32)), "tf32": _TENSOR_CORES, "bf16": _TENSOR_CORES,
+                      "fp16": _TENSOR_CORES}
 SMALL_BATCH = 64
 
 # Names the kernels, and the Triton host code around them, use for themselves.
@@ -811,6 +812,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
     # loop-carried value whose shape changes).
     namer = Namer(taken | HOST_NAMES | KERNEL_NAMES)
     weights: dict[str, str] = {}
+    forward = host.forward.graph if host.forward else None  # where a backward pass's saved weights were made
     for stage in range(plan.n_stages):
         tasks = _store_tasks(s, plan, names, host.reverse, stage, guard)
         by_tile: dict[str, list[StoreTask]] = {}
@@ -819,8 +821,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
         for tile_key, group in by_tile.items():
             tile = g.nodes[group[0].node].type.shape[0]
             kname = f"{fn}_step{stage}" + (f"_{len(launches)}" if len(by_tile) > 1 else "")
-            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, namer,
-                              host.forward.graph if host.forward else None, weights)
+            kw = KernelWriter(s, plan, names, host.reverse, tile, stage, host.source, namer, forward, weights)
             kw.products(kw.demanded_products([task.node for task in group]))
             for task in group:
                 kw.store(task.node, task.buf, task.row, task.width, task.column, task.guarded)
@@ -854,7 +855,7 @@ def _emit_steps(w: Writer, kernels_out: Writer, host: Host, fn: str, carry_init:
         launch = _emit_persistent(kernels_out, made, f"{fn}_steps", host.reverse, dims, names.wrapped)
         tiles_ = list(dict.fromkeys(str(tile) for _, tile, _ in made))
         w.line(f"widest = {tiles_[0] if len(tiles_) == 1 else f'max({chr(44).join(tiles_)})'}")
-        heads = _heads(s, plan, [tile for _, tile, _ in made], host.forward.graph if host.forward else None)
+        heads = _heads(s, plan, [tile for _, tile, _ in made], forward)
         if heads is None:
             w.line("heads = 1")
         else:

@@ -60,7 +60,7 @@ def applied(prog, plan: Plan | None):
 def choose(module, runner, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> tuple[Plan, str]:
     """The fastest of PLANS for this call's cell, sizes, batch, precision and device, and why; timed
     once a process."""
-    prog, dims = module.program, module._dim_args
+    prog = module.program
     device = tensors[0].device
     # What the timing depends on: the cell, its sizes and batch, the scan option, the module's own
     # launch settings (the default plan, and what the persistent one does), precision, device.
@@ -71,11 +71,7 @@ def choose(module, runner, tensors: list, n_inputs: int, n_states: int, T: int, 
     if key in _CHOSEN:
         return _CHOSEN[key]
     steps = min(T, PROBE_STEPS)
-    work = [t.detach().float() for t in tensors]
-    work[:n_inputs] = [x[:steps] for x in work[:n_inputs]]
-    params = work[n_inputs + n_states:]
-    d_outs = [torch.ones((steps, B, module.sizes["outputs"][n][0]), device=device) for n in prog.OUTPUTS]
-    d_finals = [torch.ones((B, module.sizes["states"][n][0]), device=device) for n in prog.STATES]
+    once = probe(module, tensors, n_inputs, n_states, steps, B)
     seconds: dict[Plan, float] = {}
     for plan in PLANS:
         try:
@@ -83,8 +79,7 @@ def choose(module, runner, tensors: list, n_inputs: int, n_states: int, T: int, 
                 for call in range(1 + PROBE_RUNS):
                     _sync(device)
                     start = CLOCK()
-                    _, _, saved = runner.forward(prog, work, steps, B, dims, train=True)
-                    runner.backward(prog, saved, d_outs, d_finals, params, steps, B, dims)
+                    once(runner)
                     _sync(device)
                     if call:
                         seconds[plan] = min(seconds.get(plan, float("inf")), CLOCK() - start)
@@ -96,6 +91,25 @@ def choose(module, runner, tensors: list, n_inputs: int, n_states: int, T: int, 
            f"(forward + backward of {steps} steps: {timings})")
     _CHOSEN[key] = (best, why)
     return _CHOSEN[key]
+
+
+def probe(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int):
+    """A forward + backward of the first T steps of the caller's own tensors, to be timed: a function
+    that runs it on a runner (gradients of ones; no autograd). Also what `auto` times the C loops
+    against NumPy with (runtime.time_backends)."""
+    prog, dims = module.program, module._dim_args
+    device = tensors[0].device
+    work = [t.detach().float() for t in tensors]  # half-precision tensors are widened for the real call too
+    work[:n_inputs] = [x[:T] for x in work[:n_inputs]]
+    params = work[n_inputs + n_states:]
+    d_outs = [torch.ones((T, B, module.sizes["outputs"][n][0]), device=device) for n in prog.OUTPUTS]
+    d_finals = [torch.ones((B, module.sizes["states"][n][0]), device=device) for n in prog.STATES]
+
+    def once(runner) -> None:
+        _, _, saved = runner.forward(prog, work, T, B, dims, train=True)
+        runner.backward(prog, saved, d_outs, d_finals, params, T, B, dims)
+
+    return once
 
 
 def _sync(device: torch.device) -> None:
