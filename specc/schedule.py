@@ -191,6 +191,30 @@ def sink_elementwise(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Sc
     return Schedule(g, tuple(region), _kept(g, region, also_keep))
 
 
+def sink_pre(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
+    """For a loop that fuses each step's elementwise work (the C loops): an elementwise value the
+    scheduler puts before the loop, read only in the loop, is made in the loop instead, from the
+    rows of its operands at that step. Before the loop, each such value is a pass over (T*B,
+    features) memory that writes what the loop reads back: minGRU's forward at 4096 x 8 x 256 made
+    its gate's bias sum and sigmoid so (21 of its 97 ms). Products stay before the loop (one over
+    the sequence), and so does a value read after the loop or by a product. `also_keep`: values
+    another pass reads for every step, written by the loop where they are made there."""
+    g = s.graph
+    region = list(s.region)
+    users = g.users()
+    outputs = {i for _, i in g.outputs}
+    for n in range(len(g.nodes) - 1, -1, -1):
+        node = g.nodes[n]
+        # A slice another pass keeps stays a view before the loop, not a copy the loop writes.
+        if (region[n] == "pre" and (node.op in ELEMENTS or node.op == "slice" and n not in also_keep)
+                and node.type.batched and n not in outputs and users[n]
+                and all(region[u] == "loop" for u in users[n])):
+            region[n] = "loop"
+    if tuple(region) == s.region:
+        return s
+    return Schedule(g, tuple(region), _kept(g, region, also_keep))
+
+
 def _kept(g: Graph, region: list[str], also_keep: frozenset[int] = frozenset()) -> frozenset[int]:
     """The loop values something outside the loop reads: a post or reduce value, an output, or
     `also_keep` (another pass)."""

@@ -847,3 +847,49 @@ def test_elementwise_work_after_the_backward_loop_is_made_in_it():
     arithmetic = [line for line in code if re.search(r"[^*]\s[-+*/]\s", line.split("=", 1)[-1])]
     assert arithmetic == [], arithmetic
     assert sum("rt_c.matmul" in line for line in code) == 2  # d_x, and both weights' gradients in one
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "sru"])
+def test_elementwise_work_before_the_forward_loop_is_made_in_it(cell):
+    """Gates made from the input alone (minGRU's z = sigmoid(W_z @ x + b_z)) are made in the C loop
+    at their step, and written there only where backward keeps them: before the loop the host
+    makes the input products, joins weights and slices views, and nothing elementwise."""
+    source = specc.compile_spec(cell).source
+    body = source[source.index("def forward_c("):]
+    body = body[:body.index("\n\n\n")]
+    before = body[body.index("rt_c.pass_threads("):body.index("rt_c.run(")].splitlines()[1:]
+    code = [line.strip() for line in before if line.strip() and not line.strip().startswith("#")
+            and "rt_c.empty(" not in line]
+    arithmetic = [line for line in code if re.search(r"[^*]\s[-+*/]\s|torch\.(sigmoid|tanh|exp)", line.split("=", 1)[-1])]
+    assert arithmetic == [], arithmetic
+    assert any("rt_c.matmul" in line for line in code)
+
+
+SHARED_GATE_SPEC = """
+cell shared(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[H, I]
+    param U[H, I]
+    param V[H, H]
+    g = sigmoid(W @ x)
+    u = tanh(U @ x) * 0.5
+    h' = g * h + u + V @ u
+    y = g + h'
+    output y
+}
+"""
+
+
+def test_an_input_only_gate_that_feeds_a_product_stays_before_the_loop():
+    """u feeds a product (V @ u, one over the sequence), so it stays a whole tensor made before
+    the loop; g, read only in the loop (y = g + h' is made there too), is made in it."""
+    source = specc.compile_spec(SHARED_GATE_SPEC).source
+    body = source[source.index("def forward_c("):]
+    before = body[:body.index("rt_c.run(")]
+    assert "torch.tanh(" in before and "torch.sigmoid(" not in before
+    ours = specc.load(SHARED_GATE_SPEC, backend="c", I=6, H=9)
+    ref = specc.load(SHARED_GATE_SPEC, backend="numpy", I=6, H=9)
+    ref.load_state_dict(ours.state_dict())
+    x, state = torch.randn(5, 3, 6), [torch.randn(3, 9)]
+    assert_same(run(ours, x, state), run(ref, x, state))

@@ -27,7 +27,9 @@ Values live where the host put them: a state's block of its (T + 1) * B row buff
 value's block of its T * B row buffer, the host's input-only values at row t * B; what the pass
 does not keep, in scratch memory the host hands in. The host code around the call is host.py's
 (torch, shared with the Triton backend), with OpenBLAS's products for W @ x over all steps and the
-gradients (c_spell).
+gradients (c_spell), and its buffers on huge pages where they are large (memory.py). What the
+host would make elementwise before the loop from the inputs alone (minGRU's gate) is made in the
+loop at its step (schedule.sink_pre), as what it would make after it is (sink_elementwise).
 
 Every identifier the C takes from the spec carries a prefix: v_ for values and buffers (v_h_seq,
 v_sigmoid_f), d_ for dimensions (d_H). A spec may then name anything as it likes (linux, errno,
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 
 from ..ir import Forward, Graph, Node, suggested_names
 from ..ops import ACTIVATIONS, ELEMENTS, ROW_REDUCTIONS
-from ..schedule import Schedule, filled_after, filled_outside, sink_elementwise
+from ..schedule import Schedule, filled_after, filled_outside, sink_elementwise, sink_pre
 from ..shapes import Size
 from .host import (HOST_NAMES, Host, HostNames, LoopTarget, Unsupported, emit_after, emit_buffers, fused_into_loop,
                    torch_spell, wrapped_states)
@@ -658,7 +660,7 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
     columns, joined = _concatenated_after(s, host, guard)
     for c in joined:
         total = str(g.nodes[c].type.shape[0])
-        w.line(f"{host.names.names[c]} = torch.empty((rows, {total}), device=dev, dtype=dtype)")
+        w.line(f"{host.names.names[c]} = rt_c.empty((rows, {total}), device=dev, dtype=dtype)")
     # The backward pass's carried gradients: only the last block (the initial states' gradients)
     # is read after the loop, unless something after it reads them all.
     if host.reverse:
@@ -816,11 +818,12 @@ TARGET = LoopTarget(
     reserved=frozenset({"c_lib", "rt_c"}), extra_args=("c_lib",),
     title="--- C backend: the time loop as one compiled C function per pass, the rest in torch ---",
     preamble=lambda w, code: w.line("import torch  # the host code around the C loops (also where the Triton part is missing)"),
-    forward_schedule=sink_elementwise, backward_schedule=sink_elementwise,
+    forward_schedule=lambda s, saved: sink_pre(sink_elementwise(s, saved), saved),
+    backward_schedule=lambda s: sink_pre(sink_elementwise(s)),
     # QRNN's V @ xp a step, in cache, beat one product over the sequence and the (T * B, 3H) passes
     # over memory around it: 527 against 718 ms forward + backward at 4096 x 8 x 256, 78 against 124
     # at 1024 x 8 x 256 (2 Zen 5 cores). The NumPy backend, which makes such values a chunk of steps
     # at a time, gains from it (917 -> 484 ms), as Triton does (the loop becomes a scan).
-    fill_delays=False)
+    fill_delays=False, empty="rt_c.empty")
 # Every name the C part of a generated module uses for itself; check.py keeps spec names off them.
 GENERATED_NAMES = HOST_NAMES | TARGET.reserved | {"forward_c", "backward_c", "C_SOURCE", "C_UNSUPPORTED"}

@@ -24,6 +24,7 @@ import torch
 
 from ..ops import ACTIVATIONS
 from .c import c_dim
+from .memory import empty
 
 # The flags that tune the code: -march=native lets the compiler vectorise the elementwise loops for
 # this CPU. SPECC_MARCH=x86-64-v3 (or armv8.2-a, ...) compiles for another level instead, and
@@ -477,7 +478,7 @@ def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     N = w.shape[1]
     if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
         raise AssertionError(f"matmul of {tuple(a.shape)} {a.dtype} by {tuple(w.shape)} {w.dtype}")
-    out = torch.empty((M, N), dtype=torch.float32)
+    out = empty((M, N))
     if M == 0 or N == 0 or K == 0:
         return out.zero_()
     ta, lda, a = _blas_layout(a)
@@ -494,7 +495,7 @@ def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, s
     """Call one pass's loop on the host's tensors (float32 on the CPU; None where the pass writes
     nothing). Each is contiguous but those in `views`, which the loop reads at the distance between
     their rows that it is handed (their columns must be adjacent)."""
-    work = torch.empty(max(int(scratch), 1), dtype=torch.float32)
+    work = empty((max(int(scratch), 1),))
     ptrs = (ctypes.c_void_p * (len(tensors) + 1))()
     rows = (ctypes.c_long * max(len(tensors), 1))()
     for k, t in enumerate(tensors):

@@ -88,6 +88,7 @@ class Host:
     source: tuple[list[str], str]
     spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
     forward: Schedule | None = None  # a backward pass's forward step, whose values its Forward leaves are
+    empty: str = "torch.empty"  # how the host code allocates a buffer (LoopTarget.empty)
 
     def ref(self, i: int) -> str:
         """Node i over all steps, from the host code after (or before) the loop."""
@@ -150,10 +151,10 @@ def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[
         size = str(g.nodes[leaf].type.shape[0])
         buf = names.carry_buf[name]
         if name in names.wrapped:  # `wrap` blocks used in turn (see HostNames.wrapped)
-            w.line(f"{buf} = torch.empty((wrap * B, {size}), device=dev, dtype=dtype)")
+            w.line(f"{buf} = {host.empty}((wrap * B, {size}), device=dev, dtype=dtype)")
             first = "T % wrap * B:(T % wrap + 1) * B" if host.reverse else ":B"
         else:
-            w.line(f"{buf} = torch.empty(((T + 1) * B, {size}), device=dev, dtype=dtype)")
+            w.line(f"{buf} = {host.empty}(((T + 1) * B, {size}), device=dev, dtype=dtype)")
             first = "T * B:" if host.reverse else ":B"
         w.line(f"{buf}[{first}] = {init}")
     w.comment("Fixed for the whole sequence.")
@@ -163,7 +164,7 @@ def emit_buffers(w: Writer, host: Host, carry_init: list[str], guard: frozenset[
     for i, buf in names.seq.items() if kept else ():
         size = str(g.nodes[i].type.shape[0])
         rows = "B" if i in scratch else "rows"
-        alloc = f"torch.empty(({rows}, {size}), device=dev, dtype=dtype)"
+        alloc = f"{host.empty}(({rows}, {size}), device=dev, dtype=dtype)"
         guarded = i in guard and i not in cross
         w.line(f"{buf} = {alloc} if train else None" if guarded else f"{buf} = {alloc}")
 
@@ -216,6 +217,8 @@ class LoopTarget:
     # Whether a delay's buffer is filled outside the loop and what reads it made there too
     # (schedule.hoist_delays): one product over the sequence instead of one a step
     fill_delays: bool = True
+    # How the host code allocates the buffers around the loop (the C loops': on huge pages when large)
+    empty: str = "torch.empty"
 
 
 def write_section(target: LoopTarget, w: Writer, fwd: Schedule, bwd: Schedule, saved: list[int],
@@ -265,7 +268,7 @@ def _emit_forward(body: Writer, kernels: Writer, fwd: Schedule, saved_nodes: lis
     names = name_values(fwd, namer, leaf_names, reverse=False)
     names.numbers = numbers(g)
     fwd_numbers = names.numbers
-    host = Host(fwd, False, names, source, target.spell)
+    host = Host(fwd, False, names, source, target.spell, empty=target.empty)
     args = [leaf_names[i] for _, i in g.inputs] + init_names + [leaf_names[i] for _, i in g.params]
     kw = ", ".join(["T", "B", *dims])
     guard = frozenset(i for i in saved_nodes if i in fwd.kept) - needed_by_pass(fwd)
@@ -313,7 +316,7 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
     leaf_names, binds, d_outs, d_final = leaves.names, leaves.binds, leaves.d_outs, leaves.d_final
     names = name_values(bwd, namer, leaf_names, reverse=True)
     names.numbers = numbers(gb, {i for key, i in gb.params if isinstance(key, Forward) and key.node in fwd_numbers})
-    host = Host(bwd, True, names, source, target.spell, forward=fwd)
+    host = Host(bwd, True, names, source, target.spell, forward=fwd, empty=target.empty)
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + leaves.params
     with body.block(f"def backward_{target.name}({', '.join(args)}, *, {kw}{extra}):"):
         body.line(f'"""{target.docs[1]}"""')
@@ -350,7 +353,7 @@ def emit_chunks(body: Writer, target: LoopTarget, inputs: list[str], inits: list
                            + [f"{a.split('=')[0]}={a.split('=')[0]}" for a in target.extra_args])
             body.line(f"chunk_out, chunk_state, _ = forward_{target.name}({', '.join([*rows, '*chunk_state', *params, kw])})")
             with body.block("if chunk_outs is None:"):
-                body.line("chunk_outs = tuple(torch.empty((T, *part.shape[1:]), device=dev, dtype=part.dtype) "
+                body.line(f"chunk_outs = tuple({target.empty}((T, *part.shape[1:]), device=dev, dtype=part.dtype) "
                           "for part in chunk_out)")
             with body.block("for whole, part in zip(chunk_outs, chunk_out):"):
                 body.line("whole[chunk_start:chunk_start + chunk_len] = part")
