@@ -197,8 +197,10 @@ def sink_pre(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
     rows of its operands at that step. Before the loop, each such value is a pass over (T*B,
     features) memory that writes what the loop reads back: minGRU's forward at 4096 x 8 x 256 made
     its gate's bias sum and sigmoid so (21 of its 97 ms). Products stay before the loop (one over
-    the sequence), and so does a value read after the loop or by a product. `also_keep`: values
-    another pass reads for every step, written by the loop where they are made there."""
+    the sequence), and so does a value read after the loop or by a product. Unlike the values a
+    loop recomputes from their operands where it reads them (backends/host.fused_into_loop, which
+    must be needed by nothing else), such a value may be one backward keeps: the loop writes it.
+    `also_keep`: values another pass reads for every step, written by the loop where made there."""
     g = s.graph
     region = list(s.region)
     users = g.users()
