@@ -1,10 +1,8 @@
-"""The C loops' large buffers on huge pages (specc/backends/memory.py): ordinary tensors to every
-reader, freed with their last view, and the loops' numbers unchanged when every buffer is one."""
+"""The C loops' large buffers on huge pages (specc/backends/memory.py): torch's own tensors, with
+huge pages asked for inside them only, and the loops' numbers unchanged when every buffer is so."""
 from __future__ import annotations
 
-import gc
 import mmap
-import weakref
 
 import pytest
 import torch
@@ -16,54 +14,49 @@ from helpers import TORCH_LAYERS, TorchLayer, assert_matches_references, assert_
 linux = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="huge pages are asked for on Linux only")
 
 
-@linux
-def test_a_large_buffer_is_a_tensor_on_its_own_huge_pages():
-    n = memory.HUGE_MIN // 4
-    a = memory.empty((n // 1024, 1024))
-    b = memory.empty((n,), device="cpu")
-    assert a.shape == (n // 1024, 1024) and a.dtype == torch.float32 and a.is_contiguous()
-    assert a.data_ptr() % memory.HUGE_PAGE == 0 and b.data_ptr() % memory.HUGE_PAGE == 0
-    a.fill_(1.5)
-    b.fill_(-2.0)  # neither overlaps the other
-    assert a.sum().item() == 1.5 * n and b.sum().item() == -2.0 * n
-    assert (a.T @ a[:, :3]).shape == (1024, 3)
+def _recorded(monkeypatch):
+    """memory's madvise, recording each call and what the kernel answered."""
+    calls = []
+    real = memory._madvise
+
+    def recorded(start, length, advice):
+        calls.append((start, length, advice, real(start, length, advice)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(memory, "_madvise", recorded)
+    return calls
 
 
 @linux
-def test_a_buffer_is_unmapped_with_its_last_view(monkeypatch):
-    made = []
-    real = mmap.mmap
-
-    def recorded(*args, **kwargs):
-        pages = real(*args, **kwargs)
-        made.append(weakref.ref(pages))
-        return pages
-
-    monkeypatch.setattr(mmap, "mmap", recorded)
-    t = memory.empty((memory.HUGE_MIN // 8,), dtype=torch.float64)
-    view = t[10:20]
-    del t
-    gc.collect()
-    assert len(made) == 1 and made[0]() is not None  # the view still holds it
-    view.fill_(3.0)
-    del view
-    gc.collect()
-    assert made[0]() is None
+def test_a_large_buffer_is_torchs_tensor_with_huge_pages_asked_for_inside_it(monkeypatch):
+    calls = _recorded(monkeypatch)
+    n = memory.HUGE_MIN // 4 + 3 * 1024 + 5  # not a whole number of pages
+    t = memory.empty((n,))
+    assert t.shape == (n,) and t.dtype == torch.float32 and t.untyped_storage().resizable()
+    [(start, length, advice, answer)] = calls
+    assert advice == mmap.MADV_HUGEPAGE and answer == 0
+    assert start % memory.HUGE_PAGE == 0 and length % memory.HUGE_PAGE == 0
+    assert t.data_ptr() <= start and start + length <= t.data_ptr() + t.nbytes  # nothing outside it
+    assert length >= t.nbytes - 2 * memory.HUGE_PAGE  # all of it but the two partial pages
+    t.fill_(1.5)
+    assert t.double().sum().item() == 1.5 * n
+    t.resize_(2 * n)  # an ordinary tensor: its storage grows as torch's do
 
 
-def test_small_or_other_devices_or_no_huge_pages_are_torch_empty(monkeypatch):
-    small = memory.empty((16, 16))
-    assert small.untyped_storage().resizable()  # torch's own allocation
+def test_small_or_other_devices_or_no_huge_pages_are_left_as_torch_makes_them(monkeypatch):
+    calls = _recorded(monkeypatch) if memory._madvise is not None else []
+    assert memory.empty((16, 16)).shape == (16, 16)
     assert memory.empty((memory.HUGE_MIN,), device="meta").device.type == "meta"
-    monkeypatch.setattr(memory, "_ADVICE", None)
+    assert calls == []
+    monkeypatch.setattr(memory, "_madvise", None)
     assert memory.empty((memory.HUGE_MIN // 4,)).untyped_storage().resizable()
 
 
 @linux
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_every_buffer_on_huge_pages_gives_torchs_numbers(monkeypatch, name):
-    """HUGE_MIN = 0: each buffer around the C loops (states, kept values, products' results, the
-    loop's scratch) is a mapping of its own, so an offset or a size wrong by a row shows here."""
+    """HUGE_MIN = 0: huge pages asked for behind every buffer around the C loops (states, kept
+    values, products' results, the loop's scratch), small ones from glibc's heap included."""
     monkeypatch.setattr(memory, "HUGE_MIN", 0)
     make, _ = TORCH_LAYERS[name]
     ref = make(24, 40)
