@@ -108,9 +108,7 @@ def hoist_delays(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedu
             break
         known, after = known | more_known, after | more_after
     # A carried value kept in the loop after all (another's next needs it) is written there, as before.
-    if tuple(region) == s.region:
-        return s
-    return Schedule(g, tuple(region), _kept(g, region, also_keep))
+    return _moved(s, region, also_keep)
 
 
 def filled_after(s: Schedule) -> frozenset[int]:
@@ -165,9 +163,7 @@ def sink_post(s: Schedule) -> Schedule:
                  and all(u == n or region[u] == "loop" for u in users[a])]
         if freed and sum(_row_size(g, a) for a in freed) > _row_size(g, n):
             region[n] = "loop"
-    if tuple(region) == s.region:
-        return s
-    return Schedule(g, tuple(region), _kept(g, region))
+    return _moved(s, region)
 
 
 def sink_elementwise(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
@@ -186,9 +182,7 @@ def sink_elementwise(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Sc
         if (region[n] == "post" and (node.op in ELEMENTS or node.op == "slice") and node.type.batched
                 and all(region[a] in ("loop", "pre", "const") and a not in late for a in node.args)):
             region[n] = "loop"
-    if tuple(region) == s.region:
-        return s
-    return Schedule(g, tuple(region), _kept(g, region, also_keep))
+    return _moved(s, region, also_keep)
 
 
 def sink_pre(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
@@ -212,9 +206,14 @@ def sink_pre(s: Schedule, also_keep: frozenset[int] = frozenset()) -> Schedule:
                 and node.type.batched and n not in outputs and users[n]
                 and all(region[u] == "loop" for u in users[n])):
             region[n] = "loop"
+    return _moved(s, region, also_keep)
+
+
+def _moved(s: Schedule, region: list[str], also_keep: frozenset[int] = frozenset()) -> Schedule:
+    """s with its nodes in `region` (s itself when nothing moved), the kept values made again."""
     if tuple(region) == s.region:
         return s
-    return Schedule(g, tuple(region), _kept(g, region, also_keep))
+    return Schedule(s.graph, tuple(region), _kept(s.graph, region, also_keep))
 
 
 def _kept(g: Graph, region: list[str], also_keep: frozenset[int] = frozenset()) -> frozenset[int]:

@@ -834,16 +834,22 @@ def test_the_c_compiles_for_aarch64(tmp_path, spec, cell):
     assert "loop vectorized" in result.stderr
 
 
+def _host_code(spec: str, function: str, after: str, before: str | None = None) -> list[str]:
+    """The code lines (stripped, no comments) of a generated host function between the line
+    holding `after` and the first holding `before` (or the function's end), neither included."""
+    source = specc.compile_spec(spec).source
+    body = source[source.index(f"def {function}("):]
+    body = body[:body.index("\n\n\n")]
+    part = body[body.index(after):body.index(before) if before else None].splitlines()[1:]
+    return [line.strip() for line in part if line.strip() and not line.strip().startswith("#")]
+
+
 def test_elementwise_work_after_the_backward_loop_is_made_in_it():
     """minGRU's backward: every elementwise gradient the scheduler put after the loop (d_z and the
     halves of the input product's gradient) is made in the C loop, which writes only what the
     host's products and sums read; after the loop the host runs products and sums alone. (Its
     numbers: test_references and the differential tests, on every backend.)"""
-    source = specc.compile_spec("mingru").source
-    body = source[source.index("def backward_c("):]
-    body = body[:body.index("\n\n\n")]
-    after = body[body.index("rt_c.run("):].splitlines()[1:]
-    code = [line.strip() for line in after if line.strip() and not line.strip().startswith("#")]
+    code = _host_code("mingru", "backward_c", "rt_c.run(")
     arithmetic = [line for line in code if re.search(r"[^*]\s[-+*/]\s", line.split("=", 1)[-1])]
     assert arithmetic == [], arithmetic
     assert sum("rt_c.matmul" in line for line in code) == 2  # d_x, and both weights' gradients in one
@@ -854,12 +860,8 @@ def test_elementwise_work_before_the_forward_loop_is_made_in_it(cell):
     """Gates made from the input alone (minGRU's z = sigmoid(W_z @ x + b_z)) are made in the C loop
     at their step, and written there only where backward keeps them: before the loop the host
     makes the input products, joins weights and slices views, and nothing elementwise."""
-    source = specc.compile_spec(cell).source
-    body = source[source.index("def forward_c("):]
-    body = body[:body.index("\n\n\n")]
-    before = body[body.index("rt_c.pass_threads("):body.index("rt_c.run(")].splitlines()[1:]
-    code = [line.strip() for line in before if line.strip() and not line.strip().startswith("#")
-            and "rt_c.empty(" not in line]
+    code = [line for line in _host_code(cell, "forward_c", "rt_c.pass_threads(", "rt_c.run(")
+            if "rt_c.empty(" not in line]
     arithmetic = [line for line in code if re.search(r"[^*]\s[-+*/]\s|torch\.(sigmoid|tanh|exp)", line.split("=", 1)[-1])]
     assert arithmetic == [], arithmetic
     assert any("rt_c.matmul" in line for line in code)
@@ -884,9 +886,7 @@ cell shared(I, H) {
 def test_an_input_only_gate_that_feeds_a_product_stays_before_the_loop():
     """u feeds a product (V @ u, one over the sequence), so it stays a whole tensor made before
     the loop; g, read only in the loop (y = g + h' is made there too), is made in it."""
-    source = specc.compile_spec(SHARED_GATE_SPEC).source
-    body = source[source.index("def forward_c("):]
-    before = body[:body.index("rt_c.run(")]
+    before = "\n".join(_host_code(SHARED_GATE_SPEC, "forward_c", "def forward_c(", "rt_c.run("))
     assert "torch.tanh(" in before and "torch.sigmoid(" not in before
     ours = specc.load(SHARED_GATE_SPEC, backend="c", I=6, H=9)
     ref = specc.load(SHARED_GATE_SPEC, backend="numpy", I=6, H=9)

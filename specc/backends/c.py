@@ -660,7 +660,7 @@ def emit_scan(w: Writer, c_out: Writer, host: Host, fn: str, carry_init: list[st
     columns, joined = _concatenated_after(s, host, guard)
     for c in joined:
         total = str(g.nodes[c].type.shape[0])
-        w.line(f"{host.names.names[c]} = rt_c.empty((rows, {total}), device=dev, dtype=dtype)")
+        w.line(f"{host.names.names[c]} = {host.empty}((rows, {total}), device=dev, dtype=dtype)")
     # The backward pass's carried gradients: only the last block (the initial states' gradients)
     # is read after the loop, unless something after it reads them all.
     if host.reverse:
