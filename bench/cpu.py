@@ -8,7 +8,8 @@
     python bench/cpu.py --backend numpy       # specc's NumPy backend rather than its C loops
     SPECC_ONEDNN=0 python bench/cpu.py --backend numpy   # ... with its products in NumPy only
     python bench/cpu.py --march x86-64-v2,x86-64-v3,native   # the C loops compiled for each level,
-                                              # beside the NumPy backend and the peers, in one table
+                                              # beside the NumPy backend and the peers, in one table;
+                                              # at v2 and v3 torch.nn too, held to that level (HOLD)
 
 Cells and their peers:
   elman (cell rnn_tanh of specs/elman.rnn), lstm, gru: torch.nn.RNN / nn.LSTM / nn.GRU
@@ -22,7 +23,8 @@ What is measured, per cell, size (T, B, I, H), pass and implementation:
         gradients (parameter .grad set to None before each repetition, as zero_grad does)
   time  the median over repetitions, after warm-up, of wall-clock time (float32, all cores)
   ratio specc's median over this peer's median, both from the same run (below 1: specc faster);
-        with --march, on each specc row: its median over the first peer's (torch.nn's)
+        with --march, on each specc row: its median over the first peer's (torch.nn's) at the same
+        level (held, see HOLD), or at the machine's own where none was held
   peak  the peak resident memory of one call above what the process held just before it: the
         worker process frees what it can (gc, malloc_trim), resets the kernel's high-water mark
         (/proc/self/clear_refs), makes one call and reads VmHWM; so it counts every page the
@@ -72,6 +74,24 @@ MULTIHEAD_D = 32  # features a head of multihead_lstm: H = N * 32
 PEER_NAMES = {"torch": "torch.nn.{}", "eager": "torch eager loop", "compiled": "torch.compile step"}
 TORCH_CLASS = {"elman": "RNN", "lstm": "LSTM", "gru": "GRU"}
 PASSES = ("fwd", "fb")
+
+# A CPU of an older level, emulated on a newer one (--march): every library held to that level's
+# instructions through its own switch, so that a level's rows compare specc with torch as both run
+# on such a CPU (issue 13: most laptops and many cloud machines have AVX2 and no AVX-512). torch's
+# own kernels (ATEN_CPU_CAPABILITY) and its oneDNN, whose fused LSTM is torch.nn.LSTM's forward
+# (ONEDNN_MAX_CPU_ISA); MKL, torch's matrix products elsewhere (nn.GRU, nn.RNN); the OpenBLAS of
+# NumPy and of specc's C loops (OPENBLAS_CORETYPE); NumPy's own loops (NPY_DISABLE_CPU_FEATURES).
+# MKL_ENABLE_INSTRUCTIONS works on Intel's CPUs only; on others MKL already runs AVX2 code (what
+# v3 asks) and honours only MKL_CBWR=COMPATIBLE, SSE2 code: for v2, the same 4-wide vectors
+# without FMA (2,048^3 sgemm on 2 Zen 5 cores: 47 GFLOP/s, against OpenBLAS's Nehalem kernels'
+# 73). The worker reports what torch and OpenBLAS then run on, and the table names it. Other
+# levels (native, aarch64's) run as the machine is.
+HOLD = {
+    "x86-64-v2": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE",
+                  "OPENBLAS_CORETYPE": "Nehalem", "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"},
+    "x86-64-v3": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                  "OPENBLAS_CORETYPE": "Haswell", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
+}
 
 
 def dims_of(cell: str, T: int, B: int, I: int, H: int) -> dict:
@@ -161,6 +181,12 @@ def worker(job: dict) -> dict:
     del y
     if impl == "specc":
         out["backend"] = m.backend_choice.split(":")[0]
+    if job.get("hold"):  # what the held libraries run on, for the table
+        from specc.backends import c_runtime
+
+        mkl = os.environ.get("MKL_CBWR") or os.environ.get("MKL_ENABLE_INSTRUCTIONS")
+        out["held"] = (f"torch {torch.backends.cpu.get_cpu_capability()}, oneDNN {os.environ.get('ONEDNN_MAX_CPU_ISA')}, "
+                       f"MKL {mkl}" if impl != "specc" else f"OpenBLAS {c_runtime.blas_kernels()}")
 
     def fwd():
         with torch.no_grad():
@@ -248,7 +274,9 @@ def run_worker(job: dict, threads: int | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     busy0, total0 = _cpu_jiffies()
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **thread_env(threads)})
+    held = HOLD.get(job.get("hold") or "", {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **held, **thread_env(threads)})
     busy1, total1 = _cpu_jiffies()
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     ticks = os.sysconf("SC_CLK_TCK")
@@ -358,7 +386,10 @@ def main(argv=None) -> int:
                     help="specc's backend (default auto: the C loops where a compiler is, else NumPy)")
     ap.add_argument("--march", default=None,
                     help="comma-separated -march levels (x86-64-v2,x86-64-v3,native): a row of specc's C loops "
-                         "compiled for each (SPECC_MARCH), and one of its NumPy backend, beside the peers")
+                         "compiled for each (SPECC_MARCH), and one of its NumPy backend, beside the peers; at a "
+                         "level in HOLD, the C loops' OpenBLAS and a row of each peer held to it")
+    ap.add_argument("--no-hold", dest="hold", action="store_false",
+                    help="with --march, run every library at the machine's own level (only the C loops' code changes)")
     ap.add_argument("--markdown", default=None, help="also write the results as markdown to this file")
     ap.add_argument("--check", action="store_true", help="check the peers against specc first (float64)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -383,6 +414,9 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if args.quick else 2)
     min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 1.5)
     only = set(args.impls.split(",")) if args.impls else None
+
+    def held(level: str) -> str | None:
+        return level if args.hold and level in HOLD else None
     if args.check:
         check_peers(cells)
 
@@ -415,12 +449,15 @@ def main(argv=None) -> int:
             # label -> what the worker runs
             variants = {"specc": {"impl": "specc"}}
             if args.march:
-                variants = {f"c {m}": {"impl": "specc", "backend": "c", "march": m} for m in args.march.split(",")}
+                levels = args.march.split(",")
+                variants = {f"c {m}": {"impl": "specc", "backend": "c", "march": m, "hold": held(m)} for m in levels}
                 variants["numpy"] = {"impl": "specc", "backend": "numpy"}
                 # what a user gets without choosing: `auto` at the machine's own level, so that the
                 # table shows whether its choice was the faster backend
                 variants["auto"] = {"impl": "specc", "backend": "auto"}
             variants.update({p: {"impl": p} for p in CELLS[cell][2]})
+            if args.march:  # each peer again at every held level
+                variants.update({f"{p} {m}": {"impl": p, "hold": m} for m in levels if held(m) for p in CELLS[cell][2]})
             impls = [i for i in variants if not only or variants[i]["impl"] in only]
             job = {"cell": cell, "size": size, "passes": passes, "warmup": 2, "min_reps": 3 if args.quick else 5,
                    "max_reps": 50, "min_time": min_time, "backend": args.backend}
@@ -439,8 +476,9 @@ def main(argv=None) -> int:
                         if again.get("others", 1.0) < res.get("others", 1.0):
                             res = again
                     others[impl].append(res.get("others", 0.0))
-                    if "backend" in res:
-                        results[impl]["backend"] = res["backend"]
+                    for key in ("backend", "held"):
+                        if key in res:
+                            results[impl][key] = res[key]
                     for p in passes:
                         got = res.get(p, {"error": res.get("error", "no result")})
                         have = results[impl].setdefault(p, got)
@@ -463,7 +501,9 @@ def main(argv=None) -> int:
                     elif variants[impl]["impl"] == "specc":
                         name = f"specc ({impl})"
                     else:
-                        name = PEER_NAMES[impl].format(TORCH_CLASS.get(cell, ""))
+                        name = PEER_NAMES[variants[impl]["impl"]].format(TORCH_CLASS.get(cell, ""))
+                    if variants[impl].get("hold"):
+                        name += f" [held to {variants[impl]['hold']}: {results[impl].get('held', '?')}]"
                     label = [cell, "×".join(map(str, size)), p, name]
                     noise = f"{100 * max(others[impl]):.0f}%"
                     if "times" not in res:
@@ -472,7 +512,12 @@ def main(argv=None) -> int:
                         t = statistics.median(res["times"])
                         if args.march:
                             mine = variants[impl]["impl"] == "specc"
-                            ratio = f"{t / peer_t:.2f}" if mine and peer_t else ""
+                            level = variants[impl].get("hold")
+                            same = next((i for i in impls if variants[i]["impl"] != "specc"
+                                         and variants[i].get("hold") == level), None) if level else None
+                            same_res = results[same][p] if same else {}
+                            base = statistics.median(same_res["times"]) if "times" in same_res else peer_t
+                            ratio = f"{t / base:.2f}" if mine and base else ""
                         else:
                             ratio = "" if impl == "specc" or ours_t is None else f"{ours_t / t:.2f}"
                         gf = flops / t / 1e9
