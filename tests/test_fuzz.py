@@ -19,6 +19,10 @@ from specc.fuzz.gen import cells
 from specc.fuzz.run import differences
 
 CELLS = int(os.environ.get("SPECC_FUZZ_CELLS", "300"))
+# Triton's kernels run in its interpreter here, ~1.8 s a cell: 300 took 9 of CI's 20.5 minutes on
+# 2 cores (issue 13 asks for under 20, the long sweeps run only partly). The sessions' own runs
+# (`python -m specc.fuzz --backends numpy,c,triton`, bench/results/fuzz-*.md) draw 1,000 and more.
+TRITON_CELLS = int(os.environ.get("SPECC_FUZZ_TRITON_CELLS", str(CELLS // 2)))
 
 
 def _seed(cell) -> int:
@@ -31,8 +35,8 @@ def _seed(cell) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numpy", "c", "triton"])
 def test_random_cells_match_the_reference(backend):
-    @settings(max_examples=CELLS, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=TRITON_CELLS if backend == "triton" else CELLS, derandomize=True, deadline=None,
+              database=None, suppress_health_check=list(HealthCheck))
     @given(cells())
     def one(cell):
         found = differences(cell.text, cell.dims, (backend,), seed=_seed(cell))
