@@ -417,6 +417,7 @@ def main(argv=None) -> int:
 
     def held(level: str) -> str | None:
         return level if args.hold and level in HOLD else None
+
     if args.check:
         check_peers(cells)
 
@@ -489,9 +490,13 @@ def main(argv=None) -> int:
                 flops = flops_fwd * (1 if p == "fwd" else 3)
                 ours = results.get("specc", {}).get(p, {})
                 ours_t = statistics.median(ours["times"]) if "times" in ours else None
-                peer = next((i for i in impls if variants[i]["impl"] != "specc"), None)
-                peer_res = results[peer][p] if peer else {}
-                peer_t = statistics.median(peer_res["times"]) if "times" in peer_res else None
+                # the first peer's median at each level it ran at (None: the machine's own)
+                peer_at: dict[str | None, float | None] = {}
+                for i in impls:
+                    if variants[i]["impl"] != "specc":
+                        peer_res = results[i][p]
+                        peer_at.setdefault(variants[i].get("hold"),
+                                           statistics.median(peer_res["times"]) if "times" in peer_res else None)
                 for impl in impls:
                     res = results[impl][p]
                     if impl == "specc":
@@ -512,11 +517,7 @@ def main(argv=None) -> int:
                         t = statistics.median(res["times"])
                         if args.march:
                             mine = variants[impl]["impl"] == "specc"
-                            level = variants[impl].get("hold")
-                            same = next((i for i in impls if variants[i]["impl"] != "specc"
-                                         and variants[i].get("hold") == level), None) if level else None
-                            same_res = results[same][p] if same else {}
-                            base = statistics.median(same_res["times"]) if "times" in same_res else peer_t
+                            base = peer_at.get(variants[impl].get("hold"))
                             ratio = f"{t / base:.2f}" if mine and base else ""
                         else:
                             ratio = "" if impl == "specc" or ours_t is None else f"{ours_t / t:.2f}"
