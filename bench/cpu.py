@@ -81,17 +81,30 @@ PASSES = ("fwd", "fb")
 # own kernels (ATEN_CPU_CAPABILITY) and its oneDNN, whose fused LSTM is torch.nn.LSTM's forward
 # (ONEDNN_MAX_CPU_ISA); MKL, torch's matrix products elsewhere (nn.GRU, nn.RNN); the OpenBLAS of
 # NumPy and of specc's C loops (OPENBLAS_CORETYPE); NumPy's own loops (NPY_DISABLE_CPU_FEATURES).
-# MKL_ENABLE_INSTRUCTIONS works on Intel's CPUs only; on others MKL already runs AVX2 code (what
-# v3 asks) and honours only MKL_CBWR=COMPATIBLE, SSE2 code: for v2, the same 4-wide vectors
-# without FMA (2,048^3 sgemm on 2 Zen 5 cores: 47 GFLOP/s, against OpenBLAS's Nehalem kernels'
-# 73). The worker reports what torch and OpenBLAS then run on, and the table names it. Other
-# levels (native, aarch64's) run as the machine is.
+# MKL_ENABLE_INSTRUCTIONS works on Intel's CPUs only (v2 there: SSE4_2; 2,048^3 sgemm on 2
+# Sapphire Rapids cores 60 GFLOP/s, AVX2 146, unheld 219); on others MKL already runs AVX2 code
+# (what v3 asks) and honours only MKL_CBWR=COMPATIBLE, SSE2 code: for v2, the same 4-wide vectors
+# without FMA (2 Zen 5 cores: 47 GFLOP/s, against OpenBLAS's Nehalem kernels' 73). The worker
+# reports what torch and OpenBLAS then run on, and the table names it. Other levels (native,
+# aarch64's) run as the machine is.
 HOLD = {
     "x86-64-v2": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE",
                   "OPENBLAS_CORETYPE": "Nehalem", "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"},
     "x86-64-v3": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                   "OPENBLAS_CORETYPE": "Haswell", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
 }
+
+
+def _intel() -> bool:
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+if _intel():
+    HOLD["x86-64-v2"] = {**{k: v for k, v in HOLD["x86-64-v2"].items() if k != "MKL_CBWR"},
+                         "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
 
 
 def dims_of(cell: str, T: int, B: int, I: int, H: int) -> dict:
@@ -186,7 +199,8 @@ def worker(job: dict) -> dict:
 
         mkl = os.environ.get("MKL_CBWR") or os.environ.get("MKL_ENABLE_INSTRUCTIONS")
         out["held"] = (f"torch {torch.backends.cpu.get_cpu_capability()}, oneDNN {os.environ.get('ONEDNN_MAX_CPU_ISA')}, "
-                       f"MKL {mkl}" if impl != "specc" else f"OpenBLAS {c_runtime.blas_kernels()}")
+                       f"MKL {mkl}" if impl != "specc"
+                       else f"OpenBLAS {c_runtime.blas_kernels()}, products {c_runtime.blas_choice().steps} / {c_runtime.blas_choice().host}")
 
     def fwd():
         with torch.no_grad():
@@ -350,7 +364,7 @@ def versions() -> str:
         from specc.backends import c_runtime
 
         ours = (f", specc's C loops: {scipy_openblas32.get_openblas_config().split(' DYNAMIC')[0]} (scipy-openblas32), "
-                f"its {c_runtime.blas_kernels()} kernels")
+                f"its {c_runtime.blas_kernels()} kernels; {c_runtime.blas_note()}")
     except ImportError:
         ours = ""
     return f"Python {platform.python_version()}, NumPy {numpy.__version__} ({blas}), torch {torch.__version__}{ours}"

@@ -438,7 +438,8 @@ def test_spec_names_that_are_c_words_are_renamed_in_the_c():
 
 def test_the_c_is_readable_and_quotes_the_spec():
     source = specc.load("lstm", I=3, H=4).program.C_SOURCE
-    assert "void specc_lstm_forward(long T, long B, int train, int threads, int cols, float *const *arg, const long *row)" in source
+    assert ("void specc_lstm_forward(long T, long B, int train, int threads, int cols, int packed, float *const *arg, "
+            "const long *row)") in source
     assert "/* specs/lstm.rnn:16  c' = sigmoid(f) * c + sigmoid(i) * tanh(g) */" in source
     assert "float v_sigmoid_f = sp_sigmoid(" in source  # one fused loop: a local per value
 

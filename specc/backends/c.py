@@ -4,7 +4,8 @@ On a CPU the time loop is where NumPy loses: every op of a step is a call from P
 array (a batch of 16 x 128 features), a few microseconds each, a dozen per step, while torch's
 nn.LSTM runs the whole step inside oneDNN. Here the loop itself is compiled, one call per pass:
 
-    void specc_lstm_forward(long T, long B, int train, int threads, int cols, float *const *arg, const long *row)
+    void specc_lstm_forward(long T, long B, int train, int threads, int cols, int packed, float *const *arg,
+                            const long *row)
 
 `arg` holds the host's tensors in a fixed order (`row`, the distance between the rows of each,
 for those the host may hand in as views); the dimensions are compile-time constants, so one
@@ -16,7 +17,8 @@ compiled library serves one set of sizes. Per step:
   barrier before and after it, and the elementwise work by rows;
 * each product of the state by a weight is one call of OpenBLAS's sgemm (sp_gemm in
   c_runtime.PRELUDE) on a thread's rows, on that thread: a (B, K) @ (K, N) product a step is too
-  small for OpenBLAS to share out itself;
+  small for OpenBLAS to share out itself; or, where the runtime measured MKL's packed products
+  faster on this machine (`packed`), of MKL's, on the weight each thread packed once before the loop;
 * the elementwise ops of one width run in one loop over the batch and the features, each value a
   local named after the spec's, written to memory only where something outside that loop reads it
   (a later product, the backward pass, the next step);
@@ -174,6 +176,7 @@ class CLoop:
         self.absorbed: dict[int, set[int]] = {}  # concat -> parts written straight into it
         self.virtual: set[int] = set()  # values never made whole (see _find_virtual)
         self.body_indent = ""
+        self.packs: dict[str, tuple[str, str, str]] = {}  # a step's weight -> (its MKL packing, K, N)
 
     # names
     def cname(self, wanted: str) -> str:
@@ -572,13 +575,17 @@ class CLoop:
                 raise Unsupported(f"a product of a vector shared by every example in the loop (spec line {node.line})")
             k = c_size(g.nodes[node.args[1]].type.shape[0])
             weight = self.arg(self.weights[i], const=True)
+            if weight not in self.packs:  # MKL's packing of it, made before the loop (see write())
+                self.packs[weight] = (self.cname(f"{self.weights[i]}_packed"), k, width)
+            packed = self.packs[weight][0]
             # This thread's rows of the batch, or its columns of the product for every row (see write()).
             self.line("if (cols) {")
             self.line("    #pragma omp barrier")
-            self.line(f"    sp_gemm_cols(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {out.ptr}, {out.row});")
+            self.line(f"    sp_gemm_cols(B, {k}, {width}, {vec.ptr}, {vec.row}, {weight}, {packed}, {out.ptr}, "
+                      f"{out.row});")
             self.line("    #pragma omp barrier")
             self.line("} else {")
-            self.line(f"    sp_gemm(r1 - r0, {k}, {width}, {vec.ptr} + r0 * {vec.row}, {vec.row}, {weight}, "
+            self.line(f"    sp_gemm(r1 - r0, {k}, {width}, {vec.ptr} + r0 * {vec.row}, {vec.row}, {weight}, {packed}, "
                       f"{out.ptr} + r0 * {out.row}, {out.row});")
             self.line("}")
         else:
@@ -617,7 +624,7 @@ class CLoop:
                 buf = self.arg(self.host.carry_buf[name], const=False)
                 dest = Place(f"{buf} + {self._carry_rows(name, False)} * {width}", width)
                 self.elementwise(dest, width, self.element(src, width))
-        head = [f"void {self.fn}(long T, long B, int train, int threads, int cols, float *const *arg, "
+        head = [f"void {self.fn}(long T, long B, int train, int threads, int cols, int packed, float *const *arg, "
                 "const long *row) {"]
         if self.host.wrapped:  # see HostNames.wrapped
             wrap = "2" if self.reverse else "train ? T + 1 : 2"
@@ -632,10 +639,20 @@ class CLoop:
         # the whole batch on one, with the wide elementwise loops shared instead; 0: no OpenMP
         # region at all, in a forked child, where GCC's OpenMP would wait for its parent's threads.)
         split = ["    #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)", "    {",
-                 "        const long r0 = B * sp_thread() / sp_threads(), r1 = B * (sp_thread() + 1) / sp_threads();",
-                 "        " + steps]
-        text = head + ["    (void)train;", "    (void)cols;"] + ([] if self.view_rows else ["    (void)row;"]) + split \
-            + ["    " + line for line in self.body] + ["        }", "    }", "}"]
+                 "        const long r0 = B * sp_thread() / sp_threads(), r1 = B * (sp_thread() + 1) / sp_threads();"]
+        # `packed`: the runtime chose MKL for a step's products (c_runtime.blas_choice). Each thread
+        # packs its share of each weight once, for all steps: all of it for its rows, or its columns.
+        if self.packs:
+            split.append("        const int mkl_before = sp_mkl_one_thread(packed);")
+        for weight, (name, k, width) in self.packs.items():
+            split.append(f"        float *{name} = packed ? sp_pack(cols, cols ? B : r1 - r0, {k}, {width}, {weight}) "
+                         ": NULL;")
+        split.append("        " + steps)
+        after = [f"        free({name});" for name, _, _ in self.packs.values()]
+        after += ["        sp_mkl_restore(packed, mkl_before);"] if self.packs else []
+        text = head + ["    (void)train;", "    (void)cols;", "    (void)packed;"] \
+            + ([] if self.view_rows else ["    (void)row;"]) + split \
+            + ["    " + line for line in self.body] + ["        }", *after, "    }", "}"]
         scratch = f"B * ({' + '.join(f'({w})' for w in self.scratch)})" if self.scratch else "0"
         views = [k for k, host_expr in enumerate(self.args) if host_expr in self.view_rows]
         return LoopSource(self.fn, text, list(self.args), scratch, views)

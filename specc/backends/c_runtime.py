@@ -4,7 +4,9 @@ A module's C_SOURCE is compiled once per set of dimensions (they are constants i
 the compiler unrolls and vectorises for them) with the system's C compiler, `cc` or $CC, linked
 to OpenBLAS (the scipy-openblas32 package) for its products, and kept in a cache directory ($SPECC_CACHE, else ~/.cache/specc) under a digest of everything that
 went into it: the source, the dimensions, the flags, OpenBLAS's path and this machine's CPU. Several processes
-compiling the same library at once each write their own file and rename it into place.
+compiling the same library at once each write their own file and rename it into place. Where
+MKL's products were measured faster here (blas_choice), a library is handed their addresses
+in torch's own MKL as it loads, and a step's products, or those around the loop, use them.
 
 SPECC_C=0 turns the C loops off (backend "auto" then uses NumPy on the CPU).
 """
@@ -18,6 +20,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,6 +84,7 @@ BLAS_PREFIX = "scipy_"
 # o (M, N) = a (M, K) @ w (K, N), rows lda, N and ldo floats apart.
 PRELUDE = r"""#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <cblas.h>
 
@@ -113,42 +118,137 @@ static inline float sp_exp(float x) {
 }
 
 """ + "\n".join(a.c_helper for a in ACTIVATIONS.values() if a.c_helper) + r"""
-/* o (M, N) = a @ w (each transposed as CBLAS's flag says) on `threads` threads, each one
-   OpenBLAS call on its block of o's rows, or of its columns when it has fewer rows than columns:
-   the host's products around the loop, on the loop's threads (see c_runtime.pass_threads). */
-void specc_matmul(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
-                  float *o, int threads) {
-    #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)
-    {
-        long id = sp_thread(), nt = sp_threads();
-        if (M >= N) {
-            long m0 = M * id / nt, m1 = M * (id + 1) / nt;
-            if (m1 > m0)
-                """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, ta, tw, (blasint)(m1 - m0), (blasint)N, (blasint)K, 1.0f,
-                                  ta == CblasTrans ? a + m0 : a + m0 * lda, (blasint)lda, w, (blasint)ldw, 0.0f,
-                                  o + m0 * N, (blasint)N);
-        } else {
-            long n0 = N * id / nt, n1 = N * (id + 1) / nt;
-            if (n1 > n0)
-                """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, ta, tw, (blasint)M, (blasint)(n1 - n0), (blasint)K, 1.0f,
-                                  a, (blasint)lda, tw == CblasTrans ? w + n0 * ldw : w + n0, (blasint)ldw, 0.0f,
-                                  o + n0, (blasint)N);
-        }
+/* MKL's packed products (cblas_sgemm_pack, cblas_sgemm_compute: LP64, MKL's own enums), taken
+   from the MKL inside torch's library where the runtime found them faster than OpenBLAS on a
+   step's product on this machine (c_runtime.blas_choice) and handed their addresses in. OpenBLAS
+   packs the weight again at every call; MKL packs it once for the whole loop. */
+typedef size_t (*sp_pack_size_fn)(int, int, int, int);
+typedef void (*sp_pack_fn)(int, int, int, int, int, int, float, const float *, int, float *);
+typedef void (*sp_compute_fn)(int, int, int, int, int, int, const float *, int, const float *, int, float, float *, int);
+typedef int (*sp_local_threads_fn)(int);
+typedef void (*sp_sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                            const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sp_pack_size_fn sp_mkl_pack_size;
+static sp_pack_fn sp_mkl_pack;
+static sp_compute_fn sp_mkl_compute;
+static sp_local_threads_fn sp_mkl_local_threads;
+static sp_sgemm_fn sp_mkl_sgemm;  /* MKL's sgemm_ for the products around the loop, where chosen */
+enum { SP_MKL_ROW_MAJOR = 101, SP_MKL_NO_TRANS = 111, SP_MKL_PACKED = 151, SP_MKL_B_MATRIX = 162 };
+
+void specc_use_mkl(void *pack_size, void *pack, void *compute, void *local_threads, void *sgemm, int host) {
+    sp_mkl_pack_size = (sp_pack_size_fn)pack_size;
+    sp_mkl_pack = (sp_pack_fn)pack;
+    sp_mkl_compute = (sp_compute_fn)compute;
+    sp_mkl_local_threads = (sp_local_threads_fn)local_threads;
+    sp_mkl_sgemm = host ? (sp_sgemm_fn)sgemm : NULL;
+}
+
+/* MKL on this thread alone while the loop runs (its threads are the loop's); the setting before. */
+static inline int sp_mkl_one_thread(int packed) {
+    return packed && sp_mkl_local_threads ? sp_mkl_local_threads(1) : 0;
+}
+
+static inline void sp_mkl_restore(int packed, int before) {
+    if (packed && sp_mkl_local_threads)
+        sp_mkl_local_threads(before);
+}
+
+/* One block of o = op(a) @ op(w) (CBLAS's flags and row-major distances): by MKL's sgemm_ where
+   chosen (Fortran's column-major convention: o^T = op(w)^T @ op(a)^T, each read as it lies), else
+   by OpenBLAS. */
+static inline void sp_block(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
+                            float *o, long ldo, int mkl) {
+    if (mkl && sp_mkl_sgemm) {
+        const int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lw = (int)ldw, lo = (int)ldo;
+        const float one = 1.0f, zero = 0.0f;
+        sp_mkl_sgemm(tw == CblasTrans ? "T" : "N", ta == CblasTrans ? "T" : "N", &n, &m, &k, &one, w, &lw, a, &la,
+                     &zero, o, &lo);
+    } else {
+        """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, ta, tw, (blasint)M, (blasint)N, (blasint)K, 1.0f, a, (blasint)lda,
+                          w, (blasint)ldw, 0.0f, o, (blasint)ldo);
     }
 }
 
-static inline void sp_gemm(long M, long K, long N, const float *a, long lda, const float *w, float *o, long ldo) {
-    """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f,
-                      a, (blasint)lda, w, (blasint)N, 0.0f, o, (blasint)ldo);
+/* o (M, N) = a @ w (each transposed as CBLAS's flag says) on `threads` threads, each one call of
+   OpenBLAS (or MKL, where chosen) on its block of o's rows, or of its columns when it has fewer
+   rows than columns: the host's products around the loop, on the loop's threads (see
+   c_runtime.pass_threads). threads 0: a forked child, where MKL's OpenMP would wait as ours would. */
+void specc_matmul(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
+                  float *o, int threads) {
+    const int mkl = threads > 0 && sp_mkl_sgemm != NULL;
+    #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)
+    {
+        long id = sp_thread(), nt = sp_threads();
+        const int before = sp_mkl_one_thread(mkl);
+        if (M >= N) {
+            long m0 = M * id / nt, m1 = M * (id + 1) / nt;
+            if (m1 > m0)
+                sp_block(m1 - m0, N, K, ta == CblasTrans ? a + m0 : a + m0 * lda, lda, ta, w, ldw, tw, o + m0 * N, N, mkl);
+        } else {
+            long n0 = N * id / nt, n1 = N * (id + 1) / nt;
+            if (n1 > n0)
+                sp_block(M, n1 - n0, K, a, lda, ta, tw == CblasTrans ? w + n0 * ldw : w + n0, ldw, tw, o + n0, N, mkl);
+        }
+        sp_mkl_restore(mkl, before);
+    }
 }
 
-/* This thread's block of o's columns (a multiple of 16 wide), for every row: OpenBLAS packs the
-   weight it reads at every call, so the threads share that packing instead of each packing all
-   of it for its own rows (see c_runtime.pass_threads). */
-static inline void sp_gemm_cols(long M, long K, long N, const float *a, long lda, const float *w, float *o, long ldo) {
+/* This thread's block [n0, n1) of N columns, a multiple of 16 wide (sp_gemm_cols). */
+static inline void sp_cols(long N, long *n0, long *n1) {
     long id = sp_thread(), nt = sp_threads();
-    long n0 = id == 0 ? 0 : (N * id / nt) & ~15L, n1 = id == nt - 1 ? N : (N * (id + 1) / nt) & ~15L;
-    if (n1 > n0)
+    *n0 = id == 0 ? 0 : (N * id / nt) & ~15L;
+    *n1 = id == nt - 1 ? N : (N * (id + 1) / nt) & ~15L;
+}
+
+#ifndef SP_PACK_MIN_MACS
+/* multiply-adds of a thread's product a step below which MKL's packing does not pay: each call of
+   it costs a few microseconds more than OpenBLAS's inside the loop (LSTM 200x8x64x64, a (4, 64)
+   @ (64, 256) product a thread: 4.4 -> 5.4 ms forward + backward), and small products gain
+   nothing from the packing ((8, 64) @ (64, 256): 21 GFLOP/s in both, one thread) */
+#define SP_PACK_MIN_MACS 1048576L
+#endif
+
+/* w (K, N) packed by MKL for products of M rows: all its columns (cols 0, a thread's rows of the
+   batch) or this thread's block of them (cols 1, as sp_gemm_cols multiplies); NULL where MKL is
+   not in use or the product is too small to gain, and the products then call OpenBLAS. free() it after. */
+static inline float *sp_pack(int cols, long M, long K, long N, const float *w) {
+    long n0 = 0, n1 = N;
+    if (cols)
+        sp_cols(N, &n0, &n1);
+    if (!sp_mkl_compute || M <= 0 || n1 <= n0 || K <= 0 || M * K * (n1 - n0) < SP_PACK_MIN_MACS)
+        return NULL;
+    size_t bytes = (sp_mkl_pack_size(SP_MKL_B_MATRIX, (int)M, (int)(n1 - n0), (int)K) + 63) & ~(size_t)63;
+    float *p = (float *)aligned_alloc(64, bytes);
+    if (p)
+        sp_mkl_pack(SP_MKL_ROW_MAJOR, SP_MKL_B_MATRIX, SP_MKL_NO_TRANS, (int)M, (int)(n1 - n0), (int)K, 1.0f,
+                    w + n0, (int)N, p);
+    return p;
+}
+
+/* o (M, N) = a (M, K) @ w (K, N): by MKL from w packed (sp_pack), else by OpenBLAS. */
+static inline void sp_gemm(long M, long K, long N, const float *a, long lda, const float *w, const float *packed,
+                           float *o, long ldo) {
+    if (packed && M > 0)
+        sp_mkl_compute(SP_MKL_ROW_MAJOR, SP_MKL_NO_TRANS, SP_MKL_PACKED, (int)M, (int)N, (int)K, a, (int)lda,
+                       packed, (int)N, 0.0f, o, (int)ldo);
+    else
+        """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f,
+                          a, (blasint)lda, w, (blasint)N, 0.0f, o, (blasint)ldo);
+}
+
+/* This thread's block of o's columns (sp_cols), for every row: OpenBLAS packs the weight it reads
+   at every call, so the threads share that packing instead of each packing all of it for its own
+   rows (see c_runtime.pass_threads); `packed`: MKL's packing of this thread's block (sp_pack). */
+static inline void sp_gemm_cols(long M, long K, long N, const float *a, long lda, const float *w,
+                                const float *packed, float *o, long ldo) {
+    long n0, n1;
+    sp_cols(N, &n0, &n1);
+    if (n1 <= n0)
+        return;
+    if (packed)
+        sp_mkl_compute(SP_MKL_ROW_MAJOR, SP_MKL_NO_TRANS, SP_MKL_PACKED, (int)M, (int)(n1 - n0), (int)K, a,
+                       (int)lda, packed, (int)(n1 - n0), 0.0f, o + n0, (int)ldo);
+    else
         """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)M, (blasint)(n1 - n0), (blasint)K,
                           1.0f, a, (blasint)lda, w + n0, (blasint)N, 0.0f, o + n0, (blasint)ldo);
 }
@@ -265,7 +365,7 @@ def _library(source: str, dims: dict[str, int]) -> ctypes.CDLL:
                     pass
             try:
                 blas()  # first: its thread count is set before any loop calls it
-                _loaded[key] = ctypes.CDLL(str(path))
+                _loaded[key] = _with_blas_choice(ctypes.CDLL(str(path)))
             except OSError as e:
                 if path.exists() or attempt:
                     _failed[key] = f"the compiled loops ({path}) do not load: {e}"
@@ -512,5 +612,166 @@ def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, s
         rows[k] = t.stride(0) if t.dim() == 2 else 0
     ptrs[len(tensors)] = work.data_ptr()
     threads = loop_threads(B)
+    # MKL packs each weight once a pass (about one step's product): not for a few steps, and not
+    # in a forked child (threads 0), where MKL's OpenMP would wait as the loops' would.
+    packed = getattr(lib, "specc_mkl", False) and threads > 0 and T >= PACK_MIN_STEPS
     getattr(lib, fn)(ctypes.c_long(T), ctypes.c_long(B), ctypes.c_int(int(train)), ctypes.c_int(threads),
-                     ctypes.c_int(int(_cols[0] and threads > 1)), ptrs, rows)
+                     ctypes.c_int(int(_cols[0] and threads > 1)), ctypes.c_int(int(packed)), ptrs, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The products: OpenBLAS, or the MKL inside torch's library where it is faster on this machine.
+#
+# OpenBLAS packs its operand again at every call, and a step's product is small (the batch's
+# rows): one thread, (32, 512) @ (512, 2048), a Sapphire Rapids core ran it at 64-75 GFLOP/s in
+# OpenBLAS and 120-126 in MKL from a weight MKL packed once (cblas_sgemm_pack / _compute); (8,
+# 256) @ (256, 768) 36 against 85; held to AVX2 67 / 85, to SSE4.2 22 / 26; only (8, 64) @ (64,
+# 256) tied. The products around the loop there, (1600, 512) @ (512, 2048) on one thread: 136
+# against MKL's sgemm 155, held to AVX2 92 / 94, to SSE4.2 28 / 35. torch's x86-64 library
+# carries MKL and exports both (sgemm_ in Fortran's convention), so the loops use the copy torch
+# already loaded: no second MKL to install. MKL favours Intel's CPUs (on others it runs its AVX2
+# code at best, where OpenBLAS runs AVX-512), so which library each kind of product uses is
+# measured, once per machine and setting, not assumed: blas_choice().
+PACK_MIN_STEPS = 8
+MKL_SYMBOLS = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute", "MKL_Set_Num_Threads_Local",
+               "sgemm_")
+# The products blas_choice() times, (rows, K, N): a small, a middling and a large step's; one
+# around the loop.
+STEP_SHAPES = ((8, 128, 512), (16, 256, 1024), (32, 512, 2048))
+HOST_SHAPES = ((2048, 256, 1024),)
+
+
+@dataclass(frozen=True)
+class BlasChoice:
+    steps: str  # "mkl" (packed once a pass) or "openblas": a step's products, in the loop
+    host: str  # "mkl" or "openblas": the products around the loop (specc_matmul)
+
+
+@functools.lru_cache(maxsize=1)
+def mkl() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
+    """torch's own library and the addresses of MKL_SYMBOLS in it, or None where this torch has
+    no MKL (aarch64, macOS) or does not export them."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*"))
+    try:
+        lib = ctypes.CDLL(str(found[0]))
+        addresses = tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in MKL_SYMBOLS)
+    except (IndexError, OSError, AttributeError):
+        return None
+    lib.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
+    return lib, addresses
+
+
+def _product(which: str, M: int, K: int, N: int, step: bool) -> tuple:
+    """One (M, K) @ (K, N) product by `which` library, as the loops (step) or specc_matmul make it:
+    (the call, the arrays it reads and writes, which must outlive it)."""
+    import numpy as np
+
+    lib = mkl()[0] if which == "mkl" else blas()
+    f, i = ctypes.c_float, ctypes.c_int
+    a = np.random.default_rng(0).standard_normal((M, K), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal((K, N), dtype=np.float32)
+    o = np.empty((M, N), np.float32)
+    pa, pw, po = (ctypes.c_void_p(x.ctypes.data) for x in (a, w, o))
+    keep = [a, w, o]
+    if which == "openblas":
+        sgemm = getattr(lib, BLAS_PREFIX + "cblas_sgemm")
+        return lambda: sgemm(101, 111, 111, M, N, K, f(1.0), pa, K, pw, N, f(0.0), po, N), keep
+    if step:
+        packed = np.empty(lib.cblas_sgemm_pack_get_size(162, M, N, K) // 4 + 16, np.float32)
+        pp = ctypes.c_void_p(packed.ctypes.data)
+        lib.cblas_sgemm_pack(101, 162, 111, M, N, K, f(1.0), pw, N, pp)
+        keep.append(packed)
+        return lambda: lib.cblas_sgemm_compute(101, 111, 151, M, N, K, pa, K, pp, N, f(0.0), po, N), keep
+    # Fortran's column-major convention: o^T (N, M) = w^T (N, K) @ a^T (K, M), each read as it lies.
+    n, m, k, one, zero, no = (ctypes.byref(v) for v in (i(N), i(M), i(K), f(1.0), f(0.0), ctypes.c_char(b"N")))
+    return lambda: lib.sgemm_(no, no, n, m, k, one, pw, n, pa, k, zero, po, n), keep
+
+
+def _seconds(which: str, shapes: tuple, step: bool) -> float:
+    """Seconds for one of each of `shapes` on one thread, the fastest of a few tries."""
+    total = 0.0
+    for M, K, N in shapes:
+        once, _arrays = _product(which, M, K, N, step)
+        reps = max(3, int(2e7 // (M * K * N)))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                once()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        total += best
+    return total
+
+
+def _choice_file() -> Path:
+    settings = [_cpu(), torch.__version__, *(openblas() or ()), str(_core_type())]
+    settings += [f"{k}={os.environ.get(k, '')}" for k in
+                 ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY")]
+    digest = hashlib.sha256(chr(0).join(settings).encode()).hexdigest()[:24]
+    return _cache_dir() / "choices" / f"blas-{digest}.txt"
+
+
+@functools.lru_cache(maxsize=1)
+def blas_choice() -> BlasChoice:
+    """The library of a step's products and of those around the loop, here. SPECC_BLAS=openblas
+    or mkl decides both; else each is the faster on its shapes (STEP_SHAPES, HOST_SHAPES), on one
+    thread, MKL only by at least 5 %, measured once and kept in the cache folder under this CPU
+    and the libraries' settings."""
+    wanted = os.environ.get("SPECC_BLAS", "").strip().lower()
+    if mkl() is None or wanted == "openblas":
+        return BlasChoice("openblas", "openblas")
+    if wanted == "mkl":
+        return BlasChoice("mkl", "mkl")
+    path = _choice_file()
+    try:
+        kept = path.read_text().split()
+        if len(kept) >= 2 and {kept[0], kept[1]} <= {"mkl", "openblas"}:
+            return BlasChoice(kept[0], kept[1])
+    except OSError:
+        pass
+    lib = mkl()[0]
+    before = lib.MKL_Set_Num_Threads_Local(1)
+    times = {}
+    try:
+        for _ in range(2):  # in turns, the fastest of each: a neighbour's burst hits both
+            for kind, shapes in (("steps", STEP_SHAPES), ("host", HOST_SHAPES)):
+                for which in ("openblas", "mkl"):
+                    t = _seconds(which, shapes, kind == "steps")
+                    times[kind, which] = min(times.get((kind, which), t), t)
+    finally:
+        lib.MKL_Set_Num_Threads_Local(before)
+    chosen = BlasChoice(*("mkl" if times[kind, "mkl"] < 0.95 * times[kind, "openblas"] else "openblas"
+                          for kind in ("steps", "host")))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(f"{chosen.steps} {chosen.host}\n# one thread, ms: a step's {STEP_SHAPES}: OpenBLAS "
+                       f"{1e3 * times['steps', 'openblas']:.3f}, MKL packed {1e3 * times['steps', 'mkl']:.3f}; "
+                       f"around the loop {HOST_SHAPES}: OpenBLAS {1e3 * times['host', 'openblas']:.3f}, "
+                       f"MKL {1e3 * times['host', 'mkl']:.3f}\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return chosen
+
+
+def _with_blas_choice(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """A just-loaded library of loops, told MKL's addresses where blas_choice() chose MKL for
+    either kind of product (`lib.specc_mkl`: for a step's)."""
+    choice = blas_choice()
+    lib.specc_mkl = choice.steps == "mkl" and hasattr(lib, "specc_use_mkl")
+    if "mkl" in (choice.steps, choice.host) and hasattr(lib, "specc_use_mkl"):
+        lib.specc_use_mkl(*(ctypes.c_void_p(a) for a in mkl()[1]), ctypes.c_int(choice.host == "mkl"))
+    return lib
+
+
+def blas_note() -> str:
+    """Which library each kind of product uses, and why: for the benchmarks' headers."""
+    choice = blas_choice()
+    why = "SPECC_BLAS" if os.environ.get("SPECC_BLAS", "").strip() else "measured on this machine"
+    name = {"mkl": "MKL (torch's)", "openblas": "OpenBLAS"}
+    return f"a step's products {name[choice.steps]}, those around the loop {name[choice.host]} ({why})"
