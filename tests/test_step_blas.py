@@ -147,3 +147,23 @@ def test_each_timed_product_computes_the_product():
             once, (a, w, o, *_) = c_runtime._product(which, 5, 7, 19, step)
             once()
             np.testing.assert_allclose(o, a @ w, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_an_mkl_that_computes_wrongly_is_not_used(monkeypatch):
+    """mkl() checks one product of each kind against NumPy before any loop may call MKL: an MKL
+    reading our arguments otherwise (64-bit integers) must give OpenBLAS, not wrong numbers."""
+    real = c_runtime._product
+
+    def doubled(which, M, K, N, step, lib=None):
+        once, arrays = real(which, M, K, N, step, lib)
+        return (lambda: (once(), arrays[2].__imul__(2))), arrays
+
+    monkeypatch.setattr(c_runtime, "_product", doubled)
+    c_runtime.mkl.cache_clear()
+    try:
+        assert c_runtime.mkl() is None
+    finally:
+        monkeypatch.undo()
+        c_runtime.mkl.cache_clear()
+    assert c_runtime.mkl() is not None

@@ -650,7 +650,24 @@ class BlasChoice:
 @functools.lru_cache(maxsize=1)
 def mkl() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
     """torch's own library and the addresses of MKL_SYMBOLS in it, or None where this torch has
-    no MKL (aarch64, macOS) or does not export them."""
+    no MKL (aarch64, macOS), does not export them, or they do not compute a product as this
+    file calls them (an MKL of 64-bit integers would read our 32-bit ones wrongly)."""
+    import numpy as np
+
+    found = _torch_mkl()
+    if found is None:
+        return None
+    for step in (True, False):
+        once, (a, w, o, *_) = _product("mkl", 5, 7, 19, step, found[0])
+        o.fill(np.nan)
+        once()
+        if not np.allclose(o, a.astype(np.float64) @ w, rtol=1e-4, atol=1e-4):
+            return None
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_mkl() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -665,12 +682,12 @@ def mkl() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
     return lib, addresses
 
 
-def _product(which: str, M: int, K: int, N: int, step: bool) -> tuple:
+def _product(which: str, M: int, K: int, N: int, step: bool, lib: ctypes.CDLL | None = None) -> tuple:
     """One (M, K) @ (K, N) product by `which` library, as the loops (step) or specc_matmul make it:
     (the call, the arrays it reads and writes, which must outlive it)."""
     import numpy as np
 
-    lib = mkl()[0] if which == "mkl" else blas()
+    lib = lib or (mkl()[0] if which == "mkl" else blas())
     f, i = ctypes.c_float, ctypes.c_int
     a = np.random.default_rng(0).standard_normal((M, K), dtype=np.float32)
     w = np.random.default_rng(1).standard_normal((K, N), dtype=np.float32)
