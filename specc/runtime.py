@@ -521,6 +521,10 @@ class CellModule(nn.Module):
         graph, whose backward op recomputes the forward where autocast is off)."""
         backend, work, why = self._choose(tensors, dtype, n_inputs, steps, batch, autocast)
         self.backend_choice = f"{backend.name}: {why}"
+        if backend.name == "c":  # which library makes its products, and why (c_runtime.blas_choice)
+            from .backends.c_runtime import blas_note
+
+            self.backend_choice += f"; {blas_note()}"
         return backend, work
 
     def _choose(self, tensors, dtype, n_inputs, steps, batch, autocast=True):

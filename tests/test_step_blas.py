@@ -48,6 +48,7 @@ def test_mkls_packed_products_give_torchs_numbers(monkeypatch, fresh_libraries, 
     x = torch.randn(T, B, I, requires_grad=True)
     y, y_ref = m(x)[0], ref(x)[0]
     assert [getattr(lib, "specc_mkl", False) for lib in c_runtime._loaded.values()] == [True]
+    assert m.backend_choice.startswith("c: ") and "; a step's products MKL (torch's)" in m.backend_choice
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     mine = torch.autograd.grad((y * y).sum(), [x, m.W_hh, m.W_ih])
     theirs = torch.autograd.grad((y_ref * y_ref).sum(), [x, ref.weight_hh_l0, ref.weight_ih_l0])
