@@ -319,3 +319,20 @@ def library_cells() -> list[tuple[str, str, tuple[str, ...]]]:
         text = spec_file(name).read_text(encoding="utf-8")
         out += [(name, c.name, tuple(c.dims)) for c in check(parse(text, f"specs/{name}.rnn"))]
     return out
+
+
+def assert_host_products_match_torch(monkeypatch, c_lib) -> None:
+    """c_runtime.matmul (specc_matmul) on 1-3 threads, each product split by rows or by columns,
+    for each of CBLAS's layouts (transposed views read in place), is torch's product."""
+    from specc.backends import c_runtime
+
+    torch.manual_seed(0)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(c_runtime, "_loop", [threads])
+        monkeypatch.setattr(c_runtime, "MATMUL_SPLIT_MACS", 0)
+        for M, K, N in ((37, 5, 11), (3, 7, 50), (1, 1, 1), (64, 64, 64)):
+            a, w = torch.randn(M, K), torch.randn(K, N)
+            for left in (a, a.T.contiguous().T):
+                for right in (w, w.T.contiguous().T):
+                    torch.testing.assert_close(c_runtime.matmul(c_lib, left, right), left @ right,
+                                               atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ import specc
 from specc import runtime
 from specc.backends import c as c_backend
 from specc.backends import c_runtime
-from helpers import (TORCH_LAYERS, TorchLayer, assert_inference_keeps_c_in_two_blocks,
+from helpers import (TORCH_LAYERS, TorchLayer, assert_host_products_match_torch, assert_inference_keeps_c_in_two_blocks,
                          assert_long_inference_runs_in_chunks, assert_matches_references,
                          assert_same, assert_softmax_feeds_a_contraction, assert_softmax_in_the_recurrence,
                          assert_softmax_of_minus_inf_columns, assert_spec_matches_numpy, assert_text_spec_matches_numpy,
@@ -785,16 +785,7 @@ def test_host_products_split_among_threads_match_torch(monkeypatch):
     number of threads, for each of CBLAS's layouts (transposed views read in place)."""
     specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))  # a compiled library to call
     c_lib = next(iter(c_runtime._loaded.values()))
-    torch.manual_seed(0)
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(c_runtime, "_loop", [threads])
-        monkeypatch.setattr(c_runtime, "MATMUL_SPLIT_MACS", 0)
-        for M, K, N in ((37, 5, 11), (3, 7, 50), (1, 1, 1), (64, 64, 64)):
-            a, w = torch.randn(M, K), torch.randn(K, N)
-            for left in (a, a.T.contiguous().T):
-                for right in (w, w.T.contiguous().T):
-                    torch.testing.assert_close(c_runtime.matmul(c_lib, left, right), left @ right,
-                                               atol=1e-5, rtol=1e-5)
+    assert_host_products_match_torch(monkeypatch, c_lib)
 
 
 @pytest.mark.parametrize("vendor, family, flags, expected", [

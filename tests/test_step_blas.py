@@ -9,6 +9,7 @@ import torch
 
 import specc
 from specc.backends import c_runtime
+from helpers import assert_host_products_match_torch
 
 needs_c = pytest.mark.skipif(c_runtime.problem() is not None, reason=str(c_runtime.problem()))
 needs_mkl = pytest.mark.skipif(c_runtime.mkl() is None, reason="this torch exports no MKL (not x86-64 Linux)")
@@ -85,16 +86,7 @@ def test_products_around_the_loop_by_mkl_match_torch(monkeypatch, fresh_librarie
     specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))  # a compiled library to call
     c_lib = next(iter(c_runtime._loaded.values()))
     assert not c_lib.specc_mkl  # a step's products stay OpenBLAS's
-    torch.manual_seed(0)
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(c_runtime, "_loop", [threads])
-        monkeypatch.setattr(c_runtime, "MATMUL_SPLIT_MACS", 0)
-        for M, K, N in ((37, 5, 11), (3, 7, 50), (1, 1, 1), (64, 64, 64)):
-            a, w = torch.randn(M, K), torch.randn(K, N)
-            for left in (a, a.T.contiguous().T):
-                for right in (w, w.T.contiguous().T):
-                    torch.testing.assert_close(c_runtime.matmul(c_lib, left, right), left @ right,
-                                               atol=1e-5, rtol=1e-5)
+    assert_host_products_match_torch(monkeypatch, c_lib)
 
 
 def test_the_choice_is_measured_once_kept_and_can_be_forced(monkeypatch, tmp_path):
