@@ -18,6 +18,18 @@ LAYERS = {"lstm": (torch.nn.LSTM, ("W_ih", "W_hh", "b_ih", "b_hh")),
           "gru": (torch.nn.GRU, ("W_ih", "W_hh", "b_ih", "b_hh"))}
 
 
+def mkl_counts(lib) -> list[int]:
+    """(weights packed by MKL, products around the loop made by MKL) so far in this library."""
+    import ctypes
+
+    return list((ctypes.c_long * 2).in_dll(lib, "specc_mkl_counts"))
+
+
+def only_library():
+    (lib,) = c_runtime._loaded.values()
+    return lib
+
+
 @pytest.fixture
 def fresh_libraries(monkeypatch, tmp_path):
     """Libraries compiled and loaded anew, into a cache of the test's own."""
@@ -31,10 +43,11 @@ def fresh_libraries(monkeypatch, tmp_path):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("split, threads", [("rows", "1"), ("rows", "2"), ("cols", "2"), ("cols", "3")])
 def test_mkls_packed_products_give_torchs_numbers(monkeypatch, fresh_libraries, cell, split, threads):
-    """H = 256, a batch of 16: each thread's product a step is 1-4 M multiply-adds, above
-    SP_PACK_MIN_MACS, so every product of both passes reads a weight MKL packed (all of it for a
-    thread's rows, or a thread's columns: 3 threads split 1024 columns into blocks of 336, 336 and
-    352, and 768 into 256 each); outputs and gradients are torch.nn's."""
+    """H = 256, a batch of 16: a thread's product a step is ~1-4 M multiply-adds, mostly above
+    SP_PACK_MIN_MACS, so the products read weights MKL packed (all of a weight for a thread's rows,
+    or its columns: 3 threads split 1024 columns into 336, 336 and 352; the GRU's backward 256
+    columns into 80, 80 and 96, of which the 80s stay OpenBLAS's); outputs and gradients are
+    torch.nn's, and MKL did pack."""
     monkeypatch.setattr(c_runtime, "blas_choice", lambda: c_runtime.BlasChoice("mkl", "mkl"))
     monkeypatch.setenv("SPECC_LOOP_THREADS", threads)
     monkeypatch.setenv("SPECC_LOOP_SPLIT", split)
@@ -48,7 +61,7 @@ def test_mkls_packed_products_give_torchs_numbers(monkeypatch, fresh_libraries, 
             getattr(ref, theirs).copy_(getattr(m, mine))
     x = torch.randn(T, B, I, requires_grad=True)
     y, y_ref = m(x)[0], ref(x)[0]
-    assert [getattr(lib, "specc_mkl", False) for lib in c_runtime._loaded.values()] == [True]
+    assert only_library().specc_mkl and mkl_counts(only_library())[0] > 0
     assert m.backend_choice.startswith("c: ") and "; a step's products MKL (torch's)" in m.backend_choice
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     mine = torch.autograd.grad((y * y).sum(), [x, m.W_hh, m.W_ih])
@@ -59,22 +72,22 @@ def test_mkls_packed_products_give_torchs_numbers(monkeypatch, fresh_libraries, 
 
 @needs_c
 @needs_mkl
-def test_a_short_sequence_or_openblas_packs_nothing(monkeypatch, fresh_libraries):
-    """Fewer than PACK_MIN_STEPS steps, or OpenBLAS chosen: the same numbers, by OpenBLAS."""
-    monkeypatch.setattr(c_runtime, "blas_choice", lambda: c_runtime.BlasChoice("openblas", "openblas"))
+@pytest.mark.parametrize("choice, T", [("openblas", 12), ("mkl", c_runtime.PACK_MIN_STEPS - 1)])
+def test_a_short_sequence_or_openblas_packs_nothing(monkeypatch, fresh_libraries, choice, T):
+    """OpenBLAS chosen, or fewer than PACK_MIN_STEPS steps: nothing packed, torch.nn's numbers."""
+    monkeypatch.setattr(c_runtime, "blas_choice", lambda: c_runtime.BlasChoice(choice, "openblas"))
     torch.manual_seed(2)
     m = specc.load("lstm", I=8, H=256, backend="c")
-    x = torch.randn(3, 16, 8)
+    ref = torch.nn.LSTM(8, 256)
     with torch.no_grad():
-        y_openblas = m(x)[0]
-    assert [getattr(lib, "specc_mkl", False) for lib in c_runtime._loaded.values()] == [False]
-    monkeypatch.setattr(c_runtime, "blas_choice", lambda: c_runtime.BlasChoice("mkl", "mkl"))
-    monkeypatch.setattr(c_runtime, "_by_source", {})
-    monkeypatch.setattr(c_runtime, "_loaded", {})
-    m2 = specc.load("lstm", I=8, H=256, backend="c")
-    m2.load_state_dict(m.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(m2(x)[0], y_openblas, atol=1e-5, rtol=1e-5)
+        for mine, theirs in zip(LAYERS["lstm"][1], ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")):
+            getattr(ref, theirs).copy_(getattr(m, mine))
+    x = torch.randn(T, 16, 8, requires_grad=True)
+    y, y_ref = m(x)[0], ref(x)[0]
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y_ref.sum(), x)[0],
+                               atol=1e-4, rtol=1e-4)
+    assert only_library().specc_mkl == (choice == "mkl") and mkl_counts(only_library()) == [0, 0]
 
 
 @needs_c
@@ -86,7 +99,13 @@ def test_products_around_the_loop_by_mkl_match_torch(monkeypatch, fresh_librarie
     specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))  # a compiled library to call
     c_lib = next(iter(c_runtime._loaded.values()))
     assert not c_lib.specc_mkl  # a step's products stay OpenBLAS's
+    before = mkl_counts(c_lib)
     assert_host_products_match_torch(monkeypatch, c_lib)
+    assert mkl_counts(c_lib)[1] > before[1] and mkl_counts(c_lib)[0] == before[0]
+
+
+def pair(choice) -> tuple[str, str]:
+    return choice.steps, choice.host
 
 
 def test_the_choice_is_measured_once_kept_and_can_be_forced(monkeypatch, tmp_path):
@@ -108,24 +127,26 @@ def test_the_choice_is_measured_once_kept_and_can_be_forced(monkeypatch, tmp_pat
     choice = c_runtime.blas_choice
     choice.cache_clear()
     try:
-        assert choice() == c_runtime.BlasChoice("mkl", "openblas") and len(set(timed)) == 4
+        assert pair(choice()) == ("mkl", "openblas") and len(set(timed)) == 4
+        assert choice().why == "measured on this machine"
         choice.cache_clear()
         timed.clear()
-        assert choice() == c_runtime.BlasChoice("mkl", "openblas") and timed == []  # kept on disk
+        assert pair(choice()) == ("mkl", "openblas") and timed == []  # kept on disk
+        assert choice().why == "measured on this machine earlier"
         kept = list((tmp_path / "c" / "choices").glob("blas-*.txt"))
         assert len(kept) == 1 and kept[0].read_text().startswith("mkl openblas\n")
         # Another setting of the libraries is another choice, timed again: MKL 3 % faster is not enough.
         monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
         monkeypatch.setattr(c_runtime, "_seconds", lambda which, shapes, step: 0.97 if which == "mkl" else 1.0)
         choice.cache_clear()
-        assert choice() == c_runtime.BlasChoice("openblas", "openblas")
+        assert pair(choice()) == ("openblas", "openblas")
         for forced, expected in (("openblas", "openblas"), ("MKL", "mkl")):
             monkeypatch.setenv("SPECC_BLAS", forced)
             choice.cache_clear()
-            assert choice() == c_runtime.BlasChoice(expected, expected)
+            assert pair(choice()) == (expected, expected) and choice().why == "SPECC_BLAS"
         monkeypatch.setattr(c_runtime, "mkl", lambda: None)  # no MKL in this torch: OpenBLAS, whatever is asked
         choice.cache_clear()
-        assert choice() == c_runtime.BlasChoice("openblas", "openblas")
+        assert pair(choice()) == ("openblas", "openblas") and choice().why == "no usable MKL in this torch"
     finally:
         choice.cache_clear()
 

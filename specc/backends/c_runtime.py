@@ -135,6 +135,10 @@ static sp_local_threads_fn sp_mkl_local_threads;
 static sp_sgemm_fn sp_mkl_sgemm;  /* MKL's sgemm_ for the products around the loop, where chosen */
 enum { SP_MKL_ROW_MAJOR = 101, SP_MKL_NO_TRANS = 111, SP_MKL_PACKED = 151, SP_MKL_B_MATRIX = 162 };
 
+/* How many weights this library packed by MKL, and products around the loop it made by MKL: what
+   the tests read to know MKL ran, not only that it was offered. */
+long specc_mkl_counts[2];
+
 void specc_use_mkl(void *pack_size, void *pack, void *compute, void *local_threads, void *sgemm, int host) {
     sp_mkl_pack_size = (sp_pack_size_fn)pack_size;
     sp_mkl_pack = (sp_pack_fn)pack;
@@ -159,6 +163,7 @@ static inline void sp_mkl_restore(int packed, int before) {
 static inline void sp_block(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
                             float *o, long ldo, int mkl) {
     if (mkl && sp_mkl_sgemm) {
+        __atomic_fetch_add(&specc_mkl_counts[1], 1, __ATOMIC_RELAXED);
         const int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lw = (int)ldw, lo = (int)ldo;
         const float one = 1.0f, zero = 0.0f;
         sp_mkl_sgemm(tw == CblasTrans ? "T" : "N", ta == CblasTrans ? "T" : "N", &n, &m, &k, &one, w, &lw, a, &la,
@@ -217,11 +222,14 @@ static inline float *sp_pack(int cols, long M, long K, long N, const float *w) {
         sp_cols(N, &n0, &n1);
     if (!sp_mkl_compute || M <= 0 || n1 <= n0 || K <= 0 || M * K * (n1 - n0) < SP_PACK_MIN_MACS)
         return NULL;
-    size_t bytes = (sp_mkl_pack_size(SP_MKL_B_MATRIX, (int)M, (int)(n1 - n0), (int)K) + 63) & ~(size_t)63;
-    float *p = (float *)aligned_alloc(64, bytes);
-    if (p)
+    /* malloc's alignment (16 bytes) is enough for MKL; aligned_alloc is not declared under -std=c99 */
+    size_t bytes = sp_mkl_pack_size(SP_MKL_B_MATRIX, (int)M, (int)(n1 - n0), (int)K);
+    float *p = bytes ? (float *)malloc(bytes) : NULL;
+    if (p) {
+        __atomic_fetch_add(&specc_mkl_counts[0], 1, __ATOMIC_RELAXED);
         sp_mkl_pack(SP_MKL_ROW_MAJOR, SP_MKL_B_MATRIX, SP_MKL_NO_TRANS, (int)M, (int)(n1 - n0), (int)K, 1.0f,
                     w + n0, (int)N, p);
+    }
     return p;
 }
 
@@ -645,6 +653,7 @@ HOST_SHAPES = ((2048, 256, 1024),)
 class BlasChoice:
     steps: str  # "mkl" (packed once a pass) or "openblas": a step's products, in the loop
     host: str  # "mkl" or "openblas": the products around the loop (specc_matmul)
+    why: str = "measured on this machine"
 
 
 @functools.lru_cache(maxsize=1)
@@ -654,16 +663,32 @@ def mkl() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
     file calls them (an MKL of 64-bit integers would read our 32-bit ones wrongly)."""
     import numpy as np
 
-    found = _torch_mkl()
-    if found is None:
+    if _forked[0]:  # MKL's OpenMP in a forked child would wait as the loops' would: OpenBLAS there
         return None
-    for step in (True, False):
-        once, (a, w, o, *_) = _product("mkl", 5, 7, 19, step, found[0])
-        o.fill(np.nan)
-        once()
-        if not np.allclose(o, a.astype(np.float64) @ w, rtol=1e-4, atol=1e-4):
+    try:
+        found = _torch_mkl()
+        if found is None:
             return None
-    return found
+        lib = found[0]
+        # An MKL of 64-bit integers reads a register's upper half, which these 32-bit ones leave
+        # as they find it: the same size with garbage above the number, or it is not ours.
+        high = lambda v: ctypes.c_int64((0x5A5A << 32) | v)  # noqa: E731
+        if lib.cblas_sgemm_pack_get_size(high(162), high(5), high(19), high(7)) != \
+                lib.cblas_sgemm_pack_get_size(162, 5, 19, 7):
+            return None
+        before = lib.MKL_Set_Num_Threads_Local(1)
+        try:
+            for step in (True, False):
+                once, (a, w, o, *_) = _product("mkl", 5, 7, 19, step, lib)
+                o.fill(np.nan)
+                once()
+                if not np.allclose(o, a.astype(np.float64) @ w, rtol=1e-4, atol=1e-4):
+                    return None
+        finally:
+            lib.MKL_Set_Num_Threads_Local(before)
+        return found
+    except Exception:  # whatever this torch's library is, the loops still have OpenBLAS
+        return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -739,15 +764,17 @@ def blas_choice() -> BlasChoice:
     thread, MKL only by at least 5 %, measured once and kept in the cache folder under this CPU
     and the libraries' settings."""
     wanted = os.environ.get("SPECC_BLAS", "").strip().lower()
-    if mkl() is None or wanted == "openblas":
-        return BlasChoice("openblas", "openblas")
+    if wanted == "openblas":  # before mkl(): this also keeps torch's MKL from being called at all
+        return BlasChoice("openblas", "openblas", "SPECC_BLAS")
+    if mkl() is None:
+        return BlasChoice("openblas", "openblas", "no usable MKL in this torch")
     if wanted == "mkl":
-        return BlasChoice("mkl", "mkl")
+        return BlasChoice("mkl", "mkl", "SPECC_BLAS")
     path = _choice_file()
     try:
         kept = path.read_text().split()
         if len(kept) >= 2 and {kept[0], kept[1]} <= {"mkl", "openblas"}:
-            return BlasChoice(kept[0], kept[1])
+            return BlasChoice(kept[0], kept[1], "measured on this machine earlier")
     except OSError:
         pass
     lib = mkl()[0]
@@ -789,6 +816,5 @@ def _with_blas_choice(lib: ctypes.CDLL) -> ctypes.CDLL:
 def blas_note() -> str:
     """Which library each kind of product uses, and why: for the benchmarks' headers."""
     choice = blas_choice()
-    why = "SPECC_BLAS" if os.environ.get("SPECC_BLAS", "").strip() else "measured on this machine"
     name = {"mkl": "MKL (torch's)", "openblas": "OpenBLAS"}
-    return f"a step's products {name[choice.steps]}, those around the loop {name[choice.host]} ({why})"
+    return f"a step's products {name[choice.steps]}, those around the loop {name[choice.host]} ({choice.why})"
