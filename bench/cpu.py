@@ -198,9 +198,10 @@ def worker(job: dict) -> dict:
         from specc.backends import c_runtime
 
         mkl = os.environ.get("MKL_CBWR") or os.environ.get("MKL_ENABLE_INSTRUCTIONS")
+        products = c_runtime.blas_choice()
         out["held"] = (f"torch {torch.backends.cpu.get_cpu_capability()}, oneDNN {os.environ.get('ONEDNN_MAX_CPU_ISA')}, "
                        f"MKL {mkl}" if impl != "specc"
-                       else f"OpenBLAS {c_runtime.blas_kernels()}, products {c_runtime.blas_choice().steps} / {c_runtime.blas_choice().host}")
+                       else f"OpenBLAS {c_runtime.blas_kernels()}, products {products.steps} / {products.host}")
 
     def fwd():
         with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import torch_ops
+from .atomic import write_atomically
 from .backends import BACKENDS
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -187,12 +188,8 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
         _CHOICES[key] = (name, f"the faster on this CPU, timed on first use with batch {B} "
                                f"(forward + backward of {steps} steps: {timings})")
         try:  # through a file of its own renamed into place, as the compiled loops are
-            import tempfile
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
-                f.write("\n".join(_CHOICES[key]))
-            os.replace(f.name, path)
+            text = "\n".join(_CHOICES[key])
+            write_atomically(path, lambda f: f.write(text.encode("utf-8")))
         except OSError:
             pass  # an unwritable cache: the choice is this process's alone
     return _CHOICES[key]

@@ -12,6 +12,7 @@ SPECC_C=0 turns the C loops off (backend "auto" then uses NumPy on the CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomically
 from ..ops import ACTIVATIONS
 from .c import c_dim
 from .memory import empty
@@ -676,19 +678,26 @@ def mkl() -> tuple[ctypes.CDLL, tuple[int, ...]] | None:
         if lib.cblas_sgemm_pack_get_size(high(162), high(5), high(19), high(7)) != \
                 lib.cblas_sgemm_pack_get_size(162, 5, 19, 7):
             return None
-        before = lib.MKL_Set_Num_Threads_Local(1)
-        try:
+        with _one_mkl_thread(lib):
             for step in (True, False):
                 once, (a, w, o, *_) = _product("mkl", 5, 7, 19, step, lib)
                 o.fill(np.nan)
                 once()
                 if not np.allclose(o, a.astype(np.float64) @ w, rtol=1e-4, atol=1e-4):
                     return None
-        finally:
-            lib.MKL_Set_Num_Threads_Local(before)
         return found
     except Exception:  # whatever this torch's library is, the loops still have OpenBLAS
         return None
+
+
+@contextlib.contextmanager
+def _one_mkl_thread(lib: ctypes.CDLL):
+    """MKL on the calling thread alone (its thread-local setting), as the loops call it; then as before."""
+    before = lib.MKL_Set_Num_Threads_Local(1)
+    try:
+        yield
+    finally:
+        lib.MKL_Set_Num_Threads_Local(before)
 
 
 @functools.lru_cache(maxsize=1)
@@ -777,29 +786,23 @@ def blas_choice() -> BlasChoice:
             return BlasChoice(kept[0], kept[1], "measured on this machine earlier")
     except OSError:
         pass
-    lib = mkl()[0]
-    before = lib.MKL_Set_Num_Threads_Local(1)
     times = {}
-    try:
+    with _one_mkl_thread(mkl()[0]):
         for _ in range(2):  # in turns, the fastest of each: a neighbour's burst hits both
             for kind, shapes in (("steps", STEP_SHAPES), ("host", HOST_SHAPES)):
                 for which in ("openblas", "mkl"):
                     t = _seconds(which, shapes, kind == "steps")
                     times[kind, which] = min(times.get((kind, which), t), t)
-    finally:
-        lib.MKL_Set_Num_Threads_Local(before)
     chosen = BlasChoice(*("mkl" if times[kind, "mkl"] < 0.95 * times[kind, "openblas"] else "openblas"
                           for kind in ("steps", "host")))
+    text = (f"{chosen.steps} {chosen.host}\n# one thread, ms: a step's {STEP_SHAPES}: OpenBLAS "
+            f"{1e3 * times['steps', 'openblas']:.3f}, MKL packed {1e3 * times['steps', 'mkl']:.3f}; "
+            f"around the loop {HOST_SHAPES}: OpenBLAS {1e3 * times['host', 'openblas']:.3f}, "
+            f"MKL {1e3 * times['host', 'mkl']:.3f}\n")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(f"{chosen.steps} {chosen.host}\n# one thread, ms: a step's {STEP_SHAPES}: OpenBLAS "
-                       f"{1e3 * times['steps', 'openblas']:.3f}, MKL packed {1e3 * times['steps', 'mkl']:.3f}; "
-                       f"around the loop {HOST_SHAPES}: OpenBLAS {1e3 * times['host', 'openblas']:.3f}, "
-                       f"MKL {1e3 * times['host', 'mkl']:.3f}\n")
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: f.write(text.encode("utf-8")))
     except OSError:
-        pass
+        pass  # an unwritable cache: the choice is this process's alone
     return chosen
 
 
@@ -807,8 +810,8 @@ def _with_blas_choice(lib: ctypes.CDLL) -> ctypes.CDLL:
     """A just-loaded library of loops, told MKL's addresses where blas_choice() chose MKL for
     either kind of product (`lib.specc_mkl`: for a step's)."""
     choice = blas_choice()
-    lib.specc_mkl = choice.steps == "mkl" and hasattr(lib, "specc_use_mkl")
-    if "mkl" in (choice.steps, choice.host) and hasattr(lib, "specc_use_mkl"):
+    lib.specc_mkl = choice.steps == "mkl"
+    if "mkl" in (choice.steps, choice.host):
         lib.specc_use_mkl(*(ctypes.c_void_p(a) for a in mkl()[1]), ctypes.c_int(choice.host == "mkl"))
     return lib
 
