@@ -121,6 +121,13 @@ def _c_unusable(prog, dims) -> str | None:
 PROBE_STEPS = 32  # steps of the timed forward + backward (fewer if the sequence is shorter)
 PROBE_RUNS = 2  # timed calls of a backend in a row, after PROBE_SETTLE seconds of untimed ones
 PROBE_SETTLE = 0.15  # OpenBLAS's threads spin 2^28 cycles (~0.1 s) after their last product
+# Rows of each backend, in turn. Two were not enough on a VM whose noise comes in bursts of half a
+# second that no process of its own shows (a 2-core Xeon, 2026-12-03: one forward + backward of
+# second_order's C loops took 45-105 ms from call to call, and a choice timed with both of the C
+# loops' rows in a burst kept NumPy, 25 % slower, for good); a third row is run unless the first
+# two made one backend PROBE_CLEAR times faster.
+PROBE_ROWS = 3
+PROBE_CLEAR = 1.5
 _CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
@@ -128,7 +135,7 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     """Seconds of one forward + backward on each of the C loops and the NumPy backend (the best of
     timed calls), on the first T steps of the caller's own tensors.
 
-    Each backend runs a row of calls, twice, in turn (C, NumPy, C, NumPy), and only the calls that
+    Each backend runs a row of calls, PROBE_ROWS times in turn (C, NumPy, C, NumPy, ...), and only the calls that
     start PROBE_SETTLE seconds or more into a row are timed (PROBE_RUNS of them; the first call of
     a row is never timed: first-touch memory, oneDNN's plans): a backend leaves thread pools
     spinning for a while after its products (NumPy's OpenBLAS ~0.1 s, torch's), which slow
@@ -149,7 +156,9 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
     seconds = {r.name: float("inf") for r in runners}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
-        for runner in runners + runners:
+        for n, runner in enumerate(runners * PROBE_ROWS):
+            if n == 2 * len(runners) and max(seconds.values()) > PROBE_CLEAR * min(seconds.values()):
+                break
             row = time.perf_counter()
             calls = timed = 0
             while timed < PROBE_RUNS:
@@ -172,7 +181,8 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
            torch.get_num_threads(), os.environ.get("OPENBLAS_CORETYPE") or c_runtime._core_type(), module.scan)
     if key in _CHOICES:
         return _CHOICES[key]
-    text = repr((key, c_runtime.openblas(), c_runtime._cpu()))
+    blas = c_runtime.blas_choice()  # which library the loops' products use (MKL's packing or not)
+    text = repr((key, c_runtime.openblas(), c_runtime._cpu(), blas.steps, blas.host))
     path = c_runtime._cache_dir() / "choices" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.txt"
     try:
         name, why = path.read_text(encoding="utf-8").split("\n", 1)
