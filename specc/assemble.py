@@ -130,6 +130,8 @@ def _header(w: Writer, cell: CheckedCell, file: str) -> None:
     if learned:  # their initial values are parameters of the module (NAME_init), outside the step
         w.line(f"LEARNED = {learned!r}")
     w.line(f"OUTPUTS = {tuple(name for name, _ in cell.outputs)!r}")
+    w.line("# backward(..., inputs_grad=False) makes no gradient of the inputs that it can leave out (None)")
+    w.line("SKIPS_INPUT_GRADIENTS = True")
 
 
 def _sizes(w: Writer, cell: CheckedCell, fwd: Schedule, star: str, file: str) -> None:

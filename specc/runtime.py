@@ -263,6 +263,7 @@ class _Scan(torch.autograd.Function):
         outs, finals, saved = backend.forward(prog, tensors, T, B, dims, train=True)
         ctx.module, ctx.backend, ctx.saved_values, ctx.sizes = module, backend, saved, (T, B)
         ctx.n_params = len(tensors) - n_inputs - n_states
+        ctx.n_inputs = n_inputs
         # What backward reads shares memory with the inputs and the outputs. Saving them here lets
         # torch's version counters catch an in-place change made before backward, as for its own ops.
         ctx.save_for_backward(*tensors, *outs)
@@ -279,7 +280,11 @@ class _Scan(torch.autograd.Function):
         params = saved_tensors[len(saved_tensors) - n_out - ctx.n_params:len(saved_tensors) - n_out]
         like = params[0] if params else grads[0]
         d_outs, d_finals = torch_ops.result_gradients(module, grads, T, B, like)
-        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, params, T, B, module._dim_args)
+        # No input wants a gradient (a first layer fed data): the generated backward leaves out
+        # what only the inputs' gradients need, as torch's autograd does for its own ops.
+        inputs_grad = any(ctx.needs_input_grad[4:4 + ctx.n_inputs])
+        out = ctx.backend.backward(prog, ctx.saved_values, d_outs, d_finals, params, T, B, module._dim_args,
+                                   inputs_grad)
         return (None, None, None, None, *out)
 
 

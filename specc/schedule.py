@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ir import Graph
+from .ir import LEAVES, Graph
 from .ops import ELEMENTS, REDUCTIONS
 from .shapes import Size
 
@@ -239,3 +239,21 @@ def needed_by_pass(s: Schedule) -> frozenset[int]:
         if s.region[i] in ("post", "reduce"):
             need.update(node.args)
     return frozenset(need & s.kept)
+
+
+def only_for_inputs(s: Schedule) -> frozenset[int]:
+    """A backward pass's values made outside its loop that only the gradients of its inputs need
+    (an LSTM's d_x = W_ih^T @ d_gates after the loop, a fifth of its products): the host code
+    makes them only when some input asks for a gradient (a first layer fed data does not, as
+    torch's autograd then skips its own)."""
+    g = s.graph
+    wanted = [i for _, i in g.reduced] + [nxt for _, _, nxt in g.carries] + list(fills(s))
+    wanted += [i for i in range(len(g.nodes)) if s.region[i] in ("loop", "reduce", "final")]
+    needed: set[int] = set()
+    while wanted:
+        i = wanted.pop()
+        if i not in needed:
+            needed.add(i)
+            wanted.extend(g.nodes[i].args)
+    return frozenset(i for i in range(len(g.nodes))
+                     if s.region[i] in ("pre", "post") and i not in needed and g.nodes[i].op not in LEAVES)

@@ -15,8 +15,9 @@ from typing import Callable
 
 from ..ir import LEAVES, Forward, Graph, Node
 from ..ops import ELEMENTS, SPELLINGS
-from ..schedule import Schedule, fills, hoist_delays, needed_by_pass
-from .writer import Namer, Writer, after_loop, backward_args, number_code, saved_key, tuple_code, value_names
+from ..schedule import Schedule, fills, hoist_delays, needed_by_pass, only_for_inputs
+from .writer import (Namer, Writer, after_loop, backward_args, input_gradient, number_code, saved_key, tuple_code,
+                     value_names)
 
 # Ops a loop can recompute at any feature index from their operands, so that nothing need store them.
 RECOMPUTABLE = (*ELEMENTS, "slice", "outer")
@@ -25,7 +26,7 @@ VIEWS = ("slice", "reshape")
 # Names the host functions use for themselves: no value of the spec may be given one of them.
 HOST_NAMES = frozenset({"np", "tl", "triton", "torch", "math", "rt", "T", "B", "rows", "dtype", "dev", "t", "train",
                         "saved", "wrap", "CHUNK_ROWS", "CHUNK_STEPS", "chunk", "chunk_start", "chunk_len",
-                        "chunk_outs", "chunk_state", "chunk_out", "whole", "part"})
+                        "chunk_outs", "chunk_state", "chunk_out", "whole", "part", "inputs_grad"})
 
 
 class Unsupported(Exception):
@@ -89,6 +90,9 @@ class Host:
     spell: Callable = torch_spell  # how the host code spells an op (the C backend: its own products)
     forward: Schedule | None = None  # a backward pass's forward step, whose values its Forward leaves are
     empty: str = "torch.empty"  # how the host code allocates a buffer (LoopTarget.empty)
+    # A backward pass's values that only its inputs' gradients need (schedule.only_for_inputs):
+    # made under `if inputs_grad:`
+    optional: frozenset[int] = frozenset()
 
     def ref(self, i: int) -> str:
         """Node i over all steps, from the host code after (or before) the loop."""
@@ -133,7 +137,12 @@ def emit_region(w: Writer, host: Host, region: str, skip: frozenset[int] = froze
                 w.comment(f"{file}:{node.line}  {lines[node.line - 1].strip()}")
                 last = node.line
             args = [host.ref(a) for a in node.args]
-            w.line(f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}")
+            line = f"{host.names.names[i]} = {host.spell(node, args, [g.nodes[a].type for a in node.args])}"
+            if i in host.optional:
+                with w.block("if inputs_grad:"):
+                    w.line(line)
+            else:
+                w.line(line)
         for name in filling.get(i, ()):
             # A state the loop does not carry (schedule.hoist_delays): its buffer, every step at once.
             rows = ":rows" if host.reverse else "B:"
@@ -316,9 +325,10 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
     leaf_names, binds, d_outs, d_final = leaves.names, leaves.binds, leaves.d_outs, leaves.d_final
     names = name_values(bwd, namer, leaf_names, reverse=True)
     names.numbers = numbers(gb, {i for key, i in gb.params if isinstance(key, Forward) and key.node in fwd_numbers})
-    host = Host(bwd, True, names, source, target.spell, forward=fwd, empty=target.empty)
+    host = Host(bwd, True, names, source, target.spell, forward=fwd, empty=target.empty,
+                optional=only_for_inputs(bwd))
     args = ["saved"] + [leaf_names[i] for i in d_outs] + d_final + leaves.params
-    with body.block(f"def backward_{target.name}({', '.join(args)}, *, {kw}{extra}):"):
+    with body.block(f"def backward_{target.name}({', '.join(args)}, *, {kw}{extra}, inputs_grad=True):"):
         body.line(f'"""{target.docs[1]}"""')
         body.line("rows = T * B")
         ref = d_final[0] if d_final else leaf_names[d_outs[0]]
@@ -331,7 +341,8 @@ def _emit_backward(body: Writer, kernels: Writer, bwd: Schedule, fwd: Schedule, 
         keep = {i for _, i in gb.outputs} | {i for _, i in gb.reduced}
         target.scan(body, kernels, host, f"{prefix}_backward", d_final, frozenset(), set(dims) | set(namer.taken), dims,
                     keep)
-        d_inputs = tuple_code([f"{host.ref(i)}.reshape(T, B, -1)" for _, i in gb.outputs])
+        d_inputs = tuple_code([input_gradient(f"{host.ref(i)}.reshape(T, B, -1)", i in host.optional)
+                               for _, i in gb.outputs])
         d_inits = tuple_code([f"{names.carry_buf[name]}[:B]" for name, _, _ in gb.carries])
         d_params = tuple_code([host.ref(i) for _, i in gb.reduced])
         body.line(f"return {d_inputs}, {d_inits}, {d_params}")

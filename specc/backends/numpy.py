@@ -32,20 +32,22 @@ makes them allocate nothing:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from ..ir import Graph, Node
 from ..ops import ELEMENTS, SPELLINGS
 from ..optimize import hoist_factors
 from ..scan import Affine, affine_loop
-from ..schedule import Schedule, filled_outside, fills, hoist_delays, needed_by_pass, schedule, sink_post
+from ..schedule import (Schedule, filled_outside, fills, hoist_delays, needed_by_pass, only_for_inputs, schedule,
+                        sink_post)
 from ..shapes import Size
-from .writer import (Namer, TermSpeller, Writer, after_loop, backward_args, number_code, saved_key, tuple_code,
-                     value_names)
+from .writer import (Namer, TermSpeller, Writer, after_loop, backward_args, input_gradient, number_code, saved_key,
+                     tuple_code, value_names)
 
 
 INTERNAL = {"np", "rt", "math", "T", "B", "rows", "dtype", "t", "s", "e", "k", "p", "q", "train", "saved",
-            "steps", "lo", "hi", "cs", "ce", "last", "matmul", "scan", "scanned"}
+            "steps", "lo", "hi", "cs", "ce", "last", "matmul", "scan", "scanned", "inputs_grad"}
 LEAVES = ("input", "param", "const", "carry")
 VIEWS = ("slice", "reshape")
 
@@ -115,6 +117,7 @@ class Scan:
     # blocks used in turn (when not training), blocks p (read) and q (written) of the step.
     alternating: set[str] = field(default_factory=set)
     guarded: frozenset[int] = frozenset()  # kept only for the backward pass: filled when training
+    optional: frozenset[int] = frozenset()  # a backward pass's values for its inputs' gradients alone
     # Filled by _plan_loop:
     place: dict[int, Place] = field(default_factory=dict)  # loop values -> where a step writes them
     seq_view: dict[int, Place] = field(default_factory=dict)  # kept values stored inside another's buffer
@@ -606,37 +609,40 @@ def _emit_nodes(w: Writer, scan: Scan, region: str, protect: frozenset[int] = fr
         node = g.nodes[i]
         if node.op in LEAVES or (i in scan.chunked) != chunk or i in scan.split:
             continue
-        c = next((a for a in node.args if a in scan.split), None)
-        if c is not None:
-            # A reader of a concatenation that is not made: one product or sum per part.
-            name, parts = scan.names[i], scan.split[c]
-            if node.op == "matvec_t":
-                w_code = ref(node.args[0])
-                lines.emit(node, f"{name} = matmul({parts[0][0]}, {rows_of(w_code, parts[0][1], parts[0][2])})")
-                for code, a, b in parts[1:]:
-                    lines.emit(node, f"{name} += matmul({code}, {rows_of(w_code, a, b)})")
-            elif node.op == "outer_sum":
-                v = ref(node.args[1])
-                items = ", ".join(f"matmul({code}.T, {v})" for code, _, _ in parts)
-                lines.emit(node, f"{name} = np.concatenate([{items}])")
-            else:
-                items = ", ".join(f"{code}.sum(axis=0)" for code, _, _ in parts)
-                lines.emit(node, f"{name} = np.concatenate([{items}])")
-            scan.fresh.add(i)
-            continue
-        args = [ref(a) for a in node.args]
-        stmt = spell(node, args, [g.nodes[a].type for a in node.args], "(hi - lo)" if chunk else "rows")
-        if chunk and i in scan.operand_of:
-            stmt = f"matmul({args[1]}, {scan.operand_of[i]})"
-        if node.type.batched and _elementwise(node):
-            for a, code in zip(node.args, args):
-                if (a in scan.fresh and g.nodes[a].type == node.type and a not in results and a not in protect
-                        and (a in scan.chunked) == chunk and all(here(u) and u <= i for u in readers(a))):
-                    stmt = spell_into(node, args, code)
-                    break
-        if node.op in _FRESH:
-            scan.fresh.add(i)
-        lines.emit(node, f"{scan.names[i]} = {stmt}")
+        # Only an input's gradient needs it (schedule.only_for_inputs): made when one is asked for.
+        optional = w.block("if inputs_grad:") if i in scan.optional else contextlib.nullcontext()
+        with optional:
+            c = next((a for a in node.args if a in scan.split), None)
+            if c is not None:
+                # A reader of a concatenation that is not made: one product or sum per part.
+                name, parts = scan.names[i], scan.split[c]
+                if node.op == "matvec_t":
+                    w_code = ref(node.args[0])
+                    lines.emit(node, f"{name} = matmul({parts[0][0]}, {rows_of(w_code, parts[0][1], parts[0][2])})")
+                    for code, a, b in parts[1:]:
+                        lines.emit(node, f"{name} += matmul({code}, {rows_of(w_code, a, b)})")
+                elif node.op == "outer_sum":
+                    v = ref(node.args[1])
+                    items = ", ".join(f"matmul({code}.T, {v})" for code, _, _ in parts)
+                    lines.emit(node, f"{name} = np.concatenate([{items}])")
+                else:
+                    items = ", ".join(f"{code}.sum(axis=0)" for code, _, _ in parts)
+                    lines.emit(node, f"{name} = np.concatenate([{items}])")
+                scan.fresh.add(i)
+                continue
+            args = [ref(a) for a in node.args]
+            stmt = spell(node, args, [g.nodes[a].type for a in node.args], "(hi - lo)" if chunk else "rows")
+            if chunk and i in scan.operand_of:
+                stmt = f"matmul({args[1]}, {scan.operand_of[i]})"
+            if node.type.batched and _elementwise(node):
+                for a, code in zip(node.args, args):
+                    if (a in scan.fresh and g.nodes[a].type == node.type and a not in results and a not in protect
+                            and (a in scan.chunked) == chunk and all(here(u) and u <= i for u in readers(a))):
+                        stmt = spell_into(node, args, code)
+                        break
+            if node.op in _FRESH:
+                scan.fresh.add(i)
+            lines.emit(node, f"{scan.names[i]} = {stmt}")
     if pending:
         _fill(lines, scan, *pending)
 
@@ -743,7 +749,8 @@ def emit_scan(w: Writer, scan: Scan, carry_init: list[str], namer: Namer, protec
         _emit_steps(w, scan, carry_init, namer, protect)
         return False
     linear = Scan(scan.sched, scan.reverse, scan.source_lines, scan.file, names=dict(scan.names),
-                  seq=dict(scan.seq), carry_buf=dict(scan.carry_buf), guarded=scan.guarded)
+                  seq=dict(scan.seq), carry_buf=dict(scan.carry_buf), guarded=scan.guarded,
+                  optional=scan.optional)
     width = " + ".join(_size(scan.g.nodes[leaf].type.shape[0]) for _, leaf, _ in scan.g.carries)
     w.line(f"scanned = scan and rt.scan_pays(B, {width})  # else the loop over steps")
     with w.block("if scanned:"):
@@ -978,13 +985,13 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
     bwd = sink_post(hoist_delays(schedule(hoist_factors(bwd.graph))))
     g = bwd.graph
     namer = Namer(INTERNAL | set(dims))
-    scan = Scan(bwd, reverse=True, source_lines=source_lines, file=file)
+    scan = Scan(bwd, reverse=True, source_lines=source_lines, file=file, optional=only_for_inputs(bwd))
     leaves = backward_args(g, fwd, saved_names, namer)
     leaf_names, bind, d_out_args, d_final = leaves.names, leaves.binds, leaves.d_outs, leaves.d_final
     _name_values(scan, namer, leaf_names)
     args = ["saved"] + [leaf_names[i] for i in d_out_args] + d_final + leaves.params
     kw = ", ".join(["T", "B", *dims])
-    with w.block(f"def backward({', '.join(args)}, *, {kw}, scan=True):"):
+    with w.block(f"def backward({', '.join(args)}, *, {kw}, scan=True, inputs_grad=True):"):
         w.line('"""Backpropagation through time: gradients of the inputs, initial states and parameters."""')
         w.line("rows = T * B")
         w.line(f"dtype = {d_final[0] if d_final else leaf_names[d_out_args[0]]}.dtype")
@@ -994,7 +1001,8 @@ def emit_backward(w: Writer, bwd: Schedule, fwd: Graph, saved_names: dict[int, s
         for local, key in bind:
             w.line(f'{local} = saved["{key}"]')
         emit_scan(w, scan, d_final, namer)
-        d_inputs = tuple_code([f"{scan.ref(i, loop=False)}.reshape(T, B, -1)" for _, i in g.outputs])
+        d_inputs = tuple_code([input_gradient(f"{scan.ref(i, loop=False)}.reshape(T, B, -1)", i in scan.optional)
+                               for _, i in g.outputs])
         d_inits = tuple_code([f"{scan.carry_buf[name]}[:B]" for name, _, _ in g.carries])
         d_params = tuple_code([scan.ref(i, loop=False) for _, i in g.reduced])
         w.line(f"return {d_inputs}, {d_inits}, {d_params}")

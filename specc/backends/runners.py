@@ -24,6 +24,9 @@ def _unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     in place must not change the other."""
     seen, out = set(), []
     for t in tensors:
+        if t is None:  # an input's gradient left out
+            out.append(t)
+            continue
         ptr = t.untyped_storage().data_ptr()
         out.append(t.clone() if ptr in seen else t)
         seen.add(ptr)
@@ -40,6 +43,17 @@ class Runner:
         """Keyword arguments of the generated functions that are not their defaults (a module that
         `specc compile` wrote before they existed still runs where they are not asked for)."""
         return {} if self.scan else {"scan": False}
+
+
+def _skip_inputs(prog, inputs_grad: bool) -> dict:
+    """backward's keyword leaving the inputs' gradients out, where the module has it."""
+    return {} if inputs_grad or not getattr(prog, "SKIPS_INPUT_GRADIENTS", False) else {"inputs_grad": False}
+
+
+def _tensors(grads) -> list:
+    """A backward function's (inputs', initial states', parameters') gradients as one list; an
+    input's is None where it was left out."""
+    return [g if g is None else g.contiguous() for part in grads for g in part]
 
 
 class NumpyRunner(Runner):
@@ -60,11 +74,12 @@ class NumpyRunner(Runner):
         # Final states are views into the state buffers that backward reads: hand out copies.
         return ([torch.from_numpy(a) for a in outs], [torch.from_numpy(a.copy()) for a in finals], saved)
 
-    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims, inputs_grad=True):
         d_inputs, d_inits, d_params = prog.backward(
             saved, *(_to_numpy(g) for g in d_outs), *(_to_numpy(g) for g in d_finals),
-            *(_to_numpy(p) for p in params), T=T, B=B, **self._options(), **dims)
-        return _unshared([torch.from_numpy(np.ascontiguousarray(a)) for a in (*d_inputs, *d_inits, *d_params)])
+            *(_to_numpy(p) for p in params), T=T, B=B, **self._options(), **_skip_inputs(prog, inputs_grad), **dims)
+        return _unshared([a if a is None else torch.from_numpy(np.ascontiguousarray(a))
+                          for a in (*d_inputs, *d_inits, *d_params)])
 
 
 def _on(device: torch.device):
@@ -90,12 +105,13 @@ class TorchHostRunner(Runner):
         # Final states are views into the state buffers that backward reads: hand out copies.
         return outs, [f.clone() for f in finals], saved
 
-    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims, inputs_grad=True):
         with _on(d_outs[0].device):
             grads = getattr(prog, f"backward_{self.name}")(
                 saved, *(g.contiguous() for g in d_outs), *(g.contiguous() for g in d_finals),
-                *(p.detach().contiguous() for p in params), T=T, B=B, **self._extra(prog, dims), **dims)
-        return _unshared([g.contiguous() for part in grads for g in part])
+                *(p.detach().contiguous() for p in params), T=T, B=B, **self._extra(prog, dims),
+                **_skip_inputs(prog, inputs_grad), **dims)
+        return _unshared(_tensors(grads))
 
 
 class TritonRunner(TorchHostRunner):
@@ -129,9 +145,9 @@ class TritonRunner(TorchHostRunner):
         with applied(prog, self.plan):
             return super().forward(prog, tensors, T, B, dims, train)
 
-    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims):
+    def backward(self, prog, saved, d_outs, d_finals, params, T, B, dims, inputs_grad=True):
         with applied(prog, self.plan):
-            return super().backward(prog, saved, d_outs, d_finals, params, T, B, dims)
+            return super().backward(prog, saved, d_outs, d_finals, params, T, B, dims, inputs_grad)
 
 
 class CRunner(TorchHostRunner):

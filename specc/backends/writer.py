@@ -120,6 +120,12 @@ def after_loop(w: Writer, s, emit) -> None:
         emit("final")
 
 
+def input_gradient(code: str, optional: bool) -> str:
+    """A backward function's returned gradient of an input: None when the caller asked for none
+    (inputs_grad=False) and it was made outside the loop (made in it, it is there anyway)."""
+    return f"{code} if inputs_grad else None" if optional else code
+
+
 def tuple_code(items: list[str]) -> str:
     """A Python tuple of these items' code (one item: with its comma)."""
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"

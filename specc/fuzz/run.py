@@ -35,7 +35,7 @@ LARGE = 1e4
 @dataclass(frozen=True)
 class Finding:
     backend: str
-    mode: str  # train, no_grad, chunked, lengths, float64, load, check
+    mode: str  # train, no_grad, data (inputs asking no gradient), chunked, lengths, float64, load, check
     what: str  # "output y", "d W_ih", ... or the exception
     error: float = float("nan")  # largest difference, relative to the reference's scale
 
@@ -193,9 +193,12 @@ def _module(prog, dims, backend, dtype, data: Data):
     return m
 
 
-def _run_module(m, prog, data: Data, dtype, grads: bool):
+def _run_module(m, prog, data: Data, dtype, grads: bool, input_grads: bool = True):
+    """Outputs, final states and (grads) the gradients of the initial states, the parameters and
+    (input_grads) the inputs; without input_grads the inputs are data no gradient is asked of,
+    which the generated backward is told (it leaves out what only their gradients need)."""
     given = own_inputs(prog)
-    xs = tuple(data.inputs[k].to(dtype, copy=True).requires_grad_(grads) for k in given)
+    xs = tuple(data.inputs[k].to(dtype, copy=True).requires_grad_(grads and input_grads) for k in given)
     hs = tuple(data.states[k].to(dtype, copy=True).requires_grad_(grads) for k in prog.STATES)
     with contextlib.nullcontext() if grads else torch.no_grad():
         outs, finals = m(xs if len(xs) != 1 else xs[0], hs if len(hs) != 1 else hs[0])
@@ -208,10 +211,11 @@ def _run_module(m, prog, data: Data, dtype, grads: bool):
     loss = _loss(dict(zip(prog.OUTPUTS, outs)), dict(zip(prog.STATES, finals)), data, dtype)
     trained = [k for k in prog.PARAMS if k not in getattr(prog, "CONSTS", ())]
     params = [getattr(m, k) for k in trained]
-    got = torch.autograd.grad(loss, [*xs, *hs, *params], allow_unused=True)
-    names = [*given, *prog.STATES, *trained]
-    grads_ = {f"d {k}": (torch.zeros_like(t) if g is None else g)
-              for k, t, g in zip(names, [*xs, *hs, *params], got)}
+    asked = [*(xs if input_grads else ()), *hs, *params]
+    # (A loss of inputs alone, with `data`'s inputs, asks nothing: every gradient is zero.)
+    got = torch.autograd.grad(loss, asked, allow_unused=True) if loss.requires_grad else [None] * len(asked)
+    names = [*(given if input_grads else ()), *prog.STATES, *trained]
+    grads_ = {f"d {k}": (torch.zeros_like(t) if g is None else g) for k, t, g in zip(names, asked, got)}
     return {k: v.detach() for k, v in values.items()} | grads_
 
 
@@ -222,7 +226,7 @@ def _finite(*dicts) -> bool:
 
 def differences(text: str, dims: dict, backends=BACKENDS, seed: int = 0, modes=None) -> list[Finding]:
     """Everything on which a backend disagrees with the reference, for one cell."""
-    modes = set(modes or ("train", "no_grad", "chunked", "lengths", "float64", "persistent"))
+    modes = set(modes or ("train", "no_grad", "data", "chunked", "lengths", "float64", "persistent"))
     findings: list[Finding] = []
     try:
         cells = check(parse(text, "<fuzz>"))
@@ -253,16 +257,18 @@ def differences(text: str, dims: dict, backends=BACKENDS, seed: int = 0, modes=N
         except Exception as e:  # noqa: BLE001
             findings.append(Finding(backend, "load", f"{type(e).__name__}: {e}"))
             continue
-        for mode in ("train", "no_grad", "persistent"):
+        for mode in ("train", "no_grad", "data", "persistent"):
             if mode not in modes or mode == "persistent" and backend != "triton":
                 continue
             try:
                 with _persistent(prog) if mode == "persistent" else contextlib.nullcontext():
-                    got = _run_module(m, prog, data, dtype, grads=mode != "no_grad")
+                    got = _run_module(m, prog, data, dtype, grads=mode != "no_grad", input_grads=mode != "data")
             except Exception as e:  # noqa: BLE001
                 findings.append(Finding(backend, mode, f"{type(e).__name__}: {e}"))
                 continue
             want = ref64[0] if mode == "no_grad" else {**ref64[0], **ref64[1]}
+            if mode == "data":  # inputs that ask for no gradient get none
+                want = {k: v for k, v in want.items() if k not in {f"d {x}" for x in own_inputs(prog)}}
             _compare(findings, backend, mode, got, want, want32, dtype)
         if "float64" in modes and backend == "numpy":
             _float64_after_to(findings, prog, dims, data, ref64)
