@@ -187,7 +187,7 @@ def worker(job: dict) -> dict:
     params = list(m.parameters())
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(T, B, I, generator=gen)
-    xg = x.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(not job.get("data_input"))  # --data-input: x asks no gradient
     with torch.no_grad():
         y, _ = m(x)
     grad = torch.randn(y.shape, generator=gen)
@@ -407,6 +407,8 @@ def main(argv=None) -> int:
                     help="with --march, run every library at the machine's own level (only the C loops' code changes)")
     ap.add_argument("--markdown", default=None, help="also write the results as markdown to this file")
     ap.add_argument("--check", action="store_true", help="check the peers against specc first (float64)")
+    ap.add_argument("--data-input", action="store_true",
+                    help="fb with an input that asks no gradient (a first layer fed data), not one that does")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -453,6 +455,8 @@ def main(argv=None) -> int:
     ]
     if args.march:
         header.append(f"- CPU flags (lscpu): {cpu_flags()}")
+    if args.data_input:
+        header.append("- fb: the input x asks no gradient (a first layer fed data); the parameters' and states' do")
     print("\n".join(header), flush=True)
     cols = ["cell", "T×B×I×H", "pass", "implementation", "median ms", "specc / peer" if not args.march else "time / peer's", "peak MB", "GFLOP/s", "% peak",
             "others' CPU"]
@@ -476,7 +480,7 @@ def main(argv=None) -> int:
                 variants.update({f"{p} {m}": {"impl": p, "hold": m} for m in levels if held(m) for p in CELLS[cell][2]})
             impls = [i for i in variants if not only or variants[i]["impl"] in only]
             job = {"cell": cell, "size": size, "passes": passes, "warmup": 2, "min_reps": 3 if args.quick else 5,
-                   "max_reps": 50, "min_time": min_time, "backend": args.backend}
+                   "max_reps": 50, "min_time": min_time, "backend": args.backend, "data_input": args.data_input}
             results: dict[str, dict] = {i: {} for i in impls}
             others: dict[str, list[float]] = {i: [] for i in impls}
             for r in range(rounds):

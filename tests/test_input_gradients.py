@@ -9,6 +9,7 @@ from torch import nn
 
 import specc
 from specc.backends import c_runtime
+from specc.runtime import CellModule
 
 F64 = torch.float64
 
@@ -85,7 +86,40 @@ def test_a_module_compiled_before_still_runs(monkeypatch):
         torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-5)
 
 
-def test_a_stack_skips_only_its_first_layer():
+@pytest.fixture
+def asked(monkeypatch):
+    """The inputs_grad each generated backward function was called with, in call order."""
+    calls = []
+    real = CellModule._choose
+
+    def spying(self, *args, **kwargs):
+        chosen = real(self, *args, **kwargs)
+        prog, name = self.program, chosen[0].name  # (runner, dtype, why)
+        fn = "backward" if name == "numpy" else f"backward_{name}"
+        generated = getattr(prog, fn)
+        if not getattr(generated, "spied", False):
+            def backward(*a, **k):
+                calls.append(k.get("inputs_grad", True))
+                return generated(*a, **k)
+            backward.spied = True
+            monkeypatch.setattr(prog, fn, backward)
+        return chosen
+
+    monkeypatch.setattr(CellModule, "_choose", spying)
+    return calls
+
+
+@pytest.mark.parametrize("backend, dtype", [("numpy", F64), ("c", torch.float32), ("triton", torch.float32)])
+def test_every_backend_is_told(asked, backend, dtype):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ours = specc.load("gru", I=3, H=4, backend=backend, dtype=dtype)
+    for wants_x in (True, False):
+        ours(torch.randn(5, 2, 3, dtype=dtype, requires_grad=wants_x))[0].sum().backward()
+    assert asked == [True, False]
+
+
+def test_a_stack_skips_only_its_first_layer(asked):
     """In a stack, layer 2's input is layer 1's output: its gradient is needed and made."""
     ref = nn.LSTM(3, 4, num_layers=2, dtype=F64)
     ours = specc.from_torch(ref)
@@ -94,3 +128,36 @@ def test_a_stack_skips_only_its_first_layer():
     got = torch.autograd.grad(ours(x)[0].sum(), list(ours.parameters()))
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    assert asked == [True, False]  # backward runs the last layer first
+
+
+TWO_INPUTS = """
+cell two(I, J, H) {
+    input x[I]
+    input u[J]
+    state h[H] = zeros
+    param W[H, I]
+    param U[H, J]
+    param R[H, H]
+    h' = tanh(W @ x + U @ u + R @ h)
+    output h'
+}
+"""
+
+
+@pytest.mark.parametrize("backend, dtype, tol", [("numpy", F64, 1e-10), ("c", torch.float32, 2e-5)])
+def test_one_input_of_two_asking(backend, dtype, tol):
+    """x asks for a gradient and u does not: x gets its gradient (torch's, by an eager loop)."""
+    ours = specc.load(TWO_INPUTS, I=3, J=2, H=4, backend=backend, dtype=dtype)
+    x = torch.randn(5, 2, 3, dtype=dtype, requires_grad=True)
+    u = torch.randn(5, 2, 2, dtype=dtype)
+    y, _ = ours((x, u))
+    (y ** 2).sum().backward()
+    xe = x.detach().clone().requires_grad_()
+    W, U, R = (getattr(ours, n).detach() for n in ("W", "U", "R"))
+    h, ys = torch.zeros(2, 4, dtype=dtype), []
+    for t in range(5):
+        h = torch.tanh(xe[t] @ W.T + u[t] @ U.T + h @ R.T)
+        ys.append(h)
+    (torch.stack(ys) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, xe.grad, rtol=tol, atol=tol)

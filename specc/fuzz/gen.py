@@ -40,7 +40,7 @@ TRICKY = ("linux", "unix", "INT32_MAX", "WCHAR_MAX", "math_errhandling", "errno"
           "lib", "restrict", "inline", "static", "const", "double", "signed", "char", "auto", "case", "goto",
           # the generated Python's own names: the loop's T, B and t, its modules, its helpers
           "T", "B", "t", "rows", "dims", "np", "tl", "triton", "torch", "self", "specc", "dev", "dtype", "wrap",
-          "chunk", "whole", "part", "math", "init", "sys", "train", "p", "s", "e", "mask", "lengths")
+          "chunk", "whole", "part", "math", "init", "sys", "train", "p", "s", "e", "mask", "lengths", "inputs_grad")
 DIM_NAMES = ("I", "H", "K", "N", "D", "Q", "R", "T", "B", "len")  # T, B, len: the generated code's own too
 
 
