@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -128,22 +129,27 @@ PROBE_SETTLE = 0.15  # OpenBLAS's threads spin 2^28 cycles (~0.1 s) after their 
 # two made one backend PROBE_CLEAR times faster.
 PROBE_ROWS = 3
 PROBE_CLEAR = 1.5
+# In the choice files' key: choices a former way of timing made are timed again (2: two lengths).
+PROBE_METHOD = 2
 _CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
 def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> dict[str, float]:
-    """Seconds of one forward + backward on each of the C loops and the NumPy backend (the best of
-    timed calls), on the first T steps of the caller's own tensors.
+    """Seconds of one forward + backward of T steps on each of the C loops and the NumPy backend
+    (the best of timed calls), on the caller's own tensors: timed on T steps, or for a longer
+    sequence on its first PROBE_STEPS and a quarter of that, the time of T steps drawn through the
+    two. The C loops cost more than NumPy once a call and less a step: an Elman cell at 200 x 8 x
+    64 x 64 took the same 0.5 ms on both for 32 steps, and 1.6 ms against 2.9 for its 200 steps.
 
-    Each backend runs a row of calls, PROBE_ROWS times in turn (C, NumPy, C, NumPy, ...), and only the calls that
-    start PROBE_SETTLE seconds or more into a row are timed (PROBE_RUNS of them; the first call of
-    a row is never timed: first-touch memory, oneDNN's plans): a backend leaves thread pools
-    spinning for a while after its products (NumPy's OpenBLAS ~0.1 s, torch's), which slow
-    whatever runs next on a machine of few cores (an LSTM at 100x16x128x128 on 2 cores: the C
-    loops 3 ms a probe alone, 8 ms right after NumPy's), and what `auto` chooses is the backend
-    that then runs alone. With one untimed call a row, a process that had just run NumPy's
-    products had the C loops of an Elman cell at 100x64x256x256 timed slower than NumPy (42.8 ms
-    a call chosen against 19.8).
+    Each backend runs a row of calls, PROBE_ROWS times in turn (C, NumPy, C, NumPy, ...), and only
+    the calls that start PROBE_SETTLE seconds or more into a row are timed (PROBE_RUNS of them for
+    each length; the first call of a length in a row is never timed: first-touch memory, oneDNN's
+    plans): a backend leaves thread pools spinning for a while after its products (NumPy's
+    OpenBLAS ~0.1 s, torch's), which slow whatever runs next on a machine of few cores (an LSTM at
+    100x16x128x128 on 2 cores: the C loops 3 ms a probe alone, 8 ms right after NumPy's), and what
+    `auto` chooses is the backend that then runs alone. With one untimed call a row, a process
+    that had just run NumPy's products had the C loops of an Elman cell at 100x64x256x256 timed
+    slower than NumPy (42.8 ms a call chosen against 19.8).
     With 8 steps a probe and all of one backend's calls before the other's, `auto` picked the
     slower at half the sizes of bench/cpu.py on an idle AVX2 machine."""
     import time
@@ -151,24 +157,43 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
 
     from .backends.tuning import probe
 
-    once = probe(module, tensors, n_inputs, n_states, T, B)
+    long = min(T, PROBE_STEPS)
+    lengths = [long] if T == long else [max(1, long // 4), long]
+    once = {n: probe(module, tensors, n_inputs, n_states, n, B) for n in lengths}
     runners = [BACKENDS["c"].run(), BACKENDS["numpy"].run(scan=module.scan)]
-    seconds = {r.name: float("inf") for r in runners}
+    best = {(r.name, n): float("inf") for r in runners for n in lengths}
+
+    def of_T(name: str) -> float:
+        if T == long:
+            return best[name, long]
+        short = lengths[0]
+        per_step = max(0.0, (best[name, long] - best[name, short]) / (long - short))
+        return best[name, long] + (T - long) * per_step
+
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the real call warns of, it warns of itself
         for n, runner in enumerate(runners * PROBE_ROWS):
+            seconds = {r.name: of_T(r.name) for r in runners}
             if n == 2 * len(runners) and max(seconds.values()) > PROBE_CLEAR * min(seconds.values()):
                 break
             row = time.perf_counter()
-            calls = timed = 0
-            while timed < PROBE_RUNS:
-                start = time.perf_counter()
-                once(runner)
-                if calls and start - row >= PROBE_SETTLE:
-                    seconds[runner.name] = min(seconds[runner.name], time.perf_counter() - start)
-                    timed += 1
-                calls += 1
-    return seconds
+            for steps in lengths:
+                calls = timed = 0
+                while timed < PROBE_RUNS:
+                    start = time.perf_counter()
+                    once[steps](runner)
+                    if calls and start - row >= PROBE_SETTLE:
+                        best[runner.name, steps] = min(best[runner.name, steps], time.perf_counter() - start)
+                        timed += 1
+                    calls += 1
+    return {r.name: of_T(r.name) for r in runners}
+
+
+def choice_dir() -> Path:
+    """Where `auto`'s choices are kept: beside the compiled loops."""
+    from .backends import c_runtime
+
+    return c_runtime._cache_dir() / "choices"
 
 
 def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> tuple[str, str]:
@@ -182,8 +207,8 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
     if key in _CHOICES:
         return _CHOICES[key]
     blas = c_runtime.blas_choice()  # which library the loops' products use (MKL's packing or not)
-    text = repr((key, c_runtime.openblas(), c_runtime._cpu(), blas.steps, blas.host))
-    path = c_runtime._cache_dir() / "choices" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.txt"
+    text = repr((key, c_runtime.openblas(), c_runtime._cpu(), blas.steps, blas.host, PROBE_METHOD))
+    path = choice_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.txt"
     try:
         name, why = path.read_text(encoding="utf-8").split("\n", 1)
         if name in ("c", "numpy"):
@@ -191,12 +216,12 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
     except (OSError, ValueError):
         pass
     if key not in _CHOICES:
-        steps = min(T, PROBE_STEPS)
-        seconds = time_backends(module, tensors, n_inputs, n_states, steps, B)
+        seconds = time_backends(module, tensors, n_inputs, n_states, T, B)
         name = min(seconds, key=seconds.get)
         timings = ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in sorted(seconds.items(), key=lambda kv: kv[1]))
+        how = "" if T <= PROBE_STEPS else f", from calls of {max(1, PROBE_STEPS // 4)} and {PROBE_STEPS}"
         _CHOICES[key] = (name, f"the faster on this CPU, timed on first use with batch {B} "
-                               f"(forward + backward of {steps} steps: {timings})")
+                               f"(forward + backward of {T} steps{how}: {timings})")
         try:  # through a file of its own renamed into place, as the compiled loops are
             text = "\n".join(_CHOICES[key])
             write_atomically(path, lambda f: f.write(text.encode("utf-8")))

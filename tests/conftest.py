@@ -28,14 +28,21 @@ def _fixed_seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def _choices(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("choices")
+
+
 @pytest.fixture(autouse=True)
-def _quick_probe(monkeypatch):
-    """`auto`'s timing of the two CPU backends waits PROBE_SETTLE seconds into each of its four
-    rows of calls before it times one (other threads' spinning); the tests of what it chooses set
-    it back, the rest of the suite, which only needs a choice, does not wait."""
+def _quick_probe(monkeypatch, _choices):
+    """`auto`'s timing of the two CPU backends waits PROBE_SETTLE seconds into each of its rows of
+    calls before it times one (other threads' spinning); the tests of what it chooses set it back,
+    the rest of the suite, which only needs a choice, does not wait. Choices timed so are kept in
+    the session's own folder, not in the user's cache, where `auto` would go on using them."""
     from specc import runtime
 
     monkeypatch.setattr(runtime, "PROBE_SETTLE", 0.0)
+    monkeypatch.setattr(runtime, "choice_dir", lambda: _choices)
 
 
 @pytest.fixture(scope="session")

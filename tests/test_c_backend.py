@@ -51,7 +51,7 @@ def timed_faster(monkeypatch, tmp_path):
 
     def make(winner: str) -> list:
         monkeypatch.setattr(runtime, "_CHOICES", {})
-        for kept in (tmp_path / "cache" / "c" / "choices").glob("*.txt"):
+        for kept in runtime.choice_dir().glob("*.txt"):
             kept.unlink()
         monkeypatch.setattr(runtime, "time_backends", lambda module, tensors, n_inputs, n_states, T, B: timed.append(
             (module.program.CELL, T, B)) or {"c": 1.0 if winner == "c" else 2.0, "numpy": 1.5})
@@ -910,3 +910,21 @@ def test_an_input_only_gate_that_feeds_a_product_stays_before_the_loop():
     ref.load_state_dict(ours.state_dict())
     x, state = torch.randn(5, 3, 6), [torch.randn(3, 9)]
     assert_same(run(ours, x, state), run(ref, x, state))
+
+
+@pytest.mark.parametrize("T, chosen", [(32, "numpy"), (400, "c")])
+def test_a_long_sequence_is_timed_at_two_lengths_and_drawn_to_its_own(monkeypatch, T, chosen):
+    """The C loops cost more once a call and less a step: what wins for 32 steps may lose for 400.
+    Here (sleeps) the C loops take 3 ms + 0.02 ms a step, NumPy 0.08 ms a step."""
+    from specc.backends import tuning
+
+    def fake_probe(module, tensors, n_inputs, n_states, steps, B):
+        def once(runner):
+            time.sleep((3.0 + 0.02 * steps if runner.name == "c" else 0.08 * steps) / 1e3)
+        return once
+
+    monkeypatch.setattr(tuning, "probe", fake_probe)
+    seconds = runtime.time_backends(specc.load("gru", I=4, H=5), [], 1, 1, T, 2)
+    assert min(seconds, key=seconds.get) == chosen
+    # Drawn through its two lengths, the C loops' 400 steps are ~11 ms (sleeps run late: more).
+    assert T == 32 or 1e3 * seconds["c"] > 0.6 * (3.0 + 0.02 * T)
