@@ -129,8 +129,15 @@ PROBE_SETTLE = 0.15  # OpenBLAS's threads spin 2^28 cycles (~0.1 s) after their 
 # two made one backend PROBE_CLEAR times faster.
 PROBE_ROWS = 3
 PROBE_CLEAR = 1.5
-# In the choice files' key: choices a former way of timing made are timed again (2: two lengths).
-PROBE_METHOD = 2
+# In a backend's first row, each length's calls are timed only after this many (or this many
+# seconds) of them: on a 2-core Xeon VM the huge-page buffers (backends/memory.py) of a process's
+# first 5-9 allocations of a size took 43-48 ms for 33 MB, then 3-4 ms, and second_order's C loops
+# (a 33.5 MB buffer at 32 steps) ran 61-85 ms a probe call against 33-35 once warm: auto kept NumPy.
+PROBE_FIRST_CALLS = 8
+PROBE_FIRST_SECONDS = 1.0
+# In the choice files' key: choices a former way of timing made are timed again (2: two lengths,
+# 3: a first row that waits for its calls to settle).
+PROBE_METHOD = 3
 _CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
@@ -177,12 +184,15 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
             if n == 2 * len(runners) and max(seconds.values()) > PROBE_CLEAR * min(seconds.values()):
                 break
             row = time.perf_counter()
+            first = n < len(runners)  # a backend's first row: see PROBE_FIRST_CALLS
             for steps in lengths:
                 calls = timed = 0
+                begun = time.perf_counter()
                 while timed < PROBE_RUNS:
                     start = time.perf_counter()
                     once[steps](runner)
-                    if calls and start - row >= PROBE_SETTLE:
+                    warm = not first or calls >= PROBE_FIRST_CALLS or start - begun >= PROBE_FIRST_SECONDS
+                    if calls and start - row >= PROBE_SETTLE and warm:
                         best[runner.name, steps] = min(best[runner.name, steps], time.perf_counter() - start)
                         timed += 1
                     calls += 1

@@ -42,6 +42,7 @@ def _quick_probe(monkeypatch, _choices):
     from specc import runtime
 
     monkeypatch.setattr(runtime, "PROBE_SETTLE", 0.0)
+    monkeypatch.setattr(runtime, "PROBE_FIRST_CALLS", 0)
     monkeypatch.setattr(runtime, "choice_dir", lambda: _choices)
 
 

@@ -271,6 +271,7 @@ def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch, tmp_p
     global random state untouched (what it measures is not asserted: the machine may be busy)."""
     monkeypatch.setattr(runtime, "_CHOICES", {})
     monkeypatch.setattr(runtime, "PROBE_SETTLE", 0.05)
+    monkeypatch.setattr(runtime, "PROBE_FIRST_CALLS", 3)
     monkeypatch.setenv("SPECC_CACHE", str(tmp_path))
     loops = []
     real_run = c_runtime.run
@@ -293,6 +294,7 @@ def test_the_timing_runs_both_backends_on_the_callers_tensors(monkeypatch, tmp_p
     assert len(rows) in (2, runtime.PROBE_ROWS)
     for row in rows:
         assert len(row) >= runtime.PROBE_RUNS + 1 and row[-runtime.PROBE_RUNS] - row[0] >= 0.04  # less the host code before the first loop
+    assert len(rows[0]) >= runtime.PROBE_FIRST_CALLS + runtime.PROBE_RUNS  # the first row waits for its calls to settle
 
 
 @pytest.mark.parametrize("numpy_ms, rows", [(1.2, 3), (4.0, 2)])
