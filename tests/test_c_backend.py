@@ -930,3 +930,25 @@ def test_a_long_sequence_is_timed_at_two_lengths_and_drawn_to_its_own(monkeypatc
     assert min(seconds, key=seconds.get) == chosen
     # Drawn through its two lengths, the C loops' 400 steps are ~11 ms (sleeps run late: more).
     assert T == 32 or 1e3 * seconds["c"] > 0.6 * (3.0 + 0.02 * T)
+
+
+def test_a_backends_first_row_waits_for_its_calls_to_settle(monkeypatch):
+    """A process's first calls of a size can run slow (on a Xeon VM: the first huge-page buffers,
+    ~45 ms for 33 MB, then 3-4): the first row times only after PROBE_FIRST_CALLS calls. Here
+    (sleeps) the C loops' first 6 calls take 10 ms and then 1 ms, NumPy's 2 ms; without the wait
+    the C loops' slow calls are all the probe sees."""
+    from specc.backends import tuning
+
+    made = {"c": 0, "numpy": 0}
+
+    def fake_probe(*args):
+        def once(runner):
+            made[runner.name] += 1
+            slow = runner.name == "c" and made["c"] <= 6
+            time.sleep((10.0 if slow else 1.0 if runner.name == "c" else 2.0) / 1e3)
+        return once
+
+    monkeypatch.setattr(tuning, "probe", fake_probe)
+    monkeypatch.setattr(runtime, "PROBE_FIRST_CALLS", 8)  # the suite's own setting is 0 (conftest)
+    seconds = runtime.time_backends(specc.load("gru", I=4, H=5), [], 1, 1, 8, 2)
+    assert min(seconds, key=seconds.get) == "c"
