@@ -141,6 +141,13 @@ PROBE_METHOD = 3
 _CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
+def probe_lengths(T: int) -> list[int]:
+    """The steps time_backends times a sequence of T steps at: all of them, or for a longer one
+    PROBE_STEPS and a quarter of that."""
+    long = min(T, PROBE_STEPS)
+    return [long] if T == long else [max(1, long // 4), long]
+
+
 def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B: int) -> dict[str, float]:
     """Seconds of one forward + backward of T steps on each of the C loops and the NumPy backend
     (the best of timed calls), on the caller's own tensors: timed on T steps, or for a longer
@@ -164,8 +171,8 @@ def time_backends(module, tensors: list, n_inputs: int, n_states: int, T: int, B
 
     from .backends.tuning import probe
 
-    long = min(T, PROBE_STEPS)
-    lengths = [long] if T == long else [max(1, long // 4), long]
+    lengths = probe_lengths(T)
+    long = lengths[-1]
     once = {n: probe(module, tensors, n_inputs, n_states, n, B) for n in lengths}
     runners = [BACKENDS["c"].run(), BACKENDS["numpy"].run(scan=module.scan)]
     best = {(r.name, n): float("inf") for r in runners for n in lengths}
@@ -229,7 +236,8 @@ def _auto_choice(module, tensors: list, n_inputs: int, n_states: int, T: int, B:
         seconds = time_backends(module, tensors, n_inputs, n_states, T, B)
         name = min(seconds, key=seconds.get)
         timings = ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in sorted(seconds.items(), key=lambda kv: kv[1]))
-        how = "" if T <= PROBE_STEPS else f", from calls of {max(1, PROBE_STEPS // 4)} and {PROBE_STEPS}"
+        lengths = probe_lengths(T)
+        how = "" if len(lengths) == 1 else f", from calls of {' and '.join(map(str, lengths))}"
         _CHOICES[key] = (name, f"the faster on this CPU, timed on first use with batch {B} "
                                f"(forward + backward of {T} steps{how}: {timings})")
         try:  # through a file of its own renamed into place, as the compiled loops are
