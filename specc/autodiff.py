@@ -105,8 +105,12 @@ def differentiate(fwd: Graph, frozen: frozenset[str] = frozenset()) -> Graph:
 def _recomputed(fwd: Graph, i: int) -> bool:
     """A value the backward step recomputes instead of keeping: a batched value at most one
     addition or negation away from one other batched value (1 - z, -h, x + b), which never costs
-    more to keep than the value itself and often less (z is kept anyway)."""
+    more to keep than the value itself and often less (z is kept anyway); and an outer product
+    a (x) b, N * K numbers a row made from N + K (its one reader, the product of contract(W, a, b),
+    then needs only a and b: optimize.contract_sums)."""
     node = fwd.nodes[i]
+    if node.type.batched and node.op == "outer":
+        return True
     if not node.type.batched or node.op not in ("add", "sub", "neg"):
         return False
     batched = [a for a in node.args if fwd.nodes[a].type.batched]

@@ -219,7 +219,7 @@ ROW_REDUCTIONS = ("rowsum", "rowmax")
 
 # Ops whose batched arguments are summed over rows: over batch inside a step, over time x batch
 # when the scheduler runs them after the loop.
-REDUCTIONS = ("outer_sum", "sum_rows", "sum_all")
+REDUCTIONS = ("outer_sum", "contract_sum", "sum_rows", "sum_all")
 
 
 def infer(op: str, args: list[Type], attrs: tuple) -> Type:
@@ -275,6 +275,9 @@ def infer(op: str, args: list[Type], attrs: tuple) -> Type:
     if op == "outer_sum":
         g, v = args
         return Type((g.shape[0], v.shape[0]), False)
+    if op == "contract_sum":  # sum over rows of g (x) a (x) b: contract(W, a, b)'s weight gradient
+        g, a, b = args
+        return Type((g.shape[0], a.shape[0] * b.shape[0]), False)
     if op == "sum_rows":
         return Type(args[0].shape, False)
     if op == "sum_all":
@@ -586,6 +589,11 @@ SPELLINGS: dict[str, Spelling] = {
     "outer_sum": Spelling(
         lambda n, a, t, rows: f"matmul({a[0]}.T, {a[1]})" if t[0].batched else f"np.outer({a[0]}, {a[1]})",
         lambda n, a, t, rows: f"{a[0]}.T @ {a[1]}" if t[0].batched else f"torch.outer({a[0]}, {a[1]})"),
+    # The Triton host's (on the GPU, where the (rows, K, N) middle value torch.einsum makes fits); the
+    # C host chunks it as NumPy's helper does (c.c_spell).
+    "contract_sum": Spelling(
+        lambda n, a, t, rows: f"rt.contract_sum({', '.join(a)})",
+        lambda n, a, t, rows: f'torch.einsum("rk,rn,rm->knm", {", ".join(a)}).reshape({a[0]}.shape[1], -1)'),
     "sum_rows": Spelling(lambda n, a, t, rows: f"{a[0]}.sum(axis=0)", lambda n, a, t, rows: f"{a[0]}.sum(0)"),
     "sum_all": Spelling(lambda n, a, t, rows: f"{a[0]}.sum()", lambda n, a, t, rows: f"{a[0]}.sum()"),
     "concat": Spelling(

@@ -336,3 +336,6 @@ def assert_host_products_match_torch(monkeypatch, c_lib) -> None:
                 for right in (w, w.T.contiguous().T):
                     torch.testing.assert_close(c_runtime.matmul(c_lib, left, right), left @ right,
                                                atol=1e-5, rtol=1e-5)
+                    start = torch.randn(M, N)
+                    total = c_runtime.matmul(c_lib, left, right, add_to=start.clone())
+                    torch.testing.assert_close(total, start + left @ right, atol=1e-5, rtol=1e-5)

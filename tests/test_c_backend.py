@@ -815,6 +815,31 @@ def test_host_products_split_among_threads_match_torch(monkeypatch):
     assert_host_products_match_torch(monkeypatch, c_lib)
 
 
+@pytest.mark.parametrize("rows_a_block", [1, 4, 7, 64])
+def test_contract_sums_by_blocks_of_rows_match_einsum(monkeypatch, rows_a_block):
+    """contract(W, a, b)'s weight gradient, sum_r g[r, k] a[r, n] b[r, m], a block of rows' outer
+    products at a time (blocks that divide the rows and that do not, one block), by the C host
+    (specc_matmul adding into its result) and by the NumPy backend's helper (float32 and 64)."""
+    from specc.backends import numpy_runtime
+
+    specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))  # a compiled library to call
+    c_lib = next(iter(c_runtime._loaded.values()))
+    torch.manual_seed(0)
+    R, K, N, M = 28, 5, 3, 6
+    g, a, b = torch.randn(R, K, dtype=torch.float64), torch.randn(R, N, dtype=torch.float64), torch.randn(R, M, dtype=torch.float64)
+    want = torch.einsum("rk,rn,rm->knm", g, a, b).reshape(K, N * M)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        monkeypatch.setattr(numpy_runtime, "CONTRACT_BYTES", rows_a_block * N * M * itemsize)
+        assert numpy_runtime.contract_rows(R, N * M, itemsize) == min(rows_a_block, R)
+        got = numpy_runtime.contract_sum(*(v.to(dtype).numpy() for v in (g, a, b)))
+        assert got.dtype == torch.empty((), dtype=dtype).numpy().dtype
+        torch.testing.assert_close(torch.from_numpy(got).double(), want, atol=tol, rtol=tol)
+    # float32 views with strides, as the host hands them in (a transposed matrix, a block of columns)
+    got = c_runtime.contract_sum(c_lib, g.float().T.contiguous().T, a.float(), torch.cat([b, b], 1).float()[:, :M])
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("vendor, family, flags, expected", [
     ("AuthenticAMD", 26, "avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", "SkylakeX"),  # Zen 5
     ("AuthenticAMD", 26, "avx2 fma", None),  # a Zen 5 VM that hides AVX-512

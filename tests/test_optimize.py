@@ -190,10 +190,23 @@ def test_weight_gradients_are_reductions_after_the_backward_loop(spec, cell):
         assert node.op in REDUCTIONS and s.region[i] == "reduce", (name, node.op, s.region[i])
     # no reduction over the batch inside the loop: dW is one product over time x batch
     assert not [i for i in s.nodes_in("loop") if b.nodes[i].op in REDUCTIONS]
-    assert ops_in(s, "reduce")["outer_sum"] >= 1
+    assert ops_in(s, "reduce")["outer_sum" if spec != "second_order" else "contract_sum"] >= 1
     for i, node in enumerate(b.nodes):
-        if node.op == "outer_sum":
+        if node.op in ("outer_sum", "contract_sum"):
             assert s.region[i] == "reduce"
+
+
+def test_contract_keeps_no_outer_products_for_the_backward_pass():
+    """contract(W, x, h)'s weight gradient is made from x and h after the loop (contract_sum), so
+    the forward pass keeps x (x) h for no step: I * H numbers a row where x and h are I + H."""
+    c = compiled("second_order")
+    fwd, b = c.forward, c.backward
+    [outer] = [i for i, n in enumerate(fwd.nodes) if n.op == "outer"]
+    saved = {k.node for k, _ in b.inputs + b.params if isinstance(k, Forward)}
+    assert outer not in saved and outer not in c.forward_schedule.kept
+    assert not [n for n in b.nodes if n.op in ("outer", "outer_sum")]
+    (i,) = [i for i, n in enumerate(b.nodes) if n.op == "contract_sum"]
+    assert b.nodes[dict(b.reduced)["W"]].args[0] == i
 
 
 @pytest.mark.parametrize("spec, cell", [("elman", "elman"), ("lstm", None), ("gru", None)])

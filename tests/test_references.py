@@ -302,3 +302,14 @@ def test_layer_norm_adds_no_product_to_a_step():
     plain, normed = compile_spec("lstm"), compile_spec("layernorm_lstm")
     assert loop_products(normed) == loop_products(plain), (loop_products(normed), loop_products(plain))
     assert loop_products(plain)[0] >= 1
+
+
+@pytest.mark.parametrize("backend, dtype, tol", [("numpy", F64, None), ("c", torch.float32, 1e-5)])
+def test_second_order_weight_gradient_by_blocks_of_rows(monkeypatch, backend, dtype, tol, close):
+    """W's gradient is made after the loop from x and h, a few rows' x (x) h at a time: here 4 of
+    the 22 rows (time x batch) a block, the last block short."""
+    from specc.backends import numpy_runtime
+
+    dims = CASES["second_order"][1]
+    monkeypatch.setattr(numpy_runtime, "CONTRACT_BYTES", 4 * dims["I"] * dims["H"] * torch.empty((), dtype=dtype).element_size())
+    compare_with_reference("second_order", dims, 11, 2, dtype, close, tol=tol, scale=0.4, backend=backend)

@@ -830,6 +830,8 @@ def c_spell(node: Node, a: list[str], types: list) -> str:
         return f"rt_c.matmul(c_lib, {a[1]}, {a[0]})"
     if node.op == "outer_sum" and types[0].batched and types[1].batched:
         return f"rt_c.matmul(c_lib, {a[0]}.T, {a[1]})"
+    if node.op == "contract_sum":
+        return f"rt_c.contract_sum(c_lib, {', '.join(a)})"
     if node.op in ACTIVATIONS and not node.type.batched and node.type.shape == ():
         # Of a number made of constants alone (tanh(0.5)), which the host holds as a Python float
         # and torch's functions refuse; the loop has it as a C literal (c_constant).

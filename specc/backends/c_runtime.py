@@ -31,6 +31,7 @@ from ..atomic import write_atomically
 from ..ops import ACTIVATIONS
 from .c import c_dim
 from .memory import empty
+from .numpy_runtime import contract_rows
 
 # The flags that tune the code: -march=native lets the compiler vectorise the elementwise loops for
 # this CPU. SPECC_MARCH=x86-64-v3 (or armv8.2-a, ...) compiles for another level instead, and
@@ -159,29 +160,30 @@ static inline void sp_mkl_restore(int packed, int before) {
         sp_mkl_local_threads(before);
 }
 
-/* One block of o = op(a) @ op(w) (CBLAS's flags and row-major distances): by MKL's sgemm_ where
+/* One block of o = op(a) @ op(w) + beta o (CBLAS's flags and row-major distances): by MKL's sgemm_ where
    chosen (Fortran's column-major convention: o^T = op(w)^T @ op(a)^T, each read as it lies), else
    by OpenBLAS. */
 static inline void sp_block(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
-                            float *o, long ldo, int mkl) {
+                            float *o, long ldo, int mkl, float beta) {
     if (mkl && sp_mkl_sgemm) {
         __atomic_fetch_add(&specc_mkl_counts[1], 1, __ATOMIC_RELAXED);
         const int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lw = (int)ldw, lo = (int)ldo;
-        const float one = 1.0f, zero = 0.0f;
+        const float one = 1.0f;
         sp_mkl_sgemm(tw == CblasTrans ? "T" : "N", ta == CblasTrans ? "T" : "N", &n, &m, &k, &one, w, &lw, a, &la,
-                     &zero, o, &lo);
+                     &beta, o, &lo);
     } else {
         """ + BLAS_PREFIX + r"""cblas_sgemm(CblasRowMajor, ta, tw, (blasint)M, (blasint)N, (blasint)K, 1.0f, a, (blasint)lda,
-                          w, (blasint)ldw, 0.0f, o, (blasint)ldo);
+                          w, (blasint)ldw, beta, o, (blasint)ldo);
     }
 }
 
 /* o (M, N) = a @ w (each transposed as CBLAS's flag says) on `threads` threads, each one call of
    OpenBLAS (or MKL, where chosen) on its block of o's rows, or of its columns when it has fewer
    rows than columns: the host's products around the loop, on the loop's threads (see
-   c_runtime.pass_threads). threads 0: a forked child, where MKL's OpenMP would wait as ours would. */
+   c_runtime.pass_threads). threads 0: a forked child, where MKL's OpenMP would wait as ours would.
+   beta 1: o += a @ w (contract_sum's blocks of rows). */
 void specc_matmul(long M, long N, long K, const float *a, long lda, int ta, const float *w, long ldw, int tw,
-                  float *o, int threads) {
+                  float *o, int threads, float beta) {
     const int mkl = threads > 0 && sp_mkl_sgemm != NULL;
     #pragma omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)
     {
@@ -190,11 +192,11 @@ void specc_matmul(long M, long N, long K, const float *a, long lda, int ta, cons
         if (M >= N) {
             long m0 = M * id / nt, m1 = M * (id + 1) / nt;
             if (m1 > m0)
-                sp_block(m1 - m0, N, K, ta == CblasTrans ? a + m0 : a + m0 * lda, lda, ta, w, ldw, tw, o + m0 * N, N, mkl);
+                sp_block(m1 - m0, N, K, ta == CblasTrans ? a + m0 : a + m0 * lda, lda, ta, w, ldw, tw, o + m0 * N, N, mkl, beta);
         } else {
             long n0 = N * id / nt, n1 = N * (id + 1) / nt;
             if (n1 > n0)
-                sp_block(M, n1 - n0, K, a, lda, ta, tw == CblasTrans ? w + n0 * ldw : w + n0, ldw, tw, o + n0, N, mkl);
+                sp_block(M, n1 - n0, K, a, lda, ta, tw == CblasTrans ? w + n0 * ldw : w + n0, ldw, tw, o + n0, N, mkl, beta);
         }
         sp_mkl_restore(mkl, before);
     }
@@ -577,26 +579,45 @@ def _blas_layout(t: torch.Tensor) -> tuple[int, int, torch.Tensor]:
     return 111, max(1, cols), t.contiguous()
 
 
-def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """a @ w for float32 CPU matrices (transposed views need no copy): the host's products around
     the loop (W @ x for all steps, the gradients), by the OpenBLAS the loop calls, split among the
     threads pass_threads() chose (specc_matmul in the prelude): one pool, not torch's beside
     OpenBLAS's. (With torch's,
     on 2 cores another process shared, each product waited for the core it held: a GRU at
-    20x4x16x16 took 87-150 ms a forward + backward, 6 ms with these.)"""
+    20x4x16x16 took 87-150 ms a forward + backward, 6 ms with these.) add_to, a contiguous (M, N)
+    matrix: a @ w is added to it, and it is returned."""
     M, K = a.shape
     N = w.shape[1]
     if a.dtype != torch.float32 or w.dtype != torch.float32 or w.shape[0] != K:
         raise AssertionError(f"matmul of {tuple(a.shape)} {a.dtype} by {tuple(w.shape)} {w.dtype}")
-    out = empty((M, N))
+    if add_to is not None and (add_to.shape != (M, N) or not add_to.is_contiguous()):
+        raise AssertionError(f"matmul adding to {tuple(add_to.shape)}, not a contiguous ({M}, {N})")
+    out = empty((M, N)) if add_to is None else add_to
     if M == 0 or N == 0 or K == 0:
-        return out.zero_()
+        return out if add_to is not None else out.zero_()
     ta, lda, a = _blas_layout(a)
     tw, ldw, w = _blas_layout(w)
     threads = 0 if _forked[0] else _loop[0] if M * N * K >= MATMUL_SPLIT_MACS else 1
     lib.specc_matmul(ctypes.c_long(M), ctypes.c_long(N), ctypes.c_long(K), ctypes.c_void_p(a.data_ptr()),
                      ctypes.c_long(lda), ctypes.c_int(ta), ctypes.c_void_p(w.data_ptr()), ctypes.c_long(ldw),
-                     ctypes.c_int(tw), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(threads))
+                     ctypes.c_int(tw), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(threads),
+                     ctypes.c_float(0.0 if add_to is None else 1.0))
+    return out
+
+
+def contract_sum(lib: ctypes.CDLL, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The sum over rows r of g[r, k] a[r, n] b[r, m], as a (K, N * M) matrix (contract(W, a, b)'s
+    weight gradient; numpy_runtime.contract_sum says why a block of rows at a time)."""
+    R, K = g.shape
+    N, M = a.shape[1], b.shape[1]
+    out = empty((K, N * M)).zero_()
+    step = contract_rows(R, N * M, 4)
+    block = torch.empty((min(step, R), N, M))
+    for lo in range(0, R, step):
+        hi = min(lo + step, R)
+        ab = torch.mul(a[lo:hi, :, None], b[lo:hi, None, :], out=block[:hi - lo]).view(hi - lo, N * M)
+        matmul(lib, g[lo:hi].T, ab, add_to=out)
     return out
 
 
