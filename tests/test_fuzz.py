@@ -438,3 +438,21 @@ def test_a_function_named_like_an_input_is_not_a_read_of_it():
     assert not _refs_batched("exp (b) + b", pool)
     assert _refs_batched("tanh(exp) * b", pool) and _refs_batched("[exp, b]", pool)
     assert _refs_batched("h' * b", pool) and not _refs_batched("hh + b", pool)
+
+
+def test_the_command_stops_drawing_cells_when_its_minutes_are_up(monkeypatch, capsys):
+    """--minutes ends the run, not only the cells' runs: hypothesis would otherwise go on drawing
+    (and throwing away) cells up to --cells, which took minutes for a large --cells."""
+    from specc.fuzz import __main__ as command
+    from specc.fuzz import gen, run
+
+    drawn = []
+    monkeypatch.setattr(gen, "cells", lambda original=gen.cells: original().map(lambda c: drawn.append(c) or c))
+    monkeypatch.setattr(run, "differences", lambda *a, **k: [])
+    clock = iter(range(0, 10**6, 30))  # each look at the clock half a minute later
+    monkeypatch.setattr(command.time, "time", lambda: float(next(clock)))
+    assert command.main(["--cells", "5000", "--backends", "numpy", "--minutes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(stopped at --minutes)" in out
+    ran = int(out.split("cells: ")[1].split()[0])
+    assert 1 <= ran <= 4 and len(drawn) == ran + 1, (ran, len(drawn))

@@ -38,6 +38,11 @@ def _skip_interpreter_overflow_checks() -> None:
     b.options = dataclasses.replace(b.options, sanitize_overflow=False)
 
 
+class _OutOfTime(BaseException):
+    """--minutes are up. A BaseException, not an Exception: hypothesis lets it through at once
+    instead of taking it for a finding and shrinking the cell."""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m specc.fuzz", description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=300, help="how many cells to draw (default 300)")
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
     @given(cells())
     def one(cell):
         if args.minutes is not None and time.time() - start > 60 * args.minutes:
-            return  # out of time: the cells hypothesis still draws are not run (nor counted)
+            raise _OutOfTime  # not `return`: hypothesis would go on drawing up to --cells cells, unrun
         counts["cells"] += 1
         found = differences(cell.text, cell.dims, backends, seed=counts["cells"])
         if args.shrink is not None and any(args.shrink in str(f) for f in found):
@@ -94,6 +99,8 @@ def main(argv=None) -> int:
     except AssertionError as e:  # --shrink: hypothesis has printed the minimal cell
         print(f"\nthe smallest cell found shows:\n{e}")
         return 1
+    except _OutOfTime:
+        pass
     elapsed = time.time() - start
     stopped = args.minutes is not None and counts["cells"] < args.cells
     print(f"cells: {counts['cells']}{' (stopped at --minutes)' if stopped else ''}  "
