@@ -313,3 +313,28 @@ def test_second_order_weight_gradient_by_blocks_of_rows(monkeypatch, backend, dt
     dims = CASES["second_order"][1]
     monkeypatch.setattr(numpy_runtime, "CONTRACT_BYTES", 4 * dims["I"] * dims["H"] * torch.empty((), dtype=dtype).element_size())
     compare_with_reference("second_order", dims, 11, 2, dtype, close, tol=tol, scale=0.4, backend=backend)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("split", ["rows", "cols"])
+def test_second_order_inference_on_every_split(monkeypatch, split, threads):
+    """Without a backward pass, x (x) h lives in scratch: two blocks used in turn (odd and even
+    steps), which every thread reads whole when the product's columns are split. Outputs and final
+    state against the hand-written loop, over an odd number of steps and every split of the batch."""
+    from specc.backends import c_runtime
+
+    monkeypatch.setenv("SPECC_LOOP_THREADS", threads)
+    monkeypatch.setenv("SPECC_LOOP_SPLIT", split)
+    monkeypatch.setattr(c_runtime, "SPLIT_ROWS", 1)
+    torch.manual_seed(int(threads))
+    dims = CASES["second_order"][1]
+    sp = specc.load("second_order", **dims, backend="c")
+    params = {n: torch.randn_like(p) * 0.6 for n, p in sp.named_parameters()}
+    with torch.no_grad():
+        for n, v in params.items():
+            getattr(sp, n).copy_(v)
+        x, h0 = torch.randn(7, 5, dims["I"]), torch.randn(5, dims["H"])
+        out, final = sp(x, h0)
+        ref_out, (ref_final,) = second_order_ref(x, (h0,), params)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, ref_final, atol=1e-5, rtol=1e-5)

@@ -201,10 +201,19 @@ class CLoop:
                 self.decls.append(f"    const long {self.view_rows[host_expr]} = row[{k}];")
         return self.args[host_expr]
 
-    def _scratch_block(self, width: Size) -> str:
+    def _scratch_block(self, width: Size, i: int | None = None) -> str:
         offset = " + ".join(c_size(w) for w in self.scratch)
         self.scratch.append(width)
-        return f"scratch + B * ({offset})" if offset else "scratch"
+        block = f"scratch + B * ({offset})" if offset else "scratch"
+        if i is not None and any(self.g.nodes[u].op in ("matvec", "matvec_t") and self.g.nodes[u].args[1] == i
+                                 for u in self.users[i]):
+            # A product's operand, which every thread may read whole (sp_gemm_cols): two blocks used
+            # in turn, as the states' are. Rewritten in place each step, the threads' rows of it
+            # went back and forth between the cores' caches: second_order's x (x) h at 200 x 8 x 64 x
+            # 64, forward, 7.4 ms in one block, 5.8 in two (or in a fresh block every step).
+            self.scratch.append(width)
+            block = f"{block} + (t & 1) * B * {c_size(width)}"
+        return block
 
     # where values are
     def _carry_rows(self, name: str, leaf: bool) -> str:
@@ -276,11 +285,11 @@ class CLoop:
             buf = self.arg(self.host.seq[i], const=False)
             if i in self.guard:  # kept only for a backward pass: scratch when there is none
                 self.line(f"float *{name} = train ? {buf} + t * B * {width} : "
-                          f"{self._scratch_block(node.type.shape[0] if node.type.shape else Size.of(1))};")
+                          f"{self._scratch_block(node.type.shape[0] if node.type.shape else Size.of(1), i)};")
             else:
                 self.line(f"float *{name} = {buf} + t * B * {width};")
             return Place(name, width, not node.type.shape)
-        block = self._scratch_block(node.type.shape[0] if node.type.shape else Size.of(1))
+        block = self._scratch_block(node.type.shape[0] if node.type.shape else Size.of(1), i)
         self.line(f"float *{name} = {block};")
         return Place(name, width, not node.type.shape)
 
