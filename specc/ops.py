@@ -589,11 +589,10 @@ SPELLINGS: dict[str, Spelling] = {
     "outer_sum": Spelling(
         lambda n, a, t, rows: f"matmul({a[0]}.T, {a[1]})" if t[0].batched else f"np.outer({a[0]}, {a[1]})",
         lambda n, a, t, rows: f"{a[0]}.T @ {a[1]}" if t[0].batched else f"torch.outer({a[0]}, {a[1]})"),
-    # The Triton host's (on the GPU, where the (rows, K, N) middle value torch.einsum makes fits); the
-    # C host chunks it as NumPy's helper does (c.c_spell).
+    # A block of rows' outer products at a time on every host (the C host's: c.c_spell).
     "contract_sum": Spelling(
         lambda n, a, t, rows: f"rt.contract_sum({', '.join(a)})",
-        lambda n, a, t, rows: f'torch.einsum("rk,rn,rm->knm", {", ".join(a)}).reshape({a[0]}.shape[1], -1)'),
+        lambda n, a, t, rows: f"rt.contract_sum_tensors({', '.join(a)})"),
     "sum_rows": Spelling(lambda n, a, t, rows: f"{a[0]}.sum(axis=0)", lambda n, a, t, rows: f"{a[0]}.sum(0)"),
     "sum_all": Spelling(lambda n, a, t, rows: f"{a[0]}.sum()", lambda n, a, t, rows: f"{a[0]}.sum()"),
     "concat": Spelling(

@@ -819,7 +819,8 @@ def test_host_products_split_among_threads_match_torch(monkeypatch):
 def test_contract_sums_by_blocks_of_rows_match_einsum(monkeypatch, rows_a_block):
     """contract(W, a, b)'s weight gradient, sum_r g[r, k] a[r, n] b[r, m], a block of rows' outer
     products at a time (blocks that divide the rows and that do not, one block), by the C host
-    (specc_matmul adding into its result) and by the NumPy backend's helper (float32 and 64)."""
+    (specc_matmul adding into its result), by the NumPy backend's helper and by the Triton host's
+    (float32 and 64)."""
     from specc.backends import numpy_runtime
 
     specc.load("lstm", I=3, H=4, backend="c")(torch.randn(2, 1, 3))  # a compiled library to call
@@ -831,13 +832,30 @@ def test_contract_sums_by_blocks_of_rows_match_einsum(monkeypatch, rows_a_block)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         itemsize = torch.empty((), dtype=dtype).element_size()
         monkeypatch.setattr(numpy_runtime, "CONTRACT_BYTES", rows_a_block * N * M * itemsize)
-        assert numpy_runtime.contract_rows(R, N * M, itemsize) == min(rows_a_block, R)
+        assert numpy_runtime.contract_rows(R, N * M, itemsize, numpy_runtime.CONTRACT_BYTES) == min(rows_a_block, R)
         got = numpy_runtime.contract_sum(*(v.to(dtype).numpy() for v in (g, a, b)))
         assert got.dtype == torch.empty((), dtype=dtype).numpy().dtype
         torch.testing.assert_close(torch.from_numpy(got).double(), want, atol=tol, rtol=tol)
+        got = numpy_runtime.contract_sum_tensors(*(v.to(dtype) for v in (g, a, b)))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
     # float32 views with strides, as the host hands them in (a transposed matrix, a block of columns)
     got = c_runtime.contract_sum(c_lib, g.float().T.contiguous().T, a.float(), torch.cat([b, b], 1).float()[:, :M])
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_contract_sums_off_the_cpu_take_larger_blocks(monkeypatch):
+    """On a GPU the blocks are CONTRACT_BYTES_GPU (fewer launches; torch.einsum made every row's
+    outer product at once there). Run on torch's meta device, which has shapes and no numbers."""
+    from specc.backends import numpy_runtime
+
+    budgets = []
+    real = numpy_runtime.contract_rows
+    monkeypatch.setattr(numpy_runtime, "contract_rows", lambda *a: budgets.append(a[-1]) or real(*a))
+    g, a, b = (torch.empty(R, n, device="meta") for R, n in ((4000, 64), (4000, 64), (4000, 64)))
+    assert numpy_runtime.contract_sum_tensors(g, a, b).shape == (64, 64 * 64)
+    numpy_runtime.contract_sum_tensors(*(torch.zeros(v.shape) for v in (g, a, b)))
+    assert budgets == [numpy_runtime.CONTRACT_BYTES_GPU, numpy_runtime.CONTRACT_BYTES]
 
 
 @pytest.mark.parametrize("vendor, family, flags, expected", [

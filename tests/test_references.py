@@ -304,7 +304,8 @@ def test_layer_norm_adds_no_product_to_a_step():
     assert loop_products(plain)[0] >= 1
 
 
-@pytest.mark.parametrize("backend, dtype, tol", [("numpy", F64, None), ("c", torch.float32, 1e-5)])
+@pytest.mark.parametrize("backend, dtype, tol", [("numpy", F64, None), ("c", torch.float32, 1e-5),
+                                                 ("triton", torch.float32, 1e-5)])
 def test_second_order_weight_gradient_by_blocks_of_rows(monkeypatch, backend, dtype, tol, close):
     """W's gradient is made after the loop from x and h, a few rows' x (x) h at a time: here 4 of
     the 22 rows (time x batch) a block, the last block short."""

@@ -31,7 +31,7 @@ from ..atomic import write_atomically
 from ..ops import ACTIVATIONS
 from .c import c_dim
 from .memory import empty
-from .numpy_runtime import contract_rows
+from .numpy_runtime import contract_sum_into
 
 # The flags that tune the code: -march=native lets the compiler vectorise the elementwise loops for
 # this CPU. SPECC_MARCH=x86-64-v3 (or armv8.2-a, ...) compiles for another level instead, and
@@ -608,17 +608,9 @@ def matmul(lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor, add_to: torch.Ten
 
 def contract_sum(lib: ctypes.CDLL, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The sum over rows r of g[r, k] a[r, n] b[r, m], as a (K, N * M) matrix (contract(W, a, b)'s
-    weight gradient; numpy_runtime.contract_sum says why a block of rows at a time)."""
-    R, K = g.shape
-    N, M = a.shape[1], b.shape[1]
-    out = empty((K, N * M)).zero_()
-    step = contract_rows(R, N * M, 4)
-    block = torch.empty((min(step, R), N, M))
-    for lo in range(0, R, step):
-        hi = min(lo + step, R)
-        ab = torch.mul(a[lo:hi, :, None], b[lo:hi, None, :], out=block[:hi - lo]).view(hi - lo, N * M)
-        matmul(lib, g[lo:hi].T, ab, add_to=out)
-    return out
+    weight gradient), each block of rows' product through the loops' own BLAS."""
+    out = empty((g.shape[1], a.shape[1] * b.shape[1])).zero_()
+    return contract_sum_into(out, g, a, b, add=lambda total, gt, ab: matmul(lib, gt, ab, add_to=total))
 
 
 def run(lib: ctypes.CDLL, fn: str, T: int, B: int, train: bool, tensors: list, scratch: int,

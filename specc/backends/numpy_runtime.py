@@ -119,31 +119,52 @@ def outer_vjp_b(g, a, n, k, out=None):
 # 105 MB). Each block adds one product into the (K, N * M) result, so blocks below a few MB cost
 # passes over it: 8 MB blocks took 20 ms there, against 23 for the product of the kept values.
 CONTRACT_BYTES = 8 << 20
+# On a GPU, where each block is a launch or two and memory is plentiful: torch.einsum made all of
+# (rows, K, N) at once there (second_order at 1000 x 64 x 256 x 256: 17 GB).
+CONTRACT_BYTES_GPU = 256 << 20
 
 
-def contract_rows(rows: int, width: int, itemsize: int) -> int:
-    """Rows of outer products, `width` numbers each, in one block of contract_sum."""
-    return max(1, min(rows, CONTRACT_BYTES // max(width * itemsize, 1)))
+def contract_rows(rows: int, width: int, itemsize: int, budget: int) -> int:
+    """Rows of outer products, `width` numbers each, in one block of `budget` bytes."""
+    return max(1, min(rows, budget // max(width * itemsize, 1)))
 
 
 def contract_sum(g, a, b):
-    """The sum over rows r of g[r, k] a[r, n] b[r, m], as a (K, N * M) array, a block of rows at a
-    time (CONTRACT_BYTES). By torch on the arrays' memory: NumPy's broadcast product and additions
-    took twice as long (46 against 21 ms at 1600 rows, K = N = M = 128)."""
+    """The sum over rows r of g[r, k] a[r, n] b[r, m], as a (K, N * M) array. By torch on the arrays'
+    memory: NumPy's broadcast product and additions took twice as long (46 against 21 ms at 1600
+    rows, K = N = M = 128)."""
     import torch
 
-    r, k, n, m = g.shape[0], g.shape[1], a.shape[1], b.shape[1]
     dtype = np.result_type(g, a, b)
-    g, a, b = (torch.from_numpy(np.asarray(v, dtype=dtype)) for v in (g, a, b))
-    out = np.zeros((k, n * m), dtype=dtype)
-    total = torch.from_numpy(out)
-    step = contract_rows(r, n * m, dtype.itemsize)
-    block = torch.empty((min(step, r), n, m), dtype=total.dtype)
+    out = np.zeros((g.shape[1], a.shape[1] * b.shape[1]), dtype=dtype)
+    contract_sum_into(torch.from_numpy(out), *(torch.from_numpy(np.asarray(v, dtype=dtype)) for v in (g, a, b)))
+    return out
+
+
+def contract_sum_tensors(g, a, b):
+    """contract_sum of torch tensors, on their device (the Triton host's)."""
+    return contract_sum_into(g.new_zeros((g.shape[1], a.shape[1] * b.shape[1])), g, a, b)
+
+
+def contract_sum_into(total, g, a, b, add=None):
+    """total (K, N * M) += the sum over rows r of g[r, k] a[r, n] b[r, m]: torch tensors on any
+    device, the outer products a block of rows at a time (CONTRACT_BYTES on the CPU,
+    CONTRACT_BYTES_GPU elsewhere). add(total, g_block.T, ab_block) adds one block's product
+    (total.addmm_ unless told: the C host's goes through the loops' own BLAS)."""
+    import torch
+
+    r, n, m = g.shape[0], a.shape[1], b.shape[1]
+    budget = CONTRACT_BYTES if total.device.type == "cpu" else CONTRACT_BYTES_GPU
+    step = contract_rows(r, n * m, total.element_size(), budget)
+    block = torch.empty((min(step, r), n, m), dtype=total.dtype, device=total.device)
     for lo in range(0, r, step):
         hi = min(lo + step, r)
         ab = torch.mul(a[lo:hi, :, None], b[lo:hi, None, :], out=block[:hi - lo]).view(hi - lo, n * m)
-        total.addmm_(g[lo:hi].T, ab)
-    return out
+        if add is None:
+            total.addmm_(g[lo:hi].T, ab)
+        else:
+            add(total, g[lo:hi].T, ab)
+    return total
 
 
 # Values made before the loop that only the loop reads are made this many rows (time x batch) at
