@@ -11,6 +11,7 @@ loss over the global batch, as one process computing all of it would get.
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -34,6 +35,20 @@ from .threads import set_threads
 from .tasks import Generated, Stream, Task, make_task
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation data comes from its own generator: it never moves the training data
+
+# The tensors this process last handed to a collective, kept referenced from Python. gloo's worker
+# thread may let go of a finished collective after Python has (a barrier holds the collectives
+# still in flight when it began); torch then frees the tensors' Python objects from that thread,
+# which must take the GIL, and at interpreter exit a thread taking the GIL is ended inside a C++
+# destructor: "terminate called without an active exception", SIGABRT, in a process whose work
+# was done (tests/test_ddp.py, one run in five; gdb: ~AsyncAllgatherWork under ~AsyncBarrierWork
+# in ProcessGroupGloo::runLoop, while Py_FinalizeEx ran). Referenced here, they are freed by
+# Python itself, after gloo is done with them; older ones than these were released long before.
+_HANDED: collections.deque = collections.deque(maxlen=8)
+
+
+def _handed(*tensors: torch.Tensor) -> None:
+    _HANDED.append(tensors)
 
 
 class TrainingDiverged(RuntimeError):
@@ -247,8 +262,10 @@ class _Training:
         carry, world = self.carry, self.world
         if carry is not None and world > 1:
             parts = [[torch.empty_like(c) for _ in range(world)] for c in carry]
-            for p, c in zip(parts, carry):
-                dist.all_gather(p, c.contiguous())
+            mine = [c.contiguous() for c in carry]
+            _handed(*(t for p in parts for t in p), *mine)
+            for p, c in zip(parts, mine):
+                dist.all_gather(p, c)
             carry = tuple(torch.cat(p, 0) for p in parts)
         carry = None if carry is None else tuple(c.cpu() for c in carry)
         if self.rank == 0:
@@ -372,6 +389,7 @@ class _Training:
         seen = torch.tensor([local.item() / count.item(), float(self.stop_requested), float(time_up)],
                             dtype=torch.float64, device=device)
         if world > 1:
+            _handed(seen)
             dist.all_reduce(seen)
         loss_value = seen[0].item()
         if math.isfinite(loss_value):
