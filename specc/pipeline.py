@@ -14,7 +14,7 @@ from .errors import SpecError
 from .ir import Forward, Graph
 from .library import spec_file
 from .lower import lower
-from .optimize import optimize
+from .optimize import contract_products, forward_renumbered, optimize
 from .parse import parse
 from .schedule import Schedule, schedule
 
@@ -72,6 +72,9 @@ def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Com
     # Forward values the backward pass reads, other than the parameters it is handed anyway.
     saved = sorted({k.node for k, _ in bwd.inputs + bwd.params
                     if isinstance(k, Forward) and fwd.nodes[k.node].op != "param"})
+    read = frozenset(k.node for k, _ in bwd.inputs + bwd.params if isinstance(k, Forward))
+    fwd, moved = contract_products(fwd, read)
+    bwd, saved = forward_renumbered(bwd, moved), [moved[i] for i in saved]
     fs = schedule(fwd, also_keep=frozenset(saved))
     bs = schedule(bwd)
     source = assemble.module_source(code, fs, bs, saved, text, file)

@@ -198,15 +198,51 @@ def test_weight_gradients_are_reductions_after_the_backward_loop(spec, cell):
 
 def test_contract_keeps_no_outer_products_for_the_backward_pass():
     """contract(W, x, h)'s weight gradient is made from x and h after the loop (contract_sum), so
-    the forward pass keeps x (x) h for no step: I * H numbers a row where x and h are I + H."""
+    the forward pass keeps nothing of I * H numbers a row for any step, where x and h are I + H."""
     c = compiled("second_order")
     fwd, b = c.forward, c.backward
-    [outer] = [i for i, n in enumerate(fwd.nodes) if n.op == "outer"]
     saved = {k.node for k, _ in b.inputs + b.params if isinstance(k, Forward)}
-    assert outer not in saved and outer not in c.forward_schedule.kept
+    wide = [i for i in saved | c.forward_schedule.kept if fwd.nodes[i].type.batched
+            and str(fwd.nodes[i].type.shape[0]) not in ("H", "I")]
+    assert wide == [], [fwd.nodes[i] for i in wide]
     assert not [n for n in b.nodes if n.op in ("outer", "outer_sum")]
     (i,) = [i for i, n in enumerate(b.nodes) if n.op == "contract_sum"]
     assert b.nodes[dict(b.reduced)["W"]].args[0] == i
+
+
+def test_contract_multiplies_the_state_by_the_weight_first():
+    """contract(W, x, h) in the forward pass: W as an (H * I, H) matrix times h, then each example's
+    (H, I) block of that times x, not W as (H, H * I) times x (x) h: a product with a wide result
+    (the loop's threads share it by columns); the backward pass's own product, W^T g, is wide as
+    it was. Where the second vector is known before the loop (contract(W, h, x)), the first form
+    stays: its product is of a (x) b, which depends on the state; W x for every step would be a
+    (T * B, H * H) value."""
+    c = compiled("second_order")
+    fwd, b = c.forward, c.backward
+    [mv] = matvecs(fwd)
+    w, h = fwd.nodes[mv].args
+    assert fwd.nodes[w].op == "reshape" and [str(d) for d in fwd.nodes[w].type.shape] == ["H*I", "H"]
+    assert fwd.nodes[h].op == "carry"
+    [user] = fwd.users()[mv]
+    assert fwd.nodes[user].op == "outer_vjp_a" and fwd.nodes[fwd.nodes[user].args[1]].op == "input"
+    assert not [n for n in fwd.nodes if n.op == "outer"]
+    [back] = [n for n in b.nodes if n.op == "matvec_t"]
+    assert [str(d) for d in b.nodes[back.args[0]].type.shape] == ["H", "H*I"]
+
+    swapped = compile_spec(SWAPPED).forward
+    [mv] = matvecs(swapped)
+    assert swapped.nodes[swapped.nodes[mv].args[1]].op == "outer"
+
+
+SWAPPED = """
+cell swapped(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[H, H, I]
+    h' = tanh(contract(W, h, x))
+    output h'
+}
+"""
 
 
 @pytest.mark.parametrize("spec, cell", [("elman", "elman"), ("lstm", None), ("gru", None)])

@@ -145,8 +145,11 @@ def _stages(s: Schedule, whole: set[int]) -> tuple[dict[int, int], set[int]]:
             # reads its factors at any feature index (feature j of it is x[j // H] h[j % H]).
             st = max(operand_stage(a) for a in node.args)
         elif node.op in ("outer_vjp_a", "outer_vjp_b"):
-            # Each output feature sums over the whole gradient operand.
-            st = max(operand_stage(node.args[0]), stage.get(node.args[1], 0) if in_loop(node.args[1]) else 0)
+            # Each output feature sums over the whole gradient operand, and reads the other at any
+            # feature index: recomputed there where it can be (KernelWriter.gather), else stored.
+            other = node.args[1]
+            st = max(operand_stage(node.args[0]), 0 if not in_loop(other) else
+                     stage[other] if _gatherable(g, s, other) else operand_stage(other))
         else:
             st = max((stage[a] + (a in whole) for a in node.args if in_loop(a)), default=0)
         stage[i] = st
@@ -156,6 +159,16 @@ def _stages(s: Schedule, whole: set[int]) -> tuple[dict[int, int], set[int]]:
                                                           g.nodes[i].op in ("matvec", "matvec_t")):
                 cross.add(a)
     return stage, cross
+
+
+def _gatherable(g, s: Schedule, i: int) -> bool:
+    """Whether KernelWriter.gather can make loop value i at any feature index from what it reads
+    (elementwise ops, slices and outer products of values in memory); a softmax or a product
+    cannot be."""
+    node = g.nodes[i]
+    if not _in_loop(s, i):
+        return True
+    return (node.op in ELEMENTS or node.op in ("slice", "outer")) and all(_gatherable(g, s, a) for a in node.args)
 
 
 def _straddled(s: Schedule, stage: dict[int, int], cross: set[int], stored: set[int],
