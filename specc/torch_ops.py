@@ -135,8 +135,10 @@ def _(key, n_inputs, n_states, steps, tensors):
 
 @torch.library.custom_op("specc::scan_backward", mutates_args=())
 def scan_backward(key: str, n_inputs: int, n_states: int, steps: int, tensors: list[torch.Tensor],
-                  grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of every tensor of `scan`, given those of its results (`grads`)."""
+                  grads: list[torch.Tensor], inputs_grad: bool = True) -> list[torch.Tensor]:
+    """The gradients of every tensor of `scan`, given those of its results (`grads`); zeros for the
+    inputs, and what only their gradients need left out, unless `inputs_grad` (runtime._Scan says
+    why)."""
     cell = _cell(key)
     prog = cell.program
     T, B = _sizes(tensors, n_inputs, steps)
@@ -146,12 +148,13 @@ def scan_backward(key: str, n_inputs: int, n_states: int, steps: int, tensors: l
     _, _, saved = backend.forward(prog, tensors, T, B, cell._dim_args, train=True)
     n_out = len(prog.OUTPUTS)
     params = tensors[n_inputs + n_states:]
-    out = backend.backward(prog, saved, list(grads[:n_out]), list(grads[n_out:]), params, T, B, cell._dim_args)
+    out = backend.backward(prog, saved, list(grads[:n_out]), list(grads[n_out:]), params, T, B, cell._dim_args,
+                           inputs_grad)
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, out)]
 
 
 @scan_backward.register_fake
-def _(key, n_inputs, n_states, steps, tensors, grads):
+def _(key, n_inputs, n_states, steps, tensors, grads, inputs_grad=True):
     return [t.new_empty(t.shape) for t in tensors]
 
 
@@ -167,7 +170,9 @@ def _backward(ctx, grads):
     refuse_double_backward(cell.cell_name)
     tensors = ctx.saved_tensors
     d_outs, d_finals = result_gradients(cell, grads, *_sizes(tensors, n_inputs, steps), like=tensors[-1])
-    return None, None, None, None, scan_backward(key, n_inputs, n_states, steps, list(tensors), d_outs + d_finals)
+    inputs_grad = any(ctx.needs_input_grad[4][:n_inputs])  # one flag a tensor of the list
+    grads = scan_backward(key, n_inputs, n_states, steps, list(tensors), d_outs + d_finals, inputs_grad)
+    return None, None, None, None, grads
 
 
 scan.register_autograd(_backward, setup_context=_setup)

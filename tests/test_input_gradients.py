@@ -161,3 +161,19 @@ def test_one_input_of_two_asking(backend, dtype, tol):
         ys.append(h)
     (torch.stack(ys) ** 2).sum().backward()
     torch.testing.assert_close(x.grad, xe.grad, rtol=tol, atol=tol)
+
+
+def test_a_traced_call_is_told_too(asked):
+    """Under torch.compile the cell is one custom op (torch_ops.scan) whose gradient op runs the
+    generated backward: a first layer fed data leaves out its input's gradient there too, and the
+    parameters' gradients stay torch.nn's."""
+    ref, ours = _copied_lstm("numpy", F64)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for wants_x in (True, False):
+        x = torch.randn(6, 4, 3, dtype=F64, requires_grad=wants_x)
+        want = torch.autograd.grad(ref(x)[0].sum(), list(ref.parameters()))
+        got = torch.autograd.grad(compiled(x)[0].sum(), [ours.W_ih, ours.W_hh, ours.b_ih, ours.b_hh])
+        for g, r in zip(got, want, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    assert asked[-2:] == [True, False]
