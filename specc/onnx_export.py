@@ -165,6 +165,11 @@ def _emit(n: _Nodes, g: Graph, i: int, names: dict[int, str], dims: dict, rows: 
         flat = [0, A * B] if batched else [A * B]
         prod = n.op("Mul", [left, right])
         return n.op("Reshape", [prod, n.const([-1, A * B] if batched else flat, np.int64)], hint)
+    if node.op == "outer_vjp_a" and batched:  # contract's forward (optimize.contract_products):
+        N, K = (size_of(s, dims) for s in node.attrs)  # out[i] = sum_j G[i * K + j] b[j], an example at a time
+        blocks = n.op("Reshape", [a[0], n.const([-1, N, K], np.int64)])
+        other = n.op("Reshape", [a[1], n.const([-1, K, 1], np.int64)])
+        return n.op("Reshape", [n.op("MatMul", [blocks, other]), n.const([-1, N], np.int64)], hint)
     if node.op == "zeros":
         shape, is_batched = node.attrs
         sizes = n.const([size_of(s, dims) for s in shape], np.int64)
