@@ -224,7 +224,7 @@ def contract_sums(g: Graph) -> Graph:
 def contract_products(g: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, int]]:
     """The forward pass's contract(W, a, b), for a b made in the loop: W as an (M * N, K) matrix times
     b, then each example's (M, N) block of that times a (outer_vjp_a), instead of W as an
-    (M, N * K) matrix times a (x) b. The same multiply-adds, but a product with a wide result,
+    (M, N * K) matrix times a (x) b, where M <= K. The same multiply-adds, but a product with a wide result,
     which the loop's threads share by columns better than one with a long sum: second_order at
     100 x 16 x 128 x 128, (16, 128) @ (128, 16384) a step took 0.24 ms a thread against 0.27 for
     (16, 16384) @ (16384, 128), as the backward pass's product already is.
@@ -246,6 +246,11 @@ def contract_products(g: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, 
         if not dep[k] or not g.nodes[k].type.batched:
             return None  # b fixed, or known before the loop: the first form's product is the one to hoist
         m, n, size_k = w.type.shape[0], g.nodes[a].type.shape[0], g.nodes[k].type.shape[0]
+        if any(c < 0 for _, c in (size_k - m).terms):
+            # M numbers of W b for every one of a (x) b's: M may exceed K, and with it the product's
+            # result and the sum after it (W[1024, 128, 8]: 3-4x slower, 400 MB for an output
+            # made after the loop). Rewritten only where M <= K at every size of the dimensions.
+            return None
         rows = b.add("reshape", (new[w.args[0]],), ((m * n, size_k),), line=w.line)
         blocks = b.add("matvec", (rows, new[k]), line=node.line)
         out = b.add("outer_vjp_a", (blocks, new[a]), (m, n), name=node.name, line=node.line)

@@ -216,7 +216,8 @@ def test_contract_multiplies_the_state_by_the_weight_first():
     (the loop's threads share it by columns); the backward pass's own product, W^T g, is wide as
     it was. Where the second vector is known before the loop (contract(W, h, x)), the first form
     stays: its product is of a (x) b, which depends on the state; W x for every step would be a
-    (T * B, H * H) value."""
+    (T * B, H * H) value. So does a W whose first axis M is longer than b (M numbers of W b for
+    each of a (x) b's)."""
     c = compiled("second_order")
     fwd, b = c.forward, c.backward
     [mv] = matvecs(fwd)
@@ -229,10 +230,22 @@ def test_contract_multiplies_the_state_by_the_weight_first():
     [back] = [n for n in b.nodes if n.op == "matvec_t"]
     assert [str(d) for d in b.nodes[back.args[0]].type.shape] == ["H", "H*I"]
 
-    swapped = compile_spec(SWAPPED).forward
-    [mv] = matvecs(swapped)
-    assert swapped.nodes[swapped.nodes[mv].args[1]].op == "outer"
+    for text in (SWAPPED, WIDE):  # b known before the loop; M > K
+        other = compile_spec(text).forward
+        assert "outer" in [other.nodes[other.nodes[i].args[1]].op for i in matvecs(other)]
+        assert not [n for n in other.nodes if n.op == "outer_vjp_a"]
 
+
+WIDE = """
+cell wide(I, H) {
+    input x[I]
+    state h[H] = zeros
+    param W[4*H, I, H]
+    param U[H, 4*H]
+    h' = tanh(U @ contract(W, x, h))
+    output h'
+}
+"""
 
 SWAPPED = """
 cell swapped(I, H) {

@@ -318,24 +318,26 @@ def test_second_order_weight_gradient_by_blocks_of_rows(monkeypatch, backend, dt
 
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 @pytest.mark.parametrize("split", ["rows", "cols"])
-def test_second_order_inference_on_every_split(monkeypatch, split, threads):
-    """Without a backward pass, x (x) h lives in scratch: two blocks used in turn (odd and even
-    steps), which every thread reads whole when the product's columns are split. Outputs and final
-    state against the hand-written loop, over an odd number of steps and every split of the batch."""
+def test_inference_on_every_split_with_a_product_operand_in_scratch(monkeypatch, split, threads):
+    """Without a backward pass, gru_cho's r * h, the operand of U @ (r * h), lives in scratch: two
+    blocks used in turn (odd and even steps), which every thread reads whole when the product's
+    columns are split. Outputs and final state against the hand-written loop, over an odd number
+    of steps and every split of the batch."""
     from specc.backends import c_runtime
 
     monkeypatch.setenv("SPECC_LOOP_THREADS", threads)
     monkeypatch.setenv("SPECC_LOOP_SPLIT", split)
     monkeypatch.setattr(c_runtime, "SPLIT_ROWS", 1)
     torch.manual_seed(int(threads))
-    dims = CASES["second_order"][1]
-    sp = specc.load("second_order", **dims, backend="c")
+    ref, dims, _ = CASES["gru_cho"]
+    sp = specc.load("gru_cho", **dims, backend="c")
+    assert "(t & 1) * B" in sp.program.C_SOURCE  # the case this test is about
     params = {n: torch.randn_like(p) * 0.6 for n, p in sp.named_parameters()}
     with torch.no_grad():
         for n, v in params.items():
             getattr(sp, n).copy_(v)
         x, h0 = torch.randn(7, 5, dims["I"]), torch.randn(5, dims["H"])
         out, final = sp(x, h0)
-        ref_out, (ref_final,) = second_order_ref(x, (h0,), params)
+        ref_out, (ref_final,) = ref(x, (h0,), params)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, ref_final, atol=1e-5, rtol=1e-5)

@@ -161,14 +161,16 @@ def _stages(s: Schedule, whole: set[int]) -> tuple[dict[int, int], set[int]]:
     return stage, cross
 
 
-def _gatherable(g, s: Schedule, i: int) -> bool:
+def _gatherable(g, s: Schedule, i: int, memo: dict[int, bool] | None = None) -> bool:
     """Whether KernelWriter.gather can make loop value i at any feature index from what it reads
     (elementwise ops, slices and outer products of values in memory); a softmax or a product
-    cannot be."""
-    node = g.nodes[i]
-    if not _in_loop(s, i):
-        return True
-    return (node.op in ELEMENTS or node.op in ("slice", "outer")) and all(_gatherable(g, s, a) for a in node.args)
+    cannot be. (`memo`: a value read twice, z * z, is looked at once.)"""
+    memo = {} if memo is None else memo
+    if i not in memo:
+        node = g.nodes[i]
+        memo[i] = not _in_loop(s, i) or (node.op in ELEMENTS or node.op in ("slice", "outer")) and \
+            all(_gatherable(g, s, a, memo) for a in node.args)
+    return memo[i]
 
 
 def _straddled(s: Schedule, stage: dict[int, int], cross: set[int], stored: set[int],
