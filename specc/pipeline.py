@@ -69,12 +69,12 @@ def compile_cell(cell: CheckedCell, text: str, file: str, transform=None) -> Com
         step = transform(step)
     fwd = optimize(step)
     bwd = optimize(differentiate(fwd, cell.consts), keep_leaves=False)
-    # Forward values the backward pass reads, other than the parameters it is handed anyway.
-    saved = sorted({k.node for k, _ in bwd.inputs + bwd.params
-                    if isinstance(k, Forward) and fwd.nodes[k.node].op != "param"})
+    # Forward values the backward pass reads: kept by the forward's last rewrite, renumbered by it.
     read = frozenset(k.node for k, _ in bwd.inputs + bwd.params if isinstance(k, Forward))
     fwd, moved = contract_products(fwd, read)
-    bwd, saved = forward_renumbered(bwd, moved), [moved[i] for i in saved]
+    bwd = forward_renumbered(bwd, moved)
+    # Those the forward pass saves: all but the parameters, which backward is handed anyway.
+    saved = sorted(moved[i] for i in read if fwd.nodes[moved[i]].op != "param")
     fs = schedule(fwd, also_keep=frozenset(saved))
     bs = schedule(bwd)
     source = assemble.module_source(code, fs, bs, saved, text, file)
